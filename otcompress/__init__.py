@@ -9,6 +9,6 @@ __all__ = ["fuse", "vanilla_fuse", "OTCompressError", "__version__"]
 def __getattr__(name):
     # Lazy: `import otcompress` stays cheap for the CLI's --help.
     if name in ("fuse", "vanilla_fuse"):
-        from otcompress import fuse as _fuse_module
+        from otcompress import fusion as _fuse_module
         return getattr(_fuse_module, name)
     raise AttributeError(name)

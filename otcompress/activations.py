@@ -1,0 +1,199 @@
+"""Activation statistics for activations-based alignment, accumulated while
+streaming calibration batches (nothing is stored across batches).
+
+The cost between a parent unit and an anchor unit is the Euclidean distance of
+their z-scored activation vectors over all samples (every token a sample),
+sqrt(2 N (1 - rho)): a function of the Pearson correlation rho alone, so per
+probe we keep means, variances and the parent-by-anchor cross-moments, O(m n)
+memory instead of O(tokens x units)."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from otcompress.errors import DataError
+from otcompress.flowgraph import Combine, Probe, Solve
+
+
+class CrossMoments:
+    """Running means, second moments and cross-moments of paired samples
+    x (m units) and y (n units), merged batch by batch (Chan et al.) in float64
+    so that large token counts lose no precision."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean_x = self.mean_y = self.m2_x = self.m2_y = self.c_xy = None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        b = x.shape[0]
+        if b == 0:
+            return
+        mx, my = x.mean(0), y.mean(0)
+        xc, yc = x - mx, y - my
+        c_b = (xc.T @ yc).double()
+        m2x_b, m2y_b = (xc * xc).sum(0).double(), (yc * yc).sum(0).double()
+        mx, my = mx.double(), my.double()
+        if self.count == 0:
+            self.count, self.mean_x, self.mean_y = b, mx, my
+            self.m2_x, self.m2_y, self.c_xy = m2x_b, m2y_b, c_b
+            return
+        n = self.count + b
+        dx, dy = mx - self.mean_x, my - self.mean_y
+        w = self.count * b / n
+        self.c_xy += c_b + w * torch.outer(dx, dy)
+        self.m2_x += m2x_b + w * dx * dx
+        self.m2_y += m2y_b + w * dy * dy
+        self.mean_x += dx * (b / n)
+        self.mean_y += dy * (b / n)
+        self.count = n
+
+    def correlation(self) -> torch.Tensor:
+        # A unit that never varies has no direction: correlation 0 with everything.
+        sx = self.m2_x.clamp_min(1e-12).sqrt()
+        sy = self.m2_y.clamp_min(1e-12).sqrt()
+        return (self.c_xy / torch.outer(sx, sy)).clamp_(-1.0, 1.0)
+
+    def cost(self) -> torch.Tensor:
+        """Distance of z-scored activation vectors, up to a constant factor that
+        cost normalisation removes."""
+        return (1.0 - self.correlation()).clamp_min_(0).sqrt_()
+
+
+class ResidualNorms:
+    """Anchor-side magnitudes of a residual join's skip x and branch f(x), for
+    the weighted residual policies (paper Eq. 2)."""
+
+    def __init__(self):
+        self.sq_skip = self.sq_branch = 0.0
+        self.abs_skip = self.abs_branch = None
+
+    def update(self, skip: torch.Tensor, branch: torch.Tensor) -> None:
+        self.sq_skip += float((skip.double() ** 2).sum())
+        self.sq_branch += float((branch.double() ** 2).sum())
+        a_s, a_b = skip.abs().sum(0).double(), branch.abs().sum(0).double()
+        self.abs_skip = a_s if self.abs_skip is None else self.abs_skip + a_s
+        self.abs_branch = a_b if self.abs_branch is None else self.abs_branch + a_b
+
+    def alpha(self, policy: str):
+        """Weight of the branch map in the join; a scalar or one per anchor unit."""
+        if policy == "scalar":
+            ns, nb = self.sq_skip ** 0.5, self.sq_branch ** 0.5
+            return nb / max(ns + nb, 1e-300)
+        return self.abs_branch / (self.abs_skip + self.abs_branch).clamp_min(1e-300)
+
+
+@contextmanager
+def capture(model: torch.nn.Module, probes: Iterable[Probe]):
+    """Forward hooks that store each probe's tensor of the latest forward pass."""
+    store: dict = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for probe in set(probes):
+        if probe.module not in modules:
+            raise KeyError(f"probe module {probe.module} not in {type(model).__name__}")
+        handles.append(modules[probe.module].register_forward_hook(_hook(store, probe)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hook(store, probe):
+    def fn(module, args, output):
+        t = args[0] if probe.side == "in" else output
+        store[probe] = t[0] if isinstance(t, tuple) else t
+    return fn
+
+
+def iter_batches(data) -> Iterable[Mapping]:
+    """`data` is one batch (a dict of input tensors) or an iterable of them."""
+    if data is None:
+        raise DataError("activations-based alignment and weighted residual policies need calibration data")
+    if isinstance(data, Mapping):
+        return [data]
+    return data
+
+
+def _samples(t: torch.Tensor, token_mask, keep_tokens) -> torch.Tensor:
+    """(batch, seq, units) -> (samples, units): every kept token is a sample."""
+    if t.dim() == 2:
+        return t.float()
+    if t.dim() != 3:
+        raise ValueError(f"expected (batch, seq, units) activations, got {tuple(t.shape)}")
+    if keep_tokens is not None:
+        t = t[:, keep_tokens]
+        token_mask = None if token_mask is None else token_mask[:, keep_tokens]
+    if token_mask is not None:
+        return t[token_mask.bool()].float()
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
+            token_filter: str | None = None, device="cpu", progress=None) -> dict:
+    """Streams `data` through the anchor and every parent once and returns
+    {"costs": [ {tm: (m, n) cost} per parent ], "norms": {join tm: ResidualNorms},
+     "samples": tokens seen}."""
+    solves = [n for n in spec.nodes if isinstance(n, Solve)] if need_costs else []
+    joins = [n for n in spec.nodes if isinstance(n, Combine)] if need_norms else []
+    solve_probes = {probe for n in solves for _, probe in n.parts}
+    anchor_probes = solve_probes | {p for j in joins for p in (j.skip_probe, j.branch_probe)}
+    moments = [{p: CrossMoments() for p in solve_probes} for _ in parents]
+    norms = {j.tm: ResidualNorms() for j in joins}
+    sequence_probes = {probe for n in solves if n.sequence for _, probe in n.parts}
+    seen = 0
+    models = [anchor, *parents]
+    with torch.inference_mode(), _captures(models, [anchor_probes] + [solve_probes] * len(parents)) as stores:
+        for batch in iter_batches(data):
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            mask = inputs.get("attention_mask")
+            anchor(**inputs)
+            a_acts = stores[0]
+            keep = _keep_tokens(spec, token_filter, a_acts, sequence_probes)
+            for j in joins:
+                norms[j.tm].update(_samples(a_acts[j.skip_probe], mask, None),
+                                   _samples(a_acts[j.branch_probe], mask, None))
+            for k, parent in enumerate(parents):
+                parent(**inputs)
+                for probe in solve_probes:
+                    kt = keep if probe in sequence_probes else None
+                    moments[k][probe].update(_samples(stores[k + 1][probe], mask, kt),
+                                             _samples(a_acts[probe], mask, kt))
+            seen += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)
+            if progress:
+                progress("activations", seen, None)
+    if need_costs and seen == 0:
+        raise DataError("calibration data is empty")
+    costs = [{n.tm: _solve_cost(n, moments[k]) for n in solves} for k in range(len(parents))]
+    return {"costs": costs, "norms": norms, "samples": seen}
+
+
+def _solve_cost(node: Solve, moments: dict) -> torch.Tensor:
+    parts = [moments[probe].cost() for _, probe in node.parts]
+    if len(parts) == 1:
+        return parts[0]
+    # Several parts (shared Q/K): distances of concatenated features add in squares.
+    return torch.stack([c * c for c in parts]).sum(0).sqrt()
+
+
+def _keep_tokens(spec, token_filter, acts, sequence_probes):
+    if token_filter is None:
+        return None
+    if spec.token_filter is None:
+        raise DataError(f"token filter '{token_filter}' only applies to vision transformers")
+    seq_len = next(acts[p].shape[1] for p in sequence_probes if acts[p].dim() == 3)
+    return spec.token_filter(token_filter, seq_len)
+
+
+def _batch_tokens(acts) -> int:
+    t = next(iter(acts.values()))
+    return t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
+
+
+@contextmanager
+def _captures(models, probe_sets):
+    from contextlib import ExitStack
+    with ExitStack() as stack:
+        yield [stack.enter_context(capture(m, ps)) for m, ps in zip(models, probe_sets)]

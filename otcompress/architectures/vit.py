@@ -1,0 +1,63 @@
+"""Hugging Face ViT (transformers 5.x names), pre-LayerNorm encoder.
+
+Embeddings: one map for the residual stream at the embedding output, solved
+from the patch projection, class token and position embeddings together (the
+three are summed/concatenated into that one stream)."""
+from __future__ import annotations
+
+import torch
+
+from otcompress.flowgraph import ArchSpec, In, Out, Probe, encoder_block, linear, layernorm, solve
+
+MODEL_TYPE = "vit"
+MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
+# Config values that must be equal between anchor and parents.
+MUST_MATCH = ("num_hidden_layers", "image_size", "patch_size", "num_channels")
+
+
+def build(config, keys, *, qk="separate") -> ArchSpec:
+    p = "vit." if any(k.startswith("vit.") for k in keys) else ""
+    axes = {
+        f"{p}embeddings.patch_embeddings.projection.weight": (Out("emb"), None, None, None),
+        f"{p}embeddings.patch_embeddings.projection.bias": (Out("emb"),),
+        f"{p}embeddings.cls_token": (None, None, Out("emb")),
+        f"{p}embeddings.position_embeddings": (None, None, Out("emb")),
+    }
+    nodes = [solve("emb", Probe(f"{p}embeddings", "out"))]
+    r = "emb"
+    for i in range(config.num_hidden_layers):
+        L = f"{p}layers.{i}"
+        path = {
+            "q": f"{L}.attention.q_proj", "k": f"{L}.attention.k_proj",
+            "v": f"{L}.attention.v_proj", "o": f"{L}.attention.o_proj",
+            "ln_attn": f"{L}.layernorm_before", "ln_mlp": f"{L}.layernorm_after",
+            "fc1": f"{L}.mlp.fc1", "fc1_act": f"{L}.mlp.activation_fn", "fc2": f"{L}.mlp.fc2",
+            "attn_skip": f"{L}.layernorm_before", "mlp_skip": f"{L}.layernorm_after",
+        }
+        block_axes, block_nodes, r = encoder_block(i, r, path, qk=qk, pre_ln=True)
+        axes.update(block_axes)
+        nodes += block_nodes
+    axes.update(layernorm(r, f"{p}layernorm"))
+    if f"{p}pooler.dense.weight" in keys:
+        axes.update(linear("pool", r, prefix=f"{p}pooler.dense"))
+        nodes.append(solve("pool", Probe(f"{p}pooler", "out"), sequence=False))
+    if "classifier.weight" in keys:
+        axes.update(linear(None, r, prefix="classifier"))
+    return ArchSpec("vit", axes, nodes, token_filter=_token_filter(config))
+
+
+def _token_filter(config):
+    grid = config.image_size // config.patch_size
+
+    def select(name: str, seq_len: int) -> torch.Tensor:
+        """Token indices kept for activation statistics: `only_cls`, or
+        `window_n` = the class token plus the n x n centre patches."""
+        if name == "only_cls":
+            return torch.tensor([0])
+        n = int(name.removeprefix("window_"))
+        lo = (grid - n) // 2
+        rows = torch.arange(lo, lo + n)
+        patches = (rows[:, None] * grid + rows[None, :]).flatten() + 1
+        return torch.cat([torch.tensor([0]), patches])
+
+    return select

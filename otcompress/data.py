@@ -1,0 +1,643 @@
+"""Finetuning and calibration data.
+
+`load_data(spec, model)` turns a data spec into a `TaskData`: two in-memory
+tensor splits ("train", "eval") and the rules for batching them for `model`.
+
+Specs:
+  digits        scikit-learn's 1,797 8x8 handwritten digits (10 classes).
+  pydoc         the English help texts of `pydoc_data.topics`, one example
+                per paragraph (a small offline masked-LM corpus).
+  DIR           an image folder: one sub-folder per class (names sorted) of
+                .png/.jpg/... images (Pillow) or .npy arrays.
+  FILE.txt      one text example per non-empty line.
+  FILE.jsonl    one JSON object per line: "text", optional "label".
+  DIR           a `datasets` Dataset or DatasetDict saved with
+                `save_to_disk`: an "image"/"pixel_values" or "text" column,
+                optional "label"/"labels".
+
+The task follows the model: ViT-like configs (image_size, num_channels) get
+image classification; text models get sequence classification when the
+model is a *ForSequenceClassification, else masked LM.
+
+Splits are fixed (seed 0, independent of `seed`) so every run evaluates on
+the same examples: labelled data 75/25 stratified, unlabelled text 90/10.
+A DatasetDict's own train/test (or validation) splits are used as given.
+
+Images are scaled to [0, 1], resized with bilinear `torch.nn.functional.
+interpolate` to the config's image_size, converted to its num_channels
+(grey repeated, RGB averaged to luminance), then normalised per channel with
+the image processor's image_mean/image_std when one is given, else
+digits: mean 0.3052, std 0.3760 (the train split's pixel statistics after /16);
+other images: mean 0.5, std 0.5 (Hugging Face ViT's default).
+Integer arrays are read as 8-bit (/255) when their maximum fits, else
+16-bit (/65535); float arrays are taken to be in [0, 1] already.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from otcompress.errors import DataError, InvalidOptionError, UnsupportedArchitectureError
+
+SPLIT_SEED = 0
+EVAL_FRACTION_LABELLED = 0.25
+EVAL_FRACTION_TEXT = 0.10
+DIGITS_MEAN, DIGITS_STD = 0.3052, 0.3760
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
+PYDOC_MIN_WORDS = 3  # drops headings and "See also:"/"Note:" stubs
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+NUMPY_SUFFIX = ".npy"
+TASKS = ("image-classification", "masked-lm", "sequence-classification")
+SPLITS = ("train", "eval")
+
+Tensors = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- TaskData
+
+
+@dataclass
+class _Masker:
+    """BERT's MLM corruption: of `probability` of the real tokens, 80% become
+    [MASK], 10% a random token, 10% stay; only those carry a label."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: torch.Tensor
+    probability: float
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        eligible = attention_mask.bool() & ~torch.isin(ids, self.special_ids)
+        chosen = (torch.rand(ids.shape, generator=generator) < self.probability) & eligible
+        # Every sequence predicts at least one token: a batch of short
+        # sequences with nothing masked would have an undefined (NaN) loss.
+        score = torch.rand(ids.shape, generator=generator).masked_fill(~eligible, -1.0)
+        rows = (~chosen.any(1) & eligible.any(1)).nonzero().squeeze(1)
+        chosen[rows, score[rows].argmax(1)] = True
+        roll = torch.rand(ids.shape, generator=generator)
+        masked = ids.clone()
+        masked[chosen & (roll < 0.8)] = self.mask_id
+        swap = chosen & (roll >= 0.8) & (roll < 0.9)
+        masked[swap] = torch.randint(self.vocab_size, (int(swap.sum()),), generator=generator)
+        return masked, torch.where(chosen, ids, torch.full_like(ids, -100))
+
+
+@dataclass
+class TaskData:
+    """Two in-memory splits and how to batch them.
+
+    `splits[name]` holds the stored fields: "pixel_values" (+ "labels") for
+    images; "input_ids", "attention_mask" (+ "token_type_ids", "labels") for
+    text, unmasked and padded to the longest example.
+    """
+
+    task: str
+    splits: dict[str, Tensors]
+    num_labels: int | None = None
+    class_names: list[str] | None = None
+    spec: str = ""
+    masker: _Masker | None = None
+    _eval_mlm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.masker is not None:
+            # Masks for eval are drawn once with a fixed seed: eval loss is
+            # deterministic and comparable across models and runs.
+            ev = self.splits["eval"]
+            gen = torch.Generator().manual_seed(SPLIT_SEED)
+            self._eval_mlm = self.masker(ev["input_ids"], ev["attention_mask"], gen)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.task == "masked-lm" or "labels" in self.splits["train"]
+
+    def num_examples(self, split: str) -> int:
+        return len(next(iter(self._split(split).values())))
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                limit: int | None = None, drop_last: bool = False) -> Iterator[Tensors]:
+        """One pass over `split` as dicts of model inputs with "labels".
+
+        `limit` caps the number of examples (the first `limit` of the order);
+        `seed` drives the shuffle and the train split's MLM masks.
+        """
+        if not self.has_labels:
+            raise DataError(f"data spec '{self.spec}': has no labels, needed to train or "
+                            f"evaluate {self.task}")
+        gen = torch.Generator().manual_seed(seed)
+        for idx in self._index_batches(split, batch_size, shuffle, gen, limit, drop_last):
+            batch = self._take(split, idx)
+            if self.masker is not None:
+                batch["input_ids"], batch["labels"] = self._mlm(split, idx, batch, gen)
+            yield batch
+
+    def calibration_batches(self, samples: int, batch_size: int = 64,
+                            seed: int = 0) -> Iterator[Tensors]:
+        """Inputs only (no labels, no MLM masking) of up to `samples` train
+        examples drawn with `seed`, for activation statistics."""
+        if samples < 1:
+            raise InvalidOptionError(f"calibration samples must be >= 1, got {samples}")
+        gen = torch.Generator().manual_seed(seed)
+        for idx in self._index_batches("train", batch_size, True, gen, samples, False):
+            batch = self._take("train", idx)
+            batch.pop("labels", None)
+            yield batch
+
+    # -- helpers
+
+    def _split(self, split: str) -> Tensors:
+        if split not in SPLITS:
+            raise InvalidOptionError(f"split must be 'train' or 'eval', got {split!r}")
+        return self.splits[split]
+
+    def _index_batches(self, split, batch_size, shuffle, gen, limit, drop_last):
+        if batch_size < 1:
+            raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}")
+        n = self.num_examples(split)
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        order = order[:limit] if limit is not None else order
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                return
+            yield idx
+
+    def _take(self, split: str, idx: torch.Tensor) -> Tensors:
+        batch = {k: v[idx] for k, v in self._split(split).items()}
+        if "attention_mask" in batch:
+            # Stored padded to the longest example overall; trim to this batch's.
+            length = max(int(batch["attention_mask"].sum(1).max()), 1)
+            batch = {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
+        return batch
+
+    def _mlm(self, split, idx, batch, gen):
+        length = batch["input_ids"].shape[1]
+        if split == "eval":
+            ids, labels = self._eval_mlm
+            return ids[idx, :length], labels[idx, :length]
+        return self.masker(batch["input_ids"], batch["attention_mask"], gen)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class _Source:
+    """A spec read into examples, not yet tensors. `load(indices)` returns
+    the items (image arrays / PIL images, or strings) for those indices."""
+
+    kind: str  # "image" | "text"
+    count: int
+    load: Callable[[np.ndarray], Sequence]
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    split: tuple[np.ndarray, np.ndarray] | None = None  # given (train, eval) indices
+    default_mean_std: tuple[float, float] = (DEFAULT_MEAN, DEFAULT_STD)
+
+
+def _digits_source() -> _Source:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0).astype(np.float32)
+    return _Source("image", len(images), lambda idx: images[idx], d.target.astype(np.int64),
+                   [str(c) for c in d.target_names], default_mean_std=(DIGITS_MEAN, DIGITS_STD))
+
+
+def pydoc_paragraphs() -> list[str]:
+    """The built-in text corpus: `pydoc_data.topics` split on blank lines,
+    keeping paragraphs of at least PYDOC_MIN_WORDS words (2,301 paragraphs)."""
+    from pydoc_data.topics import topics
+
+    paragraphs = (p.strip() for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]))
+    return [p for p in paragraphs if len(p.split()) >= PYDOC_MIN_WORDS]
+
+
+def _text_source(texts: list[str], labels: list | None, spec: str) -> _Source:
+    if not texts:
+        raise DataError(f"data spec '{spec}': no text examples")
+    ids, names = _encode_labels(labels, spec) if labels is not None else (None, None)
+    return _Source("text", len(texts), lambda idx: [texts[i] for i in idx], ids, names)
+
+
+def _txt_source(path: Path, spec: str) -> _Source:
+    lines = [line.strip() for line in _read_text(path, spec).splitlines()]
+    return _text_source([line for line in lines if line], None, spec)
+
+
+def _jsonl_source(path: Path, spec: str) -> _Source:
+    texts, labels = [], []
+    for n, line in enumerate(_read_text(path, spec).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"data spec '{spec}': line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"data spec '{spec}': line {n} has no string field 'text'")
+        texts.append(row["text"])
+        labels.append(row.get("label"))
+    has = [lab is not None for lab in labels]
+    if any(has) and not all(has):
+        raise DataError(f"data spec '{spec}': line {has.index(False) + 1} has no 'label' "
+                        "while others do")
+    return _text_source(texts, labels if any(has) else None, spec)
+
+
+def _read_text(path: Path, spec: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"data spec '{spec}': cannot read ({e})") from None
+
+
+def _folder_source(root: Path, spec: str) -> _Source:
+    classes, files, labels = [], [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = sorted(p for p in sub.rglob("*") if p.is_file() and _is_image_file(p))
+        if found:
+            labels += [len(classes)] * len(found)
+            files += found
+            classes.append(sub.name)
+    if not files:
+        raise DataError(f"data spec '{spec}': no class sub-folders with image files "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES | {NUMPY_SUFFIX}))})")
+    return _Source("image", len(files), lambda idx: [_read_image(files[i], spec) for i in idx],
+                   np.array(labels, dtype=np.int64), classes)
+
+
+def _is_image_file(p: Path) -> bool:
+    return not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES | {NUMPY_SUFFIX}
+
+
+def _read_image(path: Path, spec: str):
+    try:
+        if path.suffix.lower() == NUMPY_SUFFIX:
+            return np.load(path, allow_pickle=False)  # never unpickle user files
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except ImportError:
+        raise DataError(f"data spec '{spec}': reading {path.suffix} images needs Pillow "
+                        "(pip install pillow), or use .npy files") from None
+    except Exception as e:  # PIL and numpy raise many types for a bad file
+        raise DataError(f"data spec '{spec}': cannot read image {path} ({e})") from None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def _saved_dataset_source(path: Path, spec: str) -> _Source:
+    import datasets
+
+    bars_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # library code never prints
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"data spec '{spec}': cannot load saved dataset ({e})") from None
+    finally:
+        if bars_on:
+            datasets.enable_progress_bars()
+    if isinstance(loaded, datasets.DatasetDict):
+        return _dataset_dict_source(loaded, spec)
+    return _dataset_source(loaded, spec)
+
+
+def _dataset_dict_source(dd, spec: str) -> _Source:
+    import datasets
+
+    if "train" not in dd:
+        raise DataError(f"data spec '{spec}': saved DatasetDict has no 'train' split "
+                        f"(has {', '.join(dd)})")
+    eval_name = next((s for s in ("test", "validation", "eval") if s in dd), None)
+    if eval_name is None:
+        return _dataset_source(dd["train"], spec)
+    train, ev = dd["train"], dd[eval_name]
+    try:
+        both = datasets.concatenate_datasets([train, ev])
+    except ValueError as e:
+        raise DataError(f"data spec '{spec}': 'train' and '{eval_name}' splits differ ({e})") from None
+    src = _dataset_source(both, spec)
+    src.split = (np.arange(len(train)), np.arange(len(train), len(both)))
+    return src
+
+
+def _dataset_source(ds, spec: str) -> _Source:
+    cols = ds.column_names
+    label_col = next((c for c in ("label", "labels") if c in cols), None)
+    image_col = next((c for c in ("image", "pixel_values") if c in cols), None)
+    if image_col is None and "text" not in cols:
+        raise DataError(f"data spec '{spec}': saved dataset has no 'image', 'pixel_values' or "
+                        f"'text' column (has {', '.join(cols)})")
+    labels, names = None, None
+    if label_col is not None:
+        feature = ds.features[label_col]
+        labels, names = _encode_labels(list(ds[label_col]), spec)
+        names = list(getattr(feature, "names", None) or []) or names
+    if len(ds) == 0:
+        raise DataError(f"data spec '{spec}': saved dataset is empty")
+    kind = "image" if image_col is not None else "text"
+    return _Source(kind, len(ds), _column_loader(ds, image_col or "text"), labels, names)
+
+
+def _column_loader(ds, column: str):
+    def load(idx):
+        items = list(ds.select(np.asarray(idx, dtype=np.int64))[column])
+        return [str(t) for t in items] if column == "text" else items
+
+    return load
+
+
+def _encode_labels(raw: list, spec: str) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels stay as given; string labels become sorted class ids."""
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        ids = np.asarray(raw, dtype=np.int64)
+        if ids.min() < 0:
+            raise DataError(f"data spec '{spec}': negative label {int(ids.min())}")
+        return ids, None
+    if all(isinstance(v, str) for v in raw):
+        names = sorted(set(raw))
+        index = {n: i for i, n in enumerate(names)}
+        return np.array([index[v] for v in raw], dtype=np.int64), names
+    raise DataError(f"data spec '{spec}': labels must be all integers or all strings")
+
+
+def _read_spec(spec: str) -> _Source:
+    if spec == "digits":
+        return _digits_source()
+    if spec == "pydoc":
+        return _text_source(pydoc_paragraphs(), None, spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".txt":
+        return _txt_source(path, spec)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        return _jsonl_source(path, spec)
+    if path.is_dir() and _is_saved_dataset(path):
+        return _saved_dataset_source(path, spec)
+    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        return _folder_source(path, spec)
+    raise DataError(f"data spec '{spec}': not 'digits', 'pydoc', an existing image folder, "
+                    ".txt/.jsonl file, or saved dataset")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _split_indices(src: _Source, spec: str) -> tuple[np.ndarray, np.ndarray]:
+    if src.split is not None:
+        return src.split
+    if src.count < 2:
+        raise DataError(f"data spec '{spec}': {src.count} example(s); need at least 2 to split")
+    if src.labels is None:
+        order = np.random.default_rng(SPLIT_SEED).permutation(src.count)
+        n_eval = max(1, round(src.count * EVAL_FRACTION_TEXT))
+        return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+    from sklearn.model_selection import train_test_split
+
+    try:
+        # sklearn's split, as the measured digits baselines used.
+        train, ev = train_test_split(np.arange(src.count), test_size=EVAL_FRACTION_LABELLED,
+                                     stratify=src.labels, random_state=SPLIT_SEED)
+    except ValueError as e:
+        raise DataError(f"data spec '{spec}': cannot split {src.count} examples 75/25 "
+                        f"stratified ({e})") from None
+    return train, ev
+
+
+def _subsample(idx: np.ndarray, labels: np.ndarray | None, samples: int, seed: int) -> np.ndarray:
+    """Up to `samples` of `idx`, drawn with `seed`, stratified when labelled."""
+    if samples >= len(idx):
+        return idx
+    if labels is None or samples < len(np.unique(labels[idx])):
+        return np.sort(np.random.default_rng(seed).permutation(idx)[:samples])
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(idx, train_size=samples, stratify=labels[idx], random_state=seed)
+    return np.sort(keep)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _image_geometry(config) -> tuple[tuple[int, int], int]:
+    size = config.image_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return (int(size[0]), int(size[1])), int(config.num_channels)
+
+
+def _to_chw(item, spec: str) -> torch.Tensor:
+    """An image (PIL or array) as a float (C, H, W) tensor in [0, 1]."""
+    if hasattr(item, "mode") and hasattr(item, "convert"):  # PIL image
+        item = item if item.mode in ("L", "RGB", "I", "I;16", "F") else item.convert("RGB")
+    a = np.asarray(item)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
+    elif a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.float32) / (255.0 if a.size == 0 or a.max() <= 255 else 65535.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32)
+    else:
+        raise DataError(f"data spec '{spec}': image array of dtype {a.dtype} is not numeric")
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+        a = a.transpose(2, 0, 1)
+    elif not (a.ndim == 3 and a.shape[0] in (1, 3, 4)):
+        raise DataError(f"data spec '{spec}': image of shape {a.shape} is not (H, W), "
+                        "(H, W, C) or (C, H, W) with C in 1, 3, 4")
+    return torch.from_numpy(np.ascontiguousarray(a[:3]))  # drop alpha
+
+
+def _fit_channels(x: torch.Tensor, channels: int, spec: str) -> torch.Tensor:
+    c = x.shape[-3]
+    if c == channels:
+        return x
+    if c == 1:
+        return x.expand(*x.shape[:-3], channels, *x.shape[-2:]).clone()
+    if c == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        return (x * weights).sum(-3, keepdim=True)
+    raise DataError(f"data spec '{spec}': images have {c} channels; the model expects {channels}")
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, *size); antialiased when shrinking."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def _mean_std(image_processor, default: tuple[float, float], channels: int, spec: str):
+    mean, std = default
+    if image_processor is not None:
+        mean = getattr(image_processor, "image_mean", None) or mean
+        std = getattr(image_processor, "image_std", None) or std
+
+    def per_channel(v):
+        v = torch.as_tensor(v, dtype=torch.float32).flatten()
+        if len(v) not in (1, channels):
+            raise DataError(f"data spec '{spec}': image_processor has {len(v)} mean/std values "
+                            f"for {channels} channels")
+        return v.expand(channels).reshape(channels, 1, 1)
+
+    return per_channel(mean), per_channel(std)
+
+
+def _image_tensor(items: Sequence, size, channels, mean, std, spec: str) -> torch.Tensor:
+    if isinstance(items, np.ndarray) and items.ndim == 3:  # digits: one vectorised batch
+        x = torch.from_numpy(np.ascontiguousarray(items))[:, None]
+        x = _resize(_fit_channels(x, channels, spec), size)
+    else:
+        x = torch.stack([_resize(_fit_channels(_to_chw(it, spec), channels, spec)[None], size)[0]
+                         for it in items])
+    return ((x - mean) / std).contiguous()
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _tokenize(texts: Sequence[str], tokenizer, max_length: int) -> Tensors:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
+                    return_tensors="pt")
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: enc[k].long() for k in keep if k in enc}
+
+
+def _check_tokenizer(tokenizer, config, task: str, spec: str) -> None:
+    if tokenizer is None:
+        raise DataError(f"data spec '{spec}': text data needs a tokenizer")
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"data spec '{spec}': the tokenizer has no pad token")
+    if task == "masked-lm" and tokenizer.mask_token_id is None:
+        raise DataError(f"data spec '{spec}': masked LM needs a tokenizer with a mask token")
+    if len(tokenizer) > config.vocab_size:
+        raise DataError(f"data spec '{spec}': the tokenizer has {len(tokenizer)} tokens but the "
+                        f"model's vocabulary has {config.vocab_size}")
+
+
+def _masker(tokenizer, config, mlm_probability: float) -> _Masker:
+    if not 0.0 < mlm_probability < 1.0:
+        raise InvalidOptionError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    return _Masker(int(tokenizer.mask_token_id), len(tokenizer), special, mlm_probability)
+
+
+# --------------------------------------------------------------------------- load_data
+
+
+def _model_task(model) -> tuple[object, str]:
+    from transformers import PretrainedConfig
+
+    config = getattr(model, "config", model)
+    if not isinstance(config, PretrainedConfig):
+        raise InvalidOptionError(f"load_data: model must be a transformers model or config, "
+                                 f"got {type(model).__name__}")
+    name = type(model).__name__ if model is not config else (config.architectures or [""])[0]
+    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        return config, "image-classification"
+    if hasattr(config, "vocab_size"):
+        seq = name.endswith("ForSequenceClassification")
+        return config, "sequence-classification" if seq else "masked-lm"
+    raise UnsupportedArchitectureError(f"load_data: no data pipeline for model type "
+                                       f"'{config.model_type}' (image or text models only)")
+
+
+def _check_labels(num_labels: int, config, spec: str) -> None:
+    if num_labels > config.num_labels:
+        raise DataError(f"data spec '{spec}': {num_labels} classes but the model has "
+                        f"{config.num_labels} labels")
+
+
+def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
+              samples: int | None = None, seed: int = 0, max_length: int = 128,
+              mlm_probability: float = 0.15) -> TaskData:
+    """Read `spec` (see the module docstring) into batches that fit `model`
+    (a transformers model or config).
+
+    `samples` caps the train split at that many examples drawn with `seed`
+    (stratified when labelled); the eval split is never subsampled, so
+    metrics stay comparable. Text longer than `max_length` tokens (clipped
+    to the model's max_position_embeddings) is truncated.
+    """
+    if samples is not None and samples < 1:
+        raise InvalidOptionError(f"samples must be >= 1, got {samples}")
+    config, task = _model_task(model)
+    kind = "image" if task == "image-classification" else "text"
+    src = _read_spec(spec)
+    if src.kind != kind:
+        raise DataError(f"data spec '{spec}': {src.kind} data does not fit a "
+                        f"{config.model_type} model ({task})")
+    train_idx, eval_idx = _split_indices(src, spec)
+    if samples is not None:
+        train_idx = _subsample(train_idx, src.labels, samples, seed)
+    use_labels = src.labels is not None and task != "masked-lm"
+    num_labels = None
+    if use_labels:
+        num_labels = max(len(src.class_names or ()), int(src.labels.max()) + 1)
+    if use_labels:
+        _check_labels(num_labels, config, spec)
+
+    if kind == "image":
+        size, channels = _image_geometry(config)
+        mean, std = _mean_std(image_processor, src.default_mean_std, channels, spec)
+        make = lambda idx: {"pixel_values": _image_tensor(src.load(idx), size, channels,  # noqa: E731
+                                                          mean, std, spec)}
+        masker = None
+    else:
+        _check_tokenizer(tokenizer, config, task, spec)
+        length = min(max_length, getattr(config, "max_position_embeddings", max_length))
+        make = lambda idx: _tokenize(src.load(idx), tokenizer, length)  # noqa: E731
+        masker = _masker(tokenizer, config, mlm_probability) if task == "masked-lm" else None
+
+    splits = {}
+    for name, idx in (("train", train_idx), ("eval", eval_idx)):
+        splits[name] = make(idx)
+        if use_labels:
+            splits[name]["labels"] = torch.from_numpy(src.labels[idx])
+    return TaskData(task, splits, num_labels=num_labels,
+                    class_names=src.class_names if use_labels else None, spec=spec, masker=masker)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_wordpiece_tokenizer(texts, vocab_size: int, out_dir):
+    """Train a lower-cased BERT WordPiece tokenizer on `texts` locally (the
+    `tokenizers` library), save it to `out_dir` and return it as a
+    `BertTokenizerFast` that `AutoTokenizer.from_pretrained(out_dir)` reloads."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError("train_wordpiece_tokenizer: no non-empty texts")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if vocab_size < len(specials) + 1:
+        raise InvalidOptionError(f"vocab_size must be > {len(specials)}, got {vocab_size}")
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                           special_tokens=specials, show_progress=False)
+    tokenizer = BertTokenizerFast(vocab=wp.get_vocab(), do_lower_case=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(os.fspath(out_dir))
+    return tokenizer

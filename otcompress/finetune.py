@@ -1,0 +1,206 @@
+"""The brief recovery training after fusion, and its distillation variant.
+
+One loop in the spirit of nanoGPT's train.py: AdamW (weight decay on
+matrices only), linear warm-up then cosine decay to zero, cycling over the
+train split in shuffled epochs. With `teachers`, the loss is
+
+    (1 - alpha) * task_loss + alpha * T^2 * KL(mean teacher probs/T || student/T)
+
+(Hinton et al.'s distillation against the teachers' averaged softened
+distribution; for masked LM only the masked positions count).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from otcompress.data import TaskData
+from otcompress.errors import InvalidOptionError
+
+IGNORE = -100  # label of positions without a target (unmasked MLM tokens)
+
+
+def _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup):
+    checks = [
+        (isinstance(steps, int) and steps >= 0, f"steps must be an integer >= 0, got {steps!r}"),
+        (lr > 0, f"lr must be > 0, got {lr}"),
+        (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+        (0.0 <= distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {distill_alpha}"),
+        (temperature > 0, f"temperature must be > 0, got {temperature}"),
+        (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
+        (0.0 <= warmup <= 1.0, f"warmup must be a fraction in [0, 1], got {warmup}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InvalidOptionError(message)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` fraction, then cosine to zero."""
+    warm = math.ceil(warmup * steps)
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _optimizer(model, lr, weight_decay):
+    # As nanoGPT: decay matrices (weights, embeddings), not biases or norms.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed dropout etc. without disturbing the caller's global RNG."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _train_batches(data: TaskData, batch_size: int, seed: int):
+    """Shuffled epochs forever; each epoch gets its own order (and MLM masks)."""
+    drop_last = data.num_examples("train") >= batch_size  # no tiny tail batches
+    epoch = 0
+    while True:
+        yield from data.batches("train", batch_size, shuffle=True, drop_last=drop_last,
+                                seed=seed * 1_000_003 + epoch)
+        epoch += 1
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise InvalidOptionError(f"{type(model).__name__} has no task head (no logits); "
+                                 "load it with a *ForImageClassification / *ForMaskedLM / "
+                                 "*ForSequenceClassification class")
+    return logits
+
+
+def _targets(logits: torch.Tensor, labels: torch.Tensor):
+    """Flatten to (positions, classes) and keep only positions with a target."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE
+    return logits[keep], labels[keep]
+
+
+def _distill_loss(student: torch.Tensor, teacher_logits: list[torch.Tensor], temperature):
+    teacher_probs = torch.stack([F.softmax(t / temperature, -1) for t in teacher_logits]).mean(0)
+    log_student = F.log_softmax(student / temperature, -1)
+    # T^2 keeps the gradient scale independent of T (Hinton et al. 2015).
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
+
+
+def _step_loss(model, teachers, batch, alpha, temperature):
+    logits, labels = _targets(_logits(model, batch), batch["labels"])
+    task = F.cross_entropy(logits, labels)
+    if not teachers or alpha == 0.0:
+        return task, task
+    with torch.no_grad():
+        teacher_logits = [_targets(_logits(t, batch), batch["labels"])[0] for t in teachers]
+    for t, tl in zip(teachers, teacher_logits):
+        if tl.shape != logits.shape:
+            raise InvalidOptionError(f"teacher {type(t).__name__} outputs {tuple(tl.shape)[-1]} "
+                                     f"classes; the student outputs {logits.shape[-1]}")
+    loss = (1 - alpha) * task + alpha * _distill_loss(logits, teacher_logits, temperature)
+    return loss, task
+
+
+def _summary(losses: list[float], task_losses: list[float], seconds: float) -> dict:
+    tail = max(1, len(losses) // 10)
+    return {
+        "steps": len(losses),
+        "seconds": seconds,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "final_loss": sum(losses[-tail:]) / tail if losses else None,  # mean of the last 10%
+        "final_task_loss": sum(task_losses[-tail:]) / tail if losses else None,
+        "losses": losses,
+    }
+
+
+def finetune(model, data: TaskData, *, steps: int, lr: float = 1e-3, batch_size: int = 64,
+             seed: int = 0, teachers=None, distill_alpha: float = 0.5,
+             temperature: float = 2.0, weight_decay: float = 0.01, warmup: float = 0.1,
+             device="cpu", progress=None) -> dict:
+    """Train `model` in place for `steps` steps on `data`'s train split.
+
+    Returns steps, seconds, first/last loss, final_loss (mean of the last
+    10% of steps), final_task_loss (the same without the distillation term)
+    and the per-step losses. The model is left on `device` in eval mode;
+    teachers are put in eval mode. Deterministic given `seed` on CPU.
+    """
+    _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup)
+    device = torch.device(device)
+    teachers = list(teachers or [])
+    model.to(device)
+    for t in teachers:
+        t.to(device).eval()
+    start = time.perf_counter()
+    losses, task_losses = [], []
+    if steps > 0:
+        with _seeded(seed, device):
+            _train(model, data, steps, lr, batch_size, seed, teachers, distill_alpha,
+                   temperature, weight_decay, warmup, device, progress, losses, task_losses)
+    model.eval()
+    return _summary(losses, task_losses, time.perf_counter() - start)
+
+
+def _train(model, data, steps, lr, batch_size, seed, teachers, alpha, temperature,
+           weight_decay, warmup, device, progress, losses, task_losses):
+    optimizer = _optimizer(model, lr, weight_decay)
+    batches = _train_batches(data, batch_size, seed)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss, task = _step_loss(model, teachers, _to(next(batches), device), alpha, temperature)
+        if not torch.isfinite(loss):
+            raise InvalidOptionError(f"finetune: loss is not finite at step {step} "
+                                     f"(lr={lr}); try a lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        task_losses.append(task.item())
+        if progress is not None:
+            progress(step + 1, steps, {"loss": losses[-1], "lr": optimizer.param_groups[0]["lr"]})
+
+
+@torch.inference_mode()
+def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
+             device="cpu") -> dict:
+    """Classification: accuracy and mean cross-entropy over examples.
+    Masked LM: mean cross-entropy over masked tokens, its perplexity and the
+    masked-token accuracy (eval masks are fixed, so this is deterministic).
+    The model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.to(device).eval()
+    total_loss, correct, count = 0.0, 0, 0
+    try:
+        for batch in data.batches(split, batch_size):
+            logits, labels = _targets(_logits(model, _to(batch, device)), batch["labels"].to(device))
+            total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            count += labels.numel()
+    finally:
+        model.train(was_training)
+    loss = total_loss / max(count, 1)
+    if data.task == "masked-lm":
+        return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1),
+                "tokens": count}
+    return {"accuracy": correct / max(count, 1), "loss": loss, "examples": count}

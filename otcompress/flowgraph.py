@@ -1,0 +1,139 @@
+"""The transport-map flow graph as data (paper section 4.1).
+
+An architecture is described by
+- `axes`: for every parameter, per axis, which transport map (TM) acts on it and
+  how: `Out(tm)` for an axis whose entries *live in* the TM's space (a layer's
+  output rows, a bias, a LayerNorm gain, an embedding column) and `In(tm)` for an
+  axis that *reads from* it (a layer's input columns); `None` for a fixed axis
+  (classes, vocabulary, image channels).
+- `nodes`: the TMs in the order they are computed: `Solve` (a free output axis:
+  OT between parent and anchor units), `Combine` (a residual join, Eq. 1) and
+  `Share` (reuse another TM, e.g. K's map equal to Q's).
+- `probes`: where activations of a TM's units (or of a residual join's skip and
+  branch) are read in the anchor and parents: a module path, and whether its
+  input or output.
+
+The engine in `align.py` never mentions a layer type; it walks this description.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class Out:
+    tm: str
+
+
+@dataclass(frozen=True)
+class In:
+    tm: str
+
+
+Axis = Optional[object]  # Out | In | None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """An activation read during a forward pass: `module`'s input or output,
+    with the unit axis last (token axes are flattened into samples)."""
+    module: str
+    side: str = "out"  # "in" | "out"
+
+
+@dataclass(frozen=True)
+class Solve:
+    """A TM computed by OT. `parts` pairs the parameter group (named by the TM on
+    its `Out` axes) whose rows are the weights-based features with the probe
+    whose units are the activations-based features. Usually one part; several
+    make one map for units that must move together (a shared Q/K map)."""
+    tm: str
+    parts: tuple  # ((group_tm, Probe), ...)
+    sequence: bool = True  # token filters (window_n, only_cls) apply
+
+
+def solve(tm: str, probe: Probe, sequence: bool = True) -> Solve:
+    return Solve(tm, ((tm, probe),), sequence)
+
+
+@dataclass(frozen=True)
+class Combine:
+    """A residual join y = x + f(x): T_y mixes the skip TM and the branch TM."""
+    tm: str
+    skip: str
+    branch: str
+    skip_probe: Probe
+    branch_probe: Probe
+
+
+@dataclass(frozen=True)
+class Share:
+    tm: str
+    same_as: str
+
+
+@dataclass
+class ArchSpec:
+    name: str
+    axes: dict  # parameter name -> tuple of Axis
+    nodes: list  # Solve | Combine | Share, in computation order
+    tied: dict = field(default_factory=dict)  # parameter -> parameter it equals
+    token_filter: Optional[Callable] = None  # (filter_name, seq_len) -> index tensor
+
+    def node(self, tm: str):
+        for n in self.nodes:
+            if n.tm == tm:
+                return n
+        raise KeyError(tm)
+
+    def params_with_out(self, tm: str) -> list:
+        return [p for p, axes in self.axes.items()
+                if any(isinstance(a, Out) and a.tm == tm for a in axes)]
+
+
+def linear(out_tm, in_tm, bias=True, prefix=""):
+    """Axes of a `torch.nn.Linear` (weight is (out, in))."""
+    ax = {f"{prefix}.weight": (Out(out_tm) if out_tm else None, In(in_tm) if in_tm else None)}
+    if bias:
+        ax[f"{prefix}.bias"] = (Out(out_tm) if out_tm else None,)
+    return ax
+
+
+def layernorm(tm, prefix):
+    return {f"{prefix}.weight": (Out(tm),), f"{prefix}.bias": (Out(tm),)}
+
+
+def encoder_block(i: int, r_in: str, path: dict, *, qk: str, pre_ln: bool):
+    """Axes and nodes of one transformer encoder block (attention + MLP, two
+    residual joins). `path` maps the roles q, k, v, o, ln_attn, ln_mlp, fc1, fc2,
+    fc1_act (where the MLP's hidden activations are read), attn_skip and mlp_skip
+    (modules whose *input* is the residual stream at each join) to module paths.
+    Pre-LN (ViT) puts each LayerNorm before its branch, post-LN (BERT) after the
+    join. Returns (axes, nodes, output TM name)."""
+    q, k, v, o = (f"L{i}.{n}" for n in "qkvo")
+    mid, fc1, fc2, res = f"L{i}.attn_res", f"L{i}.fc1", f"L{i}.fc2", f"L{i}.mlp_res"
+    axes = {}
+    for tm, role in ((q, "q"), (k, "k"), (v, "v")):
+        axes.update(linear(tm, r_in, prefix=path[role]))
+    axes.update(linear(o, v, prefix=path["o"]))
+    axes.update(linear(fc1, mid, prefix=path["fc1"]))
+    axes.update(linear(fc2, fc1, prefix=path["fc2"]))
+    axes.update(layernorm(r_in if pre_ln else mid, path["ln_attn"]))
+    axes.update(layernorm(mid if pre_ln else res, path["ln_mlp"]))
+
+    out = lambda role: Probe(path[role], "out")  # noqa: E731
+    if qk == "shared":
+        # One map for Q and K: with hard maps Q P (K P)^T = Q K^T (paper Eq. 4).
+        qk_nodes = [Solve(q, ((q, out("q")), (k, out("k")))), Share(k, q)]
+    else:
+        qk_nodes = [solve(q, out("q")), solve(k, out("k"))]
+    nodes = qk_nodes + [
+        solve(v, out("v")),
+        solve(o, out("o")),
+        Combine(mid, r_in, o, Probe(path["attn_skip"], "in"), out("o")),
+        solve(fc1, out("fc1_act")),
+        solve(fc2, out("fc2")),
+        Combine(res, mid, fc2, Probe(path["mlp_skip"], "in"), out("fc2")),
+    ]
+    return axes, nodes, res

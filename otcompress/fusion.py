@@ -1,0 +1,205 @@
+"""The public fusion API: align every parent to the anchor, average, and build
+a model of the anchor's class and config."""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+
+import torch
+
+from otcompress import activations, architectures, modelio
+from otcompress.align import AlignOptions, align_parent
+from otcompress.errors import IncompatibleModelsError, InvalidOptionError
+
+ALIGNMENTS = ("weights", "activations")
+SOLVERS = ("sinkhorn", "emd")
+RESIDUALS = ("average", "scalar", "matrix")
+QK_MAPS = ("auto", "separate", "shared")
+REPORT_SCHEMA = "otcompress.fusion_report/1"
+
+
+def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, residual="average",
+         data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
+         max_iter=5000, tol=1e-6, trust_remote_code=False, progress=None):
+    """Fuse `parents` into the `anchor`'s architecture and width by OT alignment.
+
+    anchor, parents: model objects or local model directories; same model type
+        and depth, any widths (heterogeneous fusion).
+    alignment: "weights" or "activations" (needs `data`).
+    solver, reg: "sinkhorn" (entropic, regulariser `reg` on max-normalised costs)
+        or "emd" (exact).
+    residual: how maps meet at residual joins: "average", "scalar" or "matrix"
+        (the weighted ones measure the anchor on `data`).
+    data: one batch (dict of input tensors) or an iterable of batches.
+    weights: mixing weights [anchor, parent1, ...], normalised; uniform by default.
+    qk: "separate" Q and K maps, "shared" one map, "auto" = shared for EMD.
+    token_filter: ViT only, "window_n" or "only_cls" for activation statistics.
+    progress: optional callback(stage: str, done: int, total: int | None).
+
+    Returns a `transformers` model; its `fusion_report` attribute holds the
+    per-map transport statistics, options and timings."""
+    t_start = time.perf_counter()
+    parents = _as_list(parents)
+    opts = _check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents)
+    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code)
+    spec = architectures.build_spec(anchor_m, qk=opts["qk"])
+    for p in parent_ms:
+        architectures.build_spec(p, qk=opts["qk"])  # same class, all parameters known
+
+    t_acts = time.perf_counter()
+    stats = None
+    if alignment == "activations" or residual != "average":
+        stats = activations.collect(spec, anchor_m, parent_ms, data,
+                                    need_costs=alignment == "activations",
+                                    need_norms=residual != "average",
+                                    token_filter=token_filter, progress=progress)
+    t_align = time.perf_counter()
+    align_opts = AlignOptions(solver=solver, reg=float(reg), residual=residual,
+                              cost_norm=cost_norm, max_iter=max_iter, tol=tol)
+    alpha = None
+    if residual != "average":
+        alpha = {tm: n.alpha(residual) for tm, n in stats["norms"].items()}
+    anchor_sd = anchor_m.state_dict()
+    aligned, map_stats = [], []
+    for k, parent in enumerate(parent_ms):
+        costs = stats["costs"][k] if alignment == "activations" else None
+        sd, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts,
+                              activation_costs=costs, residual_alpha=alpha,
+                              progress=_parent_progress(progress, k))
+        aligned.append(sd)
+        map_stats.append(st)
+    mix = opts["weights"]
+    fused_sd = average_state_dicts([anchor_sd, *aligned], mix, spec.tied)
+    model = build_model(anchor_m, fused_sd)
+    t_end = time.perf_counter()
+    model.fusion_report = {
+        "schema": REPORT_SCHEMA,
+        "anchor": modelio.describe(anchor),
+        "parents": [modelio.describe(p) for p in parents],
+        "options": {"alignment": alignment, "solver": solver, "reg": float(reg) if solver == "sinkhorn" else None,
+                    "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
+                    "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol},
+        "calibration_samples": stats["samples"] if stats else 0,
+        "transport_maps": map_stats,
+        "timings": {"load": t_acts - t_start, "activations": t_align - t_acts,
+                    "align": t_end - t_align, "total": t_end - t_start},
+        "versions": _versions(),
+    }
+    return model
+
+
+def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
+    """The baseline: plain parameter averaging, equal shapes only."""
+    parents = _as_list(parents)
+    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code)
+    spec = architectures.build_spec(anchor_m)
+    sds = [anchor_m.state_dict()] + [p.state_dict() for p in parent_ms]
+    for k, sd in enumerate(sds[1:], 1):
+        for name, t in sds[0].items():
+            if sd[name].shape != t.shape:
+                raise IncompatibleModelsError(
+                    f"vanilla fusion needs equal shapes: {name} is {tuple(t.shape)} in the anchor "
+                    f"and {tuple(sd[name].shape)} in parent {k}; use OT fusion for different widths")
+    mix = _mixing_weights(weights, len(parents))
+    return build_model(anchor_m, average_state_dicts(sds, mix, spec.tied))
+
+
+def average_state_dicts(sds, mix, tied) -> dict:
+    out = {}
+    for name, t in sds[0].items():
+        if name in tied:
+            continue
+        acc = sum(w * sd[name].to(torch.float32) for w, sd in zip(mix, sds))
+        out[name] = acc.to(t.dtype)
+    for name, src in tied.items():
+        out[name] = out[src]
+    return out
+
+
+def build_model(anchor, state_dict):
+    """A fresh model of the anchor's class and config holding `state_dict`."""
+    model = type(anchor)(copy.deepcopy(anchor.config))
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(dtype=next(anchor.parameters()).dtype).eval()
+
+
+def _as_list(parents):
+    if parents is None:
+        return []
+    if isinstance(parents, (list, tuple)):
+        return list(parents)
+    return [parents]
+
+
+def _load_all(anchor, parents, trust_remote_code):
+    if not parents:
+        raise InvalidOptionError("fusion needs at least one parent")
+    anchor_cfg = modelio.load_config(anchor, trust_remote_code=trust_remote_code)
+    parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
+    fam = architectures.family(anchor_cfg)
+    modelio.check_compatible(anchor_cfg, parent_cfgs, fam.MUST_MATCH)
+    anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code).eval()
+    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code).eval() for p in parents]
+    for k, p in enumerate(parent_ms, 1):
+        if type(p) is not type(anchor_m):
+            raise IncompatibleModelsError(
+                f"class mismatch: anchor is {type(anchor_m).__name__}, parent {k} is {type(p).__name__}")
+    return anchor_m, parent_ms
+
+
+def _check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents):
+    _one_of("alignment", alignment, ALIGNMENTS)
+    _one_of("solver", solver, SOLVERS)
+    _one_of("residual", residual, RESIDUALS)
+    _one_of("qk", qk, QK_MAPS)
+    if solver == "sinkhorn":
+        try:
+            ok = float(reg) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InvalidOptionError(f"Sinkhorn needs a regulariser reg > 0, got {reg!r}")
+    if (alignment == "activations" or residual != "average") and data is None:
+        need = "activations-based alignment" if alignment == "activations" else f"residual policy '{residual}'"
+        raise InvalidOptionError(f"{need} needs calibration data (data=...)")
+    if token_filter is not None and not _valid_filter(token_filter):
+        raise InvalidOptionError(f"token filter '{token_filter}': use only_cls or window_N (e.g. window_6)")
+    if qk == "auto":
+        qk = "shared" if solver == "emd" else "separate"
+    return {"qk": qk, "weights": _mixing_weights(weights, len(parents))}
+
+
+def _valid_filter(name: str) -> bool:
+    return name == "only_cls" or (name.startswith("window_") and name[7:].isdigit() and int(name[7:]) > 0)
+
+
+def _one_of(what, value, allowed):
+    if value not in allowed:
+        raise InvalidOptionError(f"{what} '{value}': use one of {', '.join(allowed)}")
+
+
+def _mixing_weights(weights, n_parents):
+    if weights is None:
+        return [1.0 / (n_parents + 1)] * (n_parents + 1)
+    weights = [float(w) for w in weights]
+    if len(weights) != n_parents + 1:
+        raise InvalidOptionError(
+            f"weights: need {n_parents + 1} values (anchor first, then each parent), got {len(weights)}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InvalidOptionError("weights must be non-negative with a positive sum")
+    s = sum(weights)
+    return [w / s for w in weights]
+
+
+def _parent_progress(progress, k):
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{stage} parent {k + 1}", done, total)
+
+
+def _versions():
+    import numpy
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__}

@@ -1,0 +1,175 @@
+"""Test models: tiny HF ViTs and BERTs with non-trivial weights, and exact
+symmetry transforms of them (unit permutations, Net2Net-style 2x widening).
+
+The role of every parameter axis is written here independently of the
+engine's architecture files, so a mistake there cannot hide in both."""
+from __future__ import annotations
+
+import re
+
+import torch
+import transformers as T
+
+VIT_ROLES = [  # regex on the parameter name -> per-axis (space, kind); kind "out" or "in"
+    (r"patch_embeddings\.projection\.weight$", [("res", "out"), None, None, None]),
+    (r"patch_embeddings\.projection\.bias$", [("res", "out")]),
+    (r"(cls_token|position_embeddings)$", [None, None, ("res", "out")]),
+    (r"\.(q|k)_proj\.weight$", [("qk", "out"), ("res", "in")]),
+    (r"\.(q|k)_proj\.bias$", [("qk", "out")]),
+    (r"\.v_proj\.weight$", [("v", "out"), ("res", "in")]),
+    (r"\.v_proj\.bias$", [("v", "out")]),
+    (r"\.o_proj\.weight$", [("res", "out"), ("v", "in")]),
+    (r"\.fc1\.weight$", [("mlp", "out"), ("res", "in")]),
+    (r"\.fc1\.bias$", [("mlp", "out")]),
+    (r"\.fc2\.weight$", [("res", "out"), ("mlp", "in")]),
+    (r"pooler\.dense\.weight$", [("pool", "out"), ("res", "in")]),
+    (r"pooler\.dense\.bias$", [("pool", "out")]),
+    (r"^classifier\.weight$", [None, ("res", "in")]),
+    (r"^classifier\.bias$", [None]),
+    (r"(\.o_proj|\.fc2|layernorm\w*)\.(weight|bias)$", [("res", "out")]),
+]
+
+BERT_ROLES = [
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight$", [None, ("res", "out")]),
+    (r"\.(query|key)\.weight$", [("qk", "out"), ("res", "in")]),
+    (r"\.(query|key)\.bias$", [("qk", "out")]),
+    (r"\.value\.weight$", [("v", "out"), ("res", "in")]),
+    (r"\.value\.bias$", [("v", "out")]),
+    (r"attention\.output\.dense\.weight$", [("res", "out"), ("v", "in")]),
+    (r"intermediate\.dense\.weight$", [("mlp", "out"), ("res", "in")]),
+    (r"intermediate\.dense\.bias$", [("mlp", "out")]),
+    (r"\.output\.dense\.weight$", [("res", "out"), ("mlp", "in")]),
+    (r"pooler\.dense\.weight$", [("pool", "out"), ("res", "in")]),
+    (r"pooler\.dense\.bias$", [("pool", "out")]),
+    (r"^classifier\.weight$", [None, ("pool", "in")]),
+    (r"transform\.dense\.weight$", [("res", "out"), ("res", "in")]),
+    (r"decoder\.weight$", [None, ("res", "in")]),
+    (r"(decoder\.bias|predictions\.bias|^classifier\.bias)$", [None]),
+    (r"(output\.dense|LayerNorm|transform\.dense)\.(weight|bias)$", [("res", "out")]),
+]
+
+
+def roles(name: str, model_type: str):
+    for pattern, r in (VIT_ROLES if model_type == "vit" else BERT_ROLES):
+        if re.search(pattern, name):
+            return r
+    raise KeyError(f"test role table does not know {name}")
+
+
+def vit(hidden=32, heads=4, inter=64, layers=2, seed=0, cls=T.ViTForImageClassification, image=8, patch=2):
+    cfg = T.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=inter, image_size=image, patch_size=patch, num_channels=1,
+                      num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return sharpen(cls(cfg), seed)
+
+
+def bert(hidden=32, heads=4, inter=64, layers=2, seed=0, cls=T.BertForMaskedLM, vocab=60):
+    cfg = T.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=32,
+                       num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return sharpen(cls(cfg), seed)
+
+
+@torch.no_grad()
+def sharpen(model, seed):
+    """Re-initialise with weights that make every component matter: fan-in
+    scaled matrices, Q/K scaled up (HF's std 0.02 makes attention ~uniform, which
+    hides heads paired with the wrong values), non-trivial biases and LayerNorms."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel() if "embeddings" not in name else 1
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            if re.search(r"(q_proj|k_proj|query|key)\.weight$", name):
+                p.mul_(2.5)
+        elif re.search(r"(layernorm\w*|LayerNorm)\.weight$", name):
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@torch.no_grad()
+def noisy(model, scale=0.02, seed=123):
+    """A copy with small parameter noise: an anchor that is not the original."""
+    g = torch.Generator().manual_seed(seed)
+    out = type(model)(model.config)
+    sd = {k: v + scale * v.std().clamp_min(1e-3) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+          for k, v in model.state_dict().items()}
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+def _space_index(cfg, seed, widen):
+    """Index tensors per unit space. Permutation: one head order shared by Q, K
+    and V; within-head orders for Q/K and for V/O. Widening: every unit twice."""
+    g = torch.Generator().manual_seed(seed)
+    n, h, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
+    d = n // h
+    pool = n
+    if widen:
+        tile = lambda k: torch.arange(k).repeat(2)  # noqa: E731
+        return {"res": tile(n), "qk": tile(n), "v": tile(n), "mlp": tile(inter), "pool": tile(pool)}
+    heads = torch.randperm(h, generator=g)
+
+    def within():
+        return torch.cat([heads[j] * d + torch.randperm(d, generator=g) for j in range(h)])
+
+    return {"res": torch.randperm(n, generator=g), "qk": within(), "v": within(),
+            "mlp": torch.randperm(inter, generator=g), "pool": torch.randperm(pool, generator=g)}
+
+
+@torch.no_grad()
+def transform(model, *, widen: bool, seed=7):
+    """A functionally identical copy: units permuted, or every unit duplicated
+    with outgoing (input-side) weights halved. Duplicating every residual unit
+    exactly twice leaves LayerNorm statistics unchanged."""
+    cfg = model.config
+    idx = _space_index(cfg, seed, widen)
+    new_cfg = type(cfg).from_dict(cfg.to_dict())
+    if widen:
+        new_cfg.hidden_size *= 2
+        new_cfg.num_attention_heads *= 2
+        new_cfg.intermediate_size *= 2
+        if getattr(new_cfg, "pooler_output_size", None):
+            new_cfg.pooler_output_size *= 2
+    sd = {}
+    for name, t in model.state_dict().items():
+        for axis, role in enumerate(roles(name, cfg.model_type)):
+            if role is None:
+                continue
+            space, kind = role
+            t = t.index_select(axis, idx[space])
+            if kind == "in" and widen:
+                t = t / 2
+        sd[name] = t
+    out = type(model)(new_cfg)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+def average(models, weights=None):
+    """The right answer of fusing perfectly aligned models: a plain average."""
+    weights = weights or [1 / len(models)] * len(models)
+    sd = {k: sum(w * m.state_dict()[k] for w, m in zip(weights, models)) for k in models[0].state_dict()}
+    out = type(models[0])(models[0].config)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+def inputs(model, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if cfg.model_type == "vit":
+        return {"pixel_values": torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)}
+    ids = torch.randint(0, cfg.vocab_size, (batch, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # padding must not count as samples
+    return {"input_ids": ids, "attention_mask": mask,
+            "token_type_ids": torch.randint(0, 2, (batch, 12), generator=g)}
+
+
+@torch.no_grad()
+def outputs(model, x):
+    out = model(**x)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
