@@ -1,0 +1,141 @@
+"""The fuse() API: self-fusion, heterogeneous fusion, save/load, options, errors."""
+import math
+
+import pytest
+import torch
+import transformers as T
+
+import models as M
+import otcompress
+from otcompress import activations
+from otcompress.errors import (DataError, IncompatibleModelsError, InvalidOptionError, ModelLoadError,
+                               OTCompressError, UnsupportedArchitectureError)
+
+
+def _close(a, b, x, tol):
+    return float((M.outputs(a, x) - M.outputs(b, x)).abs().max()) < tol
+
+
+@pytest.mark.parametrize("make", [M.vit, M.bert])
+def test_self_fusion_is_identity(make):
+    model = make()
+    x = M.inputs(model)
+    assert _close(otcompress.fuse(model, [model], solver="emd"), model, x, 1e-5)
+    assert _close(otcompress.fuse(model, [model, model], solver="sinkhorn", reg=0.002), model, x, 1e-4)
+
+
+@pytest.mark.parametrize("make,cls", [(M.vit, T.ViTForImageClassification), (M.bert, T.BertForMaskedLM),
+                                      (M.bert, T.BertForSequenceClassification)])
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+def test_heterogeneous_fusion_keeps_anchor_config_and_round_trips(tmp_path, make, cls, alignment):
+    anchor = make(hidden=32, heads=4, inter=64, cls=cls, seed=1)
+    parents = [make(hidden=48, heads=6, inter=96, cls=cls, seed=2),
+               make(hidden=64, heads=8, inter=160, cls=cls, seed=3)]
+    data = [M.inputs(anchor, batch=8, seed=s) for s in range(2)]
+    fused = otcompress.fuse(anchor, parents, alignment=alignment, data=data, reg=0.1,
+                            token_filter="window_2" if make is M.vit and alignment == "activations" else None)
+    assert fused.config.to_dict() == anchor.config.to_dict()
+    assert type(fused) is cls
+    fused.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path)
+    x = M.inputs(anchor)
+    out = M.outputs(loaded, x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, M.outputs(fused, x))
+    assert not _close(fused, anchor, x, 1e-3)  # the parents did contribute
+    if cls is T.BertForMaskedLM:
+        assert loaded.cls.predictions.decoder.weight.data_ptr() == \
+            loaded.bert.embeddings.word_embeddings.weight.data_ptr()
+    report = fused.fusion_report
+    assert len(report["transport_maps"]) == 2
+    for stats in report["transport_maps"][0].values():
+        if "marginal_error" in stats:
+            assert stats["marginal_error"] < 1e-4 and math.isfinite(stats["entropy"])
+
+
+def test_fuse_from_directories(tmp_path):
+    anchor, parent = M.bert(seed=1), M.bert(hidden=48, heads=6, seed=2)
+    anchor.save_pretrained(tmp_path / "a")
+    parent.save_pretrained(tmp_path / "p")
+    from_dirs = otcompress.fuse(str(tmp_path / "a"), [str(tmp_path / "p")], solver="emd")
+    from_objects = otcompress.fuse(anchor, [parent], solver="emd")
+    x = M.inputs(anchor)
+    assert torch.equal(M.outputs(from_dirs, x), M.outputs(from_objects, x))
+    assert from_dirs.fusion_report["parents"] == [str(tmp_path / "p")]
+
+
+def test_streamed_batches_equal_one_big_batch():
+    anchor, parent = M.vit(seed=1), M.vit(hidden=48, heads=6, inter=96, seed=2)
+    big = M.inputs(anchor, batch=24, seed=5)
+    chunks = [{"pixel_values": big["pixel_values"][i:i + 7]} for i in range(0, 24, 7)]
+    a = otcompress.fuse(anchor, [parent], alignment="activations", data=big, solver="emd")
+    b = otcompress.fuse(anchor, [parent], alignment="activations", data=chunks, solver="emd")
+    x = M.inputs(anchor)
+    assert _close(a, b, x, 1e-5)
+
+
+def test_cross_moments_match_direct_correlation():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(500, 6, generator=g) * 3 + 1, torch.randn(500, 4, generator=g)
+    y[:, 0] = x[:, 2] * 2 + 0.1 * y[:, 0]
+    cm = activations.CrossMoments()
+    for i in range(0, 500, 64):
+        cm.update(x[i:i + 64], y[i:i + 64])
+    direct = torch.corrcoef(torch.cat([x, y], 1).T)[:6, 6:].double()
+    assert torch.allclose(cm.correlation(), direct, atol=1e-5)
+
+
+def test_vanilla_fusion_averages_and_rejects_unequal_shapes():
+    a, b = M.vit(seed=1), M.vit(seed=2)
+    vf = otcompress.vanilla_fuse(a, [b])
+    x = M.inputs(a)
+    assert _close(vf, M.average([a, b]), x, 1e-6)
+    with pytest.raises(IncompatibleModelsError, match="equal shapes"):
+        otcompress.vanilla_fuse(a, [M.vit(hidden=48, heads=6)])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(reg=0), InvalidOptionError, "reg > 0"),
+    (dict(reg=-0.1), InvalidOptionError, "reg > 0"),
+    (dict(alignment="activations"), InvalidOptionError, "calibration data"),
+    (dict(residual="scalar"), InvalidOptionError, "calibration data"),
+    (dict(solver="lp"), InvalidOptionError, "solver 'lp'"),
+    (dict(weights=[1, 2, 3]), InvalidOptionError, "need 2 values"),
+    (dict(token_filter="window_x"), InvalidOptionError, "token filter"),
+])
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        otcompress.fuse(M.vit(), [M.vit(seed=2)], **kwargs)
+
+
+def test_incompatible_models():
+    with pytest.raises(IncompatibleModelsError, match="depth mismatch"):
+        otcompress.fuse(M.vit(), [M.vit(layers=3)])
+    with pytest.raises(IncompatibleModelsError, match="model-type mismatch"):
+        otcompress.fuse(M.vit(), [M.bert()])
+    with pytest.raises(IncompatibleModelsError, match="vocabulary mismatch"):
+        otcompress.fuse(M.bert(), [M.bert(vocab=70)])
+    with pytest.raises(IncompatibleModelsError, match="image-size mismatch"):
+        otcompress.fuse(M.vit(), [M.vit(image=16)])
+    with pytest.raises(IncompatibleModelsError, match="class mismatch"):
+        otcompress.fuse(M.bert(), [M.bert(cls=T.BertModel)])
+
+
+def test_unsupported_and_missing():
+    gpt = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+        otcompress.fuse(gpt, [gpt])
+    with pytest.raises(ModelLoadError, match="no such model directory"):
+        otcompress.fuse("/nonexistent/model", [M.vit()])
+    with pytest.raises(ModelLoadError, match="offline"):
+        otcompress.fuse("google/vit-base-patch16-224", [M.vit()])
+    with pytest.raises(DataError, match="only applies to vision"):
+        otcompress.fuse(M.bert(), [M.bert(seed=2)], alignment="activations", data=M.inputs(M.bert()),
+                        token_filter="only_cls")
+    assert issubclass(ModelLoadError, OTCompressError)
+
+
+def test_progress_callback_reports_every_map():
+    calls = []
+    otcompress.fuse(M.vit(), [M.vit(seed=2)], progress=lambda s, d, t: calls.append((s, d, t)))
+    assert calls[-1][1] == calls[-1][2] and "align" in calls[-1][0]
