@@ -3,6 +3,7 @@ a model of the anchor's class and config."""
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import time
 
@@ -10,25 +11,30 @@ import torch
 
 from otcompress import activations, architectures, modelio
 from otcompress.align import AlignOptions, align_parent
-from otcompress.errors import IncompatibleModelsError, InvalidOptionError
+from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
 
 ALIGNMENTS = ("weights", "activations")
 SOLVERS = ("sinkhorn", "emd")
 RESIDUALS = ("average", "scalar", "matrix")
 QK_MAPS = ("auto", "separate", "shared")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
+REG_GRID = (0.01, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5)
 
 
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
-         max_iter=5000, tol=1e-6, trust_remote_code=False, progress=None):
+         max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, trust_remote_code=False,
+         progress=None):
     """Fuse `parents` into the `anchor`'s architecture and width by OT alignment.
 
     anchor, parents: model objects or local model directories; same model type
         and depth, any widths (heterogeneous fusion).
     alignment: "weights" or "activations" (needs `data`).
     solver, reg: "sinkhorn" (entropic, regulariser `reg` on max-normalised costs)
-        or "emd" (exact).
+        or "emd" (exact). reg="auto" fuses at every value of `reg_grid` and keeps
+        the one with the lowest loss on `holdout` batches (default: `data`): the
+        task loss where batches carry labels, else the KL divergence to the
+        parents' mean prediction.
     residual: how maps meet at residual joins: "average", "scalar" or "matrix"
         (the weighted ones measure the anchor on `data`).
     data: one batch (dict of input tensors) or an iterable of batches.
@@ -55,38 +61,107 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
                                     need_norms=residual != "average",
                                     token_filter=token_filter, progress=progress)
     t_align = time.perf_counter()
-    align_opts = AlignOptions(solver=solver, reg=float(reg), residual=residual,
-                              cost_norm=cost_norm, max_iter=max_iter, tol=tol)
     alpha = None
     if residual != "average":
         alpha = {tm: n.alpha(residual) for tm, n in stats["norms"].items()}
-    anchor_sd = anchor_m.state_dict()
-    aligned, map_stats = [], []
-    for k, parent in enumerate(parent_ms):
-        costs = stats["costs"][k] if alignment == "activations" else None
-        sd, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts,
-                              activation_costs=costs, residual_alpha=alpha,
-                              progress=_parent_progress(progress, k))
-        aligned.append(sd)
-        map_stats.append(st)
+    costs = stats["costs"] if alignment == "activations" else [None] * len(parent_ms)
+
+    def fuse_at(r):
+        align_opts = AlignOptions(solver=solver, reg=r, residual=residual,
+                                  cost_norm=cost_norm, max_iter=max_iter, tol=tol)
+        return _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha,
+                                  opts["weights"], progress)
+
+    sweep = None
+    if solver == "emd":
+        reg = None
+    if reg == "auto":
+        model, map_stats, reg, sweep = _reg_sweep(fuse_at, reg_grid or REG_GRID,
+                                                  holdout if holdout is not None else data, parent_ms)
+    else:
+        model, map_stats = fuse_at(None if reg is None else float(reg))
     mix = opts["weights"]
-    fused_sd = average_state_dicts([anchor_sd, *aligned], mix, spec.tied)
-    model = build_model(anchor_m, fused_sd)
     t_end = time.perf_counter()
     model.fusion_report = {
         "schema": REPORT_SCHEMA,
         "anchor": modelio.describe(anchor),
         "parents": [modelio.describe(p) for p in parents],
-        "options": {"alignment": alignment, "solver": solver, "reg": float(reg) if solver == "sinkhorn" else None,
+        "options": {"alignment": alignment, "solver": solver, "reg": reg,
                     "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
                     "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol},
         "calibration_samples": stats["samples"] if stats else 0,
+        "reg_sweep": sweep,
         "transport_maps": map_stats,
         "timings": {"load": t_acts - t_start, "activations": t_align - t_acts,
                     "align": t_end - t_align, "total": t_end - t_start},
         "versions": _versions(),
     }
     return model
+
+
+def _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha, mix, progress):
+    anchor_sd = anchor_m.state_dict()
+    aligned, map_stats = [], []
+    for k, parent in enumerate(parent_ms):
+        sd, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts,
+                              activation_costs=costs[k], residual_alpha=alpha,
+                              progress=_parent_progress(progress, k))
+        aligned.append(sd)
+        map_stats.append(st)
+    fused_sd = average_state_dicts([anchor_sd, *aligned], mix, spec.tied)
+    return build_model(anchor_m, fused_sd), map_stats
+
+
+def _reg_sweep(fuse_at, grid, holdout, parent_ms):
+    """Fuse at every reg of the grid; keep the lowest held-out loss."""
+    batches = list(activations.iter_batches(holdout))
+    targets = None
+    if not all("labels" in b for b in batches):
+        targets = [_mean_parent_probs(parent_ms, b) for b in batches]
+    best, sweep = None, []
+    for r in grid:
+        try:
+            model, map_stats = fuse_at(float(r))
+        except SolverError as e:
+            sweep.append({"reg": float(r), "loss": None, "error": str(e)})
+            continue
+        loss = _holdout_loss(model, batches, targets)
+        sweep.append({"reg": float(r), "loss": loss})
+        if math.isfinite(loss) and (best is None or loss < best[0]):
+            best = (loss, float(r), model, map_stats)
+    if best is None:
+        raise SolverError(f"reg auto: no regulariser in {list(grid)} gave a usable model")
+    return best[2], best[3], best[1], sweep
+
+
+@torch.inference_mode()
+def _mean_parent_probs(parent_ms, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    probs = [torch.softmax(_logits(p(**inputs)), -1) for p in parent_ms]
+    return sum(probs) / len(probs)
+
+
+def _logits(out):
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise InvalidOptionError("reg auto needs labelled held-out data or a model with a prediction head")
+    return logits
+
+
+@torch.inference_mode()
+def _holdout_loss(model, batches, targets) -> float:
+    total, n = 0.0, 0
+    for i, b in enumerate(batches):
+        if targets is None:
+            loss = model(**b).loss
+        else:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            logp = torch.log_softmax(_logits(model(**inputs)), -1)
+            loss = torch.nn.functional.kl_div(logp.flatten(0, -2), targets[i].flatten(0, -2),
+                                              reduction="batchmean")
+        total += float(loss)
+        n += 1
+    return total / max(n, 1)
 
 
 def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
@@ -153,7 +228,10 @@ def _check_options(alignment, solver, reg, residual, qk, token_filter, data, wei
     _one_of("solver", solver, SOLVERS)
     _one_of("residual", residual, RESIDUALS)
     _one_of("qk", qk, QK_MAPS)
-    if solver == "sinkhorn":
+    if solver == "sinkhorn" and reg == "auto":
+        if data is None:
+            raise InvalidOptionError("reg auto needs calibration or held-out data (data=...)")
+    elif solver == "sinkhorn":
         try:
             ok = float(reg) > 0
         except (TypeError, ValueError):

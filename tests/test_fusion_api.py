@@ -139,3 +139,19 @@ def test_progress_callback_reports_every_map():
     calls = []
     otcompress.fuse(M.vit(), [M.vit(seed=2)], progress=lambda s, d, t: calls.append((s, d, t)))
     assert calls[-1][1] == calls[-1][2] and "align" in calls[-1][0]
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_reg_auto_sweeps_and_records(labelled):
+    anchor, parent = M.vit(seed=1), M.vit(hidden=48, heads=6, inter=96, seed=2)
+    calib = M.inputs(anchor, batch=16, seed=1)
+    holdout = M.inputs(anchor, batch=16, seed=2)
+    if labelled:
+        holdout["labels"] = torch.randint(0, 10, (16,))
+    fused = otcompress.fuse(anchor, [parent], reg="auto", reg_grid=[0.02, 0.1, 1.0],
+                            alignment="activations", data=calib, holdout=holdout)
+    sweep = fused.fusion_report["reg_sweep"]
+    assert [s["reg"] for s in sweep] == [0.02, 0.1, 1.0]
+    best = min(sweep, key=lambda s: s["loss"])
+    assert fused.fusion_report["options"]["reg"] == best["reg"]
+    assert len({round(s["loss"], 9) for s in sweep}) == 3  # different regs, different models
