@@ -47,7 +47,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
     per-map transport statistics, options and timings."""
     t_start = time.perf_counter()
     parents = _as_list(parents)
-    opts = _check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents)
+    opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents)
     anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code)
     spec = architectures.build_spec(anchor_m, qk=opts["qk"])
     for p in parent_ms:
@@ -223,7 +223,9 @@ def _load_all(anchor, parents, trust_remote_code):
     return anchor_m, parent_ms
 
 
-def _check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents):
+def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents):
+    """Validate fusion options before any model is loaded; returns the resolved
+    Q/K map mode and normalised mixing weights."""
     _one_of("alignment", alignment, ALIGNMENTS)
     _one_of("solver", solver, SOLVERS)
     _one_of("residual", residual, RESIDUALS)

@@ -1,0 +1,499 @@
+"""The otcompress command line: a thin shell over the Python API.
+
+Exit codes: 0 success; 2 a user error (bad input, bad option, incompatible
+models); 3 a validation gate failed; 1 an internal error. `--json` prints
+exactly one JSON object on stdout; logs and progress go to stderr."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from otcompress import recipes
+from otcompress.errors import InvalidOptionError, OTCompressError
+
+# Options that take several values after one flag (`--parents a b c`).
+MULTI_VALUE = ("--parents", "--teachers", "--weights")
+
+
+class UI:
+    """Everything the CLI shows: rich on stderr (plain text when not a terminal),
+    tables or exactly one JSON object on stdout."""
+
+    def __init__(self, quiet=False, as_json=False):
+        from rich.console import Console
+        self.quiet, self.as_json = quiet, as_json
+        self.err = Console(stderr=True, quiet=quiet)
+        self.out = Console(stderr=as_json)  # with --json, tables go to stderr too
+
+    def log(self, msg):
+        self.err.print(msg, highlight=False)
+
+    def progress(self):
+        return _Progress(self.err, self.quiet)
+
+    def table(self, title, columns, rows):
+        if self.quiet and not self.as_json:
+            return
+        from rich.table import Table
+        t = Table(title=title)
+        for c in columns:
+            t.add_column(c, justify="left" if c == columns[0] else "right")
+        for r in rows:
+            t.add_row(*[_cell(v) for v in r])
+        (self.err if self.as_json else self.out).print(t)
+
+    def result(self, obj):
+        if self.as_json:
+            click.echo(json.dumps(obj, default=str))
+
+
+class _Progress:
+    """Renders the library's progress callbacks (stage, done, total)."""
+
+    def __init__(self, console, quiet):
+        self.console, self.quiet, self.tasks, self.bar = console, quiet, {}, None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, stage, done, total=None, *_):
+        if not self.bar:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(str(stage), total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def finetune(self, done, total, info=None):
+        self("finetune", done, total)
+
+
+def _cell(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def common(f):
+    f = click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
+    return f
+
+
+def device_option(f):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                        show_default=True, help="Where to run (auto picks CUDA when present).")(f)
+
+
+def resolve_device(device):
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError("--device cuda: no CUDA device available")
+    return device
+
+
+def remote_code_option(f):
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="DANGEROUS: run model code shipped with a model directory.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="otcompress")
+def cli():
+    """Compress transformers by heterogeneous Optimal-Transport fusion."""
+
+
+# ----------------------------------------------------------------------------- fuse
+
+FUSE_FLAGS = {  # recipe key -> click parameter name, where they differ
+    "finetune_steps": "finetune_steps", "batch_size": "batch_size", "token_filter": "token_filter",
+}
+
+
+@cli.command()
+@click.option("--anchor", required=True, help="The small model whose architecture the result has.")
+@click.option("--parents", multiple=True, required=True, help="One or more wider parent models.")
+@click.option("--out", required=True, type=click.Path(), help="Output model directory.")
+@click.option("--profile", "profile_name", help="A recipe: name in profiles/ or a YAML file.")
+@click.option("--alignment", type=click.Choice(["weights", "activations"]))
+@click.option("--solver", type=click.Choice(["sinkhorn", "emd"]))
+@click.option("--reg", help="Sinkhorn regulariser (> 0) or 'auto' (held-out sweep).")
+@click.option("--residual", type=click.Choice(["average", "scalar", "matrix"]))
+@click.option("--weights", multiple=True, type=float, help="Mixing weights, anchor first.")
+@click.option("--qk", type=click.Choice(["auto", "separate", "shared"]), help="Q/K transport maps.")
+@click.option("--token-filter", help="ViT activations: window_N or only_cls.")
+@click.option("--data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
+@click.option("--samples", type=int, help="Calibration examples for activation statistics.")
+@click.option("--finetune-steps", type=int, help="Brief recovery training steps (0 = none).")
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--seed", type=int)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@device_option
+@remote_code_option
+@common
+@click.pass_context
+def fuse(ctx, anchor, parents, out, profile_name, force, device, trust_remote_code, quiet, as_json, **flags):
+    """Fuse PARENTS into the ANCHOR's width; write a from_pretrained directory."""
+    from otcompress import outputs
+    ui = UI(quiet, as_json)
+    recipe = _resolve_recipe(ctx, profile_name, flags)
+    outputs.check_out(out, force)
+    device = resolve_device(device)
+    started = time.time()
+    with outputs.staged_dir(out, force) as tmp:
+        report = _run_fuse(ui, anchor, list(parents), recipe, tmp, device, trust_remote_code)
+        report["wall_seconds"] = time.time() - started
+        outputs.write_json(tmp / "fusion_report.json", report)
+    ui.log(f"[green]wrote[/green] {out}  ({report['wall_seconds']:.1f} s)")
+    _metrics_table(ui, report.get("metrics"))
+    ui.result({"out": str(out), "report": report})
+
+
+def _resolve_recipe(ctx, profile_name, flags):
+    recipe = recipes.defaults()
+    if profile_name:
+        recipe.update(recipes.load_recipe(profile_name))
+    given = {k: v for k, v in flags.items()
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if "weights" in given:
+        given["weights"] = list(given["weights"])
+    if "reg" in given and given["reg"] != "auto":
+        try:
+            given["reg"] = float(given["reg"])
+        except ValueError:
+            raise InvalidOptionError(f"--reg {given['reg']}: a number > 0 or 'auto'") from None
+    recipe.update(given)
+    recipes.check_recipe(recipe, "options")
+    recipe["profile"] = profile_name
+    return recipe
+
+
+def _run_fuse(ui, anchor, parents, r, tmp: Path, device, trust_remote_code):
+    import otcompress
+    from otcompress import finetune as ft
+    from otcompress import modelio, outputs
+    from otcompress.architectures import family
+    from otcompress.fusion import check_options
+
+    # Validate options and configs before any weights are read.
+    check_options(r["alignment"], r["solver"], r["reg"], r["residual"], r["qk"], r["token_filter"],
+                  r["data"], r["weights"], parents)
+    cfg = modelio.load_config(anchor, trust_remote_code=trust_remote_code)
+    modelio.check_compatible(cfg, [modelio.load_config(p, trust_remote_code=trust_remote_code)
+                                   for p in parents], family(cfg).MUST_MATCH)
+    anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
+    needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
+                  or r["finetune_steps"] > 0)
+    if needs_data and not r["data"]:
+        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
+                                 "or finetuning)")
+    data = _load_data(r["data"], anchor_m, anchor, r["seed"]) if r["data"] else None
+    calib = holdout = None
+    if data is not None:
+        calib = list(data.calibration_batches(r["samples"], r["batch_size"], seed=r["seed"]))
+        if data.has_labels:
+            holdout = list(data.batches("eval", r["batch_size"], limit=max(r["samples"], 64)))
+    reg = f", reg {r['reg']}" if r["solver"] == "sinkhorn" else ""
+    ui.log(f"fusing {len(parents)} parent(s) into {anchor} ({r['alignment']}, {r['solver']}{reg})")
+    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
+    with ui.progress() as prog:
+        fused = otcompress.fuse(anchor_m, parent_ms, alignment=r["alignment"], solver=r["solver"],
+                                reg=r["reg"], residual=r["residual"], data=calib, holdout=holdout,
+                                weights=r["weights"], qk=r["qk"], token_filter=r["token_filter"],
+                                cost_norm=r["cost_norm"], progress=prog)
+    report = fused.fusion_report
+    report["anchor"], report["parents"] = str(anchor), [str(p) for p in parents]
+    metrics = {}
+    if data is not None and data.has_labels:
+        metrics["anchor"] = ft.evaluate(anchor_m, data)
+        metrics["fused (one-shot)"] = ft.evaluate(fused, data)
+    if r["finetune_steps"] > 0:
+        with ui.progress() as prog:
+            report["finetune"] = ft.finetune(fused.to(device), data, steps=r["finetune_steps"], lr=r["lr"],
+                                             batch_size=r["batch_size"], seed=r["seed"], device=device,
+                                             progress=prog.finetune)
+        report["finetune"].update(lr=r["lr"], batch_size=r["batch_size"])
+        report["finetune"].pop("losses", None)
+        metrics[f"fused + {r['finetune_steps']} steps"] = ft.evaluate(fused, data, device=device)
+    report["metrics"] = metrics
+    report["recipe"] = r
+    fused.to("cpu").save_pretrained(tmp)
+    report["copied_preprocessor_files"] = outputs.copy_preprocessor(anchor, tmp)
+    outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
+    (tmp / "README.md").write_text(outputs.model_card(report))
+    return report
+
+
+def _load_data(spec, model, model_path, seed, samples=None):
+    from otcompress.data import load_data
+    tokenizer = image_processor = None
+    if isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():
+        tokenizer, image_processor = _preprocessors(Path(model_path))
+    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor,
+                     samples=samples, seed=seed)
+
+
+def _preprocessors(path: Path):
+    tokenizer = image_processor = None
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "preprocessor_config.json").exists():
+        from transformers import AutoImageProcessor
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    return tokenizer, image_processor
+
+
+def _metrics_table(ui, metrics):
+    if not metrics:
+        return
+    names = sorted({k for m in metrics.values() for k, v in m.items() if isinstance(v, float)})
+    ui.table("metrics", ["model", *names], [[n, *(m.get(k) for k in names)] for n, m in metrics.items()])
+
+
+# ----------------------------------------------------------------------------- finetune / eval
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True)
+@click.option("--steps", type=int, required=True)
+@click.option("--out", required=True, type=click.Path())
+@click.option("--teachers", multiple=True, help="Distil from these models (same output space).")
+@click.option("--distill-alpha", type=float, default=0.5, show_default=True)
+@click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@device_option
+@remote_code_option
+@common
+def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, batch_size, seed, force,
+             device, trust_remote_code, quiet, as_json):
+    """Brief recovery training of MODEL (optionally distilled from --teachers)."""
+    from otcompress import finetune as ft
+    from otcompress import modelio, outputs
+    ui = UI(quiet, as_json)
+    outputs.check_out(out, force)
+    device = resolve_device(device)
+    m = modelio.load_model(model, trust_remote_code=trust_remote_code)
+    task = _load_data(data, m, model, seed)
+    teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
+    with outputs.staged_dir(out, force) as tmp:
+        before = ft.evaluate(m, task, device=device)
+        with ui.progress() as prog:
+            summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                  teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
+                                  device=device, progress=prog.finetune)
+        after = ft.evaluate(m, task, device=device)
+        summary.pop("losses", None)
+        result = {"model": model, "data": data, "teachers": list(teachers), "finetune": summary,
+                  "metrics": {"before": before, "after": after}}
+        m.to("cpu").save_pretrained(tmp)
+        outputs.copy_preprocessor(model, tmp)
+        outputs.write_json(tmp / "finetune_report.json", result)
+    _metrics_table(ui, result["metrics"])
+    ui.log(f"[green]wrote[/green] {out}")
+    ui.result(result)
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--data", required=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@device_option
+@remote_code_option
+@common
+def eval_cmd(model, data, batch_size, device, trust_remote_code, quiet, as_json):
+    """Accuracy (classification) or MLM loss/perplexity of MODEL on --data."""
+    from otcompress import finetune as ft
+    from otcompress import modelio
+    ui = UI(quiet, as_json)
+    m = modelio.load_model(model, trust_remote_code=trust_remote_code)
+    metrics = ft.evaluate(m, _load_data(data, m, model, 0), batch_size=batch_size,
+                          device=resolve_device(device))
+    _metrics_table(ui, {model: metrics})
+    if not as_json and quiet:
+        click.echo(json.dumps(metrics))
+    ui.result({"model": model, "data": data, **metrics})
+
+
+# ----------------------------------------------------------------------------- profile / export
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Text models only.")
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--no-onnx", is_flag=True, help="Skip ONNX Runtime latency.")
+@remote_code_option
+@common
+def profile(models, batch_size, seq_len, repeats, threads, no_onnx, trust_remote_code, quiet, as_json):
+    """Parameters, FLOPs, CPU latency and size on disk of MODELS, side by side."""
+    from otcompress import modelio
+    from otcompress.profiling import profile_model
+    ui = UI(quiet, as_json)
+    results = {}
+    for path in models:
+        m = modelio.load_model(path, trust_remote_code=trust_remote_code)
+        ui.log(f"profiling {path}")
+        results[path] = profile_model(m, model_dir=path, batch_size=batch_size, seq_len=seq_len,
+                                      repeats=repeats, threads=threads, onnx=not no_onnx)
+    ui.table(f"profile (batch {batch_size}, {threads} thread(s), median of {repeats})",
+             ["model", "params", "MFLOPs", "torch ms", "ORT ms", "disk MB"],
+             [_profile_row(p, r) for p, r in results.items()])
+    ui.result({"models": results})
+
+
+def _profile_row(path, r):
+    ort = r.get("latency_onnx") or {}
+    disk = r.get("size_on_disk_bytes")
+    return [path, r["parameters"], r["flops"]["flops"] / 1e6, r["latency_pytorch"]["median_ms"],
+            ort.get("median_ms"), disk / 1e6 if disk else None]
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(), help="The .onnx file to write.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised copy.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity gate vs PyTorch.")
+@click.option("--data", help="Report the int8 accuracy delta on this data.")
+@click.option("--force", is_flag=True)
+@remote_code_option
+@common
+def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as_json):
+    """Export MODEL to ONNX, validated in ONNX Runtime against PyTorch."""
+    from otcompress import modelio, outputs
+    from otcompress.export import export_onnx
+    ui = UI(quiet, as_json)
+    outputs.check_out(out, force)
+    m = modelio.load_model(model, trust_remote_code=trust_remote_code)
+    task = _load_data(data, m, model, 0) if data else None
+    # export_onnx stages its files and moves them into place only after the parity gate.
+    report = export_onnx(m, out, atol=atol, quantize=quantize)
+    if quantize and task is not None:
+        report["quantized"]["accuracy"] = _onnx_accuracy(m, out, report["quantized"]["path"], task)
+    ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
+    if quantize:
+        q = report["quantized"]
+        ui.log(f"[green]wrote[/green] {q['path']}  ({q['size_bytes'] / 1e6:.2f} MB, "
+               f"{q['size_ratio']:.2f}x of fp32)")
+        if "accuracy" in q:
+            a = q["accuracy"]
+            ui.log(f"int8 accuracy {a['int8']:.4f} vs fp32 {a['fp32']:.4f} (delta {a['delta']:+.4f})")
+    ui.result(report)
+
+
+def _onnx_accuracy(model, fp32_path, int8_path, task):
+    from otcompress.export import onnx_predict
+    hits = {"fp32": 0, "int8": 0}
+    n = 0
+    for batch in task.batches("eval", 256):
+        labels = batch.pop("labels")
+        keep = labels != -100
+        for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+            pred = onnx_predict(path, batch).argmax(-1)
+            hits[name] += int((__import__("torch").from_numpy(pred) == labels)[keep].sum())
+        n += int(keep.sum())
+    acc = {k: v / max(n, 1) for k, v in hits.items()}
+    return {**acc, "delta": acc["int8"] - acc["fp32"], "examples": n}
+
+
+# ----------------------------------------------------------------------------- demo
+
+@cli.command()
+@click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True, help="Finetuning budget N.")
+@click.option("--quick", is_flag=True, help="Tiny models and few steps (smoke run, ~1 min).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@common
+def demo(out, steps, quick, threads, quiet, as_json):
+    """Train (once, cached) ViTs on digits, fuse, finetune, profile, export."""
+    from otcompress.demo import run_demo
+    ui = UI(quiet, as_json)
+    result = run_demo(Path(out), steps=steps, quick=quick, threads=threads, log=ui.log,
+                      progress_factory=ui.progress)
+    ui.table("otcompress demo: digits, anchor hidden {a} vs parents hidden {p}".format(**result["widths"]),
+             result["columns"], result["rows"])
+    ui.result(result)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def expand_multi_value(argv: list[str]) -> list[str]:
+    """`--parents a b c` -> `--parents a --parents b --parents c`: Click's
+    options take one value per flag."""
+    out, current = [], None
+    for arg in argv:
+        if arg.startswith("-") and not _is_number(arg):
+            name = arg.split("=", 1)[0]
+            current = name if name in MULTI_VALUE and "=" not in arg else None
+            out.append(arg)
+        elif current is not None and out[-1] != current:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _quiet_hf():
+    # Hugging Face's own progress bars would interleave with ours on stderr.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def main(argv=None):
+    argv = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
+    _quiet_hf()
+    debug = bool(os.environ.get("OTCOMPRESS_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="otcompress", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except OTCompressError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - an internal bug: one line unless debugging
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                   "(set OTCOMPRESS_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
