@@ -194,17 +194,17 @@ def _run_fuse(ui, anchor, parents, r, tmp: Path, device, trust_remote_code):
     from otcompress.fusion import check_options
 
     # Validate options and configs before any weights are read.
+    needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
+                  or r["finetune_steps"] > 0)
+    if needs_data and not r["data"]:
+        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
+                                 "or finetuning)")
     check_options(r["alignment"], r["solver"], r["reg"], r["residual"], r["qk"], r["token_filter"],
                   r["data"], r["weights"], parents)
     cfg = modelio.load_config(anchor, trust_remote_code=trust_remote_code)
     modelio.check_compatible(cfg, [modelio.load_config(p, trust_remote_code=trust_remote_code)
                                    for p in parents], family(cfg).MUST_MATCH)
     anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
-    needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
-                  or r["finetune_steps"] > 0)
-    if needs_data and not r["data"]:
-        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
-                                 "or finetuning)")
     data = _load_data(r["data"], anchor_m, anchor, r["seed"]) if r["data"] else None
     calib = holdout = None
     if data is not None:
@@ -212,8 +212,8 @@ def _run_fuse(ui, anchor, parents, r, tmp: Path, device, trust_remote_code):
         if data.has_labels:
             holdout = list(data.batches("eval", r["batch_size"], limit=max(r["samples"], 64)))
     reg = f", reg {r['reg']}" if r["solver"] == "sinkhorn" else ""
-    ui.log(f"fusing {len(parents)} parent(s) into {anchor} ({r['alignment']}, {r['solver']}{reg})")
     parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
+    ui.log(f"fusing {len(parents)} parent(s) into {anchor} ({r['alignment']}, {r['solver']}{reg})")
     with ui.progress() as prog:
         fused = otcompress.fuse(anchor_m, parent_ms, alignment=r["alignment"], solver=r["solver"],
                                 reg=r["reg"], residual=r["residual"], data=calib, holdout=holdout,
@@ -468,6 +468,10 @@ def _quiet_hf():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:  # already imported: the env vars came too late
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def main(argv=None):

@@ -44,8 +44,20 @@ EXPORTERS = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",),
 EXPORT_BATCH_SIZE = 2
 EXPORT_SEQ_LEN = 16
 
+# Leave headroom under protobuf's 2 GiB message limit for the graph itself.
+PROTOBUF_LIMIT_BYTES = int(1.8 * 2**30)
+
 
 # ---------------------------------------------------------------- inputs and outputs
+
+def _check_input_names(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """Given inputs must be (a subset of) the ones `example_inputs` makes,
+    including the first (input_ids / pixel_values)."""
+    known = list(example_inputs(model, batch_size=1, seq_len=1))
+    unknown = [name for name in inputs if name not in known]
+    if unknown or known[0] not in inputs:
+        raise InvalidOptionError(f"export inputs must be among {known} and include {known[0]!r} (got {list(inputs)})")
+
 
 def _with_batch_at_least_two(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Repeat a batch of one so that the batch axis can stay dynamic."""
@@ -60,14 +72,15 @@ def parity_inputs(model: nn.Module, export_inputs: dict[str, torch.Tensor]) -> d
     shape = describe_inputs(export_inputs)
     batch_size = shape["batch_size"] + 1
     if "seq_len" not in shape:
-        return example_inputs(model, batch_size=batch_size)
+        return example_inputs(model, batch_size=batch_size)  # ViT: the only input is pixel_values
     export_seq_len = shape["seq_len"]
     max_seq_len = model.config.max_position_embeddings
     seq_len = export_seq_len - 3 if export_seq_len > 4 else min(export_seq_len + 3, max_seq_len)
     inputs = example_inputs(model, batch_size=batch_size, seq_len=seq_len)
     if seq_len > 2:
         inputs["attention_mask"][0, -2:] = 0  # a padded row: the mask must not be baked in
-    return inputs
+    # Same names in the same order as the export example (TupleOutput is positional).
+    return {name: inputs[name] for name in export_inputs}
 
 
 def _dynamic_axes(model_type: str, input_names, output_names, outputs) -> dict[str, dict[int, str]]:
@@ -118,8 +131,15 @@ def _run_exporter(exporter: str, wrapper: nn.Module, model: nn.Module, model_typ
                               dynamic_axes=_dynamic_axes(model_type, input_names, output_names, outputs),
                               do_constant_folding=True, **common)
         else:
+            # torch 2.13 writes weights to a `.data` sidecar by default; one
+            # self-contained file is simpler to ship, and protobuf allows it below 2 GiB.
             torch.onnx.export(wrapper, tuple(inputs.values()), str(path), dynamo=True, verbose=False,
-                              dynamic_shapes=_dynamic_shapes(model, model_type, input_names), **common)
+                              dynamic_shapes=_dynamic_shapes(model, model_type, input_names),
+                              external_data=_parameter_bytes(model) >= PROTOBUF_LIMIT_BYTES, **common)
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _opset_of(path: Path) -> int | None:
@@ -181,8 +201,10 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
     was_training = model.training
     model.eval()
     try:
-        export_inputs = _with_batch_at_least_two(
-            inputs if inputs is not None else example_inputs(model, EXPORT_BATCH_SIZE, EXPORT_SEQ_LEN))
+        if inputs is None:
+            inputs = example_inputs(model, EXPORT_BATCH_SIZE, EXPORT_SEQ_LEN)
+        _check_input_names(model, inputs)
+        export_inputs = _with_batch_at_least_two(inputs)
         check_inputs = parity_inputs(model, export_inputs)
         # eval(): the TorchScript exporter restores the *wrapper's* training flag
         # recursively afterwards, which would switch dropout on in the model.
@@ -212,12 +234,13 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
                 report["quantized"] = _quantize_int8(staged, staged_int8, check_inputs)
                 quantized_path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(staged_int8), str(quantized_path))
-            _move_into_place(work_dir, out_path)
+            report["files"] = _move_into_place(work_dir, out_path)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     finally:
         model.train(was_training)
-    report["size_bytes"] = out_path.stat().st_size
+    # With external data the weights live in sidecars: count them too.
+    report["size_bytes"] = sum(Path(f).stat().st_size for f in report["files"])
     if quantize:
         report["quantized"]["path"] = str(quantized_path)
         report["quantized"]["size_ratio"] = report["quantized"]["size_bytes"] / report["size_bytes"]
@@ -232,6 +255,8 @@ def _export_with_gate(wrapper, model, model_type, export_inputs, check_inputs, o
     for name in EXPORTERS[exporter]:
         attempt = {"exporter": name}
         attempts.append(attempt)
+        for leftover in staged.parent.iterdir():  # a previous attempt's file or sidecar
+            leftover.unlink()
         start = time.perf_counter()
         try:
             _run_exporter(name, wrapper, model, model_type, export_inputs, output_names, example_outputs,
@@ -299,9 +324,13 @@ def _quantize_int8(fp32_path: Path, int8_path: Path, check_inputs) -> dict:
     }
 
 
-def _move_into_place(work_dir: Path, out_path: Path) -> None:
+def _move_into_place(work_dir: Path, out_path: Path) -> list[str]:
     """Move the checked export from the staging dir beside `out_path`, with any
     sidecar the exporter wrote (external weight data) under the name the model
     references it by."""
-    for staged_file in work_dir.iterdir():
-        shutil.move(str(staged_file), str(out_path.parent / staged_file.name))
+    moved = []
+    for staged_file in sorted(work_dir.iterdir()):
+        destination = out_path.parent / staged_file.name
+        shutil.move(str(staged_file), str(destination))
+        moved.append(str(destination))
+    return moved

@@ -84,6 +84,17 @@ def test_bert_export_is_dynamic_in_batch_and_sequence_with_padding(tmp_path):
     np.testing.assert_allclose(onnx_predict(out_path, inputs), torch_first_output(model, inputs), atol=1e-4)
 
 
+def test_export_with_given_inputs_subset(tmp_path):
+    model = tiny_bert(BertModel)
+    inputs = {"input_ids": example_inputs(model, batch_size=1, seq_len=12)["input_ids"]}
+    report = export_onnx(model, tmp_path / "ids_only.onnx", inputs=inputs)
+    assert report["input_names"] == ["input_ids"]
+    assert report["export_inputs"] == {"batch_size": 2, "seq_len": 12}  # a batch of one is doubled
+    assert report["check_inputs"] == {"batch_size": 3, "seq_len": 9}
+    with pytest.raises(InvalidOptionError, match="pixel_values"):
+        export_onnx(model, tmp_path / "bad.onnx", inputs={"pixel_values": torch.zeros(2, 1, 8, 8)})
+
+
 def test_dynamo_exporter_on_bert_model_with_two_outputs(tmp_path):
     model = tiny_bert(BertModel)
     report = export_onnx(model, tmp_path / "bert.onnx", exporter="dynamo")

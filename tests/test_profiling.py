@@ -87,7 +87,7 @@ def test_count_parameters_counts_tied_weights_once():
     unique = {p.data_ptr(): p.numel() for _, p in model.named_parameters(remove_duplicate=False)}
     with_duplicates = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     assert count_parameters(model) == sum(unique.values())
-    assert count_parameters(model) == with_duplicates - 100 * 32  # the tied decoder matrix
+    assert count_parameters(model) == with_duplicates - (100 * 32 + 100)  # decoder weight and bias are tied
 
 
 def test_size_on_disk_counts_weight_files_only(tmp_path):

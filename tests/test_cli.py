@@ -1,0 +1,196 @@
+"""The CLI end to end on tiny models: real files, real ONNX Runtime sessions,
+real fvcore counts. Bad input: one line, exit code 2, nothing at --out."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import yaml
+
+import models as M
+from otcompress.cli import expand_multi_value, main
+from otcompress.data import pydoc_paragraphs, train_wordpiece_tokenizer
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    M.vit(seed=1).save_pretrained(d / "anchor")
+    M.vit(hidden=48, heads=6, inter=96, seed=2).save_pretrained(d / "wide1")
+    M.vit(hidden=64, heads=8, inter=128, seed=3).save_pretrained(d / "wide2")
+    M.vit(layers=3).save_pretrained(d / "deep")
+    M.vit(image=16).save_pretrained(d / "big_image")
+    tok = train_wordpiece_tokenizer(pydoc_paragraphs()[:300], 200, d / "tok")
+    for name, hidden, heads, seed in (("bert_a", 32, 4, 1), ("bert_p", 48, 6, 2)):
+        M.bert(hidden=hidden, heads=heads, inter=2 * hidden, seed=seed, vocab=len(tok)).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    M.bert(vocab=len(tok) + 5).save_pretrained(d / "bert_vocab")
+    (d / "not_a_model").mkdir()
+    (d / "not_a_model" / "notes.txt").write_text("hello")
+    M.vit(seed=4).save_pretrained(d / "corrupt")
+    w = d / "corrupt" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+    return d
+
+
+def test_parents_take_several_values():
+    assert expand_multi_value(["fuse", "--parents", "a", "b", "--out", "o"]) == \
+        ["fuse", "--parents", "a", "--parents", "b", "--out", "o"]
+    assert expand_multi_value(["--weights", "2", "-1"])[:2] == ["--weights", "2"]
+
+
+def test_fuse_end_to_end(zoo, tmp_path, capsys):
+    out = tmp_path / "fused"
+    code, stdout, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1", zoo / "wide2",
+                            "--out", out, "--alignment", "activations", "--data", "digits", "--samples", 64,
+                            "--finetune-steps", 5, "--batch-size", 32, "--weights", 2, 1, 1, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)  # exactly one JSON object on stdout
+    assert result["out"] == str(out)
+    model = T.ViTForImageClassification.from_pretrained(out)
+    assert model.config.hidden_size == 32
+    assert torch.isfinite(M.outputs(model, M.inputs(model))).all()
+    report = json.loads((out / "fusion_report.json").read_text())
+    assert report["schema"].startswith("otcompress.fusion_report/")
+    assert report["options"]["weights"] == [0.5, 0.25, 0.25]
+    assert report["parents"] == [str(zoo / "wide1"), str(zoo / "wide2")]
+    assert len(report["transport_maps"]) == 2 and "L0.fc1" in report["transport_maps"][0]
+    assert {"anchor", "fused (one-shot)", "fused + 5 steps"} <= set(report["metrics"])
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "otcompress" in front["tags"]
+    assert front["base_model"][0] == str(zoo / "anchor")
+    recipe = yaml.safe_load((out / "otcompress_config.yaml").read_text())
+    assert recipe["alignment"] == "activations" and recipe["finetune_steps"] == 5
+
+
+def test_profile_recipe_and_flag_override(zoo, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("solver: emd\nqk: shared\nresidual: average\n")
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1",
+                       "--out", tmp_path / "o1", "--profile", recipe, "--quiet")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "o1" / "fusion_report.json").read_text())
+    assert rep["options"]["solver"] == "emd" and rep["options"]["qk"] == "shared"
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1",
+                       "--out", tmp_path / "o2", "--profile", recipe, "--solver", "sinkhorn", "--reg", "0.2", "-q")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "o2" / "fusion_report.json").read_text())
+    assert rep["options"]["solver"] == "sinkhorn" and rep["options"]["reg"] == 0.2
+
+
+def test_named_profiles_parse():
+    from otcompress import recipes
+    names = recipes.available()
+    assert {"vit-soft-acts", "bert-soft-wts"} <= set(names)
+    for name in names:
+        recipes.load_recipe(name)
+
+
+def test_bert_text_fusion_and_eval(zoo, tmp_path, capsys):
+    out = tmp_path / "bert_fused"
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "bert_a", "--parents", zoo / "bert_p", "--out", out,
+                       "--alignment", "activations", "--data", "pydoc", "--samples", 32, "--reg", "auto", "-q")
+    assert code == 0, err
+    assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()
+    report = json.loads((out / "fusion_report.json").read_text())
+    assert report["reg_sweep"] and report["options"]["reg"] in [s["reg"] for s in report["reg_sweep"]]
+    code, stdout, err = run(capsys, "eval", out, "--data", "pydoc", "--json")
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert metrics["perplexity"] > 1 and metrics["tokens"] > 0
+
+
+def test_finetune_with_teachers(zoo, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, stdout, err = run(capsys, "finetune", zoo / "anchor", "--data", "digits", "--steps", 5,
+                            "--batch-size", 32, "--teachers", zoo / "wide1", zoo / "wide2", "--out", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["teachers"] == [str(zoo / "wide1"), str(zoo / "wide2")]
+    assert result["finetune"]["steps"] == 5
+    assert T.ViTForImageClassification.from_pretrained(out).config.hidden_size == 32
+
+
+def test_profile_and_export(zoo, tmp_path, capsys):
+    code, stdout, err = run(capsys, "profile", zoo / "anchor", zoo / "wide2", "--repeats", 3, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)["models"]
+    small, big = res[str(zoo / "anchor")], res[str(zoo / "wide2")]
+    assert small["parameters"] < big["parameters"]
+    assert 0 < small["flops"]["flops"] < big["flops"]["flops"]
+    assert small["latency_onnx"]["median_ms"] > 0
+    onnx_path = tmp_path / "m.onnx"
+    code, stdout, err = run(capsys, "export", zoo / "anchor", "--out", onnx_path, "--quantize", "int8",
+                            "--data", "digits", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["max_abs_diff"] < 1e-4
+    assert onnx_path.exists() and Path(rep["quantized"]["path"]).exists()
+    assert 0 <= rep["quantized"]["accuracy"]["int8"] <= 1
+    code, _, err = run(capsys, "export", zoo / "anchor", "--out", onnx_path)
+    assert code == 2 and "already exists" in err
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing", ["--anchor", "{z}/nope", "--parents", "{z}/wide1"], "no such model directory"),
+    ("not a model", ["--anchor", "{z}/not_a_model", "--parents", "{z}/wide1"], "not a model directory"),
+    ("corrupt", ["--anchor", "{z}/anchor", "--parents", "{z}/corrupt"], "cannot load weights"),
+    ("depth", ["--anchor", "{z}/anchor", "--parents", "{z}/deep"], "depth mismatch"),
+    ("type", ["--anchor", "{z}/anchor", "--parents", "{z}/bert_p"], "model-type mismatch"),
+    ("vocab", ["--anchor", "{z}/bert_a", "--parents", "{z}/bert_vocab"], "vocabulary mismatch"),
+    ("image", ["--anchor", "{z}/anchor", "--parents", "{z}/big_image"], "image-size mismatch"),
+    ("hub", ["--anchor", "google/vit-base-patch16-224", "--parents", "{z}/wide1"], "offline"),
+    ("data", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--alignment", "activations",
+              "--data", "nosuchspec"], "data spec"),
+    ("reg", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--reg", "0"], "reg > 0"),
+    ("reg text", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--reg", "soft"], "--reg soft"),
+    ("acts no data", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--alignment", "activations"],
+     "needs --data"),
+    ("bad yaml", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--profile", "{t}/bad.yaml"], "not valid YAML"),
+    ("unknown key", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--profile", "{t}/unknown.yaml"],
+     "unknown option 'sinkhorn_reg'"),
+    ("bad choice", ["--anchor", "{z}/anchor", "--parents", "{z}/wide1", "--solver", "lp"], "Invalid value"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(zoo, tmp_path, capsys, case, args, message):
+    (tmp_path / "bad.yaml").write_text("solver: [emd\n")
+    (tmp_path / "unknown.yaml").write_text("sinkhorn_reg: 0.1\n")
+    out = tmp_path / "out"
+    args = [a.format(z=zoo, t=tmp_path) for a in args]
+    code, stdout, err = run(capsys, "fuse", *args, "--out", out)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_out_refused_then_forced(zoo, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1", "--out", out)
+    assert code == 2 and "already exists" in err and (out / "keep.txt").exists()
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1", "--out", out,
+                       "--force", "-q")
+    assert code == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_failure_midway_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
+    import otcompress.fusion
+    def boom(*a, **k):
+        raise otcompress.fusion.SolverError("transport map L0.q: Sinkhorn (reg=1e-09) did not converge")
+    monkeypatch.setattr(otcompress.fusion, "align_parent", boom)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1", "--out", out)
+    assert code == 2 and "did not converge" in err
+    assert list(tmp_path.iterdir()) == []
