@@ -88,24 +88,8 @@ class ResidualNorms:
 def capture(model: torch.nn.Module, probes: Iterable[Probe]):
     """Forward hooks that store each probe's tensor of the latest forward pass."""
     store: dict = {}
-    modules = dict(model.named_modules())
-    handles = []
-    for probe in set(probes):
-        if probe.module not in modules:
-            raise KeyError(f"probe module {probe.module} not in {type(model).__name__}")
-        handles.append(modules[probe.module].register_forward_hook(_hook(store, probe)))
-    try:
+    with stream(model, probes, store.__setitem__):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _hook(store, probe):
-    def fn(module, args, output):
-        t = args[0] if probe.side == "in" else output
-        store[probe] = t[0] if isinstance(t, tuple) else t
-    return fn
 
 
 def iter_batches(data) -> Iterable[Mapping]:
@@ -132,42 +116,83 @@ def _samples(t: torch.Tensor, token_mask, keep_tokens) -> torch.Tensor:
 
 
 def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
-            token_filter: str | None = None, device="cpu", progress=None) -> dict:
+            token_filter: str | None = None, device="cpu", forward_dtype=None,
+            max_chunk: int = 32, progress=None) -> dict:
     """Streams `data` through the anchor and every parent once and returns
     {"costs": [ {tm: (m, n) cost} per parent ], "norms": {join tm: ResidualNorms},
-     "samples": tokens seen}."""
+     "samples": tokens seen}.
+
+    Memory stays bounded: batches are cut into chunks of `max_chunk` examples,
+    and each parent activation is folded into the statistics by its forward
+    hook the moment it is produced, so only the anchor's chunk is held.
+    `forward_dtype=torch.bfloat16` runs the forward passes under autocast."""
     solves = [n for n in spec.nodes if isinstance(n, Solve)] if need_costs else []
     joins = [n for n in spec.nodes if isinstance(n, Combine)] if need_norms else []
     solve_probes = {probe for n in solves for _, probe in n.parts}
     anchor_probes = solve_probes | {p for j in joins for p in (j.skip_probe, j.branch_probe)}
+    sequence_probes = {probe for n in solves if n.sequence for _, probe in n.parts}
     moments = [{p: CrossMoments() for p in solve_probes} for _ in parents]
     norms = {j.tm: ResidualNorms() for j in joins}
-    sequence_probes = {probe for n in solves if n.sequence for _, probe in n.parts}
-    seen = 0
-    models = [anchor, *parents]
-    with torch.inference_mode(), _captures(models, [anchor_probes] + [solve_probes] * len(parents)) as stores:
-        for batch in iter_batches(data):
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    state = {"seen": 0}
+    with torch.inference_mode(), _autocast(device, forward_dtype), capture(anchor, anchor_probes) as a_acts:
+        for inputs in _chunks(data, device, max_chunk):
             mask = inputs.get("attention_mask")
             anchor(**inputs)
-            a_acts = stores[0]
             keep = _keep_tokens(spec, token_filter, a_acts, sequence_probes)
             for j in joins:
                 norms[j.tm].update(_samples(a_acts[j.skip_probe], mask, None),
                                    _samples(a_acts[j.branch_probe], mask, None))
+            # The anchor side of every pair, selected once and reused for each parent.
+            a_samples = {p: _samples(a_acts[p], mask, keep if p in sequence_probes else None)
+                         for p in solve_probes}
             for k, parent in enumerate(parents):
-                parent(**inputs)
-                for probe in solve_probes:
+                def fold(probe, t, k=k):
                     kt = keep if probe in sequence_probes else None
-                    moments[k][probe].update(_samples(stores[k + 1][probe], mask, kt),
-                                             _samples(a_acts[probe], mask, kt))
-            seen += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)
+                    moments[k][probe].update(_samples(t, mask, kt), a_samples[probe])
+                with stream(parent, solve_probes, fold):
+                    parent(**inputs)
+            state["seen"] += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)
             if progress:
-                progress("activations", seen, None)
-    if need_costs and seen == 0:
+                progress("activations", state["seen"], None)
+    if need_costs and state["seen"] == 0:
         raise DataError("calibration data is empty")
     costs = [{n.tm: _solve_cost(n, moments[k]) for n in solves} for k in range(len(parents))]
-    return {"costs": costs, "norms": norms, "samples": seen}
+    return {"costs": costs, "norms": norms, "samples": state["seen"]}
+
+
+def _chunks(data, device, max_chunk):
+    for batch in iter_batches(data):
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        n = next(iter(inputs.values())).shape[0]
+        for i in range(0, n, max_chunk):
+            yield {k: v[i:i + max_chunk] for k, v in inputs.items()}
+
+
+def _autocast(device, dtype):
+    if dtype is None or dtype == torch.float32:
+        from contextlib import nullcontext
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@contextmanager
+def stream(model, probes, fold):
+    """Forward hooks that hand each probe's tensor to `fold(probe, tensor)` at once."""
+    modules = dict(model.named_modules())
+    handles = []
+    for probe in set(probes):
+        if probe.module not in modules:
+            raise KeyError(f"probe module {probe.module} not in {type(model).__name__}")
+
+        def fn(module, args, output, probe=probe):
+            t = args[0] if probe.side == "in" else output
+            fold(probe, t[0] if isinstance(t, tuple) else t)
+        handles.append(modules[probe.module].register_forward_hook(fn))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _solve_cost(node: Solve, moments: dict) -> torch.Tensor:
@@ -190,10 +215,3 @@ def _keep_tokens(spec, token_filter, acts, sequence_probes):
 def _batch_tokens(acts) -> int:
     t = next(iter(acts.values()))
     return t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
-
-
-@contextmanager
-def _captures(models, probe_sets):
-    from contextlib import ExitStack
-    with ExitStack() as stack:
-        yield [stack.enter_context(capture(m, ps)) for m, ps in zip(models, probe_sets)]

@@ -23,8 +23,8 @@ REG_GRID = (0.01, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5)
 
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
-         max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, trust_remote_code=False,
-         progress=None):
+         max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
+         trust_remote_code=False, progress=None):
     """Fuse `parents` into the `anchor`'s architecture and width by OT alignment.
 
     anchor, parents: model objects or local model directories; same model type
@@ -41,6 +41,9 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
     weights: mixing weights [anchor, parent1, ...], normalised; uniform by default.
     qk: "separate" Q and K maps, "shared" one map, "auto" = shared for EMD.
     token_filter: ViT only, "window_n" or "only_cls" for activation statistics.
+    activation_dtype: "float32" or "bfloat16" (autocast forward passes for the
+        activation statistics: ~2x faster on CPUs with BF16 units; the
+        statistics themselves are accumulated in float32/float64).
     progress: optional callback(stage: str, done: int, total: int | None).
 
     Returns a `transformers` model; its `fusion_report` attribute holds the
@@ -59,7 +62,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
         stats = activations.collect(spec, anchor_m, parent_ms, data,
                                     need_costs=alignment == "activations",
                                     need_norms=residual != "average",
-                                    token_filter=token_filter, progress=progress)
+                                    token_filter=token_filter, progress=progress,
+                                    forward_dtype=_dtype(activation_dtype))
     t_align = time.perf_counter()
     alpha = None
     if residual != "average":
@@ -88,7 +92,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
         "parents": [modelio.describe(p) for p in parents],
         "options": {"alignment": alignment, "solver": solver, "reg": reg,
                     "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
-                    "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol},
+                    "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol,
+                    "activation_dtype": activation_dtype},
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
         "transport_maps": map_stats,
@@ -248,6 +253,13 @@ def check_options(alignment, solver, reg, residual, qk, token_filter, data, weig
     if qk == "auto":
         qk = "shared" if solver == "emd" else "separate"
     return {"qk": qk, "weights": _mixing_weights(weights, len(parents))}
+
+
+def _dtype(name):
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise InvalidOptionError(f"activation dtype '{name}': use float32 or bfloat16")
+    return dtypes[name]
 
 
 def _valid_filter(name: str) -> bool:
