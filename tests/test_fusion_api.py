@@ -155,3 +155,9 @@ def test_reg_auto_sweeps_and_records(labelled):
     best = min(sweep, key=lambda s: s["loss"])
     assert fused.fusion_report["options"]["reg"] == best["reg"]
     assert len({round(s["loss"], 9) for s in sweep}) == 3  # different regs, different models
+
+
+def test_window_larger_than_grid_is_refused():
+    a = M.vit()  # 8x8 images, patch 2: a 4x4 grid
+    with pytest.raises(InvalidOptionError, match="grid is only 4x4"):
+        otcompress.fuse(a, [M.vit(seed=2)], alignment="activations", data=M.inputs(a), token_filter="window_6")

@@ -3,7 +3,6 @@ the parent an exactly equivalent transform of the base, so the right answer is
 the plain average of anchor and base: a fuse() that returns the anchor, or
 that scales rectangular maps wrongly, fails these (asserted below)."""
 import pytest
-import torch
 import transformers as T
 
 import models as M

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from otcompress.flowgraph import ArchSpec, In, Out, Probe, encoder_block, linear, layernorm, solve
+from otcompress.errors import InvalidOptionError
+from otcompress.flowgraph import ArchSpec, Out, Probe, encoder_block, layernorm, linear, solve
 
 MODEL_TYPE = "vit"
 MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
@@ -55,6 +56,8 @@ def _token_filter(config):
         if name == "only_cls":
             return torch.tensor([0])
         n = int(name.removeprefix("window_"))
+        if n > grid:
+            raise InvalidOptionError(f"token filter {name}: the patch grid is only {grid}x{grid}")
         lo = (grid - n) // 2
         rows = torch.arange(lo, lo + n)
         patches = (rows[:, None] * grid + rows[None, :]).flatten() + 1
