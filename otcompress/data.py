@@ -35,7 +35,6 @@ Integer arrays are read as 8-bit (/255) when their maximum fits, else
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -125,17 +124,22 @@ class TaskData:
         return len(next(iter(self._split(split).values())))
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                limit: int | None = None, drop_last: bool = False) -> Iterator[Tensors]:
+                limit: int | None = None, drop_last: bool = False,
+                group_by_length: bool = False) -> Iterator[Tensors]:
         """One pass over `split` as dicts of model inputs with "labels".
 
         `limit` caps the number of examples (the first `limit` of the order);
         `seed` drives the shuffle and the train split's MLM masks.
+        `group_by_length` (text, with shuffle) is Hugging Face Trainer's
+        option: batches of similar length, in random order, so little
+        compute goes to padding.
         """
         if not self.has_labels:
             raise DataError(f"data spec '{self.spec}': has no labels, needed to train or "
                             f"evaluate {self.task}")
         gen = torch.Generator().manual_seed(seed)
-        for idx in self._index_batches(split, batch_size, shuffle, gen, limit, drop_last):
+        for idx in self._index_batches(split, batch_size, shuffle, gen, limit, drop_last,
+                                       group_by_length):
             batch = self._take(split, idx)
             if self.masker is not None:
                 batch["input_ids"], batch["labels"] = self._mlm(split, idx, batch, gen)
@@ -160,17 +164,29 @@ class TaskData:
             raise InvalidOptionError(f"split must be 'train' or 'eval', got {split!r}")
         return self.splits[split]
 
-    def _index_batches(self, split, batch_size, shuffle, gen, limit, drop_last):
+    def _index_batches(self, split, batch_size, shuffle, gen, limit, drop_last,
+                       group_by_length=False) -> list[torch.Tensor]:
         if batch_size < 1:
             raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}")
         n = self.num_examples(split)
         order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
         order = order[:limit] if limit is not None else order
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if drop_last and len(idx) < batch_size:
-                return
-            yield idx
+        grouped = group_by_length and shuffle and "attention_mask" in self._split(split)
+        if grouped:
+            order = self._sorted_windows(order, self._split(split)["attention_mask"], batch_size)
+        batches = list(order.split(batch_size))
+        if drop_last and batches and len(batches[-1]) < batch_size:
+            batches.pop()
+        if grouped:  # windows were sorted: shuffle which batch comes when
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen)]
+        return batches
+
+    @staticmethod
+    def _sorted_windows(order, attention_mask, batch_size, window_batches=50):
+        lengths = attention_mask.sum(1)
+        windows = order.split(window_batches * batch_size)
+        return torch.cat([w[torch.argsort(lengths[w], descending=True, stable=True)]
+                          for w in windows])
 
     def _take(self, split: str, idx: torch.Tensor) -> Tensors:
         batch = {k: v[idx] for k, v in self._split(split).items()}
@@ -214,13 +230,21 @@ def _digits_source() -> _Source:
                    [str(c) for c in d.target_names], default_mean_std=(DIGITS_MEAN, DIGITS_STD))
 
 
-def pydoc_paragraphs() -> list[str]:
+def pydoc_paragraphs(split: str | None = None) -> list[str]:
     """The built-in text corpus: `pydoc_data.topics` split on blank lines,
-    keeping paragraphs of at least PYDOC_MIN_WORDS words (2,301 paragraphs)."""
+    keeping paragraphs of at least PYDOC_MIN_WORDS words (2,301 paragraphs
+    on Python 3.11; the help texts change between Python versions).
+    `split` ("train" | "eval") gives the part `load_data("pydoc", ...)` uses."""
     from pydoc_data.topics import topics
 
     paragraphs = (p.strip() for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]))
-    return [p for p in paragraphs if len(p.split()) >= PYDOC_MIN_WORDS]
+    paragraphs = [p for p in paragraphs if len(p.split()) >= PYDOC_MIN_WORDS]
+    if split is None:
+        return paragraphs
+    if split not in SPLITS:
+        raise InvalidOptionError(f"split must be 'train' or 'eval', got {split!r}")
+    idx = _split_indices(_text_source(paragraphs, None, "pydoc"), "pydoc")[SPLITS.index(split)]
+    return [paragraphs[i] for i in idx]
 
 
 def _text_source(texts: list[str], labels: list | None, spec: str) -> _Source:
@@ -494,6 +518,8 @@ def _mean_std(image_processor, default: tuple[float, float], channels: int, spec
 
     def per_channel(v):
         v = torch.as_tensor(v, dtype=torch.float32).flatten()
+        if len(v) == 3 and channels == 1:  # an RGB processor on a grey model
+            v = v.mean(0, keepdim=True)
         if len(v) not in (1, channels):
             raise DataError(f"data spec '{spec}': image_processor has {len(v)} mean/std values "
                             f"for {channels} channels")
@@ -505,9 +531,9 @@ def _mean_std(image_processor, default: tuple[float, float], channels: int, spec
 def _image_tensor(items: Sequence, size, channels, mean, std, spec: str) -> torch.Tensor:
     if isinstance(items, np.ndarray) and items.ndim == 3:  # digits: one vectorised batch
         x = torch.from_numpy(np.ascontiguousarray(items))[:, None]
-        x = _resize(_fit_channels(x, channels, spec), size)
+        x = _fit_channels(_resize(x, size), channels, spec)
     else:
-        x = torch.stack([_resize(_fit_channels(_to_chw(it, spec), channels, spec)[None], size)[0]
+        x = torch.stack([_fit_channels(_resize(_to_chw(it, spec)[None], size)[0], channels, spec)
                          for it in items])
     return ((x - mean) / std).contiguous()
 

