@@ -105,16 +105,22 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
 
 
 def _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha, mix, progress):
+    """Align each parent and add it, weighted, into a running sum as its
+    tensors are produced: no aligned parent is ever held whole."""
     anchor_sd = anchor_m.state_dict()
-    aligned, map_stats = [], []
+    fused = {name: t.detach().float() * mix[0] for name, t in anchor_sd.items() if name not in spec.tied}
+    map_stats = []
     for k, parent in enumerate(parent_ms):
-        sd, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts,
-                              activation_costs=costs[k], residual_alpha=alpha,
-                              progress=_parent_progress(progress, k))
-        aligned.append(sd)
+        def add(name, t, w=mix[k + 1]):
+            if name not in spec.tied:
+                fused[name].add_(t, alpha=w)
+        _, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts, activation_costs=costs[k],
+                             residual_alpha=alpha, sink=add, progress=_parent_progress(progress, k))
         map_stats.append(st)
-    fused_sd = average_state_dicts([anchor_sd, *aligned], mix, spec.tied)
-    return build_model(anchor_m, fused_sd), map_stats
+    for name, src in spec.tied.items():
+        fused[name] = fused[src]
+    fused = {name: t.to(anchor_sd[name].dtype) for name, t in fused.items()}
+    return build_model(anchor_m, fused), map_stats
 
 
 def _reg_sweep(fuse_at, grid, holdout, parent_ms):

@@ -28,8 +28,7 @@ class TransportResult:
     method: str
 
     def stats(self) -> dict:
-        p = self.plan.clamp_min(1e-300)
-        entropy = float(-(self.plan * p.log()).sum())
+        entropy = float(torch.special.entr(self.plan.float()).sum())
         return {
             "shape": list(self.plan.shape),
             "method": self.method,
