@@ -14,12 +14,10 @@ dynamo exporter is tried. The report says which one produced the file.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from torch import nn
 
 from otcompress.errors import InvalidOptionError, ValidationGateError
 from otcompress.profiling import (
+    quiet,
     TupleOutput,
     describe_inputs,
     example_inputs,
@@ -106,19 +105,10 @@ def _dynamic_shapes(model: nn.Module, model_type: str, input_names) -> tuple:
 
 # ---------------------------------------------------------------- exporters
 
-@contextlib.contextmanager
 def _quiet_exporters():
     """Both exporters warn at length (TorchScript deprecation, tracer warnings,
     missing torchvision ops); the library reports, it does not print."""
-    logger = logging.getLogger("torch.onnx")
-    previous_level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(previous_level)
+    return quiet("torch.onnx")
 
 
 def _run_exporter(exporter: str, wrapper: nn.Module, model: nn.Module, model_type: str,

@@ -150,12 +150,18 @@ def eager_attention_copy(model: nn.Module) -> nn.Module:
     return eager
 
 
-@contextlib.contextmanager
 def _quiet_fvcore():
     """fvcore warns (via logging and warnings) about every op it cannot count,
     and TorchScript tracing warns about Python control flow: we report the
     skipped ops in the result instead."""
-    logger = logging.getLogger("fvcore")
+    return quiet("fvcore")
+
+
+@contextlib.contextmanager
+def quiet(logger_name: str):
+    """Silence one library's logger and Python warnings for a block: the
+    library reports in its results, it does not print."""
+    logger = logging.getLogger(logger_name)
     previous_level = logger.level
     logger.setLevel(logging.ERROR)
     try:

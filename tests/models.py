@@ -10,6 +10,12 @@ import re
 import torch
 import transformers as T
 
+# Plain HF-initialised tiny configs for tests that need no special weights.
+TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64)
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                image_size=8, patch_size=2, num_channels=1, num_labels=10)
+
 VIT_ROLES = [  # regex on the parameter name -> per-axis (space, kind); kind "out" or "in"
     (r"patch_embeddings\.projection\.weight$", [("res", "out"), None, None, None]),
     (r"patch_embeddings\.projection\.bias$", [("res", "out")]),

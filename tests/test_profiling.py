@@ -24,10 +24,8 @@ from otcompress.profiling import (
     size_on_disk,
 )
 
-BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64)
-VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-           image_size=8, patch_size=2, num_channels=1, num_labels=10)
+from models import TINY_BERT as BERT
+from models import TINY_VIT as VIT
 
 
 @pytest.fixture(autouse=True)
