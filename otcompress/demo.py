@@ -16,8 +16,8 @@ from otcompress.finetune import evaluate, finetune
 from otcompress.profiling import profile_model
 from otcompress.zoo import digits_vit
 
-FULL = {"parent_hidden": 64, "anchor_hidden": 32, "layers": 4, "heads": 4, "epochs": 15}
-QUICK = {"parent_hidden": 32, "anchor_hidden": 16, "layers": 2, "heads": 2, "epochs": 2}
+FULL = {"parent_hidden": 64, "anchor_hidden": 32, "layers": 4, "heads": 4, "epochs": 30}
+QUICK = {"parent_hidden": 32, "anchor_hidden": 16, "layers": 2, "heads": 2, "epochs": 5}
 RECIPE = {"alignment": "activations", "solver": "sinkhorn", "reg": 0.08, "residual": "average"}
 
 

@@ -20,6 +20,7 @@ RECIPE_KEYS = {
     "qk": (str, "auto"),
     "token_filter": (str, None),
     "cost_norm": (str, "max"),
+    "activation_dtype": (str, "float32"),
     "data": (str, None),
     "samples": (int, 200),
     "finetune_steps": (int, 0),
