@@ -28,7 +28,7 @@ class TransportResult:
     method: str
 
     def stats(self) -> dict:
-        entropy = float(torch.special.entr(self.plan.float()).sum())
+        entropy = float(torch.special.entr(self.plan).sum())
         return {
             "shape": list(self.plan.shape),
             "method": self.method,
@@ -47,7 +47,7 @@ def euclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pairwise Euclidean distances between rows of x (m, d) and y (n, d)."""
     x = x.to(torch.float32)
     y = y.to(torch.float32)
-    sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)
+    sq = torch.addmm((y * y).sum(1)[None, :], x, y.T, alpha=-2.0).add_((x * x).sum(1, keepdim=True))
     return sq.clamp_min_(0).sqrt_().to(torch.float64)
 
 
@@ -82,7 +82,7 @@ def emd(mu: torch.Tensor, nu: torch.Tensor, cost: torch.Tensor) -> TransportResu
     if log.get("result_code", 1) != 1:
         raise SolverError(f"EMD did not reach optimality: {log.get('warning')}")
     plan = torch.from_numpy(plan)
-    return TransportResult(plan, float((plan * cost).sum()), marginal_error(plan, mu, nu), 0, "emd")
+    return TransportResult(plan, _transport_cost(plan, cost), marginal_error(plan, mu, nu), 0, "emd")
 
 
 def sinkhorn(mu: torch.Tensor, nu: torch.Tensor, cost: torch.Tensor, reg: float, *,
@@ -103,7 +103,8 @@ def sinkhorn(mu: torch.Tensor, nu: torch.Tensor, cost: torch.Tensor, reg: float,
 
 def _sinkhorn_scaling(mu, nu, cost, reg, max_iter, tol):
     # Shifting the cost by its minimum leaves the plan unchanged and keeps K <= 1.
-    K = torch.exp(-(cost - cost.min()) / reg)
+    # In place throughout: fresh m x n temporaries cost more than the arithmetic.
+    K = torch.sub(cost, cost.min()).mul_(-1.0 / reg).exp_()
     u = torch.ones_like(mu)
     v = torch.ones_like(nu)
     it = 0
@@ -117,8 +118,8 @@ def _sinkhorn_scaling(mu, nu, cost, reg, max_iter, tol):
                 return None  # fall back to the log domain
             if row_err <= tol:
                 break
-    plan = u[:, None] * K * v[None, :]
-    if not torch.isfinite(plan).all():
+    plan = K.mul_(u[:, None]).mul_(v[None, :])
+    if not math.isfinite(float(plan.sum())):
         return None
     return _finish(plan, mu, nu, cost, reg, it, tol, "sinkhorn")
 
@@ -153,7 +154,11 @@ def _finish(plan, mu, nu, cost, reg, iterations, tol, method):
         raise SolverError(
             f"Sinkhorn (reg={reg:g}) did not converge in {iterations} iterations "
             f"(marginal error {err:.2e}); raise max_iter or reg")
-    return TransportResult(plan, float((plan * cost).sum()), err, iterations, method)
+    return TransportResult(plan, _transport_cost(plan, cost), err, iterations, method)
+
+
+def _transport_cost(plan, cost) -> float:
+    return float(torch.dot(plan.reshape(-1), cost.reshape(-1).to(plan.dtype)))
 
 
 def solve(mu, nu, cost, *, solver: str, reg: float, max_iter: int = 5000,

@@ -1,7 +1,8 @@
 import os
 import sys
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see otcompress.cli
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 # Small ops on a shared 2-core machine run far faster on one thread.
