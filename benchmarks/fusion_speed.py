@@ -1,0 +1,609 @@
+"""Speed and peak memory of `otcompress.fuse` itself (benchmarks.md, "Speed and
+memory of the tool itself").
+
+Cases (each in a fresh subprocess, so that peak RSS belongs to that case alone):
+  1. two BERT-base-shaped parents (BertForMaskedLM, 12 layers, hidden 768,
+     FFN 3072, 12 heads, vocab 8000, HF random init) -> anchor of hidden 384
+     (FFN 1536, 6 heads), weights-based, Sinkhorn (reg 0.08) and EMD;
+  2. a size sweep (parents hidden 192/384/768, FFN 4x, 12 layers, into
+     half-width anchors), Sinkhorn;
+  3. activations-based fusion of two 7-layer ViTs (hidden 384, 12 heads, FFN
+     1152, 32x32 images, patch 4) from 200 random images in batches of 50,
+     with and without token_filter="window_6".
+
+Per case: wall time, CPU time, peak RSS during the fusion (VmHWM reset just
+before `fuse` via /proc/self/clear_refs, cross-checked by a sampling thread),
+the RSS baseline after the models exist, the parents' parameter bytes, and
+where the time goes: `fusion_report["timings"]`, the report's per-map seconds,
+and a finer split obtained by timing (not changing) the engine's own
+functions (transport.solve, euclidean_cost, align.carry, ...).
+
+The machine is shared: each case also records the load average and a GEMM
+calibration (float32 GFLOP/s on the same threads just before the fusion), so
+numbers from a busy machine can be read against the compute floors.
+
+    python benchmarks/fusion_speed.py            # full run, ~4-5 min on 2 cores
+    python benchmarks/fusion_speed.py --quick    # small smoke version, ~1 min
+
+Writes benchmarks/results/fusion_speed.md and .json (fusion_speed.quick.* with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+# --------------------------------------------------------------------------- cases
+
+
+def bert_cfg(hidden, layers, vocab, heads=None):
+    return {"family": "bert", "hidden": hidden, "intermediate": 4 * hidden, "layers": layers,
+            "heads": heads or max(1, hidden // 64), "vocab": vocab}
+
+
+def vit_cfg(hidden, layers, heads, intermediate, image=32, patch=4):
+    return {"family": "vit", "hidden": hidden, "intermediate": intermediate, "layers": layers,
+            "heads": heads, "image": image, "patch": patch}
+
+
+def plan_cases(quick: bool, omp_env: dict) -> list[dict]:
+    """Every case is a JSON-able dict that the worker subprocess rebuilds from.
+    `env`: extra environment of the worker (the OpenMP wait policy)."""
+    if quick:
+        L, V = 2, 1000
+        big = bert_cfg(256, L, V, heads=4)
+        half = bert_cfg(128, L, V, heads=2)
+        sweep = [(bert_cfg(64, L, V, heads=2), bert_cfg(32, L, V, heads=1)),
+                 (bert_cfg(128, L, V, heads=2), bert_cfg(64, L, V, heads=2))]
+        vit = vit_cfg(64, 2, 4, 192)
+        n_img, bs = 40, 20
+    else:
+        L, V = 12, 8000
+        big = bert_cfg(768, L, V, heads=12)
+        half = bert_cfg(384, L, V, heads=6)
+        sweep = [(bert_cfg(192, L, V, heads=3), bert_cfg(96, L, V, heads=2)),
+                 (bert_cfg(384, L, V, heads=6), bert_cfg(192, L, V, heads=3))]
+        vit = vit_cfg(384, 7, 12, 1152)
+        n_img, bs = 200, 50
+    cases = []
+    for solver in ("sinkhorn", "emd"):
+        cases.append({"name": f"bert-w{big['hidden']}-{solver}", "group": "bert", "anchor": half,
+                      "parent": big, "n_parents": 2, "alignment": "weights", "solver": solver,
+                      "reg": 0.08, "target_s": 30.0, "target_rss_x": 2.0})
+    for p, a in sweep:  # the largest point of the sweep is the Sinkhorn case above
+        cases.append({"name": f"sweep-w{p['hidden']}", "group": "sweep", "anchor": a, "parent": p,
+                      "n_parents": 2, "alignment": "weights", "solver": "sinkhorn", "reg": 0.08})
+    for tf in (None, "window_6"):
+        cases.append({"name": f"vit-acts-{tf or 'all_tokens'}", "group": "vit", "anchor": vit,
+                      "parent": vit, "n_parents": 1, "alignment": "activations",
+                      "solver": "sinkhorn", "reg": 0.08, "token_filter": tf,
+                      "n_images": n_img, "batch": bs, "target_s": 5.0, "target_rss_gb": 1.0})
+    for c in cases:
+        c["env"] = dict(omp_env)
+        if quick:  # the targets are for the full shapes; a smoke run checks nothing against them
+            for k in ("target_s", "target_rss_x", "target_rss_gb"):
+                c.pop(k, None)
+    # Variants, labelled as such: the ViT case with the engine's bfloat16 forward
+    # passes (activation_dtype="bfloat16"), and the headline case with the
+    # inherited OpenMP policy (GNU OpenMP spin-waits: on a shared machine a
+    # 2-thread op waits for a core that another process holds).
+    cases.append(dict(cases[-2], name="vit-acts-all_tokens-bf16-forward", group="variant",
+                      fuse_kwargs={"activation_dtype": "bfloat16"}))
+    if omp_env:
+        cases.append(dict(cases[0], name=cases[0]["name"] + "-omp-default", env={}, group="variant"))
+    return cases
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 64 * 1024
+
+
+class RssSampler:
+    """Polls RSS every `period` seconds (a cross-check of VmHWM, and the only
+    peak where clear_refs is not allowed)."""
+
+    def __init__(self, period=0.005):
+        self.period, self.peak, self._stop = period, 0, threading.Event()
+        self._pagesize = os.sysconf("SC_PAGE_SIZE")
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            f = open("/proc/self/statm")
+        except OSError:
+            return
+        with f:
+            while not self._stop.is_set():
+                f.seek(0)
+                self.peak = max(self.peak, int(f.read().split()[1]) * self._pagesize)
+                time.sleep(self.period)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+class Timers:
+    """Exclusive wall time and call counts of a few engine functions, wrapped at
+    run time in this process only (the engine's code is not changed). A timed
+    function called inside another (e.g. statistics folded in a forward hook)
+    is subtracted from the outer one, so the parts add up to at most the wall."""
+
+    _stack: list = []  # shared by all Timers: nesting across instances counts too
+
+    def __init__(self):
+        self.seconds, self.calls, self.flops, self._undo = {}, {}, {}, []
+
+    def wrap(self, owner, attr, label, flops=None):
+        """`flops(*args)`: matmul FLOPs of one call (2 per multiply-add), if known."""
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            frame = [self, label, 0.0]  # [owner, label, seconds of nested timed calls]
+            Timers._stack.append(frame)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                Timers._stack.pop()
+                if Timers._stack:
+                    Timers._stack[-1][2] += dt
+                self.seconds[label] = self.seconds.get(label, 0.0) + dt - frame[2]
+                self.calls[label] = self.calls.get(label, 0) + 1
+                if flops is not None:
+                    try:
+                        self.flops[label] = self.flops.get(label, 0) + flops(*args)
+                    except Exception:  # noqa: BLE001 - accounting only
+                        pass
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, fn))
+
+    def install(self):
+        from otcompress import activations, align, fusion, transport
+        # None of these call another of them, so their times do not overlap.
+        self.wrap(transport, "solve", "solver (transport.solve)")
+        self.wrap(transport, "euclidean_cost", "weights cost (euclidean_cost)",
+                  flops=lambda x, y: 2 * x.shape[0] * y.shape[0] * x.shape[1])
+        self.wrap(transport, "normalise_cost", "normalise_cost")
+        self.wrap(transport.TransportResult, "stats", "plan stats (entropy)")
+        self.wrap(transport, "row_stochastic", "map rescale (row/col stochastic)")
+        self.wrap(transport, "column_stochastic", "map rescale (row/col stochastic)")
+        self.wrap(align, "carry", "carry (tensordot)", flops=lambda t, axis, m: 2 * t.numel() * m.shape[1])
+        self.wrap(align, "combine", "residual combine")
+        self.wrap(fusion, "average_state_dicts", "average state dicts")
+        self.wrap(fusion, "build_model", "build fused model")
+        self.wrap(activations.CrossMoments, "update", "cross-moments update (incl. in hooks)",
+                  flops=lambda self_, x, y: 2 * x.shape[0] * x.shape[1] * y.shape[1])
+        self.wrap(activations, "_solve_cost", "activation costs")
+        return self
+
+    def uninstall(self):
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+
+def gemm_gflops(n=1536, reps=4) -> float:
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def build_model(cfg: dict, seed: int):
+    import torch
+    torch.manual_seed(seed)
+    if cfg["family"] == "bert":
+        from transformers import BertConfig, BertForMaskedLM
+        c = BertConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                       num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"])
+        return BertForMaskedLM(c).eval()
+    from transformers import ViTConfig, ViTForImageClassification
+    c = ViTConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                  intermediate_size=cfg["intermediate"], image_size=cfg["image"], patch_size=cfg["patch"],
+                  num_channels=3, num_labels=10)
+    return ViTForImageClassification(c).eval()
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    import otcompress
+    from otcompress import activations, align, fusion, transport  # noqa: F401  (import before measuring)
+
+    rss_imports = rss_bytes()
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    anchor = build_model(case["anchor"], seed=0).to(dtype)
+    parents = [build_model(case["parent"], seed=k + 1).to(dtype) for k in range(case["n_parents"])]
+    data = None
+    if case["alignment"] == "activations":
+        g = torch.Generator().manual_seed(123)
+        img = case["anchor"]["image"]
+        data = [{"pixel_values": torch.randn(case["batch"], 3, img, img, generator=g).to(dtype)}
+                for _ in range(case["n_images"] // case["batch"])]
+    import gc
+    gc.collect()
+    forward_timers = Timers()
+    for m in [anchor, *parents]:  # instance attribute: hooks on submodules still fire
+        forward_timers.wrap(m, "forward", "forward passes (anchor + parents, excl. statistics)")
+    fuse_kwargs = dict(alignment=case["alignment"], solver=case["solver"], reg=case["reg"], data=data,
+                       token_filter=case.get("token_filter"), **case.get("fuse_kwargs", {}))
+    import inspect
+    unknown = set(fuse_kwargs) - set(inspect.signature(otcompress.fuse).parameters)
+    if unknown:
+        raise SystemExit(f"this engine's fuse() has no option {', '.join(sorted(unknown))}")
+    gflops = gemm_gflops()
+    load1 = os.getloadavg()[0]
+    rss_base = rss_bytes()
+    timers = Timers().install()
+    hwm_ok = reset_peak()
+    usage0 = os.times()
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        model = otcompress.fuse(anchor, parents, **fuse_kwargs)
+        wall = time.perf_counter() - t0
+    usage1 = os.times()
+    hwm = (_status_kb("VmHWM") or 0) * 1024 if hwm_ok else 0
+    timers.uninstall()
+    forward_timers.uninstall()
+    for k in forward_timers.seconds:
+        timers.seconds[k] = forward_timers.seconds[k]
+        timers.calls[k] = forward_timers.calls[k]
+    peak = max(hwm, sampler.peak)
+    report = model.fusion_report
+    walls = [wall]
+    for _ in range(repeat - 1):  # timing only: the first run's memory and break-down are reported
+        del model
+        gc.collect()
+        t1 = time.perf_counter()
+        model = otcompress.fuse(anchor, parents, **fuse_kwargs)  # noqa: F841 - timing only
+        walls.append(time.perf_counter() - t1)
+
+    solves = [s for per_parent in report["transport_maps"] for s in per_parent.values() if "shape" in s]
+    others = [s for per_parent in report["transport_maps"] for s in per_parent.values() if "shape" not in s]
+    iters = [s.get("iterations", 0) for s in solves]
+    by_shape: dict = {}
+    for s in solves:
+        key = "x".join(map(str, s["shape"]))
+        d = by_shape.setdefault(key, {"maps": 0, "seconds": 0.0})
+        d["maps"] += 1
+        d["seconds"] += s["seconds"]
+    solver_s = timers.seconds.get("solver (transport.solve)", 0.0)
+    accounted = sum(timers.seconds.values())
+    return {
+        "case": case,
+        "threads": torch.get_num_threads(),
+        "wall_s": wall,
+        "wall_all_s": walls,
+        "wall_min_s": min(walls),
+        "cpu_s": (usage1.user - usage0.user) + (usage1.system - usage0.system),
+        "cpu_user_s": usage1.user - usage0.user,
+        "cpu_sys_s": usage1.system - usage0.system,
+        "rss_after_imports": rss_imports,
+        "rss_baseline": rss_base,
+        "rss_peak": peak,
+        "rss_peak_hwm": hwm,
+        "rss_peak_sampled": sampler.peak,
+        "hwm_reset_ok": hwm_ok,
+        "parents_param_bytes": sum(param_bytes(p) for p in parents),
+        "anchor_param_bytes": param_bytes(anchor),
+        "timings": report["timings"],
+        "maps_solved": len(solves),
+        "maps_other": len(others),
+        "report_solve_node_s": sum(s["seconds"] for s in solves),
+        "report_other_node_s": sum(s.get("seconds", 0.0) for s in others),
+        "iterations": {"min": min(iters, default=0), "max": max(iters, default=0),
+                       "mean": sum(iters) / len(iters) if iters else 0.0},
+        "methods": sorted({s.get("method", "?") for s in solves}),
+        "max_marginal_error": max((s.get("marginal_error", 0.0) for s in solves), default=0.0),
+        "by_shape": by_shape,
+        "breakdown_s": dict(sorted(timers.seconds.items(), key=lambda kv: -kv[1])),
+        "breakdown_calls": timers.calls,
+        "breakdown_gflop": {k: v / 1e9 for k, v in timers.flops.items()},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: GNU OpenMP default)"),
+        "solver_s": solver_s,
+        "unaccounted_s": wall - accounted,
+        "calibration_samples": report.get("calibration_samples", 0),
+        "gemm_gflops_before": gflops,
+        "loadavg_1min_before": load1,
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def spawn_case(case: dict, threads: int, timeout: float, repeat: int = 1) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case), "--threads", str(threads),
+           "--repeat", str(repeat)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", **case.get("env", {}))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            out = json.loads(line[7:])
+            out["subprocess_s"] = time.perf_counter() - t0
+            return out
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"case": case, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+GB = 1024 ** 3
+MB = 1024 ** 2
+
+
+def fmt_mb(b):
+    return f"{b / MB:,.0f}"
+
+
+def shape_str(cfg):
+    if cfg["family"] == "bert":
+        return f"BERT L{cfg['layers']} h{cfg['hidden']} ffn{cfg['intermediate']} v{cfg['vocab']}"
+    return f"ViT L{cfg['layers']} h{cfg['hidden']} ffn{cfg['intermediate']}"
+
+
+def _target(r):
+    c, pb, parts = r["case"], r["parents_param_bytes"], []
+    if "target_s" in c:
+        parts.append(f"time {'OK' if r['wall_s'] < c['target_s'] else 'MISS'} (<{c['target_s']:g} s)")
+    if "target_rss_x" in c:
+        x = r["rss_peak"] / pb
+        parts.append(f"RSS {'OK' if x < c['target_rss_x'] else 'MISS'} (<{c['target_rss_x']:g}x)")
+    if "target_rss_gb" in c:
+        parts.append(f"RSS {'OK' if r['rss_peak'] < c['target_rss_gb'] * GB else 'MISS'} (<{c['target_rss_gb']:g} GB)")
+    return ", ".join(parts)
+
+
+def _wall(r):
+    walls = r.get("wall_all_s", [r["wall_s"]])
+    return f"{r['wall_s']:.1f}" + (f" (min {min(walls):.1f} of {len(walls)})" if len(walls) > 1 else "")
+
+
+def _what(c):
+    tf = c.get("token_filter")
+    extra = "".join(f", {k}={v}" for k, v in c.get("fuse_kwargs", {}).items())
+    return f"{c['alignment']} {c['solver']}" + (f" {tf}" if tf else "") + extra
+
+
+def render(results: list[dict], meta: dict) -> str:
+    lines = [f"# Fusion speed and peak memory ({'quick' if meta['quick'] else 'full'} run)", "",
+             "Written by `python benchmarks/fusion_speed.py" + (" --quick" if meta["quick"] else "") + "`.", ""]
+    lines += [f"- machine: {meta['cpu']}, {meta['cores']} cores (shared with other jobs); torch {meta['torch']}, "
+              f"transformers {meta['transformers']}, POT {meta['pot']}; `torch.set_num_threads({meta['threads']})`",
+              f"- date: {meta['date']}; whole benchmark {meta['total_s']:.0f} s; load average at the end "
+              f"{', '.join(f'{x:.1f}' for x in meta['loadavg_end'])}",
+              "- each case runs in a fresh subprocess. `peak RSS` = VmHWM reset (/proc/self/clear_refs) just "
+              "before `fuse`, cross-checked by a 5 ms RSS sampler; `baseline` = RSS after imports, models and "
+              "data exist, i.e. before `fuse`; `overhead` = peak - baseline, the fusion's own memory",
+              "- `parents MB` = parameter bytes of all parents (float32); the RSS target is read strictly "
+              "(whole-process peak < 2x parents); `overhead / parents` is the fusion's own share",
+              "- models: HF random init (seeded). Random parents give near-constant costs, so Sinkhorn "
+              "converges in ~10 iterations; trained parents need more iterations (see solver_speed.md)",
+              "- `GEMM GF/s`: float32 1536^3 matmul speed on the same threads just before each fusion; the "
+              "compute floors in docs/benchmarks.md assume ~176 GF/s (2 quiet threads). A lower number means "
+              "the machine was busy, and wall times are inflated by about that ratio",
+              f"- OpenMP: workers run with OMP_WAIT_POLICY={'PASSIVE' if meta['omp_wait_policy'] == 'passive' else 'inherited'}"
+              " unless the row says otherwise (`omp` column); with GNU OpenMP's default spin-waiting and "
+              "another process on one of the 2 cores, every parallel op waits for that core (see the "
+              "`-omp-default` row)",
+              ""]
+    ok = [r for r in results if "error" not in r]
+    head = ("| case | parents -> anchor | alignment, solver | omp | wall s | CPU s | GEMM GF/s | load | "
+            "parents MB | baseline RSS MB | peak RSS MB | overhead MB | peak / parents | overhead / parents | target |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        c = r["case"]
+        if "error" in r:
+            lines.append(f"| {c['name']} | {shape_str(c['parent'])} | {_what(c)} | | ERROR: {r['error']} |")
+            continue
+        pb = r["parents_param_bytes"]
+        omp = "passive" if c.get("env", {}).get("OMP_WAIT_POLICY") == "PASSIVE" else "default"
+        lines.append(
+            f"| {c['name']} | {c['n_parents']}x {shape_str(c['parent'])} -> h{c['anchor']['hidden']} | {_what(c)} | "
+            f"{omp} | {_wall(r)} | {r['cpu_s']:.1f} | "
+            f"{r['gemm_gflops_before']:.0f} | {r['loadavg_1min_before']:.1f} | {fmt_mb(pb)} | "
+            f"{fmt_mb(r['rss_baseline'])} | {fmt_mb(r['rss_peak'])} | {fmt_mb(r['rss_peak'] - r['rss_baseline'])} | "
+            f"{r['rss_peak'] / pb:.2f}x | {(r['rss_peak'] - r['rss_baseline']) / pb:.2f}x | {_target(r)} |")
+    sweep = sorted((r for r in ok if r["case"]["group"] == "sweep" or
+                    (r["case"]["group"] == "bert" and r["case"]["solver"] == "sinkhorn")),
+                   key=lambda r: r["case"]["parent"]["hidden"])
+    if sweep:
+        lines += ["", "## Size sweep (weights-based, Sinkhorn reg 0.08, 2 parents into half width, "
+                  f"{sweep[0]['case']['parent']['layers']} layers)", "",
+                  "| parent hidden -> anchor | parents params (M) | matmul GFLOP (carry + cost) | wall s | "
+                  "wall x vs previous | CPU s | peak RSS GiB | overhead GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        prev = None
+        for r in sweep:
+            c = r["case"]
+            gf = sum(r["breakdown_gflop"].values())
+            grow = f"{r['wall_s'] / prev:.1f}x" if prev else ""
+            prev = r["wall_s"]
+            lines.append(f"| {c['parent']['hidden']} -> {c['anchor']['hidden']} | {r['parents_param_bytes'] / 4e6:.1f} | "
+                         f"{gf:.0f} | {r['wall_s']:.2f} | {grow} | {r['cpu_s']:.1f} | {r['rss_peak'] / GB:.2f} | "
+                         f"{(r['rss_peak'] - r['rss_baseline']) / GB:.2f} |")
+    lines += ["", "## Where the time goes", "",
+              "`fusion_report['timings']` (load / activations / align), the report's per-map seconds "
+              "(a solve node's seconds include computing its cost), and a finer split from timing the "
+              "engine's own functions in the worker (wrapped, not changed; exclusive times: statistics folded "
+              "inside a forward hook count as statistics, not forward). `solver` is "
+              "`transport.solve` alone (Sinkhorn/EMD incl. building the kernel and final plan); the rest "
+              "is carrying weights through maps, costs and bookkeeping. GF/s = matmul FLOPs / seconds of "
+              "that part (compare with the GEMM column).", ""]
+    for r in ok:
+        c, t = r["case"], r["timings"]
+        lines.append(f"### {c['name']}: wall {r['wall_s']:.2f} s (CPU {r['cpu_user_s']:.1f} s user + "
+                     f"{r['cpu_sys_s']:.1f} s sys; GEMM {r['gemm_gflops_before']:.0f} GF/s before)")
+        lines.append("")
+        lines.append(f"- report timings: load {t['load']:.2f} s, activations {t['activations']:.2f} s, "
+                     f"align {t['align']:.2f} s, total {t['total']:.2f} s")
+        final = t["align"] - r["report_solve_node_s"] - r["report_other_node_s"]
+        lines.append(f"- {r['maps_solved']} solved maps ({', '.join(r['methods'])}; iterations "
+                     f"{r['iterations']['min']}-{r['iterations']['max']}, mean {r['iterations']['mean']:.0f}; "
+                     f"max marginal error {r['max_marginal_error']:.1e}); the report's per-map seconds: solve "
+                     f"nodes {r['report_solve_node_s']:.2f} s, combine/share nodes {r['report_other_node_s']:.2f} s, "
+                     f"after the graph walk (final carry, averaging, model build) {final:.2f} s")
+        lines.append(f"- **solver alone {r['solver_s']:.2f} s ({100 * r['solver_s'] / r['wall_s']:.0f}% of wall) "
+                     f"vs everything else {r['wall_s'] - r['solver_s']:.2f} s**")
+        big = sorted(r["by_shape"].items(), key=lambda kv: -kv[1]["seconds"])[:4]
+        lines.append("- solve-node seconds by map shape: " + ", ".join(
+            f"{k}: {v['maps']} maps, {v['seconds']:.2f} s" for k, v in big))
+        lines.append("")
+        lines.append("| part | seconds | calls | share of wall | matmul GFLOP | GF/s |")
+        lines.append("|---|---|---|---|---|---|")
+        for k, v in r["breakdown_s"].items():
+            gf = r["breakdown_gflop"].get(k)
+            rate = f"{gf / v:.0f}" if gf and v > 0 else ""
+            lines.append(f"| {k} | {v:.2f} | {r['breakdown_calls'].get(k, '')} | {100 * v / r['wall_s']:.0f}% | "
+                         f"{f'{gf:.1f}' if gf else ''} | {rate} |")
+        lines.append(f"| other (graph walk, row gathering, hooks, Python) | {r['unaccounted_s']:.2f} | | "
+                     f"{100 * r['unaccounted_s'] / r['wall_s']:.0f}% | | |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(results):
+    print(f"{'case':26s} {'wall s':>7s} {'CPU s':>6s} {'GF/s':>5s} {'parents MB':>10s} {'base MB':>8s} "
+          f"{'peak MB':>8s} {'peak/par':>8s} {'solver s':>8s} {'rest s':>7s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['case']['name']:26s} ERROR {r['error']}")
+            continue
+        print(f"{r['case']['name']:26s} {r['wall_s']:7.2f} {r['cpu_s']:6.1f} {r['gemm_gflops_before']:5.0f} "
+              f"{r['parents_param_bytes'] / MB:10.0f} {r['rss_baseline'] / MB:8.0f} {r['rss_peak'] / MB:8.0f} "
+              f"{r['rss_peak'] / r['parents_param_bytes']:7.2f}x {r['solver_s']:8.2f} "
+              f"{r['wall_s'] - r['solver_s']:7.2f}")
+        t = r["timings"]
+        print(f"{'':26s} timings: load {t['load']:.2f} activations {t['activations']:.2f} align {t['align']:.2f}; "
+              + "; ".join(f"{k} {v:.2f}" for k, v in list(r["breakdown_s"].items())[:5]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help="small models: a smoke run in about a minute")
+    ap.add_argument("--only", default=None, help="run only cases whose name contains this string")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each fusion this many times in its worker; the table's wall time is the first "
+                         "run's (with its memory and break-down), the JSON keeps all (default 1)")
+    ap.add_argument("--timeout", type=float, default=400.0, help="per-case subprocess timeout, seconds")
+    ap.add_argument("--omp-wait-policy", choices=("passive", "inherit"), default="passive",
+                    help="OMP_WAIT_POLICY of the workers: 'passive' (default; robust on a shared machine) "
+                         "or 'inherit' this shell's environment. The headline BERT case is also run "
+                         "with the inherited policy for comparison when 'passive' is used")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # worker mode: one case as JSON
+    args = ap.parse_args(argv)
+
+    if args.case is not None:
+        import warnings
+        warnings.filterwarnings("ignore")
+        print("RESULT " + json.dumps(run_case(json.loads(args.case), args.threads, args.repeat)), flush=True)
+        return 0
+
+    t0 = time.perf_counter()
+    omp_env = {"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_wait_policy == "passive" else {}
+    cases = [c for c in plan_cases(args.quick, omp_env) if not args.only or args.only in c["name"]]
+    results = []
+    for case in cases:
+        print(f"[fusion_speed] {case['name']} ...", flush=True)
+        results.append(spawn_case(case, args.threads, args.timeout, args.repeat))
+    import ot
+    import torch
+    import transformers
+    meta = {"quick": args.quick, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
+            "loadavg_end": os.getloadavg(), "cores": os.cpu_count(), "cpu": _cpu_name(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "pot": ot.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "total_s": time.perf_counter() - t0}
+    print()
+    print_summary(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "fusion_speed.quick" if args.quick else "fusion_speed"
+    if args.only:
+        stem += ".partial"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (RESULTS / f"{stem}.md").write_text(render(results, meta))
+    print(f"\nwrote {RESULTS / stem}.md and .json")
+    return 0
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
