@@ -22,7 +22,6 @@ from otcompress.flowgraph import ArchSpec, Combine, In, Out, Share, Solve
 class AlignOptions:
     solver: str = "sinkhorn"
     reg: float = 0.08
-    residual: str = "average"  # average | scalar | matrix
     cost_norm: str = "max"
     max_iter: int = 5000
     tol: float = 1e-6

@@ -73,7 +73,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, r
     costs = stats["costs"] if alignment == "activations" else [None] * len(parent_ms)
 
     def fuse_at(r):
-        align_opts = AlignOptions(solver=solver, reg=r, residual=residual,
+        align_opts = AlignOptions(solver=solver, reg=r,
                                   cost_norm=cost_norm, max_iter=max_iter, tol=tol)
         return _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha,
                                   opts["weights"], progress)
