@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import platform
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -111,22 +109,14 @@ def _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha, mix,
     tensors are produced: no aligned parent is ever held whole."""
     anchor_sd = anchor_m.state_dict()
     fused = {name: t.detach().float() * mix[0] for name, t in anchor_sd.items() if name not in spec.tied}
-    lock = threading.Lock()
-
-    def align(k):
-        def add(name, t):
+    map_stats = []
+    for k, parent in enumerate(parent_ms):
+        def add(name, t, w=mix[k + 1]):
             if name not in spec.tied:
-                with lock:
-                    fused[name].add_(t, alpha=mix[k + 1])
-        return align_parent(spec, anchor_sd, parent_ms[k].state_dict(), align_opts,
-                            activation_costs=costs[k], residual_alpha=alpha, sink=add,
-                            progress=_parent_progress(progress, k))[1]
-
-    # POT's network simplex is single-threaded C that releases the GIL: align
-    # parents side by side. Sinkhorn's matmuls already use every thread.
-    workers = min(len(parent_ms), max(torch.get_num_threads(), 1)) if align_opts.solver == "emd" else 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        map_stats = list(pool.map(align, range(len(parent_ms))))
+                fused[name].add_(t, alpha=w)
+        _, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts, activation_costs=costs[k],
+                             residual_alpha=alpha, sink=add, progress=_parent_progress(progress, k))
+        map_stats.append(st)
     for name, src in spec.tied.items():
         fused[name] = fused[src]
     fused = {name: t.to(anchor_sd[name].dtype) for name, t in fused.items()}
