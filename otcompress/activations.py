@@ -117,7 +117,7 @@ def _samples(t: torch.Tensor, token_mask, keep_tokens) -> torch.Tensor:
 
 def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
             token_filter: str | None = None, device="cpu", forward_dtype=None,
-            max_chunk: int = 32, progress=None) -> dict:
+            max_chunk: int = 16, progress=None) -> dict:
     """Streams `data` through the anchor and every parent once and returns
     {"costs": [ {tm: (m, n) cost} per parent ], "norms": {join tm: ResidualNorms},
      "samples": tokens seen}.
@@ -156,8 +156,21 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
                 progress("activations", state["seen"], None)
     if need_costs and state["seen"] == 0:
         raise DataError("calibration data is empty")
-    costs = [{n.tm: _solve_cost(n, moments[k]) for n in solves} for k in range(len(parents))]
+    costs = [_costs(solves, m) for m in moments]
     return {"costs": costs, "norms": norms, "samples": state["seen"]}
+
+
+def _costs(solves, moments: dict) -> dict:
+    """Turn moments into float32 costs, freeing each probe's moments as soon as
+    no later map needs them (peak memory: one set of moments, not two)."""
+    last_use = {probe: i for i, n in enumerate(solves) for _, probe in n.parts}
+    costs = {}
+    for i, node in enumerate(solves):
+        costs[node.tm] = _solve_cost(node, moments).float()
+        for _, probe in node.parts:
+            if last_use[probe] == i:
+                moments.pop(probe, None)
+    return costs
 
 
 def _chunks(data, device, max_chunk):
