@@ -5,5 +5,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see o
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-# Small ops on a shared 2-core machine run far faster on one thread.
+# Tiny models on a shared 2-core machine run faster on one thread (every test module).
 torch.set_num_threads(1)

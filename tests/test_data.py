@@ -12,13 +12,6 @@ from otcompress.data import (DIGITS_MEAN, DIGITS_STD, load_data, pydoc_paragraph
 from otcompress.errors import DataError, InvalidOptionError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids the 2-core sync overhead. Restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def vit_config(size=8, channels=1, labels=10):

@@ -20,12 +20,6 @@ from models import TINY_BERT as BERT
 from models import TINY_VIT as VIT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_bert(cls=BertForMaskedLM):

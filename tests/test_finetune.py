@@ -13,13 +13,6 @@ from otcompress.finetune import evaluate, finetune, lr_at
 from otcompress.zoo import cache_root, digits_vit, pydoc_bert, zoo_info
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is faster than two here. Restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_vit(seed=0, labels=10):
