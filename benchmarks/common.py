@@ -226,6 +226,49 @@ def fuse_sweep(anchor, parents, data, *, grid, holdout, calib, alignment="weight
     return out
 
 
+def repair_to_anchor(fused, anchor, calib, skip=("classifier", "decoder")):
+    """Benchmark-side prototype (not an engine feature): REPAIR-style
+    correction (Jordan et al., ICLR 2023) towards the anchor. Layer by layer,
+    in module order, every Linear's output units are rescaled and shifted so
+    that their mean and std over the calibration tokens (padding excluded)
+    equal those of the anchor's same unit. Returns a corrected copy."""
+    import torch
+
+    fused = copy.deepcopy(fused).eval()
+    anchor.eval()
+    names = [n for n, m in fused.named_modules()
+             if isinstance(m, torch.nn.Linear) and not any(k in n for k in skip)]
+    f_mods, a_mods = dict(fused.named_modules()), dict(anchor.named_modules())
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in calib]
+    with torch.no_grad():
+        for name in names:
+            stats = {}
+            for tag, model, mod in (("f", fused, f_mods[name]), ("a", anchor, a_mods[name])):
+                rows = []
+
+                def hook(_m, _i, out, rows=rows):
+                    rows.append(out.detach())
+                h = mod.register_forward_hook(hook)
+                try:
+                    for b in batches:
+                        model(**b)
+                        out = rows.pop()
+                        mask = b.get("attention_mask")
+                        rows.append(out[mask.bool()] if mask is not None and out.dim() == 3
+                                    else out.reshape(-1, out.shape[-1]))
+                finally:
+                    h.remove()
+                x = torch.cat(rows).double()
+                stats[tag] = (x.mean(0), x.std(0))
+            (mf, sf), (ma, sa) = stats["f"], stats["a"]
+            ratio = (sa / sf.clamp_min(1e-8)).float()
+            mod = f_mods[name]
+            mod.weight.mul_(ratio[:, None])
+            if mod.bias is not None:
+                mod.bias.copy_(((mod.bias.double() - mf) * ratio.double() + ma).float())
+    return fused
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -542,7 +585,13 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
         "fa_one": f"OT-fused, activations-based, anchor weight {aw:g}: one-shot",
         "fa_ft": f"OT-fused, activations-based, anchor weight {aw:g}: + N steps finetuning",
         "fw_kd": f"(extra) OT-fused, weights-based, anchor weight {aw:g}: + N steps distillation",
+        "fr_one": (f"(extra, prototype) OT-fused, weights-based, anchor weight {aw:g}, "
+                   "REPAIR-corrected to the anchor's unit statistics: one-shot"),
+        "fr_ft": (f"(extra, prototype) OT-fused, weights-based, anchor weight {aw:g}, "
+                  "REPAIR-corrected: + N steps finetuning"),
         "fu_one": "(reference) OT-fused, weights-based, uniform weights: one-shot",
+        "fu_rep": ("(extra, prototype) OT-fused, weights-based, uniform weights, "
+                   "REPAIR-corrected: one-shot"),
         "ensemble": f"(reference) ensemble of the {n_par} parents (mean softmax)",
     }
     for h in setup.parent_hiddens:
@@ -574,6 +623,12 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
         add("fw_ft", {"value": evaluate_model(m, setup.data), "finetune_s": sec, **info})
         m, sec = setup.finetune(sw["best"], s, teachers=parents)
         add("fw_kd", {"value": evaluate_model(m, setup.data), "finetune_s": sec, **info})
+        t_r = time.perf_counter()
+        rep = repair_to_anchor(sw["best"], anchor, calib)
+        t_r = time.perf_counter() - t_r
+        add("fr_one", {"value": evaluate_model(rep, setup.data), "repair_s": t_r, **info})
+        m, sec = setup.finetune(rep, s)
+        add("fr_ft", {"value": evaluate_model(m, setup.data), "finetune_s": sec, **info})
 
         sw = fuse_sweep(anchor, parents, setup.data, grid=setup.grid, holdout=hold, calib=calib,
                         alignment="activations", weights=mix)
@@ -587,6 +642,8 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
                         alignment="weights", weights=None)
         sweeps["uniform"].append(sw)
         add("fu_one", {"value": evaluate_model(sw["best"], setup.data), **_sweep_info(sw)})
+        add("fu_rep", {"value": evaluate_model(repair_to_anchor(sw["best"], anchor, calib),
+                                               setup.data), **_sweep_info(sw)})
         clock.phase("heterogeneous", t)
         key, scale, digits, _, _ = setup.primary
         log(f"  heterogeneous seed {s}: {time.perf_counter() - t:.0f} s; " + ", ".join(
@@ -601,6 +658,7 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
             "fused_acts_ft_vs_anchor_ft": compare(vals["fa_ft"], vals["anchor_ft"], higher),
             "fused_acts_ft_vs_anchor_kd": compare(vals["fa_ft"], vals["anchor_kd"], higher),
             "fused_kd_vs_anchor_kd": compare(vals["fw_kd"], vals["anchor_kd"], higher),
+            "repaired_ft_vs_anchor_ft": compare(vals["fr_ft"], vals["anchor_ft"], higher),
             "fused_one_shot_vs_anchor": compare(vals["fw_one"], vals["anchor"], higher),
         }
     return {"seeds": list(setup.hetero_seeds), "mix": mix, "names": names, "arms": arms,
@@ -623,7 +681,7 @@ def homogeneous_markdown(setup: Setup, homo: dict) -> list[str]:
         headers = ["method"]
         for key, scale, digits, label, higher in setup.metrics:
             headers += [f"{label} one-shot", f"{label} + N steps"]
-        headers += ["reg chosen", "fuse s"]
+        headers += ["reg chosen", "s per fusion"]
         rows = []
         for arm, entries in res["arms"].items():
             row = [arm]
@@ -642,7 +700,7 @@ def homogeneous_markdown(setup: Setup, homo: dict) -> list[str]:
 def heterogeneous_markdown(setup: Setup, het: dict) -> list[str]:
     names, arms = het["names"], het["arms"]
     order = ["anchor", "anchor_ft", "anchor_kd", "fw_one", "fw_ft", "fa_one", "fa_ft", "fw_kd",
-             "fu_one"] + [f"parent{h}" for h in setup.parent_hiddens] + ["ensemble"]
+             "fr_one", "fr_ft", "fu_one", "fu_rep"] + [f"parent{h}" for h in setup.parent_hiddens] + ["ensemble"]
     key0, scale0, digits0, label0, higher0 = setup.primary
     base = [e["value"][key0] for e in arms["anchor_ft"]]
     headers = ["arm"] + [f"{label}" for _, _, _, label, _ in setup.metrics] + [
@@ -672,7 +730,9 @@ def verdict_lines(setup: Setup, het: dict) -> list[str]:
                            ("fused_acts_ft_vs_anchor_kd",
                             "OT-fused (activations) + N vs distillation + N"),
                            ("fused_kd_vs_anchor_kd",
-                            "(extra) OT-fused + N distillation vs distillation + N")):
+                            "(extra) OT-fused + N distillation vs distillation + N"),
+                           ("repaired_ft_vs_anchor_ft",
+                            "(extra, prototype) OT-fused + REPAIR + N vs anchor + N")):
             r = c[name]
             imp = r["improvement"]
             lines.append(
