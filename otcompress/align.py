@@ -21,7 +21,7 @@ from otcompress.flowgraph import ArchSpec, Combine, In, Out, Share, Solve
 @dataclass
 class AlignOptions:
     solver: str = "sinkhorn"
-    reg: float = 0.08
+    reg: float = 0.02
     cost_norm: str = "max"
     max_iter: int = 5000
     tol: float = 1e-6

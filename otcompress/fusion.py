@@ -18,10 +18,10 @@ SOLVERS = ("sinkhorn", "emd")
 RESIDUALS = ("average", "scalar", "matrix")
 QK_MAPS = ("auto", "separate", "shared")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
-REG_GRID = (0.01, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5)
+REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 
 
-def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.08, residual="average",
+def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
          trust_remote_code=False, progress=None):

@@ -14,7 +14,7 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 RECIPE_KEYS = {
     "alignment": (str, "weights"),
     "solver": (str, "sinkhorn"),
-    "reg": ((float, str), 0.08),
+    "reg": ((float, str), 0.02),
     "residual": (str, "average"),
     "weights": (list, None),
     "qk": (str, "auto"),
