@@ -393,7 +393,7 @@ def plot_reg_sweep(path: Path, panels: list[dict], *, ylabel: str, higher_better
         ax.set_xticklabels(["EMD"] + [f"{r:g}" for r in regs], fontsize=8)
         ax.set_xlabel("Sinkhorn reg (max-normalised costs); EMD = exact OT")
         ax.set_ylabel(ylabel)
-        ax.set_title(panel["title"], fontsize=10)
+        ax.set_title(panel.get("short", panel["title"]), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(suptitle, fontsize=11)
@@ -764,6 +764,7 @@ def reg_sweep_panels(setup: Setup, homo: dict, het: dict, key: str, scale: float
                 ("vanilla fusion", _stat(res["arms"]["vanilla fusion (plain average)"],
                                          "one_shot", key)["mean"] * scale)]
         panels.append({"title": f"(a) homogeneous: {K0} parents, {setup.describe(setup.homo_hidden)}",
+                       "short": f"(a) homogeneous: {K0} parents of hidden {setup.homo_hidden}",
                        "curves": curves, "refs": refs})
     if het:
         aw = setup.anchor_weight
@@ -777,6 +778,8 @@ def reg_sweep_panels(setup: Setup, homo: dict, het: dict, key: str, scale: float
                  * scale)]
         panels.append({"title": f"(b) heterogeneous: anchor {setup.describe(setup.anchor_hidden)} + "
                                 f"parents h{'/h'.join(str(h) for h in setup.parent_hiddens)}",
+                       "short": (f"(b) heterogeneous: anchor hidden {setup.anchor_hidden} + parents "
+                                 f"{' and '.join(str(h) for h in setup.parent_hiddens)}"),
                        "curves": curves, "refs": refs})
     return panels
 
@@ -839,6 +842,9 @@ def render(setup: Setup, payload: dict, panels: list[dict], png_name: str, *, co
     L += verdict_lines(setup, het)
     L += ["", "### Cost of each width (batch 1, 1 thread, seed-0 models)", ""]
     L += cost_table(payload["costs"])
+    L += ["", ("FLOPs scale with width as expected; at these tiny sizes the batch-1 latency is "
+               "per-operator overhead, not arithmetic, so it barely follows width, and medians "
+               "on this shared machine move by tens of percent between runs.")]
     L += ["", "## Homogeneous fusion", "", homo_note]
     L += homogeneous_markdown(setup, homo)
     L += ["", f"## Sinkhorn regulariser sweep (paper figure 5a on our data): `{png_name}`", "",
