@@ -222,7 +222,7 @@ class Timers:
         self.wrap(transport, "column_stochastic", "map rescale (row/col stochastic)")
         self.wrap(align, "carry", "carry (tensordot)", flops=lambda t, axis, m: 2 * t.numel() * m.shape[1])
         self.wrap(align, "combine", "residual combine")
-        self.wrap(fusion, "average_state_dicts", "average state dicts")
+        self.wrap(fusion, "_finish_sum", "finish the weighted sum (ties, dtypes)")
         self.wrap(fusion, "build_model", "build fused model")
         self.wrap(activations.CrossMoments, "update", "cross-moments update (incl. in hooks)",
                   flops=lambda self_, x, y: 2 * x.shape[0] * x.shape[1] * y.shape[1])

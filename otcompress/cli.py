@@ -240,13 +240,12 @@ def _run_fuse(ui, anchor, parents, r, tmp: Path, device, trust_remote_code):
     return report
 
 
-def _load_data(spec, model, model_path, seed, samples=None):
+def _load_data(spec, model, model_path, seed):
     from otcompress.data import load_data
     tokenizer = image_processor = None
     if isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():
         tokenizer, image_processor = _preprocessors(Path(model_path))
-    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor,
-                     samples=samples, seed=seed)
+    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
 
 
 def _preprocessors(path: Path):

@@ -109,7 +109,7 @@ def _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha, mix,
     """Align each parent and add it, weighted, into a running sum as its
     tensors are produced: no aligned parent is ever held whole."""
     anchor_sd = anchor_m.state_dict()
-    fused = {name: t.detach().float() * mix[0] for name, t in anchor_sd.items() if name not in spec.tied}
+    fused = _start_sum(anchor_sd, mix[0], spec.tied)
     map_stats = []
     for k, parent in enumerate(parent_ms):
         def add(name, t, w=mix[k + 1]):
@@ -118,10 +118,19 @@ def _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha, mix,
         _, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts, activation_costs=costs[k],
                              residual_alpha=alpha, sink=add, progress=_parent_progress(progress, k))
         map_stats.append(st)
-    for name, src in spec.tied.items():
+    return build_model(anchor_m, _finish_sum(fused, anchor_sd, spec.tied)), map_stats
+
+
+def _start_sum(anchor_sd, weight, tied) -> dict:
+    """The running weighted sum of state dicts, in float32, seeded with the anchor."""
+    return {name: t.detach().float() * weight for name, t in anchor_sd.items() if name not in tied}
+
+
+def _finish_sum(fused, anchor_sd, tied) -> dict:
+    """Restore tied parameters and the anchor's dtypes."""
+    for name, src in tied.items():
         fused[name] = fused[src]
-    fused = {name: t.to(anchor_sd[name].dtype) for name, t in fused.items()}
-    return build_model(anchor_m, fused), map_stats
+    return {name: t.to(anchor_sd[name].dtype) for name, t in fused.items()}
 
 
 def _reg_sweep(fuse_at, grid, holdout, parent_ms):
@@ -189,19 +198,11 @@ def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
                     f"vanilla fusion needs equal shapes: {name} is {tuple(t.shape)} in the anchor "
                     f"and {tuple(sd[name].shape)} in parent {k}; use OT fusion for different widths")
     mix = _mixing_weights(weights, len(parents))
-    return build_model(anchor_m, average_state_dicts(sds, mix, spec.tied))
-
-
-def average_state_dicts(sds, mix, tied) -> dict:
-    out = {}
-    for name, t in sds[0].items():
-        if name in tied:
-            continue
-        acc = sum(w * sd[name].to(torch.float32) for w, sd in zip(mix, sds))
-        out[name] = acc.to(t.dtype)
-    for name, src in tied.items():
-        out[name] = out[src]
-    return out
+    fused = _start_sum(sds[0], mix[0], spec.tied)
+    for w, sd in zip(mix[1:], sds[1:]):
+        for name, acc in fused.items():
+            acc.add_(sd[name].float(), alpha=w)
+    return build_model(anchor_m, _finish_sum(fused, sds[0], spec.tied))
 
 
 def build_model(anchor, state_dict):
