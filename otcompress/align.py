@@ -4,18 +4,28 @@ transport map in order, then carry each parameter axis through its map.
 Rectangular maps (method.md): an axis that *reads* a space (`In`) is carried by
 R = diag(1/mu) T (inputs landing on one anchor unit have their weights summed);
 an axis whose entries *live in* a space (`Out`) by C = T diag(1/nu) (each anchor
-unit a convex combination of parent units)."""
+unit a convex combination of parent units).
+
+Maps come from OT against the anchor's units (mode "ot") or from clustering
+the parent's own units into the anchor's widths (mode "fold", see fold.py).
+When head widths differ, carried Q rows are multiplied by
+sqrt(d_parent / d_anchor): a score is a sum over a head's units divided by
+sqrt(head_dim), and a folded or transported unit stands for d_parent/d_anchor
+parent units."""
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from otcompress import transport
+from otcompress import fold, transport
 from otcompress.errors import SolverError
-from otcompress.flowgraph import ArchSpec, Combine, In, Out, Share, Solve
+from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve
+
+MODES = ("ot", "fold")
 
 
 @dataclass
@@ -25,6 +35,19 @@ class AlignOptions:
     cost_norm: str = "max"
     max_iter: int = 5000
     tol: float = 1e-6
+    mode: str = "ot"
+    seed: int = 0  # k-means seeding in fold mode
+
+
+@dataclass(frozen=True)
+class HeadShapes:
+    """(number of heads, head width) of the parent and of the anchor."""
+    parent: tuple
+    anchor: tuple
+
+    @property
+    def score_scale(self) -> float:
+        return math.sqrt(self.parent[1] / self.anchor[1])
 
 
 def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -34,8 +57,8 @@ def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
 
 
 def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOptions, *,
-                 activation_costs: dict | None = None, residual_alpha: dict | None = None,
-                 sink=None, progress=None):
+                 heads: HeadShapes | None = None, activation_costs: dict | None = None,
+                 residual_alpha: dict | None = None, sink=None, progress=None):
     """Align one parent to the anchor. Each parameter is carried to the anchor's
     shape as soon as all of its maps exist and handed to `sink(name, tensor)`;
     maps are dropped once nothing needs them, so memory stays near one layer's
@@ -44,18 +67,24 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
     maps = _MapStore(spec)
     stats: dict[str, dict] = {}
     aligned = {} if sink is None else None
-    emit = sink or aligned.__setitem__
+    emit = _scaled_q(spec, heads, sink or aligned.__setitem__)
     carried = _InputCarrier(spec, parent_sd, maps)
+    folder = _Folder(spec, parent_sd, carried, heads, opts.seed) if opts.mode == "fold" else None
     waiting = {name: {a.tm for a in axes if a is not None} for name, axes in spec.axes.items()}
     _finalise_ready(spec, waiting, carried, maps, emit)
     for i, node in enumerate(spec.nodes):
         t0 = time.perf_counter()
-        if isinstance(node, Solve):
-            cost = (activation_costs[node.tm] if activation_costs is not None
-                    else _weights_cost(spec, node, anchor_sd, carried))
-            result = _solve(node.tm, transport.normalise_cost(cost, opts.cost_norm), opts)
-            maps.put(node.tm, result.plan)
-            stats[node.tm] = result.stats()
+        if isinstance(node, Heads):
+            stats[node.tm] = folder.heads(node) if folder else {"heads": heads and heads.parent}
+        elif isinstance(node, Solve):
+            if folder is not None:
+                plan, stats[node.tm] = folder.solve(node, anchor_sd)
+            else:
+                cost = (activation_costs[node.tm] if activation_costs is not None
+                        else _weights_cost(spec, node, anchor_sd, carried))
+                result = _solve(node.tm, transport.normalise_cost(cost, opts.cost_norm), opts)
+                plan, stats[node.tm] = result.plan, result.stats()
+            maps.put(node.tm, plan)
         elif isinstance(node, Combine):
             alpha = 0.5 if residual_alpha is None else residual_alpha[node.tm]
             maps.put(node.tm, combine(maps.get(node.skip), maps.get(node.branch), alpha))
@@ -68,14 +97,104 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
         _finalise_ready(spec, waiting, carried, maps, emit, solved=node.tm)
         stats[node.tm]["seconds"] = time.perf_counter() - t0
         if progress:
-            progress("align", i + 1, len(spec.nodes))
+            progress("fold" if folder else "align", i + 1, len(spec.nodes))
     return aligned, stats
+
+
+def _scaled_q(spec, heads, emit):
+    """Wrap `emit` so that carried Q rows (and bias) get the softmax-scale factor."""
+    scale = 1.0 if heads is None else heads.score_scale
+    if scale == 1.0:
+        return emit
+    q_maps = {h.q for h in spec.attention}
+
+    def scaled(name, t):
+        is_q = any(isinstance(a, Out) and a.tm in q_maps for a in spec.axes[name])
+        emit(name, t * scale if is_q else t)
+    return scaled
+
+
+class _Folder:
+    """Fold maps for one parent (mode "fold"): the residual stream is clustered
+    once over every tensor that reads or writes it; attention is clustered
+    head-aware at its `Heads` marker; every other free map clusters the rows
+    that its weights cost would compare."""
+
+    def __init__(self, spec, parent_sd, carried, heads, seed):
+        self.spec, self.sd, self.carried, self.seed = spec, parent_sd, carried, seed
+        self.head_shapes = heads
+        self.group = _residual_groups(spec)
+        self.group_plans, self.pending = {}, {}
+
+    def solve(self, node, anchor_sd):
+        if node.tm in self.pending:
+            plan = self.pending.pop(node.tm)
+        elif self.group.get(node.tm) is not None:
+            root = self.group[node.tm]
+            if root not in self.group_plans:
+                self.group_plans[root] = self._stream_plan(root, anchor_sd)
+            plan = self.group_plans[root]
+        else:
+            rows = torch.cat(_feature_rows(self.spec, node, lambda name: self.carried(name)), 1)
+            plan = fold.cluster_plan(rows, _width(self.spec, node, anchor_sd), self.seed)
+        sizes = (plan > 0).sum(0)
+        return plan, {"shape": list(plan.shape), "method": "fold",
+                      "cluster_size": {"min": int(sizes.min()), "max": int(sizes.max())}}
+
+    def _stream_plan(self, root, anchor_sd):
+        members = {tm for tm, r in self.group.items() if r == root}
+        feats, width = [], None
+        for name, axes in self.spec.axes.items():
+            for axis, role in enumerate(axes):
+                if role is not None and role.tm in members:
+                    feats.append(_rows(self.sd[name].detach().float(), axis))
+                    if isinstance(role, Out) and width is None:
+                        width = anchor_sd[name].shape[axis]
+        return fold.cluster_plan(fold.blocks(feats), width, self.seed)
+
+    def heads(self, node: Heads):
+        if self.head_shapes is None:
+            raise ValueError("folding attention needs the head shapes of parent and anchor")
+        (hp, _), (ha, da) = self.head_shapes.parent, self.head_shapes.anchor
+        rows = {tm: torch.cat(_feature_rows(self.spec, Solve(tm, ((tm, None),)), self.carried), 1)
+                for tm in (node.q, node.k, node.v)}
+        o_cols = torch.cat([_rows(self.sd[name].detach().float(), axis)
+                            for name, axes in self.spec.axes.items()
+                            for axis, a in enumerate(axes) if isinstance(a, In) and a.tm == node.v], 1)
+        t_qk, t_v = fold.head_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp, ha, da, self.seed)
+        self.pending.update({node.q: t_qk, node.k: t_qk, node.v: t_v})
+        return {"method": "fold", "heads": [hp, ha]}
+
+
+def _residual_groups(spec) -> dict:
+    """tm -> root of its residual stream (maps joined by Combine or Share);
+    maps that join nothing are absent."""
+    parent = {}
+
+    def find(t):
+        while parent.setdefault(t, t) != t:
+            t = parent[t]
+        return t
+    for n in spec.nodes:
+        pairs = ([(n.tm, n.skip), (n.tm, n.branch)] if isinstance(n, Combine)
+                 else [(n.tm, n.same_as)] if isinstance(n, Share) else [])
+        for a, b in pairs:
+            parent[find(a)] = find(b)
+    return {t: find(t) for t in parent}
+
+
+def _width(spec, node, anchor_sd):
+    group = node.parts[0][0]
+    name = spec.params_with_out(group)[0]
+    axis = next(i for i, a in enumerate(spec.axes[name]) if isinstance(a, Out) and a.tm == group)
+    return anchor_sd[name].shape[axis]
 
 
 def _solve(tm, cost, opts):
     m, n = cost.shape
     try:
-        return transport.solve(transport.uniform(m), transport.uniform(n), cost, solver=opts.solver,
+        return transport.solve(transport.uniform(m).to(cost.device), transport.uniform(n).to(cost.device),
+                               cost, solver=opts.solver,
                                reg=opts.reg, max_iter=opts.max_iter, tol=opts.tol)
     except SolverError as e:
         raise SolverError(f"transport map {tm}: {e}") from None
@@ -174,16 +293,21 @@ def _carry_all(t, axes, maps, *, inputs_only):
     return t
 
 
-def _weights_cost(spec, node: Solve, anchor_sd, inputs_carried) -> torch.Tensor:
-    """Euclidean distance between parent and anchor unit features: the rows of
-    every parameter on the unit axis (weights with inputs already aligned, bias,
-    gains...), concatenated."""
-    parent_rows, anchor_rows = [], []
+def _feature_rows(spec, node: Solve, tensor) -> list:
+    """Per-unit feature blocks of a free map: the rows of every parameter on the
+    unit axis (weights with inputs already carried, bias, gains...)."""
+    rows = []
     for group, _probe in node.parts:
         for name in spec.params_with_out(group):
             axis = next(i for i, a in enumerate(spec.axes[name]) if isinstance(a, Out) and a.tm == group)
-            parent_rows.append(_rows(inputs_carried(name), axis))
-            anchor_rows.append(_rows(anchor_sd[name].detach().float(), axis))
+            rows.append(_rows(tensor(name), axis))
+    return rows
+
+
+def _weights_cost(spec, node: Solve, anchor_sd, inputs_carried) -> torch.Tensor:
+    """Euclidean distance between parent and anchor unit features."""
+    parent_rows = _feature_rows(spec, node, inputs_carried)
+    anchor_rows = _feature_rows(spec, node, lambda name: anchor_sd[name].detach().float())
     return transport.euclidean_cost(torch.cat(parent_rows, 1), torch.cat(anchor_rows, 1))
 
 

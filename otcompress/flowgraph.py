@@ -8,7 +8,8 @@ An architecture is described by
   (classes, vocabulary, image channels).
 - `nodes`: the TMs in the order they are computed: `Solve` (a free output axis:
   OT between parent and anchor units), `Combine` (a residual join, Eq. 1) and
-  `Share` (reuse another TM, e.g. K's map equal to Q's).
+  `Share` (reuse another TM, e.g. K's map equal to Q's); `Heads` marks
+  where an attention layer's Q/K/V maps are split into heads.
 - `probes`: where activations of a TM's units (or of a residual join's skip and
   branch) are read in the anchor and parents: a module path, and whether its
   input or output.
@@ -73,6 +74,19 @@ class Share:
     same_as: str
 
 
+@dataclass(frozen=True)
+class Heads:
+    """Marks one attention layer's head structure: the Q, K and V maps split
+    into `heads` blocks of `head_dim` units (counts come from each model's
+    config), O reads V. Placed before the Q/K/V nodes; OT alignment uses it
+    for the softmax scale, folding to group parent heads into target heads."""
+    tm: str  # the marker's own name, e.g. "L3.heads"
+    q: str
+    k: str
+    v: str
+    o: str
+
+
 @dataclass
 class ArchSpec:
     name: str
@@ -80,6 +94,10 @@ class ArchSpec:
     nodes: list  # Solve | Combine | Share, in computation order
     tied: dict = field(default_factory=dict)  # parameter -> parameter it equals
     token_filter: Optional[Callable] = None  # (filter_name, seq_len) -> index tensor
+
+    @property
+    def attention(self) -> list:
+        return [n for n in self.nodes if isinstance(n, Heads)]
 
     def node(self, tm: str):
         for n in self.nodes:
@@ -128,7 +146,7 @@ def encoder_block(i: int, r_in: str, path: dict, *, qk: str, pre_ln: bool):
         qk_nodes = [Solve(q, ((q, out("q")), (k, out("k")))), Share(k, q)]
     else:
         qk_nodes = [solve(q, out("q")), solve(k, out("k"))]
-    nodes = qk_nodes + [
+    nodes = [Heads(f"L{i}.heads", q, k, v, o)] + qk_nodes + [
         solve(v, out("v")),
         solve(o, out("o")),
         Combine(mid, r_in, o, Probe(path["attn_skip"], "in"), out("o")),

@@ -3,17 +3,20 @@ a model of the anchor's class and config."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import platform
 import time
+from contextlib import contextmanager
 
 import torch
 
 from otcompress import activations, architectures, modelio
-from otcompress.align import AlignOptions, align_parent
+from otcompress import repair as repair_mod
+from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
 
-ALIGNMENTS = ("weights", "activations")
+ALIGNMENTS = ("weights", "activations", "fold")
 SOLVERS = ("sinkhorn", "emd")
 RESIDUALS = ("average", "scalar", "matrix")
 QK_MAPS = ("auto", "separate", "shared")
@@ -24,12 +27,18 @@ REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
-         trust_remote_code=False, progress=None):
-    """Fuse `parents` into the `anchor`'s architecture and width by OT alignment.
+         repair=False, seed=0, trust_remote_code=False, progress=None):
+    """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
-        and depth, any widths (heterogeneous fusion).
-    alignment: "weights" or "activations" (needs `data`).
+        and depth, any widths (heterogeneous fusion). With alignment="fold" the
+        anchor may also be a config (a target width, e.g. from
+        `architectures.target_config`): its weights are never read.
+    alignment: "weights" or "activations" (needs `data`): OT of each parent's
+        units onto the anchor's. "fold": cluster each parent's own units into
+        the anchor's widths (model folding; the anchor only gives the
+        architecture), then OT-fuse the folds with `solver`/`reg` when there
+        are several parents (parent weights only).
     solver, reg: "sinkhorn" (entropic, regulariser `reg` on max-normalised costs)
         or "emd" (exact). reg="auto" fuses at every value of `reg_grid` and keeps
         the one with the lowest loss on `holdout` batches (default: `data`): the
@@ -45,58 +54,82 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         and per-chunk cross-moment products of the activation statistics (~2x
         faster on CPUs with BF16 units; correlations then carry ~1e-3 error;
         the running sums stay float64).
+    repair: restore every unit's mean and std on `data` to the parents' (and
+        the anchor's, by its weight) statistics carried through the same maps
+        (REPAIR; see repair.py). Needs `data`.
+    seed: k-means seeding for folding.
     progress: optional callback(stage: str, done: int, total: int | None).
 
     Returns a `transformers` model; its `fusion_report` attribute holds the
-    per-map transport statistics, options and timings."""
+    per-map transport statistics, options and timings. The caller's models
+    keep their train/eval mode."""
     t_start = time.perf_counter()
     parents = _as_list(parents)
-    opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents)
-    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code)
-    spec = architectures.build_spec(anchor_m, qk=opts["qk"])
-    for p in parent_ms:
-        architectures.build_spec(p, qk=opts["qk"])  # same class, all parameters known
+    opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents,
+                         repair=repair)
+    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed)
+    with _eval_mode(anchor_m, *parent_ms):
+        spec = architectures.build_spec(anchor_m, qk=opts["qk"])
+        for p in parent_ms:
+            architectures.build_spec(p, qk=opts["qk"])  # same class, all parameters known
+        heads = [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config))
+                 for p in parent_ms]
 
-    t_acts = time.perf_counter()
-    stats = None
-    if alignment == "activations" or residual != "average":
-        stats = activations.collect(spec, anchor_m, parent_ms, data,
-                                    need_costs=alignment == "activations",
-                                    need_norms=residual != "average",
-                                    token_filter=token_filter, progress=progress,
-                                    forward_dtype=_dtype(activation_dtype))
-    t_align = time.perf_counter()
-    alpha = None
-    if residual != "average":
-        alpha = {tm: n.alpha(residual) for tm, n in stats["norms"].items()}
-    costs = stats["costs"] if alignment == "activations" else [None] * len(parent_ms)
+        t_acts = time.perf_counter()
+        stats = None
+        if alignment == "activations" or residual != "average":
+            stats = activations.collect(spec, anchor_m, parent_ms, data,
+                                        need_costs=alignment == "activations",
+                                        need_norms=residual != "average",
+                                        token_filter=token_filter, progress=progress,
+                                        forward_dtype=_dtype(activation_dtype))
+        sds = [m.state_dict() for m in (anchor_m, *parent_ms)]
+        if repair:
+            spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec)})
+            modules = list(repair_mod.points(spec))
+            sds = [{**sd, **repair_mod.measure(m, modules, data)} for sd, m in zip(sds, (anchor_m, *parent_ms))]
+        t_align = time.perf_counter()
+        alpha = None
+        if residual != "average":
+            alpha = {tm: n.alpha(residual) for tm, n in stats["norms"].items()}
+        costs = stats["costs"] if alignment == "activations" else [None] * len(parent_ms)
+        repaired = {}
 
-    def fuse_at(r):
-        align_opts = AlignOptions(solver=solver, reg=r,
-                                  cost_norm=cost_norm, max_iter=max_iter, tol=tol)
-        return _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha,
-                                  opts["weights"], progress)
+        def fuse_at(r):
+            align_opts = AlignOptions(solver=solver, reg=r, cost_norm=cost_norm, max_iter=max_iter,
+                                      tol=tol, seed=seed)
+            if alignment == "fold":
+                sd, map_stats = _fold_and_fuse(spec, sds, align_opts, opts["weights"], heads, progress)
+            else:
+                sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
+                                                   opts["weights"], heads, progress)
+            model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
+            if repair:
+                repaired[r] = repair_mod.repair(model, sd, data, list(repair_mod.points(spec)))
+            return model, map_stats
 
-    sweep = None
-    if solver == "emd":
-        reg = None
-    if reg == "auto":
-        model, map_stats, reg, sweep = _reg_sweep(fuse_at, reg_grid or REG_GRID,
-                                                  holdout if holdout is not None else data, parent_ms)
-    else:
-        model, map_stats = fuse_at(None if reg is None else float(reg))
+        sweep = None
+        if solver == "emd":
+            reg = None
+        if reg == "auto":
+            model, map_stats, reg, sweep = _reg_sweep(fuse_at, reg_grid or REG_GRID,
+                                                      holdout if holdout is not None else data, parent_ms)
+        else:
+            model, map_stats = fuse_at(None if reg is None else float(reg))
     mix = opts["weights"]
     t_end = time.perf_counter()
     model.fusion_report = {
         "schema": REPORT_SCHEMA,
-        "anchor": modelio.describe(anchor),
+        "anchor": (modelio.describe(anchor) if hasattr(anchor, "config") or not hasattr(anchor, "to_dict")
+                   else f"target {architectures.describe_widths(anchor)}"),
         "parents": [modelio.describe(p) for p in parents],
         "options": {"alignment": alignment, "solver": solver, "reg": reg,
                     "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
                     "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol,
-                    "activation_dtype": activation_dtype},
+                    "activation_dtype": activation_dtype, "repair": bool(repair), "seed": seed},
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
+        "repair": repaired.get(reg),
         "transport_maps": map_stats,
         "timings": {"load": t_acts - t_start, "activations": t_align - t_acts,
                     "align": t_end - t_align, "total": t_end - t_start},
@@ -105,20 +138,53 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
     return model
 
 
-def _align_and_average(spec, anchor_m, parent_ms, align_opts, costs, alpha, mix, progress):
+def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mix, heads, progress):
     """Align each parent and add it, weighted, into a running sum as its
-    tensors are produced: no aligned parent is ever held whole."""
-    anchor_sd = anchor_m.state_dict()
+    tensors are produced: no aligned parent is ever held whole. Returns the
+    fused state dict (with the anchor's dtypes) and the per-parent map stats."""
     fused = _start_sum(anchor_sd, mix[0], spec.tied)
     map_stats = []
-    for k, parent in enumerate(parent_ms):
+    for k, parent_sd in enumerate(parent_sds):
         def add(name, t, w=mix[k + 1]):
             if name not in spec.tied:
                 fused[name].add_(t, alpha=w)
-        _, st = align_parent(spec, anchor_sd, parent.state_dict(), align_opts, activation_costs=costs[k],
-                             residual_alpha=alpha, sink=add, progress=_parent_progress(progress, k))
+        _, st = align_parent(spec, anchor_sd, parent_sd, align_opts, heads=heads[k],
+                             activation_costs=costs[k], residual_alpha=alpha, sink=add,
+                             progress=_parent_progress(progress, k))
         map_stats.append(st)
-    return build_model(anchor_m, _finish_sum(fused, anchor_sd, spec.tied)), map_stats
+    return _finish_sum(fused, anchor_sd, spec.tied), map_stats
+
+
+def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress):
+    """Fold every parent into the anchor's widths, then OT-fuse the folds onto
+    the first one with the parents' weights (the anchor's weights are unused)."""
+    fold_opts = dataclasses.replace(align_opts, mode="fold")
+    folds, map_stats = [], []
+    for k, parent_sd in enumerate(sds[1:]):
+        sd, st = _align_and_average(spec, sds[0], [parent_sd], fold_opts, [None], None, [0.0, 1.0],
+                                    [heads[k]], _parent_progress(progress, k))
+        folds.append(sd)
+        map_stats += st
+    if len(folds) == 1:
+        return folds[0], map_stats
+    w = [x / sum(mix[1:]) for x in mix[1:]]
+    same = [HeadShapes(heads[0].anchor, heads[0].anchor)] * (len(folds) - 1)
+    sd, st = _align_and_average(spec, folds[0], folds[1:], align_opts, [None] * (len(folds) - 1), None,
+                                w, same, progress)
+    return sd, map_stats + st
+
+
+@contextmanager
+def _eval_mode(*models):
+    """Dropout off while fusing; the caller's models get their mode back."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was in zip(models, modes):
+            m.train(was)
 
 
 def _start_sum(anchor_sd, weight, tied) -> dict:
@@ -206,10 +272,13 @@ def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
 
 
 def build_model(anchor, state_dict):
-    """A fresh model of the anchor's class and config holding `state_dict`."""
-    model = type(anchor)(copy.deepcopy(anchor.config))
+    """A model of the anchor's class, config and constructor arguments (a
+    pooler-less ViTModel stays pooler-less) holding `state_dict`, on the
+    anchor's device."""
+    model = copy.deepcopy(anchor)
+    model.__dict__.pop("fusion_report", None)
     model.load_state_dict(state_dict, strict=True)
-    return model.to(dtype=next(anchor.parameters()).dtype).eval()
+    return model.eval()
 
 
 def _as_list(parents):
@@ -220,15 +289,24 @@ def _as_list(parents):
     return [parents]
 
 
-def _load_all(anchor, parents, trust_remote_code):
+def _load_all(anchor, parents, trust_remote_code, seed=0):
+    """Models from objects or directories; an anchor given as a config (a
+    target width for folding) becomes a fresh model of the parents' class."""
+    from transformers import PretrainedConfig
     if not parents:
         raise InvalidOptionError("fusion needs at least one parent")
-    anchor_cfg = modelio.load_config(anchor, trust_remote_code=trust_remote_code)
+    target = isinstance(anchor, PretrainedConfig)
+    anchor_cfg = anchor if target else modelio.load_config(anchor, trust_remote_code=trust_remote_code)
     parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
     fam = architectures.family(anchor_cfg)
     modelio.check_compatible(anchor_cfg, parent_cfgs, fam.MUST_MATCH)
-    anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code).eval()
-    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code).eval() for p in parents]
+    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
+    if target:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            anchor_m = type(parent_ms[0])(copy.deepcopy(anchor)).to(next(parent_ms[0].parameters()).device)
+    else:
+        anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
     for k, p in enumerate(parent_ms, 1):
         if type(p) is not type(anchor_m):
             raise IncompatibleModelsError(
@@ -236,7 +314,8 @@ def _load_all(anchor, parents, trust_remote_code):
     return anchor_m, parent_ms
 
 
-def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents):
+def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents, *,
+                  repair=False):
     """Validate fusion options before any model is loaded; returns the resolved
     Q/K map mode and normalised mixing weights."""
     _one_of("alignment", alignment, ALIGNMENTS)
@@ -256,6 +335,10 @@ def check_options(alignment, solver, reg, residual, qk, token_filter, data, weig
     if (alignment == "activations" or residual != "average") and data is None:
         need = "activations-based alignment" if alignment == "activations" else f"residual policy '{residual}'"
         raise InvalidOptionError(f"{need} needs calibration data (data=...)")
+    if repair and data is None:
+        raise InvalidOptionError("repair needs calibration data (data=...)")
+    if alignment == "fold" and residual != "average":
+        raise InvalidOptionError("folding clusters the residual stream once: use residual 'average'")
     if token_filter is not None and not _valid_filter(token_filter):
         raise InvalidOptionError(f"token filter '{token_filter}': use only_cls or window_N (e.g. window_6)")
     if qk == "auto":

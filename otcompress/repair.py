@@ -1,0 +1,100 @@
+"""Statistics repair (REPAIR, Jordan et al., ICLR 2023), in the engine.
+
+Averaging or folding units shrinks and shifts their activations: a unit that
+averages two decorrelated parent units has a smaller variance than either.
+Repair restores, layer by layer, each unit's mean and standard deviation on
+the calibration data to *target* statistics: those of the parents (and the
+anchor, by its mixing weight), carried through the same transport maps as the
+weights. The carry needs no new machinery: a unit's mean and std live on the
+layer's output axis exactly like its bias, so they travel through the flow
+graph as extra `Out` tensors (`<module>.__mean__`, `<module>.__std__`).
+
+Repair points are the linear layers with a free output axis and a bias
+(Q, K, V, O, MLP, pooler, LM transform); the correction is affine per unit,
+w_j <- w_j * s_t / s_f and b_j <- (b_j - m_f) * s_t / s_f + m_t, applied in
+flow-graph order so every layer is measured after the ones before it."""
+from __future__ import annotations
+
+import torch
+
+from otcompress.activations import _samples, iter_batches
+from otcompress.errors import DataError
+from otcompress.flowgraph import In, Out
+
+MEAN, STD = "__mean__", "__std__"
+
+
+def points(spec) -> dict:
+    """{module path: its output map}, in flow-graph (parameter) order."""
+    out = {}
+    for name, axes in spec.axes.items():
+        if (name.endswith(".weight") and len(axes) == 2 and isinstance(axes[0], Out)
+                and isinstance(axes[1], In)):
+            module = name[: -len(".weight")]
+            if spec.axes.get(f"{module}.bias") == (axes[0],):
+                out[module] = axes[0].tm
+    return out
+
+
+def stat_axes(spec) -> dict:
+    """The flow-graph axes of the statistics tensors, to extend `spec.axes` with."""
+    return {f"{m}.{kind}": (Out(tm),) for m, tm in points(spec).items() for kind in (MEAN, STD)}
+
+
+@torch.inference_mode()
+def measure(model, modules, data) -> dict:
+    """{f"{module}.__mean__": (units,), f"{module}.__std__": (units,)} of each
+    module's output over every non-padding token of `data`, in float64."""
+    sums = {m: [0, 0.0, 0.0] for m in modules}
+    named = dict(model.named_modules())
+    mask = {}
+
+    def hook(name):
+        def fn(_mod, _args, out):
+            x = _samples(out, mask.get("m"), None).double()
+            s = sums[name]
+            s[0] += x.shape[0]
+            s[1] = s[1] + x.sum(0)
+            s[2] = s[2] + (x * x).sum(0)
+        return fn
+    handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+    device = next(model.parameters()).device
+    try:
+        for batch in iter_batches(data):
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            mask["m"] = inputs.get("attention_mask")
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for m, (n, s1, s2) in sums.items():
+        if n == 0:
+            raise DataError("repair: the calibration data has no tokens")
+        mean = s1 / n
+        stats[f"{m}.{MEAN}"] = mean
+        stats[f"{m}.{STD}"] = (s2 / n - mean * mean).clamp_min(0).sqrt()
+    return stats
+
+
+@torch.no_grad()
+def repair(model, targets: dict, data, modules) -> dict:
+    """Rescale and shift each module's output units to `targets`, one module at
+    a time (later modules are measured after earlier ones are repaired).
+    Returns a summary of the corrections."""
+    named = dict(model.named_modules())
+    ratios = []
+    for m in modules:
+        now = measure(model, [m], data)
+        mean_f, std_f = now[f"{m}.{MEAN}"], now[f"{m}.{STD}"]
+        mean_t, std_t = targets[f"{m}.{MEAN}"].double(), targets[f"{m}.{STD}"].double()
+        # A dead unit has no scale to restore: leave its scale, fix its mean.
+        ratio = torch.where(std_f > 1e-8, std_t / std_f.clamp_min(1e-8), torch.ones_like(std_f))
+        layer = named[m]
+        w, b = layer.weight, layer.bias
+        w.mul_(ratio.to(w.dtype)[:, None])
+        b.copy_(((b.double() - mean_f) * ratio + mean_t).to(b.dtype))
+        ratios.append(ratio)
+    r = torch.cat(ratios) if ratios else torch.ones(1)
+    return {"modules": len(modules), "std_ratio": {"min": float(r.min()), "median": float(r.median()),
+                                                  "max": float(r.max())}}

@@ -1,0 +1,154 @@
+"""Folding, wider heads and statistics repair recover known answers.
+
+Folding never reads the anchor's weights, so the anchor here is the base
+plus large noise: a fold that returned the anchor (or averaged it in) fails.
+The right answer of folding an exactly equivalent wider copy of the base is
+the base itself. Headless models output hidden states in the fold's own unit
+order, so they are compared sorted along the unit axis."""
+import pytest
+import torch
+import transformers as T
+
+import models as M
+import otcompress
+from otcompress import architectures, repair
+from otcompress.align import HeadShapes
+from otcompress.errors import IncompatibleModelsError, InvalidOptionError
+
+TOL = 1e-5
+CASES = [(M.vit, T.ViTForImageClassification), (M.vit, T.ViTModel),
+         (M.bert, T.BertForSequenceClassification), (M.bert, T.BertModel)]
+ids = lambda v: getattr(v, "__name__", "")  # noqa: E731
+
+
+def _out(model, x):
+    y = M.outputs(model, x)
+    return y if getattr(model.config, "num_labels", 0) and hasattr(model, "classifier") else y.sort(-1).values
+
+
+def _err(model, x, base):
+    """Largest output difference, relative to the output scale (float32 sums)."""
+    ref = _out(base, x)
+    return float((_out(model, x) - ref).abs().max() / ref.abs().max().clamp_min(1))
+
+
+def _far(anchor, x, base):
+    assert _err(anchor, x, base) > 100 * TOL  # the test can fail
+
+
+@pytest.mark.parametrize("make,cls", CASES, ids=ids)
+def test_fold_widened_copy_recovers_the_original(make, cls):
+    base = make(cls=cls)
+    anchor, x = M.noisy(base, scale=0.5), M.inputs(base)
+    _far(anchor, x, base)
+    fused = otcompress.fuse(anchor, [M.transform(base, widen=True)], alignment="fold")
+    assert fused.config.hidden_size == base.config.hidden_size
+    assert _err(fused, x, base) < TOL
+    assert fused.fusion_report["transport_maps"][0]["emb"]["method"] == "fold"
+
+
+@pytest.mark.parametrize("make,cls", CASES[::2], ids=ids)
+def test_fold_into_same_width_is_permutation_recovery(make, cls):
+    base = make(cls=cls)
+    anchor, x = M.noisy(base, scale=0.5), M.inputs(base)
+    fused = otcompress.fuse(anchor, [M.transform(base, widen=False, seed=5)], alignment="fold")
+    assert _err(fused, x, base) < TOL
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+def test_fold_several_parents_then_fuse_the_folds(solver):
+    base = M.bert(cls=T.BertForSequenceClassification)
+    anchor, x = M.noisy(base, scale=0.5), M.inputs(base)
+    parents = [M.transform(base, widen=True, seed=1), M.transform(base, widen=False, seed=2),
+               M.widen_head_dim(base)]
+    fused = otcompress.fuse(anchor, parents, alignment="fold", solver=solver, reg=0.002)
+    assert _err(fused, x, base) < (TOL if solver == "emd" else 1e-4)
+
+
+def test_fold_to_a_target_config():
+    base = M.vit()
+    wide = M.transform(base, widen=True)
+    target = architectures.target_config(wide.config, hidden=32, heads=4, intermediate=64)
+    fused = otcompress.fuse(target, [wide], alignment="fold")
+    assert type(fused) is type(wide) and fused.config.hidden_size == 32
+    assert _err(fused, M.inputs(base), base) < TOL
+    assert fused.fusion_report["anchor"].startswith("target hidden 32")
+
+
+def test_fold_refuses_a_wider_target():
+    small, big = M.vit(hidden=16, heads=2, inter=32), M.vit()
+    with pytest.raises(IncompatibleModelsError, match="cannot fold"):
+        otcompress.fuse(big, [small], alignment="fold")
+    with pytest.raises(InvalidOptionError, match="residual"):
+        otcompress.fuse(big, [small], alignment="fold", residual="scalar", data=M.inputs(big))
+
+
+@pytest.mark.parametrize("make", [M.vit, M.bert], ids=ids)
+@pytest.mark.parametrize("alignment", ["weights", "activations", "fold"])
+def test_wider_heads_recover(make, alignment):
+    """A parent with heads twice as wide (same count, Q rescaled so it computes
+    the base's function): Q must be carried with the softmax scale."""
+    base = make(cls=T.ViTForImageClassification if make is M.vit else T.BertForSequenceClassification)
+    anchor, x = M.noisy(base), M.inputs(base)
+    wide = M.widen_head_dim(base)
+    assert _err(wide, x, base) < TOL
+    fused = otcompress.fuse(anchor, [wide], solver="emd", alignment=alignment,
+                            data=M.inputs(base, batch=16, seed=3))
+    expected = base if alignment == "fold" else M.average([anchor, base])
+    assert _err(fused, x, expected) < TOL
+
+
+def test_ignoring_the_softmax_scale_is_caught(monkeypatch):
+    base = M.vit()
+    anchor, x = M.noisy(base), M.inputs(base)
+    monkeypatch.setattr(HeadShapes, "score_scale", property(lambda self: 1.0))
+    fused = otcompress.fuse(anchor, [M.widen_head_dim(base)], solver="emd")
+    assert _err(fused, x, M.average([anchor, base])) > 1e-3
+
+
+def _unit_stats(model, modules, data):
+    """Per-unit mean and std of each module's output, measured here with
+    plain hooks (independently of repair.measure)."""
+    got, named = {}, dict(model.named_modules())
+    handles = [named[m].register_forward_hook(
+        lambda mod, a, out, m=m: got.setdefault(m, []).append(out.reshape(-1, out.shape[-1])))
+        for m in modules]
+    with torch.no_grad():
+        for b in data:
+            model(**b)
+    for h in handles:
+        h.remove()
+    return {m: (torch.cat(v).double().mean(0), torch.cat(v).double().std(0, unbiased=False))
+            for m, v in got.items()}
+
+
+@pytest.mark.parametrize("make,cls", CASES[::2], ids=ids)
+def test_repair_restores_the_target_statistics(make, cls):
+    """Anchor A and a widened copy of B, weights 1/2 each: after repair every
+    unit's mean and std equal the average of A's and B's (B's carried through
+    the recovered maps)."""
+    base = make(cls=cls)
+    anchor = M.noisy(base, scale=0.3)
+    calib = [{k: v for k, v in M.inputs(base, batch=16, seed=s).items() if k != "attention_mask"}
+             for s in (3, 4)]
+    modules = list(repair.points(architectures.build_spec(anchor)))
+    target = {m: [(a + b) / 2 for a, b in zip(sa, sb)] for (m, sa), sb in
+              zip(_unit_stats(anchor, modules, calib).items(), _unit_stats(base, modules, calib).values())}
+    wide = M.transform(base, widen=True)
+
+    def worst(model):
+        got = _unit_stats(model, modules, calib)
+        return max(float((g - t).abs().max()) for m in modules for g, t in zip(got[m], target[m]))
+    assert worst(otcompress.fuse(anchor, [wide], solver="emd")) > 1e-2  # repair has work to do
+    fused = otcompress.fuse(anchor, [wide], solver="emd", repair=True, data=calib)
+    assert worst(fused) < 1e-4
+    assert fused.fusion_report["repair"]["modules"] == len(modules)
+
+
+def test_fuse_keeps_callers_modes_and_constructor_arguments():
+    base = T.ViTModel(M.vit(cls=T.ViTModel).config, add_pooling_layer=False)
+    wide = M.transform(M.vit(cls=T.ViTModel), widen=True)
+    wide = T.ViTModel(wide.config, add_pooling_layer=False)
+    base.train()
+    fused = otcompress.fuse(base, [wide], solver="emd")
+    assert base.training and fused.pooler is None and not fused.training
