@@ -9,7 +9,7 @@ memory instead of O(tokens x units)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -85,11 +85,26 @@ class ResidualNorms:
 
 
 @contextmanager
-def capture(model: torch.nn.Module, probes: Iterable[Probe]):
-    """Forward hooks that store each probe's tensor of the latest forward pass."""
+def capture(model: torch.nn.Module, probes: Iterable[Probe], device=None):
+    """Forward hooks that store each probe's tensor of the latest forward pass
+    (moved to `device` when one is given)."""
     store: dict = {}
-    with stream(model, probes, store.__setitem__):
+
+    def keep(probe, t):
+        store[probe] = t if device is None else t.to(device)
+    with stream(model, probes, keep):
         yield store
+
+
+def model_device(model) -> torch.device:
+    """Where a model's parameters (else buffers) live; CPU for an empty module."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _on(inputs: Mapping, device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def iter_batches(data) -> Iterable[Mapping]:
@@ -116,7 +131,7 @@ def _samples(t: torch.Tensor, token_mask, keep_tokens) -> torch.Tensor:
 
 
 def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
-            token_filter: str | None = None, device="cpu", forward_dtype=None,
+            token_filter: str | None = None, device=None, forward_dtype=None,
             max_chunk: int = 16, progress=None) -> dict:
     """Streams `data` through the anchor and every parent once and returns
     {"costs": [ {tm: (m, n) cost} per parent ], "norms": {join tm: ResidualNorms},
@@ -125,7 +140,16 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     Memory stays bounded: batches are cut into chunks of `max_chunk` examples,
     and each parent activation is folded into the statistics by its forward
     hook the moment it is produced, so only the anchor's chunk is held.
-    `forward_dtype=torch.bfloat16` runs the forward passes under autocast."""
+    `forward_dtype=torch.bfloat16` runs the forward passes under autocast.
+
+    `device` (default: the anchor's) is where the statistics are computed and
+    where the costs (and matrix residual weights) are returned. Each model is
+    run where it lives: its inputs are moved to it, and its activations to
+    `device`, so CPU and CUDA models can be mixed (at the cost of copies).
+
+    Only positions with attention_mask == 1 count as samples. `token_filter`
+    selects the tokens of the cost statistics only; residual norms always use
+    every (unpadded) token."""
     solves = [n for n in spec.nodes if isinstance(n, Solve)] if need_costs else []
     joins = [n for n in spec.nodes if isinstance(n, Combine)] if need_norms else []
     solve_probes = {probe for n in solves for _, probe in n.parts}
@@ -134,11 +158,14 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     moments = [{p: CrossMoments() for p in solve_probes} for _ in parents]
     norms = {j.tm: ResidualNorms() for j in joins}
     state = {"seen": 0}
-    with torch.inference_mode(), _autocast(device, forward_dtype), capture(anchor, anchor_probes) as a_acts:
+    device = model_device(anchor) if device is None else torch.device(device)
+    a_dev, p_devs = model_device(anchor), [model_device(p) for p in parents]
+    with torch.inference_mode(), _autocast(a_dev, forward_dtype), \
+            capture(anchor, anchor_probes, device) as a_acts:
         for inputs in _chunks(data, device, max_chunk):
             mask = inputs.get("attention_mask")
-            anchor(**inputs)
-            keep = _keep_tokens(spec, token_filter, a_acts, sequence_probes)
+            anchor(**_on(inputs, a_dev))
+            keep = _keep_tokens(spec, token_filter, a_acts, sequence_probes, device)
             for j in joins:
                 norms[j.tm].update(_samples(a_acts[j.skip_probe], mask, None),
                                    _samples(a_acts[j.branch_probe], mask, None))
@@ -148,9 +175,9 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
             for k, parent in enumerate(parents):
                 def fold(probe, t, k=k):
                     kt = keep if probe in sequence_probes else None
-                    moments[k][probe].update(_samples(t, mask, kt), a_samples[probe])
-                with stream(parent, solve_probes, fold):
-                    parent(**inputs)
+                    moments[k][probe].update(_samples(t.to(device), mask, kt), a_samples[probe])
+                with stream(parent, solve_probes, fold), _autocast(p_devs[k], forward_dtype):
+                    parent(**_on(inputs, p_devs[k]))
             state["seen"] += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)
             if progress:
                 progress("activations", state["seen"], None)
@@ -183,7 +210,6 @@ def _chunks(data, device, max_chunk):
 
 def _autocast(device, dtype):
     if dtype is None or dtype == torch.float32:
-        from contextlib import nullcontext
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
@@ -216,13 +242,17 @@ def _solve_cost(node: Solve, moments: dict) -> torch.Tensor:
     return torch.stack([c * c for c in parts]).sum(0).sqrt()
 
 
-def _keep_tokens(spec, token_filter, acts, sequence_probes):
+def _keep_tokens(spec, token_filter, acts, sequence_probes, device):
     if token_filter is None:
         return None
     if spec.token_filter is None:
         raise DataError(f"token filter '{token_filter}' only applies to vision transformers")
-    seq_len = next(acts[p].shape[1] for p in sequence_probes if acts[p].dim() == 3)
-    return spec.token_filter(token_filter, seq_len)
+    seq_len = next((acts[p].shape[1] for p in sequence_probes if acts[p].dim() == 3), None)
+    if seq_len is None:
+        # No cost statistics over tokens (weights alignment with a weighted
+        # residual): the filter has nothing to select from.
+        return None
+    return spec.token_filter(token_filter, seq_len).to(device)
 
 
 def _batch_tokens(acts) -> int:

@@ -41,8 +41,10 @@ class UI:
             return
         from rich.table import Table
         t = Table(title=title)
-        for c in columns:
-            t.add_column(c, justify="left" if c == columns[0] else "right")
+        # The first column names the rows: fold it onto more lines rather than cut it.
+        t.add_column(columns[0], justify="left", overflow="fold")
+        for c in columns[1:]:
+            t.add_column(c, justify="right")
         for r in rows:
             t.add_row(*[_cell(v) for v in r])
         (self.err if self.as_json else self.out).print(t)
@@ -259,11 +261,16 @@ def _preprocessors(path: Path):
     return tokenizer, image_processor
 
 
-def _metrics_table(ui, metrics):
+def _metrics_table(ui, metrics, split=None, examples=None):
+    """`split` and `examples` (the data the metrics were measured on) add columns."""
     if not metrics:
         return
     names = sorted({k for m in metrics.values() for k, v in m.items() if isinstance(v, float)})
-    ui.table("metrics", ["model", *names], [[n, *(m.get(k) for k in names)] for n, m in metrics.items()])
+    given = [("split", split), ("examples", examples)]
+    extra = [c for c, v in given if v is not None]
+    values = [v for _, v in given if v is not None]
+    ui.table("metrics", ["model", *extra, *names],
+             [[n, *values, *(m.get(k) for k in names)] for n, m in metrics.items()])
 
 
 # ----------------------------------------------------------------------------- finetune / eval
@@ -291,7 +298,12 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     ui = UI(quiet, as_json)
     outputs.check_out(out, force)
     device = resolve_device(device)
+    if teachers:  # configs only: wrong teachers fail before weights are read or training starts
+        modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
+                               [modelio.load_config(t, trust_remote_code=trust_remote_code)
+                                for t in teachers])
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
+    _check_head(m, model, "finetune")
     task = _load_data(data, m, model, seed)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     with outputs.staged_dir(out, force) as tmp:
@@ -303,11 +315,12 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         after = ft.evaluate(m, task, device=device)
         summary.pop("losses", None)
         result = {"model": model, "data": data, "teachers": list(teachers), "finetune": summary,
+                  "split": "eval", "examples": task.num_examples("eval"),
                   "metrics": {"before": before, "after": after}}
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
         outputs.write_json(tmp / "finetune_report.json", result)
-    _metrics_table(ui, result["metrics"])
+    _metrics_table(ui, result["metrics"], split="eval", examples=result["examples"])
     ui.log(f"[green]wrote[/green] {out}")
     ui.result(result)
 
@@ -315,22 +328,38 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--data", required=True)
+@click.option("--split", type=click.Choice(["all", "train", "eval"]),
+              help="Which examples: all of them (default for your own files), or the fixed "
+                   "train/eval split (eval is the default for digits, pydoc and a saved "
+                   "DatasetDict with a test split, whose train part models were trained on).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @device_option
 @remote_code_option
 @common
-def eval_cmd(model, data, batch_size, device, trust_remote_code, quiet, as_json):
+def eval_cmd(model, data, split, batch_size, device, trust_remote_code, quiet, as_json):
     """Accuracy (classification) or MLM loss/perplexity of MODEL on --data."""
     from otcompress import finetune as ft
     from otcompress import modelio
     ui = UI(quiet, as_json)
+    device = resolve_device(device)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
-    metrics = ft.evaluate(m, _load_data(data, m, model, 0), batch_size=batch_size,
-                          device=resolve_device(device))
-    _metrics_table(ui, {model: metrics})
+    _check_head(m, model, "eval")
+    task = _load_data(data, m, model, 0)
+    split = split or task.default_eval_split
+    metrics = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device)
+    examples = task.num_examples(split)
+    _metrics_table(ui, {model: metrics}, split=split, examples=examples)
     if not as_json and quiet:
-        click.echo(json.dumps(metrics))
-    ui.result({"model": model, "data": data, **metrics})
+        click.echo(json.dumps({"split": split, "examples": examples, **metrics}))
+    ui.result({"model": model, "data": data, "split": split, "examples": examples, **metrics})
+
+
+def _check_head(m, path, command):
+    from otcompress.data import is_headless
+    if is_headless(m):
+        raise InvalidOptionError(
+            f"{path}: {type(m).__name__} has no task head; {command} needs a *ForImageClassification, "
+            "*ForSequenceClassification or *ForMaskedLM model")
 
 
 # ----------------------------------------------------------------------------- profile / export
@@ -349,16 +378,35 @@ def profile(models, batch_size, seq_len, repeats, threads, no_onnx, trust_remote
     from otcompress import modelio
     from otcompress.profiling import profile_model
     ui = UI(quiet, as_json)
+    for path in models:  # every path checked before the first is profiled
+        modelio.load_config(path, trust_remote_code=trust_remote_code)
     results = {}
     for path in models:
         m = modelio.load_model(path, trust_remote_code=trust_remote_code)
         ui.log(f"profiling {path}")
         results[path] = profile_model(m, model_dir=path, batch_size=batch_size, seq_len=seq_len,
                                       repeats=repeats, threads=threads, onnx=not no_onnx)
+    names = short_names(list(results))
     ui.table(f"profile (batch {batch_size}, {threads} thread(s), median of {repeats})",
              ["model", "params", "MFLOPs", "torch ms", "ORT ms", "disk MB"],
-             [_profile_row(p, r) for p, r in results.items()])
+             [_profile_row(names[p], r) for p, r in results.items()])
     ui.result({"models": results})
+
+
+def short_names(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest trailing run of components that no other path
+    shares (`runs/a/model`, `runs/b/model` -> `a/model`, `b/model`)."""
+    parts = {p: Path(p).parts or (str(p),) for p in paths}
+    names = {}
+    for p, own in parts.items():
+        for k in range(1, len(own) + 1):
+            tail = own[-k:]
+            if not any(q != p and parts[q][-k:] == tail for q in parts):
+                names[p] = str(Path(*tail))
+                break
+        else:
+            names[p] = str(p)
+    return names
 
 
 def _profile_row(path, r):

@@ -17,11 +17,21 @@ Specs:
 
 The task follows the model: ViT-like configs (image_size, num_channels) get
 image classification; text models get sequence classification when the
-model is a *ForSequenceClassification, else masked LM.
+model is a *ForSequenceClassification, else masked LM; a headless model
+(ViTModel, BertModel) gets "feature-extraction": inputs only.
 
 Splits are fixed (seed 0, independent of `seed`) so every run evaluates on
 the same examples: labelled data 75/25 stratified, unlabelled text 90/10.
 A DatasetDict's own train/test (or validation) splits are used as given.
+The split "all" is every example: train then eval. `TaskData.default_eval_split`
+is what `otcompress eval` measures unless told: "eval" for the built-in
+digits and pydoc (their train split is what the demo and zoo models were
+trained on) and for a DatasetDict with its own test split; "all" for every
+other user file (a file given to evaluate is usually a held-out set as a whole).
+
+Headless models (ViTModel, BertModel: no task head) get no labels and no MLM
+masks: class labels in the data are ignored, as there is no classifier to
+check them against or to train; the data serves as calibration data only.
 
 Images are scaled to [0, 1], resized with bilinear `torch.nn.functional.
 interpolate` to the config's image_size, converted to its num_channels
@@ -55,8 +65,10 @@ DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
 PYDOC_MIN_WORDS = 3  # drops headings and "See also:"/"Note:" stubs
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NUMPY_SUFFIX = ".npy"
-TASKS = ("image-classification", "masked-lm", "sequence-classification")
+TASKS = ("image-classification", "masked-lm", "sequence-classification", "feature-extraction")
 SPLITS = ("train", "eval")
+EVAL_SPLITS = (*SPLITS, "all")
+BUILT_IN = ("digits", "pydoc")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -106,6 +118,7 @@ class TaskData:
     class_names: list[str] | None = None
     spec: str = ""
     masker: _Masker | None = None
+    default_eval_split: str = "eval"
     _eval_mlm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -121,6 +134,8 @@ class TaskData:
         return self.task == "masked-lm" or "labels" in self.splits["train"]
 
     def num_examples(self, split: str) -> int:
+        if split == "all":
+            return sum(self.num_examples(s) for s in SPLITS)
         return len(next(iter(self._split(split).values())))
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -132,11 +147,19 @@ class TaskData:
         `seed` drives the shuffle and the train split's MLM masks.
         `group_by_length` (text, with shuffle) is Hugging Face Trainer's
         option: batches of similar length, in random order, so little
-        compute goes to padding.
+        compute goes to padding. `split="all"` is the train split's batches,
+        then the eval split's (no batch spans both; each part keeps its own
+        MLM masks, so the eval part is scored exactly as under "eval").
         """
+        if self.task == "feature-extraction":
+            raise DataError(f"data spec '{self.spec}': the model is headless (no task head), so "
+                            "there is nothing to train or evaluate; use it as calibration data")
         if not self.has_labels:
             raise DataError(f"data spec '{self.spec}': has no labels, needed to train or "
                             f"evaluate {self.task}")
+        if split == "all":
+            yield from self._all_batches(batch_size, shuffle, seed, limit, drop_last, group_by_length)
+            return
         gen = torch.Generator().manual_seed(seed)
         for idx in self._index_batches(split, batch_size, shuffle, gen, limit, drop_last,
                                        group_by_length):
@@ -159,9 +182,19 @@ class TaskData:
 
     # -- helpers
 
+    def _all_batches(self, batch_size, shuffle, seed, limit, drop_last, group_by_length):
+        left = limit
+        for split in SPLITS:
+            if left is not None and left <= 0:
+                return
+            yield from self.batches(split, batch_size, shuffle=shuffle, seed=seed, limit=left,
+                                    drop_last=drop_last, group_by_length=group_by_length)
+            if left is not None:
+                left -= min(left, self.num_examples(split))
+
     def _split(self, split: str) -> Tensors:
         if split not in SPLITS:
-            raise InvalidOptionError(f"split must be 'train' or 'eval', got {split!r}")
+            raise InvalidOptionError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
         return self.splits[split]
 
     def _index_batches(self, split, batch_size, shuffle, gen, limit, drop_last,
@@ -570,7 +603,18 @@ def _masker(tokenizer, config, mlm_probability: float) -> _Masker:
 # --------------------------------------------------------------------------- load_data
 
 
-def _model_task(model) -> tuple[object, str]:
+def is_headless(model) -> bool:
+    """True for a bare encoder (ViTModel, BertModel): no task head, so no
+    classifier whose labels data could be checked against. `model` is a model
+    or a config (then its `architectures` decide; none recorded = not headless)."""
+    config = getattr(model, "config", model)
+    if model is config:
+        name = (getattr(config, "architectures", None) or [""])[0]
+        return bool(name) and "For" not in name
+    return getattr(model, "base_model", None) is model
+
+
+def _model_task(model) -> tuple[object, str, str]:
     from transformers import PretrainedConfig
 
     config = getattr(model, "config", model)
@@ -578,11 +622,13 @@ def _model_task(model) -> tuple[object, str]:
         raise InvalidOptionError(f"load_data: model must be a transformers model or config, "
                                  f"got {type(model).__name__}")
     name = type(model).__name__ if model is not config else (config.architectures or [""])[0]
+    headless = is_headless(model)
     if hasattr(config, "image_size") and hasattr(config, "num_channels"):
-        return config, "image-classification"
+        return config, "feature-extraction" if headless else "image-classification", "image"
     if hasattr(config, "vocab_size"):
         seq = name.endswith("ForSequenceClassification")
-        return config, "sequence-classification" if seq else "masked-lm"
+        task = "feature-extraction" if headless else "sequence-classification" if seq else "masked-lm"
+        return config, task, "text"
     raise UnsupportedArchitectureError(f"load_data: no data pipeline for model type "
                                        f"'{config.model_type}' (image or text models only)")
 
@@ -606,8 +652,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     """
     if samples is not None and samples < 1:
         raise InvalidOptionError(f"samples must be >= 1, got {samples}")
-    config, task = _model_task(model)
-    kind = "image" if task == "image-classification" else "text"
+    config, task, kind = _model_task(model)
     src = _read_spec(spec)
     if src.kind != kind:
         raise DataError(f"data spec '{spec}': {src.kind} data does not fit a "
@@ -615,7 +660,8 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     train_idx, eval_idx = _split_indices(src, spec)
     if samples is not None:
         train_idx = _subsample(train_idx, src.labels, samples, seed)
-    use_labels = src.labels is not None and task != "masked-lm"
+    # A headless model has no classifier: labels are neither checked nor used.
+    use_labels = src.labels is not None and task not in ("masked-lm", "feature-extraction")
     num_labels = None
     if use_labels:
         num_labels = max(len(src.class_names or ()), int(src.labels.max()) + 1)
@@ -639,8 +685,10 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
         splits[name] = make(idx)
         if use_labels:
             splits[name]["labels"] = torch.from_numpy(src.labels[idx])
+    own_split = spec in BUILT_IN or src.split is not None
     return TaskData(task, splits, num_labels=num_labels,
-                    class_names=src.class_names if use_labels else None, spec=spec, masker=masker)
+                    class_names=src.class_names if use_labels else None, spec=spec, masker=masker,
+                    default_eval_split="eval" if own_split else "all")
 
 
 # --------------------------------------------------------------------------- tokenizer

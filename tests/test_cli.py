@@ -194,3 +194,136 @@ def test_failure_midway_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1", "--out", out)
     assert code == 2 and "did not converge" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- a new user's findings (issue 10)
+
+@pytest.fixture(scope="module")
+def more(zoo, tmp_path_factory):
+    """Teachers that must be refused, headless models, and models in look-alike folders."""
+    d = tmp_path_factory.mktemp("more")
+    tok = T.AutoTokenizer.from_pretrained(zoo / "bert_a")
+    M.vit(seed=5, cls=T.ViTModel).save_pretrained(d / "vit_headless_a")
+    M.vit(hidden=48, heads=6, inter=96, seed=6, cls=T.ViTModel).save_pretrained(d / "vit_headless_p")
+    cfg = M.vit().config
+    cfg.num_labels = 3
+    T.ViTForImageClassification(cfg).save_pretrained(d / "vit_3_labels")
+    M.bert(vocab=len(tok), cls=T.BertForSequenceClassification).save_pretrained(d / "bert_seqcls")
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tok),
+                                   n_positions=32)).save_pretrained(d / "gpt2")
+    M.vit(seed=1).save_pretrained(d / "a" / "model")
+    M.vit(hidden=48, heads=6, inter=96, seed=2).save_pretrained(d / "b" / "model")
+    return d
+
+
+def assert_user_error(code, err, message, out):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.mark.parametrize("student,teachers,data,message", [
+    ("{z}/anchor", ["{z}/bert_p"], "digits", "model-type mismatch: student is vit, teacher 1 is bert"),
+    ("{z}/anchor", ["{z}/big_image"], "digits", "image-size mismatch: student has image_size=8, teacher 1"),
+    ("{z}/anchor", ["{m}/vit_3_labels"], "digits", "label mismatch: student has 10 labels, teacher 1 has 3"),
+    ("{z}/anchor", ["{m}/vit_headless_p"], "digits", "teacher 1 (ViTModel) has no task head"),
+    ("{z}/anchor", ["{z}/wide1", "{z}/big_image"], "digits", "teacher 2 has image_size=16"),
+    ("{z}/bert_a", ["{z}/bert_vocab"], "pydoc", "vocabulary mismatch"),
+    ("{z}/bert_a", ["{m}/gpt2"], "pydoc", "model-type mismatch: student is bert, teacher 1 is gpt2"),
+    ("{z}/bert_a", ["{m}/bert_seqcls"], "pydoc", "head mismatch: student is BertForMaskedLM"),
+    ("{z}/anchor", ["{z}/nope"], "digits", "no such model directory"),
+])
+def test_finetune_refuses_bad_teachers_before_any_work(zoo, more, tmp_path, capsys, monkeypatch,
+                                                       student, teachers, data, message):
+    from otcompress import finetune as ft
+    from otcompress import modelio
+
+    def no_work(*a, **k):
+        raise AssertionError("teachers must be validated before weights are read or training starts")
+    monkeypatch.setattr(modelio, "load_model", no_work)
+    monkeypatch.setattr(ft, "finetune", no_work)
+    out = tmp_path / "ft"
+    fmt = lambda s: s.format(z=zoo, m=more)  # noqa: E731
+    code, _, err = run(capsys, "finetune", fmt(student), "--data", data, "--steps", 2, "--out", out,
+                       "--teachers", *map(fmt, teachers))
+    assert_user_error(code, err, message, out)
+
+
+def test_finetune_accepts_a_deeper_teacher_and_shows_the_eval_split(zoo, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, stdout, err = run(capsys, "finetune", zoo / "anchor", "--data", "digits", "--steps", 2,
+                            "--batch-size", 32, "--teachers", zoo / "deep", "--out", out)
+    assert code == 0, err
+    assert "eval" in stdout and "450" in stdout  # which split, how many examples
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["split"] == "eval" and report["examples"] == 450
+
+
+def write_npy_folder(root, classes=3, per_class=4):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            np.save(root / f"class{c}" / f"{i}.npy", rng.random((8, 8)).astype(np.float32))
+    return root
+
+
+def test_eval_whole_user_file_by_default_and_split_option(zoo, tmp_path, capsys):
+    folder = write_npy_folder(tmp_path / "imgs")
+    code, stdout, err = run(capsys, "eval", zoo / "anchor", "--data", folder, "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["split"] == "all" and res["examples"] == 12
+    code, stdout, err = run(capsys, "eval", zoo / "anchor", "--data", folder, "--split", "eval", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["examples"] == 3
+    # Built-in digits: the held-out quarter unless told otherwise.
+    code, stdout, err = run(capsys, "eval", zoo / "anchor", "--data", "digits", "--json")
+    assert json.loads(stdout)["split"] == "eval" and json.loads(stdout)["examples"] == 450
+    code, stdout, err = run(capsys, "eval", zoo / "anchor", "--data", "digits", "--split", "all", "--json")
+    assert json.loads(stdout)["examples"] == 1797
+    # The table says which split and how many examples.
+    code, stdout, err = run(capsys, "eval", zoo / "anchor", "--data", folder)
+    assert code == 0, err
+    header = next(line for line in stdout.splitlines() if "split" in line)
+    assert "examples" in header and "accuracy" in header
+    assert any("all" in line and "12" in line for line in stdout.splitlines())
+    code, _, err = run(capsys, "eval", zoo / "anchor", "--data", "digits", "--split", "test")
+    assert code == 2 and "Invalid value" in err
+
+
+def test_headless_vit_fuses_with_labelled_data(more, tmp_path, capsys):
+    out = tmp_path / "fused"
+    code, _, err = run(capsys, "fuse", "--anchor", more / "vit_headless_a", "--parents", more / "vit_headless_p",
+                       "--out", out, "--alignment", "activations", "--data", "digits", "--samples", 32, "-q")
+    assert code == 0, err  # not "10 classes but the model has 2 labels"
+    model = T.ViTModel.from_pretrained(out)
+    assert model.config.hidden_size == 32 and torch.isfinite(M.outputs(model, M.inputs(model))).all()
+    code, _, err = run(capsys, "eval", more / "vit_headless_a", "--data", "digits")
+    assert code == 2 and "ViTModel has no task head" in err and len(err.strip().splitlines()) == 1
+    ft_out = tmp_path / "ft"
+    code, _, err = run(capsys, "finetune", more / "vit_headless_a", "--data", "digits", "--steps", 2,
+                       "--out", ft_out)
+    assert_user_error(code, err, "has no task head", ft_out)
+
+
+def test_profile_names_models_in_one_folder_apart(more, capsys):
+    code, stdout, err = run(capsys, "profile", more / "a" / "model", more / "b" / "model", "--repeats", 1,
+                            "--no-onnx")
+    assert code == 0, err
+    first_cells = [line.split("│")[1].strip() for line in stdout.splitlines() if line.startswith("│")]
+    assert "a/model" in first_cells and "b/model" in first_cells
+    code, _, err = run(capsys, "profile", more / "a" / "model", more / "nope", "--repeats", 1, "--no-onnx")
+    assert code == 2 and "no such model directory" in err and "profiling" not in err
+
+
+def test_short_names_are_unique_suffixes():
+    from otcompress.cli import short_names
+    paths = ["/runs/x/a/model", "/runs/y/a/model", "/runs/b/model", "other/", "/runs/x/a/model2"]
+    assert short_names(paths) == {"/runs/x/a/model": "x/a/model", "/runs/y/a/model": "y/a/model",
+                                  "/runs/b/model": "b/model", "other/": "other",
+                                  "/runs/x/a/model2": "model2"}

@@ -286,3 +286,74 @@ def test_bad_options_raise_invalid_option():
         load_data("digits", vit_config(), samples=0)
     with pytest.raises(InvalidOptionError, match="model must be"):
         load_data("digits", "vit")
+
+
+# --------------------------------------------------------------------------- split "all", headless
+
+
+def test_split_all_is_train_then_eval_and_default_eval_split(tmp_path, tokenizer):
+    data = load_data("digits", vit_config())
+    assert data.default_eval_split == "eval"  # built-in: the demo/zoo train on its train split
+    assert data.num_examples("all") == 1797
+    batches = list(data.batches("all", 500))
+    assert [len(b["labels"]) for b in batches] == [500, 500, 347, 450]  # no batch spans both
+    labels = torch.cat([b["labels"] for b in batches])
+    assert torch.equal(labels, torch.cat([data.splits["train"]["labels"], data.splits["eval"]["labels"]]))
+    assert sum(len(b["labels"]) for b in data.batches("all", 500, limit=1400)) == 1400
+    root = write_image_folder(tmp_path / "imgs")
+    folder = load_data(str(root), vit_config(labels=3))
+    assert folder.default_eval_split == "all" and folder.num_examples("all") == 12
+    tok, _ = tokenizer
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(" ".join(p.split()) for p in pydoc_paragraphs()[:50]))
+    mlm = load_data(str(path), BertForMaskedLM(bert_config(len(tok))), tokenizer=tok)
+    assert mlm.default_eval_split == "all" and mlm.num_examples("all") == 50
+    # The eval part of "all" is scored with exactly the eval split's fixed masks.
+    tail = list(mlm.batches("all", 64))[-1]
+    ev = next(mlm.batches("eval", 64))
+    assert all(torch.equal(tail[k], ev[k]) for k in ev)
+
+
+def test_saved_dataset_dict_defaults_to_its_test_split(tmp_path, tokenizer):
+    import datasets
+
+    tok, _ = tokenizer
+    texts = pydoc_paragraphs()[:12]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:8]}),
+                               "test": datasets.Dataset.from_dict({"text": texts[8:]})})
+    datasets.disable_progress_bars()
+    dd.save_to_disk(str(tmp_path / "dd"))
+    data = load_data(str(tmp_path / "dd"), BertForMaskedLM(bert_config(len(tok))), tokenizer=tok)
+    assert data.default_eval_split == "eval" and data.num_examples("eval") == 4
+
+
+def test_headless_models_ignore_labels(tmp_path, tokenizer):
+    from transformers import BertModel, ViTModel
+
+    # A headless model carries HF's default num_labels=2; digits has 10 classes.
+    for model in (ViTModel(vit_config(labels=2)), vit_config(labels=2)):
+        if not hasattr(model, "config"):
+            model.architectures = ["ViTModel"]
+        data = load_data("digits", model)
+        assert data.task == "feature-extraction" and not data.has_labels and data.num_labels is None
+        assert "labels" not in data.splits["train"]
+        batch = next(data.calibration_batches(8, 8))
+        assert set(batch) == {"pixel_values"} and batch["pixel_values"].shape == (8, 1, 8, 8)
+        with pytest.raises(DataError, match="headless"):
+            next(data.batches("eval", 8))
+    tok, _ = tokenizer
+    rows = [{"text": p, "label": i % 10} for i, p in enumerate(pydoc_paragraphs()[:40])]
+    path = tmp_path / "l.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    text = load_data(str(path), BertModel(bert_config(len(tok))), tokenizer=tok)
+    assert text.task == "feature-extraction" and not text.has_labels
+    assert set(next(text.calibration_batches(4, 4))) == {"input_ids", "attention_mask", "token_type_ids"}
+    # A classifier still gets its label count checked.
+    with pytest.raises(DataError, match="10 classes but the model has 2 labels"):
+        load_data("digits", vit_config(labels=2))
+
+
+def test_bad_split_name():
+    data = load_data("digits", vit_config(), samples=50)
+    with pytest.raises(InvalidOptionError, match="split must be one of train, eval, all"):
+        data.num_examples("test")
