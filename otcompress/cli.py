@@ -482,6 +482,20 @@ def demo(out, steps, quick, threads, quiet, as_json):
     ui.result(result)
 
 
+# ----------------------------------------------------------------------------- families
+
+@cli.command()
+@common
+def families(quiet, as_json):
+    """The model classes otcompress fuses, per family (model type)."""
+    from otcompress.architectures import supported
+    ui = UI(quiet, as_json)
+    table = supported()
+    ui.table("supported model classes", ["model class", "family"],
+             [[cls, model_type] for model_type, classes in table.items() for cls in classes])
+    ui.result({"families": table})
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def expand_multi_value(argv: list[str]) -> list[str]:

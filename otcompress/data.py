@@ -15,9 +15,10 @@ Specs:
                 `save_to_disk`: an "image"/"pixel_values" or "text" column,
                 optional "label"/"labels".
 
-The task follows the model: ViT-like configs (image_size, num_channels) get
-image classification; text models get sequence classification when the
-model is a *ForSequenceClassification, else masked LM; a headless model
+The task and inputs follow the model's family (otcompress.architectures):
+image models get image classification; text encoders get sequence
+classification when the model is a *ForSequenceClassification, else masked
+LM, and only the token fields the model takes; a headless model
 (ViTModel, BertModel) gets "feature-extraction": inputs only.
 
 Splits are fixed (seed 0, independent of `seed`) so every run evaluates on
@@ -574,10 +575,11 @@ def _image_tensor(items: Sequence, size, channels, mean, std, spec: str) -> torc
 # --------------------------------------------------------------------------- text
 
 
-def _tokenize(texts: Sequence[str], tokenizer, max_length: int) -> Tensors:
+def _tokenize(texts: Sequence[str], tokenizer, max_length: int, keep: Sequence[str]) -> Tensors:
+    """Token ids padded to the longest text; of the tokenizer's fields only
+    those in `keep` (the model's inputs: DistilBERT takes no token types)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
                     return_tensors="pt")
-    keep = ("input_ids", "attention_mask", "token_type_ids")
     return {k: enc[k].long() for k in keep if k in enc}
 
 
@@ -622,15 +624,20 @@ def _model_task(model) -> tuple[object, str, str]:
         raise InvalidOptionError(f"load_data: model must be a transformers model or config, "
                                  f"got {type(model).__name__}")
     name = type(model).__name__ if model is not config else (config.architectures or [""])[0]
-    headless = is_headless(model)
-    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
-        return config, "feature-extraction" if headless else "image-classification", "image"
-    if hasattr(config, "vocab_size"):
-        seq = name.endswith("ForSequenceClassification")
-        task = "feature-extraction" if headless else "sequence-classification" if seq else "masked-lm"
-        return config, task, "text"
-    raise UnsupportedArchitectureError(f"load_data: no data pipeline for model type "
-                                       f"'{config.model_type}' (image or text models only)")
+    # The model's family (otcompress.architectures) knows its task and inputs.
+    fam = _family(config)
+    kind = "image" if "pixel_values" in fam.INPUTS else "text"
+    return config, "feature-extraction" if is_headless(model) else fam.task(name), kind
+
+
+def _family(config):
+    from otcompress.architectures import FAMILIES
+
+    fam = FAMILIES.get(getattr(config, "model_type", None))
+    if fam is None:
+        raise UnsupportedArchitectureError(f"load_data: no data pipeline for model type "
+                                           f"'{config.model_type}' (supported: {', '.join(FAMILIES)})")
+    return fam
 
 
 def _check_labels(num_labels: int, config, spec: str) -> None:
@@ -648,7 +655,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     `samples` caps the train split at that many examples drawn with `seed`
     (stratified when labelled); the eval split is never subsampled, so
     metrics stay comparable. Text longer than `max_length` tokens (clipped
-    to the model's max_position_embeddings) is truncated.
+    to the longest sequence the model's positions allow) is truncated.
     """
     if samples is not None and samples < 1:
         raise InvalidOptionError(f"samples must be >= 1, got {samples}")
@@ -676,8 +683,9 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
         masker = None
     else:
         _check_tokenizer(tokenizer, config, task, spec)
-        length = min(max_length, getattr(config, "max_position_embeddings", max_length))
-        make = lambda idx: _tokenize(src.load(idx), tokenizer, length)  # noqa: E731
+        fam = _family(config)
+        length = min(max_length, fam.max_seq_len(config))
+        make = lambda idx: _tokenize(src.load(idx), tokenizer, length, fam.INPUTS)  # noqa: E731
         masker = _masker(tokenizer, config, mlm_probability) if task == "masked-lm" else None
 
     splits = {}

@@ -1,7 +1,7 @@
 """ONNX export with an ONNX Runtime parity gate, and int8 dynamic quantisation.
 
 The export is only kept if a real onnxruntime session reproduces PyTorch on
-inputs of a *different* batch size (and, for BERT, sequence length and padding)
+inputs of a *different* batch size (and, for text, sequence length and padding)
 than the export example: that proves the dynamic axes and catches constants
 baked in by tracing. Everything is written into a temporary directory beside
 the output and moved into place only once it has passed, so a failure never
@@ -30,7 +30,7 @@ from otcompress.profiling import (
     TupleOutput,
     describe_inputs,
     example_inputs,
-    model_type_of,
+    family_of,
     ort_feed,
     ort_session,
 )
@@ -66,14 +66,14 @@ def _with_batch_at_least_two(inputs: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def parity_inputs(model: nn.Module, export_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inputs that differ from the export example in batch size and, for BERT,
+    """Inputs that differ from the export example in batch size and, for text,
     in sequence length and padding, so that parity proves the dynamic axes."""
     shape = describe_inputs(export_inputs)
     batch_size = shape["batch_size"] + 1
     if "seq_len" not in shape:
-        return example_inputs(model, batch_size=batch_size)  # ViT: the only input is pixel_values
+        return example_inputs(model, batch_size=batch_size)  # images: the only input is pixel_values
     export_seq_len = shape["seq_len"]
-    max_seq_len = model.config.max_position_embeddings
+    max_seq_len = family_of(model).max_seq_len(model.config)
     seq_len = export_seq_len - 3 if export_seq_len > 4 else min(export_seq_len + 3, max_seq_len)
     inputs = example_inputs(model, batch_size=batch_size, seq_len=seq_len)
     if seq_len > 2:
@@ -82,25 +82,26 @@ def parity_inputs(model: nn.Module, export_inputs: dict[str, torch.Tensor]) -> d
     return {name: inputs[name] for name in export_inputs}
 
 
-def _dynamic_axes(model_type: str, input_names, output_names, outputs) -> dict[str, dict[int, str]]:
-    """Batch is dynamic everywhere; for BERT the token axis is too (inputs, and
-    outputs with one vector per token such as last_hidden_state or MLM logits)."""
-    token_axis = {1: "sequence"} if model_type == "bert" else {}
-    axes = {name: {0: "batch", **token_axis} for name in input_names}
+def _dynamic_axes(family, input_names, output_names, outputs) -> dict[str, dict[int, str]]:
+    """The family's dynamic input axes (batch everywhere; for text the token
+    axis too); outputs share the batch axis and, where the inputs have a
+    sequence axis, outputs with one vector per token (last_hidden_state, MLM
+    logits) share that too."""
+    input_axes = dict(family.INPUT_AXES)
+    axes = {name: dict(input_axes) for name in input_names}
+    token_axis = {1: input_axes[1]} if input_axes.get(1) == "sequence" else {}
     for name, output in zip(output_names, outputs):
-        per_token = model_type == "bert" and output.dim() == 3
-        axes[name] = {0: "batch", **(token_axis if per_token else {})}
+        axes[name] = {0: "batch", **(token_axis if output.dim() == 3 else {})}
     return axes
 
 
-def _dynamic_shapes(model: nn.Module, model_type: str, input_names) -> tuple:
+def _dynamic_shapes(model: nn.Module, family, input_names) -> tuple:
     """torch.export's spelling of the same dynamic input axes (one spec per
     element of TupleOutput's *tensors argument)."""
-    batch = torch.export.Dim("batch")
-    if model_type != "bert":
-        return (tuple({0: batch} for _ in input_names),)
-    sequence = torch.export.Dim("sequence", max=model.config.max_position_embeddings)
-    return (tuple({0: batch, 1: sequence} for _ in input_names),)
+    dims = {"batch": torch.export.Dim("batch")}
+    if "sequence" in family.INPUT_AXES.values():
+        dims["sequence"] = torch.export.Dim("sequence", max=family.max_seq_len(model.config))
+    return (tuple({axis: dims[name] for axis, name in family.INPUT_AXES.items()} for _ in input_names),)
 
 
 # ---------------------------------------------------------------- exporters
@@ -111,20 +112,20 @@ def _quiet_exporters():
     return quiet("torch.onnx")
 
 
-def _run_exporter(exporter: str, wrapper: nn.Module, model: nn.Module, model_type: str,
+def _run_exporter(exporter: str, wrapper: nn.Module, model: nn.Module, family,
                   inputs: dict[str, torch.Tensor], output_names, outputs, path: Path, opset) -> None:
     input_names = list(inputs)
     common = dict(input_names=input_names, output_names=list(output_names), opset_version=opset)
     with _quiet_exporters(), torch.no_grad():
         if exporter == "torchscript":
             torch.onnx.export(wrapper, tuple(inputs.values()), str(path), dynamo=False,
-                              dynamic_axes=_dynamic_axes(model_type, input_names, output_names, outputs),
+                              dynamic_axes=_dynamic_axes(family, input_names, output_names, outputs),
                               do_constant_folding=True, **common)
         else:
             # torch 2.13 writes weights to a `.data` sidecar by default; one
             # self-contained file is simpler to ship, and protobuf allows it below 2 GiB.
             torch.onnx.export(wrapper, tuple(inputs.values()), str(path), dynamo=True, verbose=False,
-                              dynamic_shapes=_dynamic_shapes(model, model_type, input_names),
+                              dynamic_shapes=_dynamic_shapes(model, family, input_names),
                               external_data=_parameter_bytes(model) >= PROTOBUF_LIMIT_BYTES, **common)
 
 
@@ -151,7 +152,15 @@ def _max_abs_diff(expected: list[np.ndarray], actual: list[np.ndarray]) -> float
 
 def _torch_outputs(wrapper: nn.Module, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
     with torch.inference_mode():
-        return [output.float().numpy() for output in wrapper(*inputs.values())]
+        # .cpu(): the model may live on an accelerator; numpy needs host memory.
+        outputs = wrapper(*_on_device(inputs, wrapper).values())
+        return [output.detach().float().cpu().numpy() for output in outputs]
+
+
+def _on_device(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`inputs` moved to where `model`'s parameters are (example inputs are made on the CPU)."""
+    device = next(model.parameters()).device
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 # ---------------------------------------------------------------- public API
@@ -168,7 +177,7 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
                 atol: float = 1e-4, quantize: str | None = None, opset: int | None = None,
                 check: bool = True, exporter: str = "auto", quantized_path=None) -> dict:
     """Export `model` to ONNX at `out_path` with a dynamic batch axis (and
-    sequence axis for BERT), check it against PyTorch in onnxruntime, and
+    sequence axis for text models), check it against PyTorch in onnxruntime, and
     optionally write an int8 dynamically-quantised copy.
 
     Raises ValidationGateError if the ONNX outputs differ from PyTorch by more
@@ -182,7 +191,7 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
         raise InvalidOptionError(f"unknown exporter {exporter!r} (supported: {', '.join(EXPORTERS)})")
     if atol < 0:
         raise InvalidOptionError(f"atol must be >= 0 (got {atol})")
-    model_type = model_type_of(model)
+    family = family_of(model)
     out_path = Path(out_path)
     quantized_path = Path(quantized_path) if quantized_path else out_path.with_name(f"{out_path.stem}.int8.onnx")
     if quantize and quantized_path.resolve() == out_path.resolve():
@@ -194,7 +203,7 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
         if inputs is None:
             inputs = example_inputs(model, EXPORT_BATCH_SIZE, EXPORT_SEQ_LEN)
         _check_input_names(model, inputs)
-        export_inputs = _with_batch_at_least_two(inputs)
+        export_inputs = _on_device(_with_batch_at_least_two(inputs), model)
         check_inputs = parity_inputs(model, export_inputs)
         # eval(): the TorchScript exporter restores the *wrapper's* training flag
         # recursively afterwards, which would switch dropout on in the model.
@@ -204,10 +213,10 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
         output_names = list(example_outputs.keys())
         report = {
             "path": str(out_path),
-            "model_type": model_type,
+            "model_type": family.MODEL_TYPE,
             "input_names": list(export_inputs),
             "output_names": output_names,
-            "dynamic_axes": _dynamic_axes(model_type, list(export_inputs), output_names, example_outputs.to_tuple()),
+            "dynamic_axes": _dynamic_axes(family, list(export_inputs), output_names, example_outputs.to_tuple()),
             "export_inputs": describe_inputs(export_inputs),
             "check_inputs": describe_inputs(check_inputs) if check else None,
             "atol": atol,
@@ -217,7 +226,7 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
         try:
             staged = work_dir / out_path.name
             report.update(_export_with_gate(
-                wrapper, model, model_type, export_inputs, check_inputs, output_names,
+                wrapper, model, family, export_inputs, check_inputs, output_names,
                 example_outputs.to_tuple(), staged, opset=opset, atol=atol, check=check, exporter=exporter))
             if quantize:
                 staged_int8 = work_dir / f"int8-{quantized_path.name}"  # never collides with `staged`
@@ -237,7 +246,7 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
     return report
 
 
-def _export_with_gate(wrapper, model, model_type, export_inputs, check_inputs, output_names, example_outputs,
+def _export_with_gate(wrapper, model, family, export_inputs, check_inputs, output_names, example_outputs,
                       staged: Path, *, opset, atol, check, exporter) -> dict:
     """Try the exporters in order until one writes a file that passes parity."""
     expected = _torch_outputs(wrapper, check_inputs) if check else None
@@ -249,7 +258,7 @@ def _export_with_gate(wrapper, model, model_type, export_inputs, check_inputs, o
             leftover.unlink()
         start = time.perf_counter()
         try:
-            _run_exporter(name, wrapper, model, model_type, export_inputs, output_names, example_outputs,
+            _run_exporter(name, wrapper, model, family, export_inputs, output_names, example_outputs,
                           staged, opset)
         except Exception as error:  # an exporter's failure is a reason to try the next one
             attempt["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]

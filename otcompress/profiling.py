@@ -26,7 +26,6 @@ from torch import nn
 
 from otcompress.errors import InvalidOptionError, ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("vit", "bert")
 FLOP_COUNTERS = ("fvcore", "flopcounter")
 
 # fvcore operator names that are matrix products; FlopCounterMode counts only
@@ -39,45 +38,38 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 # ---------------------------------------------------------------- inputs
 
-def model_type_of(model: nn.Module) -> str:
-    """The HF `model_type` ("vit" or "bert"); anything else is a user error."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+def family_of(model: nn.Module):
+    """The architecture family (`otcompress.architectures`) of `model`; an
+    unknown model type is a user error."""
+    from otcompress.architectures import FAMILIES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
         raise InvalidOptionError(
             f"unsupported model type {model_type!r} for profiling/export "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"(supported: {', '.join(FAMILIES)})"
         )
-    return model_type
+    return FAMILIES[model_type]
 
 
-def _image_size(config) -> tuple[int, int]:
-    size = config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
+def model_type_of(model: nn.Module) -> str:
+    """The HF `model_type` of a supported family; anything else is a user error."""
+    return family_of(model).MODEL_TYPE
 
 
 def example_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 128) -> dict[str, torch.Tensor]:
-    """Deterministic dummy inputs shaped for `model` (ViT images or BERT tokens).
+    """Deterministic dummy inputs shaped for `model`, as its family makes them
+    (images, or token ids with the masks and types the model takes).
 
-    For BERT `seq_len` is capped at `max_position_embeddings`; ViT ignores it.
+    For text `seq_len` is capped at the longest sequence the model's
+    positions allow; image models ignore it.
     """
     if batch_size < 1 or seq_len < 1:
         raise InvalidOptionError(f"batch_size and seq_len must be >= 1 (got {batch_size}, {seq_len})")
-    model_type = model_type_of(model)
-    config = model.config
+    family = family_of(model)
     # A fixed generator: profiling and export checks must be reproducible.
     generator = torch.Generator().manual_seed(0)
-    if model_type == "vit":
-        height, width = _image_size(config)
-        shape = (batch_size, config.num_channels, height, width)
-        return {"pixel_values": torch.randn(shape, generator=generator)}
-    seq_len = min(seq_len, config.max_position_embeddings)
-    shape = (batch_size, seq_len)
-    return {
-        "input_ids": torch.randint(0, config.vocab_size, shape, generator=generator),
-        "attention_mask": torch.ones(shape, dtype=torch.long),
-        "token_type_ids": torch.zeros(shape, dtype=torch.long),
-    }
+    return family.example_inputs(model.config, batch_size, seq_len, generator)
 
 
 def describe_inputs(inputs: dict[str, torch.Tensor]) -> dict:

@@ -179,3 +179,151 @@ def inputs(model, batch=4, seed=0):
 def outputs(model, x):
     out = model(**x)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+# --------------------------------------------------------------------------- RoBERTa and DistilBERT
+# Appended for tests/test_families.py; the helpers above are unchanged. These
+# families have their own parameter names and config keys, so they get their
+# own role tables, widths, sharpening and transform, written (like the tables
+# above) from the models' own structure, not from the engine's files.
+
+ROBERTA_ROLES = [
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight$", [None, ("res", "out")]),
+    (r"\.(query|key)\.weight$", [("qk", "out"), ("res", "in")]),
+    (r"\.(query|key)\.bias$", [("qk", "out")]),
+    (r"\.value\.weight$", [("v", "out"), ("res", "in")]),
+    (r"\.value\.bias$", [("v", "out")]),
+    (r"attention\.output\.dense\.weight$", [("res", "out"), ("v", "in")]),
+    (r"intermediate\.dense\.weight$", [("mlp", "out"), ("res", "in")]),
+    (r"intermediate\.dense\.bias$", [("mlp", "out")]),
+    (r"\.output\.dense\.weight$", [("res", "out"), ("mlp", "in")]),
+    (r"pooler\.dense\.weight$", [("pool", "out"), ("res", "in")]),
+    (r"pooler\.dense\.bias$", [("pool", "out")]),
+    (r"^classifier\.dense\.weight$", [("pool", "out"), ("res", "in")]),
+    (r"^classifier\.dense\.bias$", [("pool", "out")]),
+    (r"^classifier\.out_proj\.weight$", [None, ("pool", "in")]),
+    (r"^lm_head\.dense\.weight$", [("res", "out"), ("res", "in")]),
+    (r"^lm_head\.decoder\.weight$", [None, ("res", "in")]),
+    (r"^(lm_head\.decoder\.bias|lm_head\.bias|classifier\.out_proj\.bias)$", [None]),
+    (r"(output\.dense|LayerNorm|lm_head\.dense|lm_head\.layer_norm)\.(weight|bias)$", [("res", "out")]),
+]
+
+DISTILBERT_ROLES = [
+    (r"embeddings\.(word|position)_embeddings\.weight$", [None, ("res", "out")]),
+    (r"\.(q_lin|k_lin)\.weight$", [("qk", "out"), ("res", "in")]),
+    (r"\.(q_lin|k_lin)\.bias$", [("qk", "out")]),
+    (r"\.v_lin\.weight$", [("v", "out"), ("res", "in")]),
+    (r"\.v_lin\.bias$", [("v", "out")]),
+    (r"\.out_lin\.weight$", [("res", "out"), ("v", "in")]),
+    (r"\.lin1\.weight$", [("mlp", "out"), ("res", "in")]),
+    (r"\.lin1\.bias$", [("mlp", "out")]),
+    (r"\.lin2\.weight$", [("res", "out"), ("mlp", "in")]),
+    (r"^pre_classifier\.weight$", [("pool", "out"), ("res", "in")]),
+    (r"^pre_classifier\.bias$", [("pool", "out")]),
+    (r"^classifier\.weight$", [None, ("pool", "in")]),
+    (r"^vocab_transform\.weight$", [("res", "out"), ("res", "in")]),
+    (r"^vocab_projector\.weight$", [None, ("res", "in")]),
+    (r"^(vocab_projector|classifier)\.bias$", [None]),
+    (r"(out_lin|lin2|layer_norm|LayerNorm|vocab_transform)\.(weight|bias)$", [("res", "out")]),
+]
+
+FAMILY_ROLES = {"roberta": ROBERTA_ROLES, "distilbert": DISTILBERT_ROLES}
+# Config keys of (hidden, heads, MLP width) per family: what 2x widening doubles.
+FAMILY_WIDTHS = {"roberta": ("hidden_size", "num_attention_heads", "intermediate_size"),
+                 "distilbert": ("dim", "n_heads", "hidden_dim")}
+FAMILY_QK = r"(query|key|q_lin|k_lin)\.weight$"
+FAMILY_NORM = r"(LayerNorm|layer_norm)\.weight$"
+
+
+def family_roles(name: str, model_type: str):
+    for pattern, r in FAMILY_ROLES[model_type]:
+        if re.search(pattern, name):
+            return r
+    raise KeyError(f"test role table does not know {name}")
+
+
+def roberta(hidden=32, heads=4, inter=64, layers=2, seed=0, cls=T.RobertaForMaskedLM, vocab=60, tie=True):
+    cfg = T.RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=34,
+                          num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          tie_word_embeddings=tie)
+    return sharpen_family(cls(cfg), seed)
+
+
+def distilbert(hidden=32, heads=4, inter=64, layers=2, seed=0, cls=T.DistilBertForMaskedLM, vocab=60, tie=True):
+    cfg = T.DistilBertConfig(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=inter,
+                             max_position_embeddings=32, num_labels=3, dropout=0.0, attention_dropout=0.0,
+                             seq_classif_dropout=0.0, tie_word_embeddings=tie)
+    return sharpen_family(cls(cfg), seed)
+
+
+@torch.no_grad()
+def sharpen_family(model, seed):
+    """`sharpen` for these families' names: fan-in scaled matrices, Q/K 2.5x
+    that (std 2.5/sqrt(32) = 0.44 at width 32, 22x HF's 0.02: peaked
+    attention), LayerNorm gains 1 +- 0.3, biases 0.2 * N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel() if "embeddings" not in name else 1
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            if re.search(FAMILY_QK, name):
+                p.mul_(2.5)
+        elif re.search(FAMILY_NORM, name):
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _family_space_index(n, h, inter, seed, widen):
+    """As `_space_index`: one head order shared by Q, K and V, within-head
+    orders for Q/K and for V/O; widening: every unit twice."""
+    g = torch.Generator().manual_seed(seed)
+    if widen:
+        tile = lambda k: torch.arange(k).repeat(2)  # noqa: E731
+        return {"res": tile(n), "qk": tile(n), "v": tile(n), "mlp": tile(inter), "pool": tile(n)}
+    d = n // h
+    heads = torch.randperm(h, generator=g)
+
+    def within():
+        return torch.cat([heads[j] * d + torch.randperm(d, generator=g) for j in range(h)])
+
+    return {"res": torch.randperm(n, generator=g), "qk": within(), "v": within(),
+            "mlp": torch.randperm(inter, generator=g), "pool": torch.randperm(n, generator=g)}
+
+
+@torch.no_grad()
+def transform_family(model, *, widen: bool, seed=7):
+    """`transform` for RoBERTa and DistilBERT: a functionally identical copy
+    with units permuted, or every unit duplicated and input-side weights
+    halved (not function-preserving for a decoder tied to the embeddings)."""
+    cfg = model.config
+    keys = FAMILY_WIDTHS[cfg.model_type]
+    n, h, inter = (getattr(cfg, k) for k in keys)
+    idx = _family_space_index(n, h, inter, seed, widen)
+    new_cfg = type(cfg).from_dict(cfg.to_dict())
+    if widen:
+        for k in keys:
+            setattr(new_cfg, k, 2 * getattr(cfg, k))
+    sd = {}
+    for name, t in model.state_dict().items():
+        for axis, role in enumerate(family_roles(name, cfg.model_type)):
+            if role is None:
+                continue
+            space, kind = role
+            t = t.index_select(axis, idx[space])
+            if kind == "in" and widen:
+                t = t / 2
+        sd[name] = t
+    out = type(model)(new_cfg)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+def family_inputs(model, batch=4, seed=0):
+    """`inputs` without token types for DistilBERT, which takes none."""
+    x = inputs(model, batch, seed)
+    if model.config.model_type == "distilbert":
+        x.pop("token_type_ids")
+    return x

@@ -1,8 +1,14 @@
-"""One small data file per model family; the engine looks them up by model type."""
-from otcompress.architectures import bert, vit
+"""One small data file per model family; the engine, profiling, export and
+data look them up by model type (what a family file defines: see `common`)."""
+from otcompress.architectures import bert, distilbert, roberta, vit
 from otcompress.errors import UnsupportedArchitectureError
 
-FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert)}
+FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert)}
+
+
+def supported() -> dict:
+    """{model type: [model classes fusion accepts]}, for listings."""
+    return {t: list(m.MODEL_CLASSES) for t, m in FAMILIES.items()}
 
 
 def family(config):

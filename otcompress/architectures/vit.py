@@ -7,13 +7,28 @@ from __future__ import annotations
 
 import torch
 
+from otcompress.architectures.common import IMAGE_AXES, image_example_inputs
 from otcompress.errors import InvalidOptionError
 from otcompress.flowgraph import ArchSpec, Out, Probe, encoder_block, layernorm, linear, solve
 
 MODEL_TYPE = "vit"
 MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
 # Config values that must be equal between anchor and parents.
-MUST_MATCH = ("num_hidden_layers", "image_size", "patch_size", "num_channels")
+MUST_MATCH = ("num_hidden_layers", "image_size", "patch_size", "num_channels", "hidden_act")
+INPUTS = ("pixel_values",)
+INPUT_AXES = IMAGE_AXES
+
+
+def example_inputs(config, batch_size, seq_len, generator):
+    return image_example_inputs(config, batch_size, generator)
+
+
+def max_seq_len(config):
+    return None  # no token axis in the inputs
+
+
+def task(class_name):
+    return "image-classification"
 
 
 def build(config, keys, *, qk="separate") -> ArchSpec:
