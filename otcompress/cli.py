@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -125,11 +124,17 @@ def cli():
 # ----------------------------------------------------------------------------- fuse
 
 @cli.command()
-@click.option("--anchor", required=True, help="The small model whose architecture the result has.")
+@click.option("--anchor", help="The small model whose architecture the result has "
+              "(or give a target width with --hidden/--heads/--intermediate to fold into).")
 @click.option("--parents", multiple=True, required=True, help="One or more wider parent models.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--profile", "profile_name", help="A recipe: name in profiles/ or a YAML file.")
-@click.option("--alignment", type=click.Choice(["weights", "activations"]))
+@click.option("--alignment", type=click.Choice(["auto", "weights", "activations", "fold"]),
+              help="auto (default): race the starting points on held-out data; fold: cluster "
+                   "the parents into the anchor's widths.")
+@click.option("--hidden", type=int, help="Fold target hidden size (no --anchor: the first parent's architecture).")
+@click.option("--heads", type=int, help="Fold target number of attention heads.")
+@click.option("--intermediate", type=int, help="Fold target MLP width.")
 @click.option("--solver", type=click.Choice(["sinkhorn", "emd"]))
 @click.option("--reg", help="Sinkhorn regulariser (> 0) or 'auto' (held-out sweep).")
 @click.option("--residual", type=click.Choice(["average", "scalar", "matrix"]))
@@ -138,6 +143,9 @@ def cli():
 @click.option("--token-filter", help="ViT activations: window_N or only_cls.")
 @click.option("--activation-dtype", type=click.Choice(["float32", "bfloat16"]),
               help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs).")
+@click.option("--repair/--no-repair", default=None, help="Restore unit statistics (REPAIR) after fusing.")
+@click.option("--distill/--no-distill", default=None, help="Distil from the parents while finetuning (default on).")
+@click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.1).")
 @click.option("--data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
 @click.option("--samples", type=int, help="Calibration examples for activation statistics.")
 @click.option("--finetune-steps", type=int, help="Brief recovery training steps (0 = none).")
@@ -149,20 +157,31 @@ def cli():
 @remote_code_option
 @common
 @click.pass_context
-def fuse(ctx, anchor, parents, out, profile_name, force, device, trust_remote_code, quiet, as_json, **flags):
+def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, force, device,
+         trust_remote_code, quiet, as_json, **flags):
     """Fuse PARENTS into the ANCHOR's width; write a from_pretrained directory."""
-    from otcompress import outputs
+    from otcompress import pipeline
     ui = UI(quiet, as_json)
     recipe = _resolve_recipe(ctx, profile_name, flags)
-    outputs.check_out(out, force)
-    device = resolve_device(device)
-    started = time.time()
-    with outputs.staged_dir(out, force) as tmp:
-        report = _run_fuse(ui, anchor, list(parents), recipe, tmp, device, trust_remote_code)
-        report["wall_seconds"] = time.time() - started
-        outputs.write_json(tmp / "fusion_report.json", report)
+    widths = {k: v for k, v in (("hidden", hidden), ("heads", heads), ("intermediate", intermediate))
+              if v is not None}
+    if anchor and widths:
+        raise InvalidOptionError("give --anchor or a target width (--hidden/--heads/--intermediate), not both")
+    if not anchor and not widths:
+        raise InvalidOptionError("give --anchor, or a target width to fold into (--hidden, --heads, --intermediate)")
+    with ui.progress() as prog:
+        _, report = pipeline.run(anchor, list(parents), recipe, out, target=widths or None, force=force,
+                                 device=resolve_device(device), trust_remote_code=trust_remote_code,
+                                 progress=prog, log=ui.log)
     ui.log(f"[green]wrote[/green] {out}  ({report['wall_seconds']:.1f} s)")
-    _metrics_table(ui, report.get("metrics"))
+    race = report.get("race")
+    if race:
+        ui.table(f"starting-point race ({race['steps_each']} steps each, {race['holdout_examples']} "
+                 "held-out examples)", ["candidate", "held-out loss"],
+                 [[c["candidate"], c["holdout_loss"]] for c in race["candidates"]])
+    metrics = report.get("metrics") or {}
+    first = next(iter(metrics.values()), {})
+    _metrics_table(ui, metrics, first.get("split"), first.get("examples"))
     ui.result({"out": str(out), "report": report})
 
 
@@ -179,86 +198,15 @@ def _resolve_recipe(ctx, profile_name, flags):
             given["reg"] = float(given["reg"])
         except ValueError:
             raise InvalidOptionError(f"--reg {given['reg']}: a number > 0 or 'auto'") from None
-    recipe.update(given)
+    recipe.update({k: v for k, v in given.items() if v is not None})
     recipes.check_recipe(recipe, "options")
     recipe["profile"] = profile_name
     return recipe
 
 
-def _run_fuse(ui, anchor, parents, r, tmp: Path, device, trust_remote_code):
-    import otcompress
-    from otcompress import finetune as ft
-    from otcompress import modelio, outputs
-    from otcompress.architectures import family
-    from otcompress.fusion import check_options
-
-    # Validate options and configs before any weights are read.
-    needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
-                  or r["finetune_steps"] > 0)
-    if needs_data and not r["data"]:
-        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
-                                 "or finetuning)")
-    check_options(r["alignment"], r["solver"], r["reg"], r["residual"], r["qk"], r["token_filter"],
-                  r["data"], r["weights"], parents)
-    cfg = modelio.load_config(anchor, trust_remote_code=trust_remote_code)
-    modelio.check_compatible(cfg, [modelio.load_config(p, trust_remote_code=trust_remote_code)
-                                   for p in parents], family(cfg).MUST_MATCH)
-    anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
-    data = _load_data(r["data"], anchor_m, anchor, r["seed"]) if r["data"] else None
-    calib = holdout = None
-    if data is not None:
-        calib = list(data.calibration_batches(r["samples"], r["batch_size"], seed=r["seed"]))
-        if data.has_labels:
-            holdout = list(data.batches("eval", r["batch_size"], limit=max(r["samples"], 64)))
-    reg = f", reg {r['reg']}" if r["solver"] == "sinkhorn" else ""
-    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
-    ui.log(f"fusing {len(parents)} parent(s) into {anchor} ({r['alignment']}, {r['solver']}{reg})")
-    with ui.progress() as prog:
-        fused = otcompress.fuse(anchor_m, parent_ms, alignment=r["alignment"], solver=r["solver"],
-                                reg=r["reg"], residual=r["residual"], data=calib, holdout=holdout,
-                                weights=r["weights"], qk=r["qk"], token_filter=r["token_filter"],
-                                cost_norm=r["cost_norm"], activation_dtype=r["activation_dtype"],
-                                progress=prog)
-    report = fused.fusion_report
-    report["anchor"], report["parents"] = str(anchor), [str(p) for p in parents]
-    metrics = {}
-    if data is not None and data.has_labels:
-        metrics["anchor"] = ft.evaluate(anchor_m, data)
-        metrics["fused (one-shot)"] = ft.evaluate(fused, data)
-    if r["finetune_steps"] > 0:
-        with ui.progress() as prog:
-            report["finetune"] = ft.finetune(fused.to(device), data, steps=r["finetune_steps"], lr=r["lr"],
-                                             batch_size=r["batch_size"], seed=r["seed"], device=device,
-                                             progress=prog.finetune)
-        report["finetune"].update(lr=r["lr"], batch_size=r["batch_size"])
-        report["finetune"].pop("losses", None)
-        metrics[f"fused + {r['finetune_steps']} steps"] = ft.evaluate(fused, data, device=device)
-    report["metrics"] = metrics
-    report["recipe"] = r
-    fused.to("cpu").save_pretrained(tmp)
-    report["copied_preprocessor_files"] = outputs.copy_preprocessor(anchor, tmp)
-    outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
-    (tmp / "README.md").write_text(outputs.model_card(report))
-    return report
-
-
 def _load_data(spec, model, model_path, seed):
-    from otcompress.data import load_data
-    tokenizer = image_processor = None
-    if isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():
-        tokenizer, image_processor = _preprocessors(Path(model_path))
-    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
-
-
-def _preprocessors(path: Path):
-    tokenizer = image_processor = None
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path / "preprocessor_config.json").exists():
-        from transformers import AutoImageProcessor
-        image_processor = AutoImageProcessor.from_pretrained(path)
-    return tokenizer, image_processor
+    from otcompress.pipeline import load_task_data
+    return load_task_data(spec, model, model_path, seed)
 
 
 def _metrics_table(ui, metrics, split=None, examples=None):

@@ -151,44 +151,84 @@ def finetune(model, data: TaskData, *, steps: int, lr: float = 1e-3, batch_size:
     and the per-step losses. The model is left on `device` in eval mode;
     teachers are put in eval mode. Deterministic given `seed` on CPU.
     """
-    _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup)
-    device = torch.device(device)
-    teachers = list(teachers or [])
-    model.to(device)
-    for t in teachers:
-        t.to(device).eval()
-    start = time.perf_counter()
-    losses, task_losses = [], []
-    if steps > 0:
-        with _seeded(seed, device):
-            _train(model, data, steps, lr, batch_size, seed, teachers, distill_alpha,
-                   temperature, weight_decay, warmup, device, progress, losses, task_losses)
-    model.eval()
-    return _summary(losses, task_losses, time.perf_counter() - start)
+    trainer = Trainer(model, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                      teachers=teachers, distill_alpha=distill_alpha, temperature=temperature,
+                      weight_decay=weight_decay, warmup=warmup, device=device, progress=progress)
+    return trainer.run(steps).summary()
 
 
-def _train(model, data, steps, lr, batch_size, seed, teachers, alpha, temperature,
-           weight_decay, warmup, device, progress, losses, task_losses):
-    optimizer = _optimizer(model, lr, weight_decay)
-    batches = _train_batches(data, batch_size, seed)
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        loss, task = _step_loss(model, teachers, _to(next(batches), device), alpha, temperature)
+class Trainer:
+    """One `steps`-step run (schedule, optimizer, batch order, dropout RNG)
+    that can be advanced in pieces: `run(10)` then `run(90)` trains exactly
+    like `run(100)`. The start-point race of `pipeline` spends the first steps
+    of the real run on every candidate and continues the winner."""
+
+    def __init__(self, model, data: TaskData, *, steps: int, lr: float = 1e-3, batch_size: int = 64,
+                 seed: int = 0, teachers=None, distill_alpha: float = 0.5, temperature: float = 2.0,
+                 weight_decay: float = 0.01, warmup: float = 0.1, device="cpu", progress=None):
+        _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup)
+        self.model, self.steps, self.lr, self.warmup = model, steps, lr, warmup
+        self.alpha, self.temperature, self.progress = distill_alpha, temperature, progress
+        self.device = torch.device(device)
+        self.teachers = list(teachers or [])
+        model.to(self.device)
+        for t in self.teachers:
+            t.to(self.device).eval()
+        self.optimizer = _optimizer(model, lr, weight_decay)
+        self.batches = _train_batches(data, batch_size, seed)
+        self.done, self.seconds, self.losses, self.task_losses = 0, 0.0, [], []
+        with _seeded(seed, self.device):
+            self.rng = _rng_state(self.device)
+
+    def run(self, n: int) -> "Trainer":
+        """Train the next `n` steps (fewer if the run ends); eval mode afterwards."""
+        n = max(0, min(n, self.steps - self.done))
+        start = time.perf_counter()
+        if n:
+            with _seeded(0, self.device):  # the caller's RNG is left alone
+                _set_rng_state(self.device, self.rng)
+                self.model.train()
+                for _ in range(n):
+                    self._step()
+                self.rng = _rng_state(self.device)
+        self.model.eval()
+        self.seconds += time.perf_counter() - start
+        return self
+
+    def _step(self):
+        step = self.done
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.steps, self.lr, self.warmup)
+        loss, task = _step_loss(self.model, self.teachers, _to(next(self.batches), self.device),
+                                self.alpha, self.temperature)
         if not torch.isfinite(loss):
             raise InvalidOptionError(f"finetune: loss is not finite at step {step} "
-                                     f"(lr={lr}); try a lower lr")
-        optimizer.zero_grad(set_to_none=True)
+                                     f"(lr={self.lr}); try a lower lr")
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        task_losses.append(task.item())
-        if progress is not None:
-            progress(step + 1, steps, {"loss": losses[-1], "lr": optimizer.param_groups[0]["lr"]})
+        self.optimizer.step()
+        self.losses.append(loss.item())
+        self.task_losses.append(task.item())
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.steps, {"loss": self.losses[-1],
+                                                  "lr": self.optimizer.param_groups[0]["lr"]})
+
+    def summary(self) -> dict:
+        return _summary(self.losses, self.task_losses, self.seconds)
 
 
-@torch.inference_mode()
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device, state):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
              device="cpu") -> dict:
     """Classification: accuracy and mean cross-entropy over examples.
@@ -196,14 +236,17 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     masked-token accuracy (eval masks are fixed, so this is deterministic).
     The model's train/eval mode is restored afterwards."""
     was_training = model.training
+    # Moved outside inference mode: a model moved inside it gets inference-tensor
+    # parameters, which training can no longer use (CUDA finetune after eval).
     model.to(device).eval()
     total_loss, correct, count = 0.0, 0, 0
     try:
-        for batch in data.batches(split, batch_size):
-            logits, labels = _scored(model, _to(batch, device))
-            total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            count += labels.numel()
+        with torch.inference_mode():
+            for batch in data.batches(split, batch_size):
+                logits, labels = _scored(model, _to(batch, device))
+                total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                correct += (logits.argmax(-1) == labels).sum().item()
+                count += labels.numel()
     finally:
         model.train(was_training)
     loss = total_loss / max(count, 1)

@@ -89,7 +89,7 @@ def model_card(report: dict) -> str:
         "library_name": "transformers",
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
-    o = report["options"]
+    o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         "# OT-fused model", "",
@@ -101,7 +101,7 @@ def model_card(report: dict) -> str:
         f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}",
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",
-        f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o['weights'])}",
+        f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
     ft = report.get("finetune")
@@ -113,10 +113,19 @@ def model_card(report: dict) -> str:
                   "|---|" + "---|" * len(_metric_names(metrics))]
         for name, m in metrics.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in _metric_names(metrics)) + " |")
-    t = report["timings"]
-    lines += ["", "## Cost", "", f"Fusion took {t['total']:.1f} s (activations {t['activations']:.1f} s, "
-              f"alignment {t['align']:.1f} s). See `fusion_report.json` for per-map transport statistics.",
-              ""]
+    race = report.get("race")
+    if race:
+        lines += ["", "## Starting-point race", "",
+                  f"Each candidate trained the first {race['steps_each']} steps of the run (distilled "
+                  f"from the parents) and was scored on {race['holdout_examples']} held-out training "
+                  f"examples; **{race['winner']}** won and continued.", "",
+                  "| candidate | held-out loss |", "|---|---|"]
+        lines += [f"| {c['candidate']} | {c['holdout_loss']:.4f} |" for c in race["candidates"]]
+    t = report.get("timings")
+    if t:
+        lines += ["", "## Cost", "", f"Fusion took {t['total']:.1f} s (activations {t['activations']:.1f} s, "
+                  f"alignment {t['align']:.1f} s). See `fusion_report.json` for per-map transport "
+                  "statistics.", ""]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 # Every recipe key, its type, and its default (the CLI's defaults come from here).
 RECIPE_KEYS = {
-    "alignment": (str, "weights"),
+    "alignment": (str, "auto"),  # auto: race the starting points (pipeline.py)
     "solver": (str, "sinkhorn"),
     "reg": ((float, str), 0.02),
     "residual": (str, "average"),
@@ -27,6 +27,10 @@ RECIPE_KEYS = {
     "lr": (float, 1e-3),
     "batch_size": (int, 64),
     "seed": (int, 0),
+    "repair": (bool, False),
+    "distill": (bool, True),  # teachers = the parents while finetuning
+    "distill_alpha": (float, 0.5),
+    "race_fraction": (float, 0.1),
 }
 
 
@@ -75,6 +79,8 @@ def check_recipe(recipe: dict, where: str = "recipe") -> dict:
 
 
 def _is(value, typ) -> bool:
+    if typ is bool:
+        return isinstance(value, bool)
     types = typ if isinstance(typ, tuple) else (typ,)
     if float in types and isinstance(value, (int, float)) and not isinstance(value, bool):
         return True

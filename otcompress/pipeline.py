@@ -1,0 +1,283 @@
+"""The whole fuse workflow as one library call: validate, load, fuse (or race
+the candidate starting points), finetune with distillation, measure, write a
+`from_pretrained` directory. The CLI only parses, calls this and prints.
+
+The default recipe (alignment "auto") is built to never lose to what a user
+gets without otcompress. Which start is best depends on what follows
+(method.md, "Folding"): the folded parents win after finetuning with
+distillation, but are far below a good anchor one-shot. So with N finetuning
+steps, every candidate start (the folds of all parents fused, each parent's
+fold alone, anchor-weighted OT fusion, the anchor itself) gets the first
+`race_fraction * N` steps of the *same* N-step run (schedule, batches,
+teachers), is scored on held-out training examples, and the winner continues
+to N. With N = 0 the candidates are scored one-shot on the same held-out
+examples. Teachers are the parents by default."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from otcompress import architectures, finetune as ft, modelio, outputs, recipes
+from otcompress.errors import InvalidOptionError
+
+HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
+ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
+FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "activation_dtype", "repair")
+
+
+def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, force=False, device="cpu",
+        trust_remote_code=False, progress=None, log=None):
+    """Run a resolved recipe (`recipes.resolve`) and return (model, report);
+    with `out`, also write the model directory there (staged: a failure leaves
+    nothing behind). `anchor` is a model or directory, or None with `target`
+    (a dict of widths, e.g. {"hidden": 32}) to fold the parents into the
+    first parent's architecture at those widths. `data` (a `TaskData`)
+    replaces the recipe's data spec. `progress(stage, done, total)` and
+    `log(message)` are optional callbacks."""
+    log = log or (lambda msg: None)
+    r = {**recipes.defaults(), **recipes.check_recipe(
+        {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
+    if out is not None:
+        outputs.check_out(out, force)
+    parents = list(parents)
+    anchor_cfg, _ = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
+    started = time.time()
+    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
+    anchor_m = None if anchor is None else modelio.load_model(anchor, trust_remote_code=trust_remote_code)
+    fuse_anchor = anchor_m if anchor_m is not None else anchor_cfg
+    if data is None and r["data"]:
+        data = load_task_data(r["data"], anchor_m or anchor_cfg,
+                              anchor if anchor is not None else parents[0], r["seed"])
+    train, holdout = split_holdout(data, r["seed"]) if _trainable(data) else (data, None)
+    calib = None if data is None else list(data.calibration_batches(r["samples"], r["batch_size"],
+                                                                    seed=r["seed"]))
+    teachers = parent_ms if r["distill"] else []
+    trainer_kw = dict(steps=r["finetune_steps"], lr=r["lr"], batch_size=r["batch_size"], seed=r["seed"],
+                      teachers=teachers, distill_alpha=r["distill_alpha"], device=device,
+                      progress=(lambda d, t, i=None: progress("finetune", d, t)) if progress else None)
+    fuse_kw = {k: r[k] for k in FUSE_KEYS}
+    if r["alignment"] == "auto" and holdout is not None:
+        race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
+                    one_shot=lambda m: _evaluate(m, data, device))
+        for name, make in candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout):
+            log(f"race: {name}")
+            race.enter(name, make)
+        model, trainer, report, one_shot = race.finish()
+        trainer.run(r["finetune_steps"])
+    else:
+        alignment = _resolve_alignment(r["alignment"], anchor_m)
+        log(f"fusing {len(parents)} parent(s) ({alignment})")
+        model = _fuse(fuse_anchor, parent_ms, alignment, calib, fuse_kw, r, progress,
+                      weights=r["weights"], holdout=holdout)
+        report = model.fusion_report
+        one_shot = _evaluate(model, data, device) if _trainable(data) else None
+        trainer = ft.Trainer(model, train, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
+    report = dict(report)
+    report["anchor"] = str(anchor) if anchor is not None else report.get("anchor")
+    report["parents"] = [str(p) for p in parents]
+    if trainer is not None and r["finetune_steps"]:
+        report["finetune"] = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
+                              "teachers": len(teachers), "holdout_examples": _n(holdout)}
+        report["finetune"].pop("losses", None)
+    report["metrics"] = _metrics(anchor_m, model, one_shot, data, r, device)
+    report["recipe"] = r
+    report["wall_seconds"] = time.time() - started
+    model.fusion_report = report
+    if out is not None:
+        with outputs.staged_dir(out, force) as tmp:
+            write(model, report, anchor if anchor is not None else parents[0], tmp, r)
+    return model, report
+
+
+def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=False):
+    """Options and configs, before any weights are read."""
+    from otcompress.fusion import check_options
+    if not parents:
+        raise InvalidOptionError("fusion needs at least one parent")
+    if (anchor is None) == (target is None):
+        raise InvalidOptionError("give an anchor, or a target width (hidden/heads/intermediate), not both")
+    needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
+                  or r["repair"] or r["finetune_steps"] > 0)
+    if needs_data and not (r["data"] or given_data):
+        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto, "
+                                 "repair or finetuning)")
+    if anchor is None and r["alignment"] not in ("auto", "fold"):
+        raise InvalidOptionError(f"alignment '{r['alignment']}' needs an anchor's weights; "
+                                 "a target width can only be folded into")
+    alignment = "weights" if r["alignment"] == "auto" else r["alignment"]
+    check_options(alignment, r["solver"], r["reg"], r["residual"], r["qk"], r["token_filter"],
+                  r["data"] or given_data, r["weights"], parents, repair=r["repair"])
+    parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
+    anchor_cfg = (architectures.target_config(parent_cfgs[0], **target) if anchor is None
+                  else modelio.load_config(anchor, trust_remote_code=trust_remote_code))
+    modelio.check_compatible(anchor_cfg, parent_cfgs, architectures.family(anchor_cfg).MUST_MATCH)
+    if r["alignment"] == "fold" or anchor is None:
+        architectures.check_fold_target(anchor_cfg, parent_cfgs)
+    return anchor_cfg, parent_cfgs
+
+
+def _resolve_alignment(alignment, anchor_m):
+    """"auto" without held-out labelled data: fold into a bare target width,
+    else the conservative anchor-weighted OT fusion."""
+    if alignment != "auto":
+        return alignment
+    return "fold" if anchor_m is None else "weights"
+
+
+def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=None, holdout=None):
+    """One fusion; reg "auto" is chosen on the held-out examples when there are any."""
+    from otcompress.fusion import fuse
+    if alignment == "weights" and weights is None and r["alignment"] == "auto":
+        weights = anchor_weighted(len(parent_ms))
+    held = None if holdout is None else list(holdout.batches("eval", r["batch_size"]))
+    return fuse(anchor, parent_ms, alignment=alignment, data=calib, weights=weights, seed=r["seed"],
+                holdout=held, progress=progress, **fuse_kw)
+
+
+def anchor_weighted(n_parents: int) -> list:
+    return [ANCHOR_WEIGHT] + [(1 - ANCHOR_WEIGHT) / n_parents] * n_parents
+
+
+def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout=None):
+    """(name, make) for every start the race tries; `make()` builds it lazily."""
+    def fold(ps):
+        return lambda: _fuse(fuse_anchor, ps, "fold", calib, fuse_kw, r, progress, holdout=holdout)
+    out = []
+    if _foldable(fuse_anchor, parent_ms):
+        out.append(("fold: all parents" if len(parent_ms) > 1 else "fold", fold(parent_ms)))
+        if len(parent_ms) > 1:
+            out += [(f"fold: parent {k + 1}", fold([p])) for k, p in enumerate(parent_ms)]
+    if anchor_m is not None:
+        out.append((f"OT fusion, anchor weight {ANCHOR_WEIGHT}",
+                    lambda: _fuse(anchor_m, parent_ms, "weights", calib, fuse_kw, r, progress,
+                                  weights=anchor_weighted(len(parent_ms)), holdout=holdout)))
+        out.append(("anchor", lambda: _anchor_copy(anchor_m)))
+    return out
+
+
+def _foldable(target, parent_ms) -> bool:
+    from otcompress.errors import IncompatibleModelsError
+    try:
+        architectures.check_fold_target(getattr(target, "config", target), [p.config for p in parent_ms])
+    except IncompatibleModelsError:
+        return False  # an anchor wider than a parent: only OT fusion and the anchor race
+    return True
+
+
+class Race:
+    """Candidates enter one at a time; each trains the first `steps` steps of
+    its N-step run and is scored by task loss on the held-out examples. Only
+    the best so far is kept (with its optimizer), so memory stays at two."""
+
+    def __init__(self, train, holdout, trainer_kw, steps, one_shot=None):
+        self.train, self.holdout, self.kw, self.steps = train, holdout, trainer_kw, steps
+        self.one_shot = one_shot  # reported only (on the eval split), never used to choose
+        self.rows, self.best = [], None
+
+    def enter(self, name, make):
+        t0 = time.perf_counter()
+        model = make()
+        fusion = getattr(model, "fusion_report", None)
+        one_shot = self.one_shot(model) if self.one_shot else None
+        trainer = ft.Trainer(model, self.train, **self.kw).run(self.steps)
+        loss = ft.evaluate(model, self.holdout, device=self.kw["device"])["loss"]
+        self.rows.append({"candidate": name, "holdout_loss": loss, "steps": self.steps,
+                          "one_shot": one_shot, "seconds": time.perf_counter() - t0})
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, name, model, trainer, fusion, one_shot)
+
+    def finish(self):
+        loss, name, model, trainer, fusion, one_shot = self.best
+        report = dict(fusion) if fusion else {"schema": _schema(), "options": {"alignment": "anchor"}}
+        report["race"] = {"winner": name, "steps_each": self.steps, "holdout_examples": _n(self.holdout),
+                          "extra_steps": self.steps * (len(self.rows) - 1), "candidates": self.rows}
+        return model, trainer, report, one_shot
+
+
+def _schema():
+    from otcompress.fusion import REPORT_SCHEMA
+    return REPORT_SCHEMA
+
+
+def _anchor_copy(anchor_m):
+    model = copy.deepcopy(anchor_m).eval()
+    model.__dict__.pop("fusion_report", None)
+    return model
+
+
+def split_holdout(data, seed: int):
+    """(train, holdout): the train split minus a held-out tenth (at least 64
+    examples), and that tenth as a TaskData whose eval split it is. The race
+    and reg choices are scored on it, never on the eval split."""
+    tensors = data.splits["train"]
+    n = len(next(iter(tensors.values())))
+    k = max(HOLDOUT_MIN, int(HOLDOUT_FRACTION * n))
+    if n < 2 * k:
+        raise InvalidOptionError(f"--data has {n} training examples; the race holds out {k} and "
+                                 f"needs at least {2 * k}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    take = lambda idx: {f: v[idx] for f, v in tensors.items()}  # noqa: E731
+    train = dataclasses.replace(data, splits={**data.splits, "train": take(order[k:])})
+    holdout = dataclasses.replace(data, splits={"train": take(order[:k]), "eval": take(order[:k])})
+    return train, holdout
+
+
+def _trainable(data) -> bool:
+    return data is not None and data.has_labels and data.task != "feature-extraction"
+
+
+def _n(data):
+    return None if data is None else data.num_examples("eval")
+
+
+def _evaluate(model, data, device):
+    split = data.default_eval_split
+    return {**ft.evaluate(model, data, split=split, device=device), "split": split}
+
+
+def _metrics(anchor_m, model, one_shot, data, r, device):
+    """Anchor, one-shot and final metrics on the data's evaluation split."""
+    if not _trainable(data):
+        return {}
+    metrics = {} if anchor_m is None else {"anchor": _evaluate(anchor_m, data, device)}
+    if one_shot is not None:
+        metrics["fused (one-shot)"] = one_shot
+    if r["finetune_steps"]:
+        metrics[f"fused + {r['finetune_steps']} steps"] = _evaluate(model, data, device)
+    return metrics
+
+
+def write(model, report, source, tmp: Path, r):
+    """The model directory: weights and config, the anchor's preprocessor files,
+    the resolved recipe, the report and a model card."""
+    model.to("cpu").save_pretrained(tmp)
+    report["copied_preprocessor_files"] = outputs.copy_preprocessor(source, tmp)
+    outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
+    outputs.write_json(tmp / "fusion_report.json", report)
+    (tmp / "README.md").write_text(outputs.model_card(report))
+
+
+def load_task_data(spec, model, model_path, seed):
+    """`load_data` with the tokenizer or image processor saved beside the model."""
+    from otcompress.data import load_data
+    tokenizer = image_processor = None
+    if isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():
+        tokenizer, image_processor = _preprocessors(Path(model_path))
+    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
+
+
+def _preprocessors(path: Path):
+    tokenizer = image_processor = None
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "preprocessor_config.json").exists():
+        from transformers import AutoImageProcessor
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    return tokenizer, image_processor

@@ -1,0 +1,113 @@
+"""The fuse workflow as a library call: the starting-point race, resumable
+training, held-out splits, fold targets from the command line."""
+import json
+
+import pytest
+import torch
+import transformers as T
+
+import models as M
+from otcompress import finetune as ft
+from otcompress import pipeline
+from otcompress.cli import main
+from otcompress.data import load_data
+from otcompress.errors import InvalidOptionError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", M.vit())
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_trainer_in_pieces_equals_one_run(digits):
+    a, b = M.vit(seed=1), M.vit(seed=1)
+    kw = dict(steps=8, lr=1e-3, batch_size=16, seed=3, teachers=[M.vit(hidden=48, heads=6, seed=2)])
+    ft.Trainer(a, digits, **kw).run(3).run(5)
+    ft.Trainer(b, digits, **kw).run(8)
+    assert torch.equal(_params(a), _params(b))
+    c = M.vit(seed=1)
+    ft.Trainer(c, digits, **{**kw, "seed": 4}).run(8)
+    assert not torch.equal(_params(a), _params(c))  # the comparison can fail
+
+
+def test_holdout_is_disjoint_from_training(digits):
+    train, holdout = pipeline.split_holdout(digits, seed=0)
+    n = digits.num_examples("train")
+    assert train.num_examples("train") + holdout.num_examples("eval") == n
+    seen = {tuple(x.flatten().tolist()) for x in train.splits["train"]["pixel_values"]}
+    assert not any(tuple(x.flatten().tolist()) in seen for x in holdout.splits["eval"]["pixel_values"])
+    assert torch.equal(train.splits["eval"]["labels"], digits.splits["eval"]["labels"])
+
+
+def _race_models():
+    anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
+    parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
+    return anchor, parents
+
+
+def test_default_recipe_races_the_starting_points(digits, tmp_path):
+    anchor, parents = _race_models()
+    recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64}
+    model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
+    race = report["race"]
+    names = [c["candidate"] for c in race["candidates"]]
+    assert names == ["fold: all parents", "fold: parent 1", "fold: parent 2",
+                     "OT fusion, anchor weight 0.8", "anchor"]
+    losses = {c["candidate"]: c["holdout_loss"] for c in race["candidates"]}
+    assert race["winner"] == min(losses, key=losses.get)
+    assert race["steps_each"] == 1 and race["extra_steps"] == 4
+    assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == 2
+    saved = json.loads((tmp_path / "out" / "fusion_report.json").read_text())
+    assert saved["race"]["winner"] == race["winner"]
+    assert "starting-point race" in (tmp_path / "out" / "README.md").read_text().lower()
+    reloaded = T.ViTForImageClassification.from_pretrained(tmp_path / "out")
+    x = M.inputs(reloaded)
+    assert torch.allclose(M.outputs(reloaded, x), M.outputs(model.cpu(), x), atol=1e-6)
+
+
+def test_no_finetuning_is_never_worse_than_the_anchor_on_held_out_data(digits):
+    anchor, parents = _race_models()
+    model, report = pipeline.run(anchor, parents, {"finetune_steps": 0, "samples": 64}, data=digits)
+    _, holdout = pipeline.split_holdout(digits, seed=0)
+    assert ft.evaluate(model, holdout)["loss"] <= ft.evaluate(anchor, holdout)["loss"] + 1e-6
+    assert report["race"]["steps_each"] == 0
+
+
+def test_an_explicit_alignment_skips_the_race(digits):
+    anchor, parents = _race_models()
+    _, report = pipeline.run(anchor, parents, {"alignment": "fold", "finetune_steps": 2, "samples": 64},
+                             data=digits)
+    assert "race" not in report and report["options"]["alignment"] == "fold"
+    with pytest.raises(InvalidOptionError, match="needs an anchor"):
+        pipeline.run(None, parents, {"alignment": "weights"}, target={"hidden": 16})
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_cli_folds_into_a_target_width(tmp_path, capsys):
+    for s in (2, 3):
+        M.vit(hidden=32, heads=4, inter=64, seed=s).save_pretrained(tmp_path / f"p{s}")
+    out = tmp_path / "small"
+    code, stdout, err = run(capsys, "fuse", "--parents", tmp_path / "p2", tmp_path / "p3", "--hidden", 16,
+                            "--heads", 2, "--intermediate", 32, "--out", out, "--json")
+    assert code == 0, err
+    cfg = T.AutoConfig.from_pretrained(out)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (16, 2, 32)
+    report = json.loads(stdout)["report"]
+    assert report["options"]["alignment"] == "fold"
+    for args, message in ((["--hidden", 64], "cannot fold"),
+                          (["--anchor", tmp_path / "p2", "--hidden", 16], "not both"),
+                          ([], "give --anchor")):
+        code, _, err = run(capsys, "fuse", "--parents", tmp_path / "p2", *args, "--out", tmp_path / "bad")
+        lines = [x for x in err.strip().splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+        assert not (tmp_path / "bad").exists()
