@@ -181,6 +181,37 @@ def outputs(model, x):
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+@torch.no_grad()
+def widen_head_dim(model):
+    """A functionally identical copy whose heads are twice as wide (same head
+    count): every unit twice, Q scaled by 1/sqrt(2) because the softmax scale
+    1/sqrt(head_dim) shrinks while each score sums twice as many products."""
+    cfg = model.config
+    n, h, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
+    d = n // h
+    per_head = torch.cat([torch.arange(j * d, (j + 1) * d).repeat(2) for j in range(h)])
+    tile = lambda k: torch.arange(k).repeat(2)  # noqa: E731
+    idx = {"res": tile(n), "qk": per_head, "v": per_head, "mlp": tile(inter), "pool": tile(n)}
+    new_cfg = type(cfg).from_dict(cfg.to_dict())
+    new_cfg.hidden_size *= 2
+    new_cfg.intermediate_size *= 2
+    sd = {}
+    for name, t in model.state_dict().items():
+        for axis, role in enumerate(roles(name, cfg.model_type)):
+            if role is None:
+                continue
+            space, kind = role
+            t = t.index_select(axis, idx[space])
+            if kind == "in":
+                t = t / 2
+        if re.search(r"(q_proj|query)\.(weight|bias)$", name):
+            t = t / 2 ** 0.5
+        sd[name] = t
+    out = type(model)(new_cfg)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
 # --------------------------------------------------------------------------- RoBERTa and DistilBERT
 # Appended for tests/test_families.py; the helpers above are unchanged. These
 # families have their own parameter names and config keys, so they get their

@@ -1,7 +1,7 @@
 """One small data file per model family; the engine, profiling, export and
 data look them up by model type (what a family file defines: see `common`)."""
 from otcompress.architectures import bert, distilbert, roberta, vit
-from otcompress.errors import UnsupportedArchitectureError
+from otcompress.errors import InvalidOptionError, UnsupportedArchitectureError
 
 FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert)}
 
@@ -49,3 +49,50 @@ def build_spec(model, *, qk="separate"):
 
 def name_of(model):
     return type(model).__name__
+
+
+# Config keys of the widths a user may set for a fold target; a family file
+# can override them with its own WIDTHS (e.g. DistilBERT's FFN is hidden_dim).
+WIDTHS = {"hidden": "hidden_size", "heads": "num_attention_heads", "intermediate": "intermediate_size"}
+
+
+def head_shape(config) -> tuple:
+    """(number of attention heads, head width) from a config."""
+    heads = config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def target_config(parent_config, **widths):
+    """A fold target: the parent's config with some widths replaced
+    (hidden=..., heads=..., intermediate=...; None keeps the parent's)."""
+    keys = getattr(family(parent_config), "WIDTHS", WIDTHS)
+    cfg = type(parent_config).from_dict(parent_config.to_dict())
+    for what, value in widths.items():
+        if what not in keys:
+            raise InvalidOptionError(f"unknown width '{what}' (use {', '.join(keys)})")
+        if value is not None:
+            if not isinstance(value, int) or value < 1:
+                raise InvalidOptionError(f"--{what} must be a positive integer, got {value!r}")
+            setattr(cfg, keys[what], value)
+    hidden, heads = getattr(cfg, keys["hidden"]), getattr(cfg, keys["heads"])
+    if hidden % heads:
+        raise InvalidOptionError(f"hidden size {hidden} is not divisible by {heads} heads")
+    return cfg
+
+
+def describe_widths(config) -> str:
+    keys = getattr(family(config), "WIDTHS", WIDTHS)
+    return ", ".join(f"{what} {getattr(config, key)}" for what, key in keys.items())
+
+
+def check_fold_target(target_cfg, parent_cfgs) -> None:
+    """Folding clusters parent units into the target's: no target width may
+    exceed a parent's (checked on configs, before any weights are read)."""
+    from otcompress.errors import IncompatibleModelsError
+    keys = getattr(family(target_cfg), "WIDTHS", WIDTHS)
+    for k, cfg in enumerate(parent_cfgs, 1):
+        for what, key in keys.items():
+            if getattr(target_cfg, key) > getattr(cfg, key):
+                raise IncompatibleModelsError(
+                    f"cannot fold parent {k} ({what} {getattr(cfg, key)}) into a wider target "
+                    f"({what} {getattr(target_cfg, key)})")
