@@ -68,8 +68,10 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
     stats: dict[str, dict] = {}
     aligned = {} if sink is None else None
     emit = _scaled_q(spec, heads, sink or aligned.__setitem__)
-    carried = _InputCarrier(spec, parent_sd, maps)
-    folder = _Folder(spec, parent_sd, carried, heads, opts.seed) if opts.mode == "fold" else None
+    # Everything is computed where the anchor lives; parent tensors move there one by one.
+    device = next(iter(anchor_sd.values())).device
+    carried = _InputCarrier(spec, parent_sd, maps, device)
+    folder = _Folder(spec, carried, heads, opts.seed) if opts.mode == "fold" else None
     waiting = {name: {a.tm for a in axes if a is not None} for name, axes in spec.axes.items()}
     _finalise_ready(spec, waiting, carried, maps, emit)
     for i, node in enumerate(spec.nodes):
@@ -120,8 +122,8 @@ class _Folder:
     head-aware at its `Heads` marker; every other free map clusters the rows
     that its weights cost would compare."""
 
-    def __init__(self, spec, parent_sd, carried, heads, seed):
-        self.spec, self.sd, self.carried, self.seed = spec, parent_sd, carried, seed
+    def __init__(self, spec, carried, heads, seed):
+        self.spec, self.carried, self.seed = spec, carried, seed
         self.head_shapes = heads
         self.group = _residual_groups(spec)
         self.group_plans, self.pending = {}, {}
@@ -147,7 +149,7 @@ class _Folder:
         for name, axes in self.spec.axes.items():
             for axis, role in enumerate(axes):
                 if role is not None and role.tm in members:
-                    feats.append(_rows(self.sd[name].detach().float(), axis))
+                    feats.append(_rows(self.carried.raw(name), axis))
                     if isinstance(role, Out) and width is None:
                         width = anchor_sd[name].shape[axis]
         return fold.cluster_plan(fold.blocks(feats), width, self.seed)
@@ -158,7 +160,7 @@ class _Folder:
         (hp, _), (ha, da) = self.head_shapes.parent, self.head_shapes.anchor
         rows = {tm: torch.cat(_feature_rows(self.spec, Solve(tm, ((tm, None),)), self.carried), 1)
                 for tm in (node.q, node.k, node.v)}
-        o_cols = torch.cat([_rows(self.sd[name].detach().float(), axis)
+        o_cols = torch.cat([_rows(self.carried.raw(name), axis)
                             for name, axes in self.spec.axes.items()
                             for axis, a in enumerate(axes) if isinstance(a, In) and a.tm == node.v], 1)
         t_qk, t_v = fold.head_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp, ha, da, self.seed)
@@ -270,13 +272,16 @@ class _InputCarrier:
     """Parent tensors with their `In` axes carried, computed once and reused for
     both the weights-based features and the final alignment."""
 
-    def __init__(self, spec, parent_sd, maps):
-        self.spec, self.sd, self.maps, self.cache = spec, parent_sd, maps, {}
+    def __init__(self, spec, parent_sd, maps, device):
+        self.spec, self.sd, self.maps, self.device, self.cache = spec, parent_sd, maps, device, {}
+
+    def raw(self, name):
+        """The parent tensor in float32 on the working device, nothing carried."""
+        return self.sd[name].detach().to(self.device).float()
 
     def __call__(self, name):
         if name not in self.cache:
-            self.cache[name] = _carry_all(self.sd[name].detach().float(), self.spec.axes[name],
-                                          self.maps, inputs_only=True)
+            self.cache[name] = _carry_all(self.raw(name), self.spec.axes[name], self.maps, inputs_only=True)
         return self.cache[name]
 
     def forget(self, name):

@@ -59,7 +59,7 @@ def _kmeans_pp(x, k, gen):
     for _ in range(1, k):
         total = float(d2.sum())
         if total <= 0:  # fewer distinct points than clusters: take any unused
-            free = torch.ones(m, dtype=torch.bool)
+            free = torch.ones(m, dtype=torch.bool, device=x.device)
             free[idx] = False
             nxt = int(free.nonzero()[0])
         else:
@@ -132,10 +132,10 @@ def head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, target_dim
     d = m // parent_heads
     groups = _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, seed)
     qk, vo = torch.cat([q, k], 1), torch.cat([v, o_cols], 1)
-    labels_qk = torch.empty(m, dtype=torch.long)
-    labels_v = torch.empty(m, dtype=torch.long)
+    labels_qk = torch.empty(m, dtype=torch.long, device=q.device)
+    labels_v = torch.empty(m, dtype=torch.long, device=q.device)
     for g in range(target_heads):
-        units = torch.cat([torch.arange(h * d, (h + 1) * d) for h in groups[g]])
+        units = torch.cat([torch.arange(h * d, (h + 1) * d, device=q.device) for h in groups[g]])
         if units.numel() < target_dim:
             raise IncompatibleModelsError(
                 f"cannot fold {units.numel()} attention units into a head of {target_dim}")

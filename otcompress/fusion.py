@@ -221,10 +221,15 @@ def _reg_sweep(fuse_at, grid, holdout, parent_ms):
     return best[2], best[3], best[1], sweep
 
 
+def _inputs(model, batch):
+    """The batch's model inputs on the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
 @torch.inference_mode()
 def _mean_parent_probs(parent_ms, batch):
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    probs = [torch.softmax(_logits(p(**inputs)), -1) for p in parent_ms]
+    probs = [torch.softmax(_logits(p(**_inputs(p, batch))), -1) for p in parent_ms]
     return sum(probs) / len(probs)
 
 
@@ -237,14 +242,20 @@ def _logits(out):
 
 @torch.inference_mode()
 def _holdout_loss(model, batches, targets) -> float:
+    """Mean task loss, or KL divergence to the parents' mean prediction over
+    the real (non-padding) positions."""
     total, n = 0.0, 0
     for i, b in enumerate(batches):
+        inputs = _inputs(model, b)
         if targets is None:
-            loss = model(**b).loss
+            loss = model(**inputs, labels=b["labels"].to(inputs[next(iter(inputs))].device)).loss
         else:
-            inputs = {k: v for k, v in b.items() if k != "labels"}
             logp = torch.log_softmax(_logits(model(**inputs)), -1)
-            loss = torch.nn.functional.kl_div(logp.flatten(0, -2), targets[i].flatten(0, -2),
+            target = targets[i].to(logp.device)
+            mask = inputs.get("attention_mask")
+            if mask is not None and logp.dim() == 3:
+                logp, target = logp[mask.bool()], target[mask.bool()]
+            loss = torch.nn.functional.kl_div(logp.flatten(0, -2), target.flatten(0, -2),
                                               reduction="batchmean")
         total += float(loss)
         n += 1

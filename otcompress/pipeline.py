@@ -48,8 +48,10 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     parents = list(parents)
     anchor_cfg, _ = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
     started = time.time()
-    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
-    anchor_m = None if anchor is None else modelio.load_model(anchor, trust_remote_code=trust_remote_code)
+    # Fusion computes where the anchor lives: load everything on `device`.
+    load = lambda m: modelio.load_model(m, trust_remote_code=trust_remote_code).to(device)  # noqa: E731
+    parent_ms = [load(p) for p in parents]
+    anchor_m = None if anchor is None else load(anchor)
     fuse_anchor = anchor_m if anchor_m is not None else anchor_cfg
     if data is None and r["data"]:
         data = load_task_data(r["data"], anchor_m or anchor_cfg,

@@ -152,3 +152,28 @@ def test_fuse_keeps_callers_modes_and_constructor_arguments():
     base.train()
     fused = otcompress.fuse(base, [wide], solver="emd")
     assert base.training and fused.pooler is None and not fused.training
+
+
+def test_reg_auto_kl_ignores_padded_positions():
+    from otcompress import fusion
+    model, parent = M.bert(cls=T.BertForMaskedLM), M.bert(cls=T.BertForMaskedLM, seed=5)
+    batch = M.inputs(model)  # example 0 is padded from position 9
+    garbage = {k: v.clone() for k, v in batch.items()}
+    garbage["input_ids"][0, 9:] = (garbage["input_ids"][0, 9:] + 7) % model.config.vocab_size
+
+    def loss(b):
+        return fusion._holdout_loss(model, [b], [fusion._mean_parent_probs([parent], b)])
+    assert abs(loss(batch) - loss(garbage)) < 1e-6
+    unmasked = {k: v for k, v in garbage.items() if k != "attention_mask"}
+    assert abs(loss(unmasked) - loss(batch)) > 1e-4  # counting the padding would show
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("alignment", ["weights", "fold"])
+def test_fusion_on_cuda(alignment):
+    base = M.vit()
+    anchor, wide = M.noisy(base).cuda(), M.transform(base, widen=True).cuda()
+    fused = otcompress.fuse(anchor, [wide], alignment=alignment, solver="emd")
+    assert next(fused.parameters()).is_cuda
+    expected = base if alignment == "fold" else M.average([anchor.cpu(), base])
+    assert _err(fused.cpu(), M.inputs(base), expected) < TOL
