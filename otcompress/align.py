@@ -37,6 +37,8 @@ class AlignOptions:
     tol: float = 1e-6
     mode: str = "ot"
     seed: int = 0  # k-means seeding in fold mode
+    head_alignment: str = "cross"  # "cross": one map over all Q (K, V) units; "aware": heads first
+    on_unconverged: str = "raise"  # or "warn": keep the plan, flag it in the report
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,28 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
     device = next(iter(anchor_sd.values())).device
     carried = _InputCarrier(spec, parent_sd, maps, device)
     folder = _Folder(spec, carried, heads, opts.seed) if opts.mode == "fold" else None
+    pending = {}  # Q/K/V maps made together at a Heads marker, taken by their Solve nodes
     waiting = {name: {a.tm for a in axes if a is not None} for name, axes in spec.axes.items()}
     _finalise_ready(spec, waiting, carried, maps, emit)
     for i, node in enumerate(spec.nodes):
         t0 = time.perf_counter()
         if isinstance(node, Heads):
-            stats[node.tm] = folder.heads(node) if folder else {"heads": heads and heads.parent}
-        elif isinstance(node, Solve):
             if folder is not None:
+                made, stats[node.tm] = folder.heads(node)
+            elif opts.head_alignment == "aware":
+                costs = ({tm: activation_costs[tm] for tm in (node.q, node.k, node.v)
+                          if tm in activation_costs} if activation_costs is not None else
+                         {tm: _weights_cost(spec, Solve(tm, ((tm, None),)), anchor_sd, carried)
+                          for tm in (node.q, node.k, node.v)})
+                made, stats[node.tm] = _head_aware_maps(node, costs, heads, opts)
+            else:
+                made, stats[node.tm] = {}, {"heads": heads and list(heads.parent)}
+            pending.update(made)
+        elif isinstance(node, Solve):
+            if node.tm in pending:
+                plan = pending.pop(node.tm)
+                stats[node.tm] = {"shape": list(plan.shape), "from": "heads"}
+            elif folder is not None:
                 plan, stats[node.tm] = folder.solve(node, anchor_sd)
             else:
                 cost = (activation_costs[node.tm] if activation_costs is not None
@@ -126,12 +142,10 @@ class _Folder:
         self.spec, self.carried, self.seed = spec, carried, seed
         self.head_shapes = heads
         self.group = _residual_groups(spec)
-        self.group_plans, self.pending = {}, {}
+        self.group_plans = {}
 
     def solve(self, node, anchor_sd):
-        if node.tm in self.pending:
-            plan = self.pending.pop(node.tm)
-        elif self.group.get(node.tm) is not None:
+        if self.group.get(node.tm) is not None:
             root = self.group[node.tm]
             if root not in self.group_plans:
                 self.group_plans[root] = self._stream_plan(root, anchor_sd)
@@ -164,8 +178,37 @@ class _Folder:
                             for name, axes in self.spec.axes.items()
                             for axis, a in enumerate(axes) if isinstance(a, In) and a.tm == node.v], 1)
         t_qk, t_v = fold.head_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp, ha, da, self.seed)
-        self.pending.update({node.q: t_qk, node.k: t_qk, node.v: t_v})
-        return {"method": "fold", "heads": [hp, ha]}
+        return {node.q: t_qk, node.k: t_qk, node.v: t_v}, {"method": "fold", "heads": [hp, ha]}
+
+
+def _head_aware_maps(node: Heads, costs: dict, heads: HeadShapes, opts):
+    """Heads first, then units (issue 8): each (parent head, anchor head) pair
+    gets a within-head map, one for Q and K together (a score sums Q-K unit
+    products, so both must move alike) and one for V; their transport costs
+    make a head-to-head cost, OT on it gives the head plan P, and the layer's
+    map is the block matrix P[i, j] * T_ij. So Q, K and V of an anchor head
+    are drawn from the same parent heads, unlike one map over all units."""
+    (hp, dp), (ha, da) = heads.parent, heads.anchor
+    norm = lambda c: transport.normalise_cost(c.double(), opts.cost_norm)  # noqa: E731
+    c_q, c_v = norm(costs[node.q]), norm(costs[node.v])
+    # A shared Q/K map's activation cost already covers both (no separate K cost).
+    c_qk = (c_q * c_q + norm(costs[node.k]) ** 2).sqrt() if node.k in costs else c_q
+    blocks = {}
+    head_cost = torch.zeros(hp, ha, dtype=torch.float64, device=c_q.device)
+    for i in range(hp):
+        for j in range(ha):
+            rows, cols = slice(i * dp, (i + 1) * dp), slice(j * da, (j + 1) * da)
+            pair = [_solve(f"{node.tm}[{i},{j}]", c[rows, cols], opts) for c in (c_qk, c_v)]
+            blocks[i, j] = [r.plan for r in pair]
+            head_cost[i, j] = sum(r.cost for r in pair)
+    head = _solve(f"{node.tm} heads", norm(head_cost), opts)
+    t_qk = torch.zeros_like(c_q)
+    t_v = torch.zeros_like(c_v)
+    for (i, j), (b_qk, b_v) in blocks.items():
+        rows, cols = slice(i * dp, (i + 1) * dp), slice(j * da, (j + 1) * da)
+        t_qk[rows, cols] = head.plan[i, j] * b_qk
+        t_v[rows, cols] = head.plan[i, j] * b_v
+    return {node.q: t_qk, node.k: t_qk, node.v: t_v}, {"heads": head.stats(), "method": "head-aware"}
 
 
 def _residual_groups(spec) -> dict:
@@ -195,9 +238,9 @@ def _width(spec, node, anchor_sd):
 def _solve(tm, cost, opts):
     m, n = cost.shape
     try:
-        return transport.solve(transport.uniform(m).to(cost.device), transport.uniform(n).to(cost.device),
-                               cost, solver=opts.solver,
-                               reg=opts.reg, max_iter=opts.max_iter, tol=opts.tol)
+        return transport.solve(transport.uniform(m, device=cost.device), transport.uniform(n, device=cost.device),
+                               cost, solver=opts.solver, reg=opts.reg, max_iter=opts.max_iter, tol=opts.tol,
+                               on_unconverged=opts.on_unconverged)
     except SolverError as e:
         raise SolverError(f"transport map {tm}: {e}") from None
 

@@ -143,6 +143,10 @@ def cli():
 @click.option("--token-filter", help="ViT activations: window_N or only_cls.")
 @click.option("--activation-dtype", type=click.Choice(["float32", "bfloat16"]),
               help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs).")
+@click.option("--head-alignment", type=click.Choice(["cross", "aware"]),
+              help="cross: one map over all Q/K/V units; aware: heads matched first, then units.")
+@click.option("--on-unconverged", type=click.Choice(["raise", "warn"]),
+              help="A Sinkhorn map that misses its tolerance: fail (default) or keep it, flagged.")
 @click.option("--repair/--no-repair", default=None, help="Restore unit statistics (REPAIR) after fusing.")
 @click.option("--distill/--no-distill", default=None, help="Distil from the parents while finetuning (default on).")
 @click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.1).")
@@ -415,7 +419,7 @@ def _onnx_accuracy(model, fp32_path, int8_path, task):
 
 @cli.command()
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
-@click.option("--steps", type=int, default=200, show_default=True, help="Finetuning budget N.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Finetuning budget N.")
 @click.option("--quick", is_flag=True, help="Tiny models and few steps (smoke run, ~1 min).")
 @click.option("--threads", type=int, default=2, show_default=True)
 @common

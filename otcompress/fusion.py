@@ -20,6 +20,7 @@ ALIGNMENTS = ("weights", "activations", "fold")
 SOLVERS = ("sinkhorn", "emd")
 RESIDUALS = ("average", "scalar", "matrix")
 QK_MAPS = ("auto", "separate", "shared")
+HEAD_ALIGNMENTS = ("cross", "aware")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 
@@ -27,7 +28,8 @@ REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
-         repair=False, seed=0, trust_remote_code=False, progress=None):
+         repair=False, seed=0, head_alignment="cross", on_unconverged="raise", trust_remote_code=False,
+         progress=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
@@ -58,6 +60,13 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         the anchor's, by its weight) statistics carried through the same maps
         (REPAIR; see repair.py). Needs `data`.
     seed: k-means seeding for folding.
+    head_alignment: "cross" (one map over all Q, K, V units: a unit may move
+        across heads) or "aware" (heads matched to heads first, then units
+        inside matched heads; Q, K and V of an anchor head come from the same
+        parent heads).
+    on_unconverged: a Sinkhorn map that misses `tol` within `max_iter`:
+        "raise" a SolverError, or "warn" and keep it (flagged `converged: false`
+        in the report's transport maps).
     progress: optional callback(stage: str, done: int, total: int | None).
 
     Returns a `transformers` model; its `fusion_report` attribute holds the
@@ -67,7 +76,10 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
     parents = _as_list(parents)
     opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents,
                          repair=repair)
-    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed)
+    _one_of("head alignment", head_alignment, HEAD_ALIGNMENTS)
+    _one_of("on_unconverged", on_unconverged, ("raise", "warn"))
+    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed,
+                                    stream=_streams(alignment, solver, reg, residual, repair))
     with _eval_mode(anchor_m, *parent_ms):
         spec = architectures.build_spec(anchor_m, qk=opts["qk"])
         for p in parent_ms:
@@ -97,7 +109,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
 
         def fuse_at(r):
             align_opts = AlignOptions(solver=solver, reg=r, cost_norm=cost_norm, max_iter=max_iter,
-                                      tol=tol, seed=seed)
+                                      tol=tol, seed=seed, head_alignment=head_alignment,
+                                      on_unconverged=on_unconverged)
             if alignment == "fold":
                 sd, map_stats = _fold_and_fuse(spec, sds, align_opts, opts["weights"], heads, progress)
             else:
@@ -126,7 +139,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         "options": {"alignment": alignment, "solver": solver, "reg": reg,
                     "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
                     "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol,
-                    "activation_dtype": activation_dtype, "repair": bool(repair), "seed": seed},
+                    "activation_dtype": activation_dtype, "repair": bool(repair), "seed": seed,
+                    "head_alignment": head_alignment, "on_unconverged": on_unconverged},
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
         "repair": repaired.get(reg),
@@ -300,9 +314,21 @@ def _as_list(parents):
     return [parents]
 
 
-def _load_all(anchor, parents, trust_remote_code, seed=0):
+def _streams(alignment, solver, reg, residual, repair) -> bool:
+    """Whether parents given as directories can be streamed: the engine then
+    needs only their tensors (weights or fold alignment, averaged residuals,
+    no repair, no reg sweep), never a forward pass."""
+    return (alignment in ("weights", "fold") and residual == "average" and not repair
+            and not (solver == "sinkhorn" and reg == "auto"))
+
+
+def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
     """Models from objects or directories; an anchor given as a config (a
-    target width for folding) becomes a fresh model of the parents' class."""
+    target width for folding) becomes a fresh model of the parents' class.
+    With `stream`, a parent directory of safetensors weights becomes a
+    weightless `modelio.LazyModel`: its tensors are read one at a time as the
+    flow graph needs them, so the parent is never in memory whole (falls back
+    to loading where `modelio.lazy_model` says the directory needs it)."""
     from transformers import PretrainedConfig
     if not parents:
         raise InvalidOptionError("fusion needs at least one parent")
@@ -311,17 +337,22 @@ def _load_all(anchor, parents, trust_remote_code, seed=0):
     parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
     fam = architectures.family(anchor_cfg)
     modelio.check_compatible(anchor_cfg, parent_cfgs, fam.MUST_MATCH)
-    parent_ms = [modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
+    parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trust_remote_code))
+                 or modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
     if target:
+        first = parent_ms[0]
+        lazy = isinstance(first, modelio.LazyModel)
+        device = torch.device("cpu") if lazy else next(first.parameters()).device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            anchor_m = type(parent_ms[0])(copy.deepcopy(anchor)).to(next(parent_ms[0].parameters()).device)
+            anchor_m = (first.model_class if lazy else type(first))(copy.deepcopy(anchor)).to(device)
     else:
         anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
     for k, p in enumerate(parent_ms, 1):
-        if type(p) is not type(anchor_m):
+        cls = p.model_class if isinstance(p, modelio.LazyModel) else type(p)
+        if cls is not type(anchor_m):
             raise IncompatibleModelsError(
-                f"class mismatch: anchor is {type(anchor_m).__name__}, parent {k} is {type(p).__name__}")
+                f"class mismatch: anchor is {type(anchor_m).__name__}, parent {k} is {cls.__name__}")
     return anchor_m, parent_ms
 
 

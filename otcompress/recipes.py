@@ -28,6 +28,8 @@ RECIPE_KEYS = {
     "batch_size": (int, 64),
     "seed": (int, 0),
     "repair": (bool, False),
+    "head_alignment": (str, "cross"),
+    "on_unconverged": (str, "raise"),
     "distill": (bool, True),  # teachers = the parents while finetuning
     "distill_alpha": (float, 0.5),
     "race_fraction": (float, 0.1),
