@@ -82,8 +82,14 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                                     stream=_streams(alignment, solver, reg, residual, repair))
     with _eval_mode(anchor_m, *parent_ms):
         spec = architectures.build_spec(anchor_m, qk=opts["qk"])
-        for p in parent_ms:
-            architectures.build_spec(p, qk=opts["qk"])  # same class, all parameters known
+        for k, p in enumerate(parent_ms, 1):
+            p_spec = architectures.build_spec(p, qk=opts["qk"])  # same class, all parameters known
+            if set(p_spec.tied) != set(spec.tied):
+                # A tied anchor has no decoder of its own to carry an untied parent's into.
+                raise IncompatibleModelsError(
+                    f"the anchor {'ties' if spec.tied else 'does not tie'} its output head to the input "
+                    f"embeddings but parent {k} {'does not' if spec.tied else 'does'}: set "
+                    "tie_word_embeddings the same way in both")
         heads = [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config))
                  for p in parent_ms]
 

@@ -177,3 +177,11 @@ def test_fusion_on_cuda(alignment):
     assert next(fused.parameters()).is_cuda
     expected = base if alignment == "fold" else M.average([anchor.cpu(), base])
     assert _err(fused.cpu(), M.inputs(base), expected) < TOL
+
+
+def test_tied_anchor_refuses_an_untied_parent():
+    anchor = M.bert(cls=T.BertForMaskedLM)
+    cfg = T.BertConfig.from_dict({**anchor.config.to_dict(), "tie_word_embeddings": False})
+    untied = M.sharpen(T.BertForMaskedLM(cfg), 3)
+    with pytest.raises(IncompatibleModelsError, match="tie_word_embeddings"):
+        otcompress.fuse(anchor, [untied], solver="emd")
