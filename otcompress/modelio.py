@@ -3,7 +3,9 @@ safetensors or `torch.load(weights_only=True)`, never plain unpickling, and
 no remote code unless the user asks for it."""
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from otcompress.errors import IncompatibleModelsError, ModelLoadError
@@ -157,3 +159,208 @@ def describe(source) -> str:
         return str(source)
     name = getattr(source.config, "_name_or_path", "") or ""
     return name or type(source).__name__
+
+
+# ----------------------------------------------------------------------------- streaming
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class LazyStateDict(Mapping):
+    """The tensors of a local model directory's safetensors weights (one
+    `model.safetensors`, or shards listed in `model.safetensors.index.json`)
+    as a read-only mapping that reads nothing until asked: names, shapes and
+    dtypes come from the file headers; `sd[name]` reads that one tensor.
+
+    Each read opens its file and closes it again, so the process holds only
+    the tensors its caller keeps: safetensors maps the file, and a handle kept
+    open would leave every page it ever read resident (a whole parent's worth
+    of RSS by the end of a fusion).
+
+    keys: the names to expose (default: every stored tensor), in this order.
+    aliases: {name: stored name} for tensors stored under another name (tied
+        parameters, which `save_pretrained` writes once; names a checkpoint
+        format renames)."""
+
+    def __init__(self, path, *, keys=None, aliases=None):
+        from safetensors import safe_open
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelLoadError(f"{path}: unreadable {index.name} ({_first_line(e)})") from None
+            shards = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            raise ModelLoadError(f"{path}: no safetensors weights (model.safetensors or its index)")
+        self._file, self._meta = {}, {}
+        for shard in shards:
+            try:
+                with safe_open(self.path / shard, framework="pt") as f:
+                    for name in f.keys():
+                        view = f.get_slice(name)
+                        self._file[name] = self.path / shard
+                        self._meta[name] = (tuple(view.get_shape()), view.get_dtype())
+            except Exception as e:  # noqa: BLE001 - a missing or corrupt shard
+                raise ModelLoadError(f"{path}: cannot read {shard} ({_first_line(e)})") from None
+        self._aliases = {}
+        for name, stored in (aliases or {}).items():
+            if stored not in self._file:
+                raise KeyError(f"alias {name} -> {stored}: {stored} is not stored in {path}")
+            if name != stored:
+                self._aliases[name] = stored
+        names = list(keys) if keys is not None else list(self._file)
+        unknown = [k for k in names if self._stored(k) is None]
+        if unknown:
+            raise KeyError(f"{path} stores no tensor {unknown[0]}"
+                           + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        self._keys = names
+        self._key_set = set(names)
+        self.reads = 0  # tensors read so far (for tests and benchmarks)
+
+    def _stored(self, name):
+        name = self._aliases.get(name, name)
+        return name if name in self._file else None
+
+    def __getitem__(self, name):
+        if name not in self._key_set:
+            raise KeyError(name)
+        from safetensors import safe_open
+        stored = self._stored(name)
+        with safe_open(self._file[stored], framework="pt") as f:
+            tensor = f.get_tensor(stored)
+        self.reads += 1
+        return tensor
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, name):
+        return name in self._key_set
+
+    def shape(self, name) -> tuple:
+        """The tensor's shape, from the header (nothing is read)."""
+        return self._meta[self._stored(name) if name in self._key_set else name][0]
+
+    def dtype(self, name):
+        """The tensor's torch dtype, from the header (nothing is read)."""
+        import torch
+        code = self._meta[self._stored(name) if name in self._key_set else name][1]
+        return getattr(torch, _SAFETENSORS_DTYPES[code])
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (aliases counted once)."""
+        import torch
+        total = 0
+        for name, (shape, code) in self._meta.items():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * getattr(torch, _SAFETENSORS_DTYPES[code]).itemsize
+        return total
+
+    def __repr__(self):
+        return f"LazyStateDict({str(self.path)!r}, {len(self)} tensors)"
+
+
+class LazyModel:
+    """A model directory standing in for its model where only the tensors are
+    needed (streaming fusion): its config, the class `load_model` would build,
+    and a `LazyStateDict` with exactly the names that model's `state_dict()`
+    has. Nothing is loaded; the parts of a model fusion reads work alike
+    (`config`, `state_dict()`, `training`, `eval()`, `train()`)."""
+
+    training = False
+
+    def __init__(self, path, config, model_class, tensors: LazyStateDict):
+        self.path, self.config, self.model_class, self.tensors = Path(path), config, model_class, tensors
+
+    @property
+    def class_name(self) -> str:
+        return self.model_class.__name__
+
+    def state_dict(self):
+        return self.tensors
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __repr__(self):
+        return f"LazyModel({str(self.path)!r}, {self.class_name})"
+
+
+def lazy_model(source, *, trust_remote_code: bool = False):
+    """A `LazyModel` for a local directory whose safetensors weights hold
+    every tensor its model class has, with the class's shapes; None where the
+    model must be loaded whole as `load_model` does: not a directory, no
+    safetensors, a class transformers does not name (remote code), tensors
+    that `from_pretrained` would convert (split, merge...), initialise or
+    reject. Names are resolved as `from_pretrained` resolves them: its
+    checkpoint renamings (transformers 5 saves ViT under its 4.x names), the
+    base-model prefix, and tied parameters stored once under a partner's name."""
+    if not isinstance(source, (str, os.PathLike)) or trust_remote_code:
+        return None
+    import torch
+    import transformers
+    config = load_config(source, trust_remote_code=False)
+    path = _local_dir(source)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        return None
+    try:
+        stored = LazyStateDict(path)
+        with torch.device("meta"):  # the class's names, shapes and ties, no memory
+            skeleton = cls(config)
+        meta = skeleton.state_dict()
+        found = _stored_names(skeleton, meta, list(stored))
+    except Exception:  # noqa: BLE001 - load_model reports what is wrong with the directory
+        return None
+    if found is None:
+        return None
+    partners: dict[int, list[str]] = {}
+    for name, t in [*skeleton.named_parameters(remove_duplicate=False),
+                    *skeleton.named_buffers(remove_duplicate=False)]:
+        partners.setdefault(id(t), []).append(name)
+    for group in partners.values():
+        have = [n for n in group if n in found]
+        for n in group:
+            if n not in found and have:
+                found[n] = found[have[0]]
+    if any(n not in found or stored.shape(found[n]) != tuple(t.shape) for n, t in meta.items()):
+        return None
+    return LazyModel(path, config, cls, LazyStateDict(path, keys=list(meta), aliases=found))
+
+
+def _stored_names(skeleton, meta, stored) -> dict | None:
+    """{model name: stored name} by transformers' own key renaming; None when
+    a stored tensor would be transformed, not just renamed, or two stored
+    names would land on one model name."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(skeleton)
+    except ImportError:  # another transformers: names must match as stored
+        transforms, rename_source_key = [], None
+    if any(not isinstance(t, WeightRenaming) for t in transforms):
+        return None
+    found = {}
+    for name in stored:
+        model_name = name if rename_source_key is None else rename_source_key(
+            name, transforms, [], skeleton.base_model_prefix, meta)[0]
+        if model_name in found:
+            return None
+        if model_name in meta:
+            found[model_name] = name
+    return found

@@ -30,19 +30,40 @@ def check_class(model):
 
 
 def build_spec(model, *, qk="separate"):
+    """The family's flow graph for `model`, checked against its parameter
+    names. `model` may also be a weightless stand-in such as
+    `modelio.LazyModel` (a `config`, a `class_name` and `state_dict()` names):
+    the check then runs on config and names alone (`spec_from_keys`)."""
+    if not hasattr(model, "parameters"):  # a stand-in, not a torch module
+        return spec_from_keys(model.config, model.class_name, model.state_dict().keys(), qk=qk)
     fam = check_class(model)
     keys = set(model.state_dict().keys())
-    spec = fam.build(model.config, keys, qk=qk)
+    return _checked_spec(fam, model.config, name_of(model), keys, qk)
+
+
+def spec_from_keys(config, class_name: str, keys, *, qk="separate"):
+    """`build_spec` from a config, the model's class name and its tensor names
+    (e.g. a safetensors directory's), without a model object."""
+    fam = family(config)
+    if class_name not in fam.MODEL_CLASSES:
+        raise UnsupportedArchitectureError(
+            f"{class_name} is not supported for {fam.MODEL_TYPE} "
+            f"(supported: {', '.join(fam.MODEL_CLASSES)})")
+    return _checked_spec(fam, config, class_name, set(keys), qk)
+
+
+def _checked_spec(fam, config, name, keys, qk):
+    spec = fam.build(config, keys, qk=qk)
     unknown = sorted(keys - set(spec.axes) - set(spec.tied))
     if unknown:
         # Fail loudly: silently skipping a tensor would leave it unfused.
         raise UnsupportedArchitectureError(
-            f"{name_of(model)} has parameters the {fam.MODEL_TYPE} description does not know: "
+            f"{name} has parameters the {fam.MODEL_TYPE} description does not know: "
             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     missing = sorted(set(spec.axes) - keys)
     if missing:
         raise UnsupportedArchitectureError(
-            f"{name_of(model)} lacks parameters the {fam.MODEL_TYPE} description expects "
+            f"{name} lacks parameters the {fam.MODEL_TYPE} description expects "
             f"(another transformers version?): {', '.join(missing[:5])}")
     return spec
 

@@ -1,0 +1,164 @@
+"""Streaming fusion: parents given as safetensors directories are read one
+tensor at a time (modelio.LazyStateDict / LazyModel), and the fused model is
+bit for bit the one fused from the same parents loaded whole."""
+import json
+
+import pytest
+import torch
+import transformers as T
+
+import models as M
+import otcompress
+from otcompress import architectures, modelio
+from otcompress.errors import ModelLoadError, UnsupportedArchitectureError
+
+
+def _save(model, path, shard=None):
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return str(path)
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """The sources `modelio.load_model` was asked to load (whole)."""
+    calls, real = [], modelio.load_model
+
+    def spy(source, **kw):
+        calls.append(source)
+        return real(source, **kw)
+    monkeypatch.setattr(modelio, "load_model", spy)
+    return calls
+
+
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_lazy_state_dict_reads_nothing_until_asked(tmp_path, shard):
+    model = M.bert(cls=T.BertForSequenceClassification)
+    path = _save(model, tmp_path / "m", shard)
+    assert json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text()) if shard else True
+    sd, ref = modelio.LazyStateDict(path), model.state_dict()
+    assert set(sd) == set(ref) and len(sd) == len(ref)
+    for name, t in ref.items():
+        assert sd.shape(name) == tuple(t.shape) and sd.dtype(name) == t.dtype
+    assert sd.reads == 0  # names, shapes and dtypes come from the headers
+    name = "bert.encoder.layer.1.intermediate.dense.weight"
+    assert torch.equal(sd[name], ref[name]) and sd.reads == 1
+    assert sd.nbytes() == sum(t.numel() * t.element_size() for t in ref.values())
+    with pytest.raises(KeyError):
+        sd["bert.nothing"]
+    with pytest.raises(TypeError):
+        sd[name] = torch.zeros(1)  # read-only
+
+
+def test_lazy_state_dict_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no safetensors"):
+        modelio.LazyStateDict(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        modelio.LazyStateDict(tmp_path)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: M.bert(),  # masked LM: decoder weight and bias tied, stored once
+    lambda: M.bert(cls=T.BertForSequenceClassification),
+    lambda: M.bert(cls=T.BertModel),
+    lambda: M.vit(),
+    lambda: T.BertForMaskedLM(T.BertConfig(**M.TINY_BERT, tie_word_embeddings=False)),
+])
+def test_lazy_model_has_the_loaded_models_names_and_values(tmp_path, make):
+    model = make()
+    path = _save(model, tmp_path / "m", "30KB")
+    lazy = modelio.lazy_model(path)
+    loaded = modelio.load_model(path)
+    assert lazy.model_class is type(loaded) and lazy.class_name == type(loaded).__name__
+    ref = loaded.state_dict()
+    assert list(lazy.state_dict()) == list(ref)
+    assert all(torch.equal(lazy.state_dict()[k], v) for k, v in ref.items())
+    spec, lazy_spec = architectures.build_spec(loaded), architectures.build_spec(lazy)
+    assert spec.axes == lazy_spec.axes and spec.tied == lazy_spec.tied and spec.nodes == lazy_spec.nodes
+
+
+def test_lazy_model_defers_to_loading_where_names_or_files_differ(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = M.bert(cls=T.BertForSequenceClassification)
+    assert modelio.lazy_model(model) is None  # a model object is used as it is
+    path = _save(model, tmp_path / "bin")
+    sd = load_file(tmp_path / "bin" / "model.safetensors")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    assert modelio.lazy_model(path) is None  # no safetensors: load_model's business
+    renamed = _save(model, tmp_path / "renamed")
+    sd["bert.pooler.dense.kernel"] = sd.pop("bert.pooler.dense.weight")
+    save_file(sd, tmp_path / "renamed" / "model.safetensors")
+    assert modelio.lazy_model(renamed) is None  # from_pretrained would initialise the missing one
+    assert modelio.lazy_model(path, trust_remote_code=True) is None
+
+
+def test_spec_from_keys_checks_names_without_a_model():
+    model = M.bert()
+    keys = list(model.state_dict())
+    spec = architectures.spec_from_keys(model.config, "BertForMaskedLM", keys)
+    assert spec.axes == architectures.build_spec(model).axes
+    with pytest.raises(UnsupportedArchitectureError, match="does not know: bert.extra"):
+        architectures.spec_from_keys(model.config, "BertForMaskedLM", keys + ["bert.extra"])
+    with pytest.raises(UnsupportedArchitectureError, match="lacks parameters"):
+        architectures.spec_from_keys(model.config, "BertForMaskedLM", keys[1:])
+    with pytest.raises(UnsupportedArchitectureError, match="BertForTokenClassification is not supported"):
+        architectures.spec_from_keys(model.config, "BertForTokenClassification", keys)
+
+
+CASES = {
+    "bert-mlm-sinkhorn": (M.bert, {}),
+    "bert-mlm-emd": (M.bert, {"solver": "emd"}),
+    "bert-cls-fold": (lambda **kw: M.bert(cls=T.BertForSequenceClassification, **kw), {"alignment": "fold"}),
+    "vit-sinkhorn-weighted": (M.vit, {"reg": 0.05, "weights": [0.5, 0.3, 0.2]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_fusion_is_bit_identical_to_loaded(tmp_path, load_calls, case):
+    make, kwargs = CASES[case]
+    anchor = _save(make(seed=1), tmp_path / "a")
+    parents = [_save(make(hidden=48, heads=6, inter=96, seed=2), tmp_path / "p1", "30KB"),
+               _save(make(hidden=64, heads=8, inter=128, seed=3), tmp_path / "p2")]
+    streamed = otcompress.fuse(anchor, parents, **kwargs)
+    assert load_calls == [anchor]  # the parents were never loaded whole
+    loaded = otcompress.fuse(anchor, [modelio.load_model(p) for p in parents], **kwargs)
+    assert _same(streamed, loaded)
+    assert streamed.fusion_report["parents"] == parents
+
+
+def test_fold_into_a_target_width_streams(tmp_path, load_calls):
+    parents = [_save(M.bert(hidden=48, heads=6, inter=96, seed=s), tmp_path / f"p{s}", "30KB") for s in (2, 3)]
+    target = architectures.target_config(modelio.load_config(parents[0]), hidden=32, heads=4, intermediate=64)
+    streamed = otcompress.fuse(target, parents, alignment="fold", seed=5)
+    assert load_calls == []
+    assert _same(streamed, otcompress.fuse(target, [modelio.load_model(p) for p in parents],
+                                           alignment="fold", seed=5))
+
+
+def test_paths_that_run_the_parents_load_them(tmp_path, load_calls):
+    make = M.vit
+    anchor, parent = _save(make(seed=1), tmp_path / "a"), _save(make(hidden=48, heads=6, seed=2), tmp_path / "p")
+    data = [M.inputs(make(), batch=8, seed=0)]
+    fused = otcompress.fuse(anchor, [parent], residual="scalar", data=data, reg=0.05)
+    assert load_calls == [parent, anchor]  # weighted residuals measure the parents on data
+    assert _same(fused, otcompress.fuse(anchor, [modelio.load_model(parent)], residual="scalar",
+                                        data=data, reg=0.05))
+
+
+def test_reads_stay_per_tensor(tmp_path, monkeypatch):
+    """Each parent tensor is read a bounded number of times (no hidden full load)."""
+    reads = []
+    real = modelio.LazyStateDict.__getitem__
+    monkeypatch.setattr(modelio.LazyStateDict, "__getitem__", lambda self, k: reads.append(k) or real(self, k))
+    anchor = _save(M.bert(seed=1), tmp_path / "a")
+    parent = _save(M.bert(hidden=48, heads=6, inter=96, seed=2), tmp_path / "p", "30KB")
+    otcompress.fuse(anchor, [parent])
+    n = len(modelio.LazyStateDict(parent))
+    assert set(reads) <= set(modelio.lazy_model(parent).state_dict())
+    assert max(reads.count(k) for k in set(reads)) <= 4 and len(reads) <= 4 * n
