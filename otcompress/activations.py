@@ -225,7 +225,10 @@ def stream(model, probes, fold):
 
         def fn(module, args, output, probe=probe):
             t = args[0] if probe.side == "in" else output
-            fold(probe, t[0] if isinstance(t, tuple) else t)
+            t = t[0] if isinstance(t, tuple) else t
+            if probe.part is not None:  # one map's slice of a fused output (Q | K | V)
+                t = t.chunk(probe.part[1], dim=-1)[probe.part[0]]
+            fold(probe, t)
         handles.append(modules[probe.module].register_forward_hook(fn))
     try:
         yield

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from otcompress import fold, transport
-from otcompress.errors import SolverError
-from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve
+from otcompress.errors import IncompatibleModelsError, SolverError
+from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve, Split, out_slot, part_of
 
 MODES = ("ot", "fold")
 
@@ -43,9 +43,16 @@ class AlignOptions:
 
 @dataclass(frozen=True)
 class HeadShapes:
-    """(number of heads, head width) of the parent and of the anchor."""
+    """(number of heads, head width) of the parent and of the anchor, and
+    their numbers of key/value heads (fewer than heads with grouped-query
+    attention; None = as many as heads)."""
     parent: tuple
     anchor: tuple
+    kv: tuple | None = None
+
+    @property
+    def kv_heads(self) -> tuple:
+        return self.kv or (self.parent[0], self.anchor[0])
 
     @property
     def score_scale(self) -> float:
@@ -75,19 +82,20 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
     carried = _InputCarrier(spec, parent_sd, maps, device)
     folder = _Folder(spec, carried, heads, opts.seed) if opts.mode == "fold" else None
     pending = {}  # Q/K/V maps made together at a Heads marker, taken by their Solve nodes
-    waiting = {name: {a.tm for a in axes if a is not None} for name, axes in spec.axes.items()}
+    waiting = {name: {t for a in axes if a is not None for t in a.tms} for name, axes in spec.axes.items()}
     _finalise_ready(spec, waiting, carried, maps, emit)
     for i, node in enumerate(spec.nodes):
         t0 = time.perf_counter()
         if isinstance(node, Heads):
             if folder is not None:
                 made, stats[node.tm] = folder.heads(node)
-            elif opts.head_alignment == "aware":
+            elif opts.head_alignment == "aware" or node.rotary:
                 costs = ({tm: activation_costs[tm] for tm in (node.q, node.k, node.v)
                           if tm in activation_costs} if activation_costs is not None else
                          {tm: _weights_cost(spec, Solve(tm, ((tm, None),)), anchor_sd, carried)
                           for tm in (node.q, node.k, node.v)})
-                made, stats[node.tm] = _head_aware_maps(node, costs, heads, opts)
+                make = _rotary_head_maps if node.rotary else _head_aware_maps
+                made, stats[node.tm] = make(node, costs, heads, opts)
             else:
                 made, stats[node.tm] = {}, {"heads": heads and list(heads.parent)}
             pending.update(made)
@@ -127,8 +135,12 @@ def _scaled_q(spec, heads, emit):
     q_maps = {h.q for h in spec.attention}
 
     def scaled(name, t):
-        is_q = any(isinstance(a, Out) and a.tm in q_maps for a in spec.axes[name])
-        emit(name, t * scale if is_q else t)
+        for q in q_maps:
+            slot = out_slot(spec.axes[name], q)
+            if slot is not None:
+                t = t.clone()
+                part_of(t, *slot).mul_(scale)  # a view: scales Q's part of a fused QKV in place
+        emit(name, t)
     return scaled
 
 
@@ -162,18 +174,27 @@ class _Folder:
         feats, width = [], None
         for name, axes in self.spec.axes.items():
             for axis, role in enumerate(axes):
-                if role is not None and role.tm in members:
-                    feats.append(_rows(self.carried.raw(name), axis))
-                    if isinstance(role, Out) and width is None:
-                        width = anchor_sd[name].shape[axis]
+                for t in (role.tms if role is not None else ()):
+                    if t in members:
+                        part = (role.parts.index(t), len(role.parts)) if isinstance(role, Split) else None
+                        feats.append(_rows(part_of(self.carried.raw(name), axis, part), axis))
+                        if not isinstance(role, In) and width is None:
+                            width = part_of(anchor_sd[name], axis, part).shape[axis]
         return fold.cluster_plan(fold.blocks(feats), width, self.seed)
 
     def heads(self, node: Heads):
         if self.head_shapes is None:
             raise ValueError("folding attention needs the head shapes of parent and anchor")
-        (hp, _), (ha, da) = self.head_shapes.parent, self.head_shapes.anchor
+        (hp, dp), (ha, da) = self.head_shapes.parent, self.head_shapes.anchor
         rows = {tm: torch.cat(_feature_rows(self.spec, Solve(tm, ((tm, None),)), self.carried), 1)
                 for tm in (node.q, node.k, node.v)}
+        if node.rotary:
+            if dp != da:
+                raise IncompatibleModelsError(f"rotary attention needs equal head widths (parent {dp}, "
+                                              f"target {da})")
+            t_q, t_kv = fold.rotary_head_plans(rows[node.q], rows[node.k], rows[node.v], hp,
+                                               self.head_shapes.kv_heads, ha, dp, self.seed)
+            return {node.q: t_q, node.k: t_kv, node.v: t_kv}, {"method": "fold", "heads": [hp, ha]}
         o_cols = torch.cat([_rows(self.carried.raw(name), axis)
                             for name, axes in self.spec.axes.items()
                             for axis, a in enumerate(axes) if isinstance(a, In) and a.tm == node.v], 1)
@@ -211,6 +232,42 @@ def _head_aware_maps(node: Heads, costs: dict, heads: HeadShapes, opts):
     return {node.q: t_qk, node.k: t_qk, node.v: t_v}, {"heads": head.stats(), "method": "head-aware"}
 
 
+def _rotary_head_maps(node: Heads, costs: dict, heads: HeadShapes, opts):
+    """Whole heads only (rotary embeddings fix the units inside a head), and
+    query heads move with their key/value group: OT between parent and anchor
+    K/V groups on a cost that adds the K and V head costs and the cost of the
+    best matching of their query heads (a small OT per group pair); the query
+    head plan nests those matchings inside the group plan. Every map is then
+    (head plan) x (identity inside a head)."""
+    (hp, d), (ha, da) = heads.parent, heads.anchor
+    if d != da:
+        raise IncompatibleModelsError(f"rotary attention needs equal head widths (parent {d}, anchor {da}): "
+                                      "fuse models that differ in head count, not head width")
+    (gp, ga), norm = heads.kv_heads, (lambda c: transport.normalise_cost(c.double(), opts.cost_norm))
+    rp, ra = hp // gp, ha // ga
+    c_q, c_k, c_v = (norm(costs[tm]) for tm in (node.q, node.k, node.v))
+
+    def head_cost(c, i, j):  # identity inside the head: the mean of the block's diagonal
+        return c[i * d:(i + 1) * d, j * d:(j + 1) * d].diagonal().mean()
+    group_cost = torch.zeros(gp, ga, dtype=torch.float64, device=c_q.device)
+    q_plans = {}
+    for g in range(gp):
+        for h in range(ga):
+            qc = torch.stack([torch.stack([head_cost(c_q, g * rp + i, h * ra + j) for j in range(ra)])
+                              for i in range(rp)])
+            q = _solve(f"{node.tm} q[{g},{h}]", norm(qc), opts) if qc.numel() > 1 else None
+            q_plans[g, h] = q.plan if q else torch.ones_like(qc)
+            group_cost[g, h] = head_cost(c_k, g, h) + head_cost(c_v, g, h) + (q_plans[g, h] * qc).sum()
+    groups = _solve(f"{node.tm} kv heads", norm(group_cost), opts)
+    p_q = torch.zeros(hp, ha, dtype=torch.float64, device=c_q.device)
+    for (g, h), plan in q_plans.items():
+        p_q[g * rp:(g + 1) * rp, h * ra:(h + 1) * ra] = groups.plan[g, h] * plan
+    within = torch.eye(d, dtype=torch.float64, device=c_q.device) / d
+    t_kv = torch.kron(groups.plan, within)
+    return ({node.q: torch.kron(p_q, within), node.k: t_kv, node.v: t_kv},
+            {"kv_heads": groups.stats(), "method": "rotary heads"})
+
+
 def _residual_groups(spec) -> dict:
     """tm -> root of its residual stream (maps joined by Combine or Share);
     maps that join nothing are absent."""
@@ -231,8 +288,8 @@ def _residual_groups(spec) -> dict:
 def _width(spec, node, anchor_sd):
     group = node.parts[0][0]
     name = spec.params_with_out(group)[0]
-    axis = next(i for i, a in enumerate(spec.axes[name]) if isinstance(a, Out) and a.tm == group)
-    return anchor_sd[name].shape[axis]
+    axis, part = out_slot(spec.axes[name], group)
+    return part_of(anchor_sd[name], axis, part).shape[axis]
 
 
 def _solve(tm, cost, opts):
@@ -251,11 +308,11 @@ def _finalise_ready(spec, waiting, carried, maps, emit, solved=None):
     for name in [n for n, tms in waiting.items() if not tms or solved in tms]:
         if solved is not None:
             waiting[name].discard(solved)
-        if waiting[name] or not all(maps.has(a.tm) for a in spec.axes[name] if a is not None):
+        if waiting[name] or not all(maps.has(t) for a in spec.axes[name] if a is not None for t in a.tms):
             continue
         emit(name, _carry_all(carried(name), spec.axes[name], maps, inputs_only=False))
         carried.forget(name)
-        maps.release(*(a.tm for a in spec.axes[name] if a is not None))
+        maps.release(*(t for a in spec.axes[name] if a is not None for t in a.tms))
         del waiting[name]
 
 
@@ -266,7 +323,7 @@ class _MapStore:
     def __init__(self, spec):
         self.plans, self.rescaled_cache, self.uses = {}, {}, Counter()
         for axes in spec.axes.values():
-            self.uses.update(a.tm for a in axes if a is not None)
+            self.uses.update(t for a in axes if a is not None for t in a.tms)
         for n in spec.nodes:
             if isinstance(n, Combine):
                 self.uses.update([n.skip, n.branch])
@@ -338,6 +395,9 @@ def _carry_all(t, axes, maps, *, inputs_only):
                 t = carry(t, axis, maps.rescaled(role.tm, transport.row_stochastic))
         elif isinstance(role, Out) and not inputs_only:
             t = carry(t, axis, maps.rescaled(role.tm, transport.column_stochastic))
+        elif isinstance(role, Split) and not inputs_only:
+            t = torch.cat([carry(chunk, axis, maps.rescaled(tm, transport.column_stochastic))
+                           for chunk, tm in zip(t.chunk(len(role.parts), dim=axis), role.parts)], axis)
     return t
 
 
@@ -347,8 +407,8 @@ def _feature_rows(spec, node: Solve, tensor) -> list:
     rows = []
     for group, _probe in node.parts:
         for name in spec.params_with_out(group):
-            axis = next(i for i, a in enumerate(spec.axes[name]) if isinstance(a, Out) and a.tm == group)
-            rows.append(_rows(tensor(name), axis))
+            axis, part = out_slot(spec.axes[name], group)
+            rows.append(_rows(part_of(tensor(name), axis, part), axis))
     return rows
 
 

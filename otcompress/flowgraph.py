@@ -26,21 +26,58 @@ from typing import Callable, Optional
 class Out:
     tm: str
 
+    @property
+    def tms(self) -> tuple:
+        return (self.tm,)
+
 
 @dataclass(frozen=True)
 class In:
     tm: str
 
+    @property
+    def tms(self) -> tuple:
+        return (self.tm,)
 
-Axis = Optional[object]  # Out | In | None
+
+@dataclass(frozen=True)
+class Split:
+    """An output axis made of equal consecutive parts, each living in its own
+    map's space (GPT-2's fused c_attn: Q | K | V)."""
+    parts: tuple
+
+    @property
+    def tms(self) -> tuple:
+        return self.parts
+
+
+Axis = Optional[object]  # Out | In | Split | None
+
+
+def out_slot(axes, tm):
+    """Where `tm`'s units lie on a parameter's axes: (axis, None) for an `Out`
+    axis, (axis, (i, n)) for part i of n of a `Split` axis, or None."""
+    for axis, a in enumerate(axes):
+        if isinstance(a, Out) and a.tm == tm:
+            return axis, None
+        if isinstance(a, Split) and tm in a.parts:
+            return axis, (a.parts.index(tm), len(a.parts))
+    return None
+
+
+def part_of(t, axis: int, part):
+    """The slice of `t` along `axis` that `part` = (i, n) names (all of it for None)."""
+    return t if part is None else t.chunk(part[1], dim=axis)[part[0]]
 
 
 @dataclass(frozen=True)
 class Probe:
     """An activation read during a forward pass: `module`'s input or output,
-    with the unit axis last (token axes are flattened into samples)."""
+    with the unit axis last (token axes are flattened into samples); `part`
+    = (i, n) reads the i-th of n equal slices of the units (a Split output)."""
     module: str
     side: str = "out"  # "in" | "out"
+    part: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,10 @@ class Heads:
     k: str
     v: str
     o: str
+    # Rotary embeddings fix the order of units inside a head (they come in
+    # frequency pairs): maps may move whole heads only, and K/V heads may be
+    # fewer than Q heads (grouped-query attention, counts from the config).
+    rotary: bool = False
 
 
 @dataclass
@@ -106,8 +147,7 @@ class ArchSpec:
         raise KeyError(tm)
 
     def params_with_out(self, tm: str) -> list:
-        return [p for p, axes in self.axes.items()
-                if any(isinstance(a, Out) and a.tm == tm for a in axes)]
+        return [p for p, axes in self.axes.items() if out_slot(axes, tm) is not None]
 
 
 def linear(out_tm, in_tm, bias=True, prefix=""):
@@ -153,5 +193,42 @@ def encoder_block(i: int, r_in: str, path: dict, *, qk: str, pre_ln: bool):
         solve(fc1, out("fc1_act")),
         solve(fc2, out("fc2")),
         Combine(res, mid, fc2, Probe(path["mlp_skip"], "in"), out("fc2")),
+    ]
+    return axes, nodes, res
+
+
+def norm_weight(tm, prefix, bias=False):
+    """A LayerNorm (weight and bias) or an RMSNorm (weight only)."""
+    return layernorm(tm, prefix) if bias else {f"{prefix}.weight": (Out(tm),)}
+
+
+def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool):
+    """One pre-norm decoder block with rotary, possibly grouped-query attention
+    and a gated MLP (LLaMA, Qwen2): RMSNorm gains only; gate and up share one
+    map (their product is the MLP's hidden unit); O reads the attention output,
+    whose units are the query heads' (with maps that move whole heads only, that
+    space is Q's map). `path` maps the roles q, k, v, o, norm_attn, norm_mlp,
+    gate, up, down, mlp_act (the module whose *input* is the gated product) to
+    module paths. Returns (axes, nodes, output TM name)."""
+    q, k, v, o = (f"L{i}.{n}" for n in "qkvo")
+    mid, fc1, fc2, res = f"L{i}.attn_res", f"L{i}.fc1", f"L{i}.fc2", f"L{i}.mlp_res"
+    axes = {}
+    for tm, role in ((q, "q"), (k, "k"), (v, "v")):
+        axes.update(linear(tm, r_in, bias=qkv_bias, prefix=path[role]))
+    axes.update(linear(o, q, bias=False, prefix=path["o"]))
+    axes.update(linear(fc1, mid, bias=False, prefix=path["gate"]))
+    axes.update(linear(fc1, mid, bias=False, prefix=path["up"]))
+    axes.update(linear(fc2, fc1, bias=False, prefix=path["down"]))
+    axes.update(norm_weight(r_in, path["norm_attn"]))
+    axes.update(norm_weight(mid, path["norm_mlp"]))
+    out = lambda role: Probe(path[role], "out")  # noqa: E731
+    nodes = [
+        Heads(f"L{i}.heads", q, k, v, o, rotary=True),
+        solve(q, out("q")), solve(k, out("k")), solve(v, out("v")),
+        solve(o, out("o")),
+        Combine(mid, r_in, o, Probe(path["norm_attn"], "in"), out("o")),
+        solve(fc1, Probe(path["down"], "in")),
+        solve(fc2, out("down")),
+        Combine(res, mid, fc2, Probe(path["norm_mlp"], "in"), out("down")),
     ]
     return axes, nodes, res

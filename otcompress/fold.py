@@ -157,3 +157,25 @@ def _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, seed):
         feats.append(torch.cat([(q[s].T @ k[s]).flatten(), (o_cols[s].T @ v[s]).flatten()]))
     labels = kmeans(torch.stack(feats), target_heads, seed=seed)
     return [(labels == g).nonzero().flatten().tolist() for g in range(target_heads)]
+
+
+def rotary_head_plans(q, k, v, parent_heads: int, kv_heads: tuple, target_heads: int, d: int, seed: int = 0):
+    """Fold maps for rotary (and grouped-query) attention: whole heads only.
+    Parent key/value groups are clustered into the target's groups on their
+    K and V rows (inside a head the unit order is fixed, so rows compare
+    directly); then the query heads of each target group's parent groups are
+    clustered into its query heads. Returns (T_q, T_kv)."""
+    (gp, ga) = kv_heads
+    rp, ra = parent_heads // gp, target_heads // ga
+    per_head = lambda x, n: x.reshape(n, -1)  # noqa: E731 (head, d * features)
+    g_labels = kmeans(blocks([per_head(k, gp), per_head(v, gp)]), ga, seed=seed)
+    q_heads = per_head(q, parent_heads)
+    h_labels = torch.empty(parent_heads, dtype=torch.long, device=q.device)
+    for c in range(ga):
+        members = torch.cat([torch.arange(g * rp, (g + 1) * rp, device=q.device)
+                             for g in (g_labels == c).nonzero().flatten().tolist()])
+        if members.numel() < ra:
+            raise IncompatibleModelsError(f"cannot fold {members.numel()} query heads into {ra}")
+        h_labels[members] = c * ra + kmeans(blocks([q_heads[members]]), ra, seed=seed)
+    unit = lambda labels: (labels[:, None] * d + torch.arange(d, device=q.device)).flatten()  # noqa: E731
+    return plan(unit(h_labels), target_heads * d), plan(unit(g_labels), ga * d)

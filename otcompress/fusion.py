@@ -90,7 +90,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                     f"the anchor {'ties' if spec.tied else 'does not tie'} its output head to the input "
                     f"embeddings but parent {k} {'does not' if spec.tied else 'does'}: set "
                     "tie_word_embeddings the same way in both")
-        heads = [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config))
+        heads = [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config),
+                            (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)))
                  for p in parent_ms]
 
         t_acts = time.perf_counter()
@@ -124,7 +125,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                                                    opts["weights"], heads, progress)
             model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
             if repair:
-                repaired[r] = repair_mod.repair(model, sd, data, list(repair_mod.points(spec)))
+                repaired[r] = repair_mod.repair(model, sd, data, repair_mod.points(spec))
             return model, map_stats
 
         sweep = None
@@ -188,7 +189,8 @@ def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress):
     if len(folds) == 1:
         return folds[0], map_stats
     w = [x / sum(mix[1:]) for x in mix[1:]]
-    same = [HeadShapes(heads[0].anchor, heads[0].anchor)] * (len(folds) - 1)
+    a = heads[0]
+    same = [HeadShapes(a.anchor, a.anchor, (a.kv_heads[1], a.kv_heads[1]))] * (len(folds) - 1)
     sd, st = _align_and_average(spec, folds[0], folds[1:], align_opts, [None] * (len(folds) - 1), None,
                                 w, same, progress)
     return sd, map_stats + st

@@ -25,20 +25,22 @@ MEAN, STD = "__mean__", "__std__"
 
 
 def points(spec) -> dict:
-    """{module path: its output map}, in flow-graph (parameter) order."""
+    """{module path: (its output map, the weight's output axis)}, in flow-graph
+    (parameter) order: 2-D weights with one `Out` and one `In` axis (a Linear
+    is (out, in), GPT-2's Conv1D (in, out)) and a bias on the same map."""
     out = {}
     for name, axes in spec.axes.items():
-        if (name.endswith(".weight") and len(axes) == 2 and isinstance(axes[0], Out)
-                and isinstance(axes[1], In)):
+        if name.endswith(".weight") and len(axes) == 2 and {type(a) for a in axes} == {Out, In}:
+            axis = 0 if isinstance(axes[0], Out) else 1
             module = name[: -len(".weight")]
-            if spec.axes.get(f"{module}.bias") == (axes[0],):
-                out[module] = axes[0].tm
+            if spec.axes.get(f"{module}.bias") == (axes[axis],):
+                out[module] = (axes[axis].tm, axis)
     return out
 
 
 def stat_axes(spec) -> dict:
     """The flow-graph axes of the statistics tensors, to extend `spec.axes` with."""
-    return {f"{m}.{kind}": (Out(tm),) for m, tm in points(spec).items() for kind in (MEAN, STD)}
+    return {f"{m}.{kind}": (Out(tm),) for m, (tm, _) in points(spec).items() for kind in (MEAN, STD)}
 
 
 @torch.inference_mode()
@@ -78,13 +80,13 @@ def measure(model, modules, data) -> dict:
 
 
 @torch.no_grad()
-def repair(model, targets: dict, data, modules) -> dict:
+def repair(model, targets: dict, data, modules: dict) -> dict:
     """Rescale and shift each module's output units to `targets`, one module at
     a time (later modules are measured after earlier ones are repaired).
-    Returns a summary of the corrections."""
+    `modules` is `points(spec)`. Returns a summary of the corrections."""
     named = dict(model.named_modules())
     ratios = []
-    for m in modules:
+    for m, (_, out_axis) in modules.items():
         now = measure(model, [m], data)
         mean_f, std_f = now[f"{m}.{MEAN}"], now[f"{m}.{STD}"]
         mean_t, std_t = targets[f"{m}.{MEAN}"].double(), targets[f"{m}.{STD}"].double()
@@ -92,7 +94,7 @@ def repair(model, targets: dict, data, modules) -> dict:
         ratio = torch.where(std_f > 1e-8, std_t / std_f.clamp_min(1e-8), torch.ones_like(std_f))
         layer = named[m]
         w, b = layer.weight, layer.bias
-        w.mul_(ratio.to(w.dtype)[:, None])
+        w.mul_(ratio.to(w.dtype)[:, None] if out_axis == 0 else ratio.to(w.dtype)[None, :])
         b.copy_(((b.double() - mean_f) * ratio + mean_t).to(b.dtype))
         ratios.append(ratio)
     r = torch.cat(ratios) if ratios else torch.ones(1)

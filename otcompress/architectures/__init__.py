@@ -1,9 +1,9 @@
 """One small data file per model family; the engine, profiling, export and
 data look them up by model type (what a family file defines: see `common`)."""
-from otcompress.architectures import bert, distilbert, roberta, vit
+from otcompress.architectures import bert, distilbert, llama, qwen2, roberta, vit
 from otcompress.errors import InvalidOptionError, UnsupportedArchitectureError
 
-FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert)}
+FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert, llama, qwen2)}
 
 
 def supported() -> dict:
@@ -81,6 +81,11 @@ def head_shape(config) -> tuple:
     """(number of attention heads, head width) from a config."""
     heads = config.num_attention_heads
     return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def kv_heads(config) -> int:
+    """Key/value heads (fewer than attention heads with grouped-query attention)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def target_config(parent_config, **widths):

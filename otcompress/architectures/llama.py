@@ -1,0 +1,59 @@
+"""Hugging Face LLaMA-style decoders (LLaMA; Qwen2 reuses this file with
+q/k/v biases): pre-RMSNorm blocks, rotary grouped-query attention, SwiGLU MLP,
+an untied LM head by default.
+
+Heterogeneous width here means fewer heads (and key/value heads) and a
+narrower MLP at the *same* head width: rotary embeddings pair the units inside
+a head with fixed frequencies, so maps move whole heads (the engine's
+`Heads(rotary=True)` handling) and never reorder units inside one."""
+from __future__ import annotations
+
+from otcompress.architectures import common
+from otcompress.errors import UnsupportedArchitectureError
+from otcompress.flowgraph import ArchSpec, In, Out, Probe, norm_weight, rotary_decoder_block, solve
+
+MODEL_TYPE = "llama"
+MODEL_CLASSES = ("LlamaForCausalLM", "LlamaModel")
+MUST_MATCH = ("num_hidden_layers", "vocab_size", "hidden_act", "rope_parameters", "max_position_embeddings",
+              "tie_word_embeddings")
+INPUTS = ("input_ids", "attention_mask")
+INPUT_AXES = common.TEXT_AXES
+
+
+def example_inputs(config, batch_size, seq_len, generator):
+    return common.text_example_inputs(config, INPUTS, batch_size, seq_len, max_seq_len(config), generator)
+
+
+def max_seq_len(config):
+    return config.max_position_embeddings
+
+
+def task(class_name):
+    return "causal-lm"
+
+
+def build(config, keys, *, qk="separate") -> ArchSpec:
+    """`qk` is ignored: rotary heads always get their maps at the Heads marker."""
+    p = "model." if any(k.startswith("model.") for k in keys) else ""
+    axes = {f"{p}embed_tokens.weight": (None, Out("emb"))}
+    nodes = [solve("emb", Probe(f"{p}layers.0.input_layernorm", "in"))]
+    r = "emb"
+    qkv_bias = f"{p}layers.0.self_attn.q_proj.bias" in keys
+    for i in range(config.num_hidden_layers):
+        L = f"{p}layers.{i}"
+        path = {"q": f"{L}.self_attn.q_proj", "k": f"{L}.self_attn.k_proj", "v": f"{L}.self_attn.v_proj",
+                "o": f"{L}.self_attn.o_proj", "norm_attn": f"{L}.input_layernorm",
+                "norm_mlp": f"{L}.post_attention_layernorm", "gate": f"{L}.mlp.gate_proj",
+                "up": f"{L}.mlp.up_proj", "down": f"{L}.mlp.down_proj"}
+        block_axes, block_nodes, r = rotary_decoder_block(i, r, path, qkv_bias=qkv_bias)
+        axes.update(block_axes)
+        nodes += block_nodes
+    axes.update(norm_weight(r, f"{p}norm"))
+    if getattr(config, "tie_word_embeddings", False):
+        # A tied head *is* the embedding table, whose map is the embedding
+        # output's; the head reads the final stream, whose map differs.
+        raise UnsupportedArchitectureError(
+            f"{MODEL_TYPE} with tie_word_embeddings=True is not supported yet (untied heads are)")
+    if "lm_head.weight" in keys:
+        axes["lm_head.weight"] = (None, In(r))
+    return ArchSpec(MODEL_TYPE, axes, nodes)

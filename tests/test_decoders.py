@@ -1,0 +1,144 @@
+"""LLaMA-style decoders (rotary, grouped-query attention, SwiGLU, RMSNorm):
+fusion recovers known answers. Variants are built here from the model's own
+structure, independently of the engine's family file: unit permutations that
+move whole key/value groups with their query heads (never units inside a
+rotary head), and function-preserving 2x widening (twice the key/value
+groups with their query heads, twice the residual and MLP units)."""
+import pytest
+import torch
+import transformers as T
+
+import models as M
+import otcompress
+
+TOL = 1e-5
+CLASSES = [(T.LlamaConfig, T.LlamaForCausalLM), (T.LlamaConfig, T.LlamaModel),
+           (T.Qwen2Config, T.Qwen2ForCausalLM)]
+ids = lambda v: getattr(v, "__name__", "")  # noqa: E731
+
+
+def decoder(config_cls, cls, hidden=32, heads=4, kv=2, inter=48, seed=0, layers=2):
+    cfg = config_cls(vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=32,
+                     head_dim=hidden // heads, attention_dropout=0.0)
+    model = cls(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / (1 if "embed" in name else p.shape[1]) ** 0.5)
+                if "q_proj" in name or "k_proj" in name:
+                    p.mul_(2.5)  # attention must matter
+            elif "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _roles(name):
+    """(per-axis unit space, kind) of each parameter, written from HF's layout."""
+    table = [("embed_tokens.weight", [None, ("res", "out")]), ("lm_head.weight", [None, ("res", "in")]),
+             ("q_proj.weight", [("q", "out"), ("res", "in")]), ("q_proj.bias", [("q", "out")]),
+             ("k_proj.weight", [("kv", "out"), ("res", "in")]), ("k_proj.bias", [("kv", "out")]),
+             ("v_proj.weight", [("kv", "out"), ("res", "in")]), ("v_proj.bias", [("kv", "out")]),
+             ("o_proj.weight", [("res", "out"), ("q", "in")]),
+             ("gate_proj.weight", [("mlp", "out"), ("res", "in")]), ("up_proj.weight", [("mlp", "out"), ("res", "in")]),
+             ("down_proj.weight", [("res", "out"), ("mlp", "in")]), ("norm.weight", [("res", "out")]),
+             ("layernorm.weight", [("res", "out")])]
+    return next(r for key, r in table if name.endswith(key))
+
+
+@torch.no_grad()
+def variant(model, *, widen, seed=7):
+    cfg = model.config
+    n, h, kv, d, inter = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.intermediate_size)
+    r = h // kv
+    g = torch.Generator().manual_seed(seed)
+    if widen:
+        tile = lambda k: torch.arange(k).repeat(2)  # noqa: E731
+        q_heads, kv_heads = tile(h), tile(kv)  # head j of the copy is old head j mod h: its group is old j mod kv
+        res, mlp = tile(n), tile(inter)
+    else:
+        kv_heads = torch.randperm(kv, generator=g)
+        q_heads = torch.cat([grp * r + torch.randperm(r, generator=g) for grp in kv_heads.tolist()])
+        res, mlp = torch.randperm(n, generator=g), torch.randperm(inter, generator=g)
+    units = lambda heads: (heads[:, None] * d + torch.arange(d)).flatten()  # noqa: E731 whole heads
+    idx = {"res": res, "mlp": mlp, "q": units(q_heads), "kv": units(kv_heads)}
+    new = type(cfg).from_dict(cfg.to_dict())
+    if widen:
+        new.hidden_size, new.num_attention_heads, new.num_key_value_heads = 2 * n, 2 * h, 2 * kv
+        new.intermediate_size, new.head_dim = 2 * inter, d
+    sd = {}
+    for name, t in model.state_dict().items():
+        for axis, role in enumerate(_roles(name)):
+            if role is not None:
+                t = t.index_select(axis, idx[role[0]])
+                if role[1] == "in" and widen:
+                    t = t / 2
+        sd[name] = t
+    out = type(model)(new)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+def _inputs(model):
+    ids_ = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids_)
+    mask[0, 7:] = 0
+    return {"input_ids": ids_, "attention_mask": mask}
+
+
+def _err(model, x, ref):
+    return float((M.outputs(model, x) - M.outputs(ref, x)).abs().max())
+
+
+def _sorted_err(model, x, ref):
+    a, b = M.outputs(model, x), M.outputs(ref, x)
+    if a.shape[-1] != model.config.vocab_size:  # headless: hidden units in the fold's own order
+        a, b = a.sort(-1).values, b.sort(-1).values
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1))
+
+
+@pytest.mark.parametrize("cfg_cls,cls", CLASSES, ids=ids)
+@pytest.mark.parametrize("widen", [False, True], ids=["permuted", "widened"])
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+def test_ot_recovers_the_average(cfg_cls, cls, widen, alignment):
+    base = decoder(cfg_cls, cls)
+    anchor, x = M.noisy(base), _inputs(base)
+    parent = variant(base, widen=widen)
+    if not (widen and cls is T.LlamaModel):  # a widened bare model has twice the hidden units
+        assert _sorted_err(parent, x, base) < TOL  # the variant computes the base's function
+    expected = M.average([anchor, base])
+    assert _err(anchor, x, expected) > 100 * TOL  # the test can fail
+    fused = otcompress.fuse(anchor, [parent], solver="emd", alignment=alignment, data=_inputs(base))
+    assert _err(fused, x, expected) < TOL
+
+
+@pytest.mark.parametrize("cfg_cls,cls", CLASSES, ids=ids)
+def test_fold_recovers_the_original(cfg_cls, cls):
+    base = decoder(cfg_cls, cls)
+    anchor, x = M.noisy(base, scale=0.5), _inputs(base)
+    fused = otcompress.fuse(anchor, [variant(base, widen=True), variant(base, widen=False, seed=3)],
+                            alignment="fold", solver="emd")
+    assert _sorted_err(fused, x, base) < TOL
+
+
+def test_heterogeneous_gqa_saves_and_loads(tmp_path):
+    small = decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=16, heads=2, kv=1, inter=24, seed=1)
+    wide = [decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=32, heads=4, kv=2, inter=48, seed=s) for s in (2, 3)]
+    for alignment in ("weights", "fold"):
+        fused = otcompress.fuse(small, wide, alignment=alignment)
+        fused.save_pretrained(tmp_path / alignment)
+        back = T.LlamaForCausalLM.from_pretrained(tmp_path / alignment)
+        assert back.config.num_key_value_heads == 1
+        assert torch.isfinite(M.outputs(back, _inputs(back))).all()
+
+
+def test_rotary_refuses_other_head_widths():
+    from otcompress.errors import IncompatibleModelsError
+    a = decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=32, heads=4, kv=2)
+    b = decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=64, heads=4, kv=2, inter=96)
+    with pytest.raises(IncompatibleModelsError, match="head widths"):
+        otcompress.fuse(a, [b])
