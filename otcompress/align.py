@@ -39,6 +39,10 @@ class AlignOptions:
     seed: int = 0  # k-means seeding in fold mode
     head_alignment: str = "cross"  # "cross": one map over all Q (K, V) units; "aware": heads first
     on_unconverged: str = "raise"  # or "warn": keep the plan, flag it in the report
+    on_uniform: str = "warn"  # a near-uniform map (all information lost): "warn" or "raise"
+
+
+NEAR_UNIFORM = 0.9  # relative entropy (entropy / log(m n)); a hard map is ~0.5
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
                 cost = (activation_costs[node.tm] if activation_costs is not None
                         else _weights_cost(spec, node, anchor_sd, carried))
                 result = _solve(node.tm, transport.normalise_cost(cost, opts.cost_norm), opts)
-                plan, stats[node.tm] = result.plan, result.stats()
+                plan, stats[node.tm] = result.plan, _check_uniform(node.tm, result.stats(), opts)
             maps.put(node.tm, plan)
         elif isinstance(node, Combine):
             alpha = 0.5 if residual_alpha is None else residual_alpha[node.tm]
@@ -125,6 +129,17 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
         if progress:
             progress("fold" if folder else "align", i + 1, len(spec.nodes))
     return aligned, stats
+
+
+def _check_uniform(tm, stats, opts):
+    """Flag (or refuse) a map that has gone nearly uniform: every anchor unit
+    then receives the mean of all parent units, and the model is destroyed."""
+    if stats.get("relative_entropy", 0.0) > NEAR_UNIFORM:
+        stats["near_uniform"] = True
+        if opts.on_uniform == "raise":
+            raise SolverError(f"transport map {tm} is nearly uniform (relative entropy "
+                              f"{stats['relative_entropy']:.2f}) at reg {opts.reg:g}: lower reg")
+    return stats
 
 
 def _scaled_q(spec, heads, emit):

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import platform
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +22,7 @@ SOLVERS = ("sinkhorn", "emd")
 RESIDUALS = ("average", "scalar", "matrix")
 QK_MAPS = ("auto", "separate", "shared")
 HEAD_ALIGNMENTS = ("cross", "aware")
+COST_NORMS = ("max", "gap", "mean", "none")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 
@@ -28,8 +30,8 @@ REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="max",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
-         repair=False, seed=0, head_alignment="cross", on_unconverged="raise", trust_remote_code=False,
-         progress=None):
+         repair=False, seed=0, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
+         trust_remote_code=False, progress=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
@@ -67,6 +69,14 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
     on_unconverged: a Sinkhorn map that misses `tol` within `max_iter`:
         "raise" a SolverError, or "warn" and keep it (flagged `converged: false`
         in the report's transport maps).
+    on_uniform: a map whose entropy is over 0.9 of its maximum (nearly the
+        flat map: every anchor unit gets the mean of all parent units): "warn"
+        (listed in the report's `warnings` and through `warnings.warn`) or
+        "raise" (reg "auto" then skips that reg).
+    cost_norm: "max" (divide each cost by its maximum), "gap" (subtract each
+        row's minimum, divide by the median: reg relative to a typical unit's
+        distance from its best match; self-fusion stays exact at larger reg),
+        "mean" or "none".
     progress: optional callback(stage: str, done: int, total: int | None).
 
     Returns a `transformers` model; its `fusion_report` attribute holds the
@@ -78,6 +88,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                          repair=repair)
     _one_of("head alignment", head_alignment, HEAD_ALIGNMENTS)
     _one_of("on_unconverged", on_unconverged, ("raise", "warn"))
+    _one_of("on_uniform", on_uniform, ("raise", "warn"))
+    _one_of("cost normalisation", cost_norm, COST_NORMS)
     anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed,
                                     stream=_streams(alignment, solver, reg, residual, repair))
     with _eval_mode(anchor_m, *parent_ms):
@@ -117,7 +129,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         def fuse_at(r):
             align_opts = AlignOptions(solver=solver, reg=r, cost_norm=cost_norm, max_iter=max_iter,
                                       tol=tol, seed=seed, head_alignment=head_alignment,
-                                      on_unconverged=on_unconverged)
+                                      on_unconverged=on_unconverged, on_uniform=on_uniform)
             if alignment == "fold":
                 sd, map_stats = _fold_and_fuse(spec, sds, align_opts, opts["weights"], heads, progress)
             else:
@@ -138,7 +150,11 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
             model, map_stats = fuse_at(None if reg is None else float(reg))
     mix = opts["weights"]
     t_end = time.perf_counter()
+    flagged = _flagged_maps(map_stats)
+    for line in flagged:
+        warnings.warn(f"otcompress: {line}", stacklevel=2)
     model.fusion_report = {
+        "warnings": flagged,
         "schema": REPORT_SCHEMA,
         "anchor": (modelio.describe(anchor) if hasattr(anchor, "config") or not hasattr(anchor, "to_dict")
                    else f"target {architectures.describe_widths(anchor)}"),
@@ -147,7 +163,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                     "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
                     "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol,
                     "activation_dtype": activation_dtype, "repair": bool(repair), "seed": seed,
-                    "head_alignment": head_alignment, "on_unconverged": on_unconverged},
+                    "head_alignment": head_alignment, "on_unconverged": on_unconverged,
+                    "on_uniform": on_uniform},
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
         "repair": repaired.get(reg),
@@ -157,6 +174,19 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         "versions": _versions(),
     }
     return model
+
+
+def _flagged_maps(map_stats) -> list:
+    """One line per transport map that went nearly uniform or missed its tolerance."""
+    lines = []
+    for k, maps in enumerate(map_stats, 1):
+        for tm, st in maps.items():
+            if st.get("near_uniform"):
+                lines.append(f"parent {k} map {tm} is nearly uniform (relative entropy "
+                             f"{st['relative_entropy']:.2f}): lower reg")
+            if st.get("converged") is False:
+                lines.append(f"parent {k} map {tm} did not converge (marginal error {st['marginal_error']:.1e})")
+    return lines
 
 
 def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mix, heads, progress):

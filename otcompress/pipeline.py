@@ -29,7 +29,7 @@ from otcompress.errors import InvalidOptionError
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
 FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "activation_dtype", "repair",
-             "head_alignment", "on_unconverged")
+             "head_alignment", "on_unconverged", "on_uniform")
 
 
 def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, force=False, device="cpu",

@@ -30,6 +30,7 @@ RECIPE_KEYS = {
     "repair": (bool, False),
     "head_alignment": (str, "cross"),
     "on_unconverged": (str, "raise"),
+    "on_uniform": (str, "warn"),
     "distill": (bool, True),  # teachers = the parents while finetuning
     "distill_alpha": (float, 0.5),
     "race_fraction": (float, 0.1),
