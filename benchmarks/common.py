@@ -226,47 +226,14 @@ def fuse_sweep(anchor, parents, data, *, grid, holdout, calib, alignment="weight
     return out
 
 
-def repair_to_anchor(fused, anchor, calib, skip=("classifier", "decoder")):
-    """Benchmark-side prototype (not an engine feature): REPAIR-style
-    correction (Jordan et al., ICLR 2023) towards the anchor. Layer by layer,
-    in module order, every Linear's output units are rescaled and shifted so
-    that their mean and std over the calibration tokens (padding excluded)
-    equal those of the anchor's same unit. Returns a corrected copy."""
-    import torch
+def repaired(anchor, parents, calib, reg, weights):
+    """The engine's statistics repair (`fuse(repair=True)`) at the sweep's
+    chosen reg: every unit's mean and std restored to those of the anchor and
+    the parents, carried through the maps and mixed by the fusion weights."""
+    import otcompress
 
-    fused = copy.deepcopy(fused).eval()
-    anchor.eval()
-    names = [n for n, m in fused.named_modules()
-             if isinstance(m, torch.nn.Linear) and not any(k in n for k in skip)]
-    f_mods, a_mods = dict(fused.named_modules()), dict(anchor.named_modules())
-    batches = [{k: v for k, v in b.items() if k != "labels"} for b in calib]
-    with torch.no_grad():
-        for name in names:
-            stats = {}
-            for tag, model, mod in (("f", fused, f_mods[name]), ("a", anchor, a_mods[name])):
-                rows = []
-
-                def hook(_m, _i, out, rows=rows):
-                    rows.append(out.detach())
-                h = mod.register_forward_hook(hook)
-                try:
-                    for b in batches:
-                        model(**b)
-                        out = rows.pop()
-                        mask = b.get("attention_mask")
-                        rows.append(out[mask.bool()] if mask is not None and out.dim() == 3
-                                    else out.reshape(-1, out.shape[-1]))
-                finally:
-                    h.remove()
-                x = torch.cat(rows).double()
-                stats[tag] = (x.mean(0), x.std(0))
-            (mf, sf), (ma, sa) = stats["f"], stats["a"]
-            ratio = (sa / sf.clamp_min(1e-8)).float()
-            mod = f_mods[name]
-            mod.weight.mul_(ratio[:, None])
-            if mod.bias is not None:
-                mod.bias.copy_(((mod.bias.double() - mf) * ratio.double() + ma).float())
-    return fused
+    return otcompress.fuse(anchor, parents, reg=reg, weights=weights, repair=True,
+                           data=[{k: v for k, v in b.items() if k != "labels"} for b in calib])
 
 
 # --------------------------------------------------------------------------- statistics
@@ -585,13 +552,13 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
         "fa_one": f"OT-fused, activations-based, anchor weight {aw:g}: one-shot",
         "fa_ft": f"OT-fused, activations-based, anchor weight {aw:g}: + N steps finetuning",
         "fw_kd": f"(extra) OT-fused, weights-based, anchor weight {aw:g}: + N steps distillation",
-        "fr_one": (f"(extra, prototype) OT-fused, weights-based, anchor weight {aw:g}, "
-                   "REPAIR-corrected to the anchor's unit statistics: one-shot"),
-        "fr_ft": (f"(extra, prototype) OT-fused, weights-based, anchor weight {aw:g}, "
-                  "REPAIR-corrected: + N steps finetuning"),
+        "fr_one": (f"(extra) OT-fused, weights-based, anchor weight {aw:g}, "
+                   "with the engine's statistics repair: one-shot"),
+        "fr_ft": (f"(extra) OT-fused, weights-based, anchor weight {aw:g}, "
+                  "with statistics repair: + N steps finetuning"),
         "fu_one": "(reference) OT-fused, weights-based, uniform weights: one-shot",
-        "fu_rep": ("(extra, prototype) OT-fused, weights-based, uniform weights, "
-                   "REPAIR-corrected: one-shot"),
+        "fu_rep": ("(extra) OT-fused, weights-based, uniform weights, "
+                   "with statistics repair: one-shot"),
         "ensemble": f"(reference) ensemble of the {n_par} parents (mean softmax)",
     }
     for h in setup.parent_hiddens:
@@ -624,7 +591,7 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
         m, sec = setup.finetune(sw["best"], s, teachers=parents)
         add("fw_kd", {"value": evaluate_model(m, setup.data), "finetune_s": sec, **info})
         t_r = time.perf_counter()
-        rep = repair_to_anchor(sw["best"], anchor, calib)
+        rep = repaired(anchor, parents, calib, sw["best_reg"], mix)
         t_r = time.perf_counter() - t_r
         add("fr_one", {"value": evaluate_model(rep, setup.data), "repair_s": t_r, **info})
         m, sec = setup.finetune(rep, s)
@@ -642,7 +609,7 @@ def run_heterogeneous(setup: Setup, clock: Clock) -> dict:
                         alignment="weights", weights=None)
         sweeps["uniform"].append(sw)
         add("fu_one", {"value": evaluate_model(sw["best"], setup.data), **_sweep_info(sw)})
-        add("fu_rep", {"value": evaluate_model(repair_to_anchor(sw["best"], anchor, calib),
+        add("fu_rep", {"value": evaluate_model(repaired(anchor, parents, calib, sw["best_reg"], None),
                                                setup.data), **_sweep_info(sw)})
         clock.phase("heterogeneous", t)
         key, scale, digits, _, _ = setup.primary
@@ -732,7 +699,7 @@ def verdict_lines(setup: Setup, het: dict) -> list[str]:
                            ("fused_kd_vs_anchor_kd",
                             "(extra) OT-fused + N distillation vs distillation + N"),
                            ("repaired_ft_vs_anchor_ft",
-                            "(extra, prototype) OT-fused + REPAIR + N vs anchor + N")):
+                            "(extra) OT-fused + statistics repair + N vs anchor + N")):
             r = c[name]
             imp = r["improvement"]
             lines.append(

@@ -187,10 +187,11 @@ def render(setup, payload, panels, png_name):
              "alone. It is a fixed choice, not tuned per seed. A one-shot held-out loss cannot "
              "choose it: it always prefers more anchor, down to the anchor itself."),
             "The regulariser is never chosen on the eval split.",
-            ("The REPAIR rows are a benchmark-side prototype (common.repair_to_anchor), not an "
-             "engine feature: every Linear's output units get the mean/std of the anchor's "
-             "same unit on the calibration images, layer by layer. Exploration on seed 0 "
-             "(eval split read, not part of this run): one-shot 34 -> 77% at anchor weight "
+            ("The statistics-repair rows use the engine's `fuse(repair=True)`: every linear "
+             "layer's output units get the mean/std of the anchor's and the parents' units "
+             "(carried through the maps, mixed by the fusion weights) on the calibration "
+             "images, layer by layer. Results from the earlier anchor-only prototype (seed 0, "
+             "eval split read, not part of this run): one-shot 34 -> 77% at anchor weight "
              "1/3, 56 -> 90% at 0.5, 93.1 -> 94.4% at 0.8 (anchor 93.8%); after 200 steps "
              "every variant was 95.1-95.8%, like the anchor + 200 steps (95.6%)."),
         ])
