@@ -8,7 +8,7 @@ import yaml
 
 from otcompress.errors import InvalidOptionError
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILE_DIR = Path(__file__).parent / "profiles"  # a link to the top-level profiles/ in a checkout
 
 # Every recipe key, its type, and its default (the CLI's defaults come from here).
 RECIPE_KEYS = {

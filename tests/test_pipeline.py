@@ -1,6 +1,7 @@
 """The fuse workflow as a library call: the starting-point race, resumable
 training, held-out splits, fold targets from the command line."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,13 @@ def test_cli_folds_into_a_target_width(tmp_path, capsys):
         lines = [x for x in err.strip().splitlines() if x.strip()]
         assert code == 2 and len(lines) == 1 and message in lines[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def test_profiles_ship_inside_the_package():
+    """--profile must work from an installed wheel, not only from a checkout."""
+    import otcompress
+    from otcompress import recipes
+    assert recipes.PROFILE_DIR.parent == Path(otcompress.__file__).parent
+    assert {"vit-soft-wts", "bert-soft-wts", "hard-emd"} <= set(recipes.available())
+    pyproject = (Path(otcompress.__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'otcompress = ["profiles/*.yaml"]' in pyproject
