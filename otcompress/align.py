@@ -391,7 +391,14 @@ class _InputCarrier:
         self.spec, self.sd, self.maps, self.device, self.cache = spec, parent_sd, maps, device, {}
 
     def raw(self, name):
-        """The parent tensor in float32 on the working device, nothing carried."""
+        """The parent tensor in float32 on the working device, nothing carried.
+        A `<module>.__rownorm__` entry (data-free repair) is derived here: the
+        norms of the module's weight rows once its inputs are carried, i.e. in
+        the anchor's input space, one per parent output unit."""
+        if name.endswith(".__rownorm__") and name not in self.sd:
+            weight = name[: -len("__rownorm__")] + "weight"
+            axis = next(i for i, a in enumerate(self.spec.axes[weight]) if isinstance(a, Out))
+            return self(weight).movedim(axis, 0).flatten(1).norm(dim=1)
         return self.sd[name].detach().to(self.device).float()
 
     def __call__(self, name):

@@ -60,7 +60,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         the running sums stay float64).
     repair: restore every unit's mean and std on `data` to the parents' (and
         the anchor's, by its weight) statistics carried through the same maps
-        (REPAIR; see repair.py). Needs `data`.
+        (REPAIR; see repair.py). Without `data`, the data-free variant: each
+        unit's weight-row norm (its std under isotropic inputs) is restored.
     seed: k-means seeding for folding.
     head_alignment: "cross" (one map over all Q, K, V units: a unit may move
         across heads) or "aware" (heads matched to heads first, then units
@@ -115,10 +116,15 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                                         token_filter=token_filter, progress=progress,
                                         forward_dtype=_dtype(activation_dtype))
         sds = [m.state_dict() for m in (anchor_m, *parent_ms)]
+        data_free = repair and data is None
         if repair:
-            spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec)})
-            modules = list(repair_mod.points(spec))
-            sds = [{**sd, **repair_mod.measure(m, modules, data)} for sd, m in zip(sds, (anchor_m, *parent_ms))]
+            modules = repair_mod.points(spec)
+            spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec, data_free=data_free)})
+            if data_free:  # parents' row norms are derived during alignment (align._InputCarrier.raw)
+                sds[0] = {**sds[0], **repair_mod.weight_stats(anchor_m, modules)}
+            else:
+                sds = [{**sd, **repair_mod.measure(m, list(modules), data)}
+                       for sd, m in zip(sds, (anchor_m, *parent_ms))]
         t_align = time.perf_counter()
         alpha = None
         if residual != "average":
@@ -136,8 +142,10 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                 sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
                                                    opts["weights"], heads, progress)
             model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
-            if repair:
-                repaired[r] = repair_mod.repair(model, sd, data, repair_mod.points(spec))
+            if data_free:
+                repaired[r] = repair_mod.repair_from_weights(model, sd, modules)
+            elif repair:
+                repaired[r] = repair_mod.repair(model, sd, data, modules)
             return model, map_stats
 
         sweep = None
@@ -415,8 +423,6 @@ def check_options(alignment, solver, reg, residual, qk, token_filter, data, weig
     if (alignment == "activations" or residual != "average") and data is None:
         need = "activations-based alignment" if alignment == "activations" else f"residual policy '{residual}'"
         raise InvalidOptionError(f"{need} needs calibration data (data=...)")
-    if repair and data is None:
-        raise InvalidOptionError("repair needs calibration data (data=...)")
     if alignment == "fold" and residual != "average":
         raise InvalidOptionError("folding clusters the residual stream once: use residual 'average'")
     if token_filter is not None and not _valid_filter(token_filter):

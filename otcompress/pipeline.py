@@ -106,10 +106,10 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     if (anchor is None) == (target is None):
         raise InvalidOptionError("give an anchor, or a target width (hidden/heads/intermediate), not both")
     needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
-                  or r["repair"] or r["finetune_steps"] > 0)
+                  or r["finetune_steps"] > 0)
     if needs_data and not (r["data"] or given_data):
-        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto, "
-                                 "repair or finetuning)")
+        raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
+                                 "or finetuning)")
     if anchor is None and r["alignment"] not in ("auto", "fold"):
         raise InvalidOptionError(f"alignment '{r['alignment']}' needs an anchor's weights; "
                                  "a target width can only be folded into")

@@ -21,7 +21,7 @@ from otcompress.activations import _samples, iter_batches
 from otcompress.errors import DataError
 from otcompress.flowgraph import In, Out
 
-MEAN, STD = "__mean__", "__std__"
+MEAN, STD, ROWNORM = "__mean__", "__std__", "__rownorm__"
 
 
 def points(spec) -> dict:
@@ -38,9 +38,39 @@ def points(spec) -> dict:
     return out
 
 
-def stat_axes(spec) -> dict:
+def stat_axes(spec, *, data_free=False) -> dict:
     """The flow-graph axes of the statistics tensors, to extend `spec.axes` with."""
-    return {f"{m}.{kind}": (Out(tm),) for m, (tm, _) in points(spec).items() for kind in (MEAN, STD)}
+    kinds = (ROWNORM,) if data_free else (MEAN, STD)
+    return {f"{m}.{kind}": (Out(tm),) for m, (tm, _) in points(spec).items() for kind in kinds}
+
+
+def row_norms(weight, out_axis: int):
+    """Per output unit, the norm of its weights: the std of that unit's output
+    under isotropic unit-variance inputs (the data-free statistic)."""
+    return weight.detach().float().movedim(out_axis, 0).flatten(1).norm(dim=1)
+
+
+def weight_stats(model, modules: dict) -> dict:
+    """The data-free statistics of `model` itself (an anchor's, in its own space)."""
+    named = dict(model.named_modules())
+    return {f"{m}.{ROWNORM}": row_norms(named[m].weight, axis) for m, (_, axis) in modules.items()}
+
+
+@torch.no_grad()
+def repair_from_weights(model, targets: dict, modules: dict) -> dict:
+    """Without data: rescale each output unit's weights to the target row norm,
+    so that under isotropic inputs every unit's std is the target's (the mean,
+    the bias, is already the carried one)."""
+    named = dict(model.named_modules())
+    ratios = []
+    for m, (_, out_axis) in modules.items():
+        w = named[m].weight
+        ratio = targets[f"{m}.{ROWNORM}"].to(w.device) / row_norms(w, out_axis).clamp_min(1e-12)
+        w.mul_((ratio[:, None] if out_axis == 0 else ratio[None, :]).to(w.dtype))
+        ratios.append(ratio.double())
+    r = torch.cat(ratios) if ratios else torch.ones(1)
+    return {"modules": len(modules), "data_free": True,
+            "norm_ratio": {"min": float(r.min()), "median": float(r.median()), "max": float(r.max())}}
 
 
 @torch.inference_mode()

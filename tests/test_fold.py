@@ -185,3 +185,32 @@ def test_tied_anchor_refuses_an_untied_parent():
     untied = M.sharpen(T.BertForMaskedLM(cfg), 3)
     with pytest.raises(IncompatibleModelsError, match="tie_word_embeddings"):
         otcompress.fuse(anchor, [untied], solver="emd")
+
+
+@pytest.mark.parametrize("make,cls", CASES[::2], ids=ids)
+def test_data_free_repair_restores_row_norms(make, cls):
+    """Without data, each unit's weight-row norm is restored: under isotropic
+    unit-variance inputs every unit's std then equals the target (the average
+    of the anchor's and the base's units), within sampling error."""
+    base = make(cls=cls)
+    anchor = M.noisy(base, scale=0.3)
+    spec = architectures.build_spec(anchor)
+    modules = repair.points(spec)
+    named = {k: dict(m.named_modules()) for k, m in (("a", anchor), ("b", base))}
+    target = {m: (repair.row_norms(named["a"][m].weight, ax) + repair.row_norms(named["b"][m].weight, ax)) / 2
+              for m, (_, ax) in modules.items()}
+    wide = M.transform(base, widen=True)
+    plain = otcompress.fuse(anchor, [wide], solver="emd")
+    fused = otcompress.fuse(anchor, [wide], solver="emd", repair=True)
+    assert fused.fusion_report["repair"]["data_free"]
+    got = dict(fused.named_modules())
+    off = {m: float(((repair.row_norms(dict(plain.named_modules())[m].weight, ax) - target[m]).abs()
+                     / target[m]).max()) for m, (_, ax) in modules.items()}
+    assert max(off.values()) > 1e-2  # averaging shrank some rows: repair has work to do
+    g = torch.Generator().manual_seed(0)
+    for m, (_, ax) in modules.items():
+        w = got[m].weight
+        assert torch.allclose(repair.row_norms(w, ax), target[m], rtol=1e-5)
+        x = torch.randn(20000, w.shape[1 - ax], generator=g)
+        std = (x @ (w.T if ax == 0 else w)).std(0)
+        assert float(((std - target[m]).abs() / target[m]).max()) < 0.05  # 20000 samples: ~0.5% typical
