@@ -8,10 +8,17 @@ train split in shuffled epochs (text batches grouped by length). With `teachers`
 
 (Hinton et al.'s distillation against the teachers' averaged softened
 distribution; for masked LM only the masked positions count).
+
+The loop runs through Hugging Face `accelerate`: started by `accelerate
+launch` it trains with DDP, one shard of every batch per process (the same
+global batches, losses and schedule as one process), in the mixed precision
+the launch asks for (`--mixed_precision bf16`). A plain single process keeps
+the device it is given and trains exactly as it always has.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 
@@ -112,19 +119,27 @@ def _distill_loss(student: torch.Tensor, teacher_logits: list[torch.Tensor], tem
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
 
 
-def _step_loss(model, teachers, batch, alpha, temperature):
-    logits, labels = _scored(model, batch)
+def _step_loss(score, teachers, batch, alpha, temperature, autocast=None):
+    """(loss, task loss) of one batch: `score(batch)` gives the student's
+    (logits, labels); teachers run without gradients (under `autocast`, the
+    student's mixed precision, when given)."""
+    logits, labels = score(batch)
     task = F.cross_entropy(logits, labels)
     if not teachers or alpha == 0.0:
         return task, task
-    with torch.no_grad():
-        teacher_logits = [_scored(t, batch)[0] for t in teachers]
+    with torch.no_grad(), (autocast() if autocast is not None else _nothing()):
+        teacher_logits = [_scored(t, batch)[0].float() for t in teachers]
     for t, tl in zip(teachers, teacher_logits):
         if tl.shape != logits.shape:
             raise InvalidOptionError(f"teacher {type(t).__name__} outputs {tuple(tl.shape)[-1]} "
                                      f"classes; the student outputs {logits.shape[-1]}")
     loss = (1 - alpha) * task + alpha * _distill_loss(logits, teacher_logits, temperature)
     return loss, task
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _summary(losses: list[float], task_losses: list[float], seconds: float) -> dict:
@@ -161,23 +176,45 @@ class Trainer:
     """One `steps`-step run (schedule, optimizer, batch order, dropout RNG)
     that can be advanced in pieces: `run(10)` then `run(90)` trains exactly
     like `run(100)`. The start-point race of `pipeline` spends the first steps
-    of the real run on every candidate and continues the winner."""
+    of the real run on every candidate and continues the winner.
+
+    The step runs through an `accelerate.Accelerator` (`accelerator`, or one
+    made here). Under `accelerate launch` with several processes the model is
+    wrapped in DDP on `accelerator.device` (`device="cpu"`: CPU processes with
+    gloo), every process takes its shard of each batch and the losses are
+    weighted so that the gradient is the whole batch's; reported losses are
+    the whole batch's. `mixed_precision` ("no", "bf16", "fp16"; default:
+    what `accelerate launch` or its config set) autocasts the student's and
+    the teachers' forward passes. A single process trains on `device`, as
+    before accelerate."""
 
     def __init__(self, model, data: TaskData, *, steps: int, lr: float = 1e-3, batch_size: int = 64,
                  seed: int = 0, teachers=None, distill_alpha: float = 0.5, temperature: float = 2.0,
-                 weight_decay: float = 0.01, warmup: float = 0.1, device="cpu", progress=None):
+                 weight_decay: float = 0.01, warmup: float = 0.1, device="cpu", progress=None,
+                 mixed_precision=None, accelerator=None):
         _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup)
         self.model, self.steps, self.lr, self.warmup = model, steps, lr, warmup
         self.alpha, self.temperature, self.progress = distill_alpha, temperature, progress
-        self.device = torch.device(device)
+        acc = accelerator or _accelerator(torch.device(device), mixed_precision)
+        self.accelerator, self.world, self.rank = acc, acc.num_processes, acc.process_index
+        # One process keeps the caller's device (accelerate's is process-wide);
+        # a launched process trains where accelerate put it.
+        self.device = acc.device if self.world > 1 else torch.device(device)
+        if self.world > 1 and batch_size < self.world:
+            raise InvalidOptionError(f"batch_size {batch_size} is smaller than the {self.world} processes")
+        if acc.mixed_precision != "no" and acc.device.type != self.device.type:
+            raise InvalidOptionError(f"mixed precision {acc.mixed_precision}: this process's accelerate state "
+                                     f"is on {acc.device.type}, the model on {self.device.type}")
         self.teachers = list(teachers or [])
         model.to(self.device)
         for t in self.teachers:
             t.to(self.device).eval()
-        self.optimizer = _optimizer(model, lr, weight_decay)
+        # The student's scoring as one module: what DDP wraps and accelerate autocasts
+        # (the caller's model itself is left unpatched).
+        self.scorer, self.optimizer = acc.prepare(_Scorer(model), _optimizer(model, lr, weight_decay))
         self.batches = _train_batches(data, batch_size, seed)
         self.done, self.seconds, self.losses, self.task_losses = 0, 0.0, [], []
-        with _seeded(seed, self.device):
+        with _seeded(seed + 1_000_003 * self.rank, self.device):  # dropout differs between processes
             self.rng = _rng_state(self.device)
 
     def run(self, n: int) -> "Trainer":
@@ -187,11 +224,12 @@ class Trainer:
         if n:
             with _seeded(0, self.device):  # the caller's RNG is left alone
                 _set_rng_state(self.device, self.rng)
-                self.model.train()
+                self.scorer.train()
                 for _ in range(n):
                     self._step()
                 self.rng = _rng_state(self.device)
         self.model.eval()
+        self.scorer.eval()
         self.seconds += time.perf_counter() - start
         return self
 
@@ -199,23 +237,87 @@ class Trainer:
         step = self.done
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.steps, self.lr, self.warmup)
-        loss, task = _step_loss(self.model, self.teachers, _to(next(self.batches), self.device),
-                                self.alpha, self.temperature)
-        if not torch.isfinite(loss):
+        batch = next(self.batches)
+        if self.world > 1:
+            batch, share = _shard(batch, self.rank, self.world)
+        loss, task = _step_loss(self.scorer, self.teachers, _to(batch, self.device), self.alpha,
+                                self.temperature, self.accelerator.autocast)
+        if self.world > 1:
+            # DDP averages gradients over processes: weighting each process's mean
+            # loss by its share of the batch's scored positions makes that average
+            # the gradient of the whole batch's mean loss (as one process computes it).
+            if share == 0:  # nothing scored here: a zero loss that still reaches every parameter
+                loss = task = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            both = self.accelerator.reduce(torch.stack([loss.detach(), task.detach()]).float() * share, "sum")
+            loss_value, task_value = both.tolist()
+            loss = loss * (share * self.world)
+        else:
+            loss_value, task_value = loss.item(), task.item()
+        if not math.isfinite(loss_value):
             raise InvalidOptionError(f"finetune: loss is not finite at step {step} "
                                      f"(lr={self.lr}); try a lower lr")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.accelerator.backward(loss)
         self.optimizer.step()
-        self.losses.append(loss.item())
-        self.task_losses.append(task.item())
+        self.losses.append(loss_value)
+        self.task_losses.append(task_value)
         self.done += 1
-        if self.progress is not None:
+        if self.progress is not None and self.accelerator.is_main_process:
             self.progress(self.done, self.steps, {"loss": self.losses[-1],
                                                   "lr": self.optimizer.param_groups[0]["lr"]})
 
     def summary(self) -> dict:
         return _summary(self.losses, self.task_losses, self.seconds)
+
+
+class _Scorer(torch.nn.Module):
+    """The student's (logits, labels) at its scored positions, as a module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return _scored(self.model, batch)
+
+
+def _launched() -> bool:
+    """Started as one of several processes (accelerate launch, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _accelerator(device: torch.device, mixed_precision=None):
+    """An Accelerator for one Trainer. accelerate's state is per process: a
+    launched process gets its device and process group from it; a single
+    process keeps placing models itself (`device_placement=False`), so that
+    Trainers on different devices can share one process."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16"):
+        raise InvalidOptionError(f"mixed precision '{mixed_precision}': use no, bf16 or fp16")
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise InvalidOptionError("fp16 mixed precision needs a GPU; use bf16 on CPU")
+    kwargs = {"mixed_precision": mixed_precision}
+    if _launched():
+        kwargs["cpu"] = device.type == "cpu"
+    else:
+        kwargs["device_placement"] = False
+        # cpu=True only decides a fresh state's device; asking it of a state that
+        # accelerate already set up on a GPU is an error, and irrelevant here.
+        kwargs["cpu"] = device.type == "cpu" and not AcceleratorState._shared_state
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:  # e.g. another mixed precision than this process's accelerate state
+        raise InvalidOptionError(f"accelerate: {e}") from None
+
+
+def _shard(batch: dict, rank: int, world: int) -> tuple[dict, float]:
+    """This process's rows of a batch (every world-th from `rank`), and its
+    share of the batch's scored positions."""
+    labels = batch["labels"]
+    mine = {k: v[rank::world] for k, v in batch.items()}
+    total = int((labels != IGNORE).sum())
+    return mine, (int((mine["labels"] != IGNORE).sum()) / total if total else 0.0)
 
 
 def _rng_state(device):
