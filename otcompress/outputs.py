@@ -64,6 +64,44 @@ def copy_preprocessor(source, dest: Path) -> list[str]:
     return copied
 
 
+# sentence-transformers keeps its pipeline beside the weights: which modules run
+# (modules.json), their folders (1_Pooling, 2_Normalize, ...) and its settings.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# Module folders that hold no weights, only settings.
+_WEIGHTLESS_MODULES = ("Pooling", "Normalize")
+
+
+def copy_sentence_transformers(source, dest: Path, hidden_size: int) -> dict:
+    """Carry a sentence-transformers checkpoint's pipeline files, with the
+    pooling dimension rewritten to the fused model's width. Modules with
+    weights of their own (a Dense projection) cannot be carried: they read
+    the parent's width. Returns {"copied": [...], "skipped": [...]}."""
+    src = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if src is None or not (src / "modules.json").is_file():
+        return {"copied": [], "skipped": []}
+    copied, skipped = [], []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+            copied.append(name)
+    for module in json.loads((src / "modules.json").read_text()):
+        folder = module.get("path") or ""
+        if not folder or not (src / folder).is_dir():
+            continue
+        if not module.get("type", "").endswith(_WEIGHTLESS_MODULES):
+            skipped.append(folder)
+            continue
+        shutil.copytree(src / folder, dest / folder)
+        cfg = dest / folder / "config.json"
+        if cfg.is_file():
+            settings = json.loads(cfg.read_text())
+            if "word_embedding_dimension" in settings:
+                settings["word_embedding_dimension"] = hidden_size
+            cfg.write_text(json.dumps(settings, indent=2) + "\n")
+        copied.append(folder)
+    return {"copied": copied, "skipped": skipped}
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
 

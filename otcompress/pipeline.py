@@ -261,6 +261,7 @@ def write(model, report, source, tmp: Path, r):
     the resolved recipe, the report and a model card."""
     model.to("cpu").save_pretrained(tmp)
     report["copied_preprocessor_files"] = outputs.copy_preprocessor(source, tmp)
+    report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, model.config.hidden_size)
     outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
     outputs.write_json(tmp / "fusion_report.json", report)
     (tmp / "README.md").write_text(outputs.model_card(report))

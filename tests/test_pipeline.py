@@ -122,3 +122,29 @@ def test_profiles_ship_inside_the_package():
     assert {"vit-soft-wts", "bert-soft-wts", "hard-emd"} <= set(recipes.available())
     pyproject = (Path(otcompress.__file__).parent.parent / "pyproject.toml").read_text()
     assert 'otcompress = ["profiles/*.yaml"]' in pyproject
+
+
+def test_sentence_transformers_files_are_carried(tmp_path):
+    """A sentence-transformers checkpoint's pipeline (modules.json, pooling,
+    normalisation, settings) comes along, the pooling width rewritten to the
+    fused model's (here a parent folded into a narrower target)."""
+    import transformers as T
+    T.BertModel(T.BertConfig(**M.TINY_BERT)).save_pretrained(tmp_path / "st")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+               {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]
+    (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st" / "sentence_bert_config.json").write_text('{"max_seq_length": 64, "do_lower_case": false}')
+    for folder in ("1_Pooling", "2_Normalize", "3_Dense"):
+        (tmp_path / "st" / folder).mkdir()
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
+    _, report = pipeline.run(None, [tmp_path / "st"], {}, tmp_path / "out",
+                             target={"hidden": 16, "heads": 2, "intermediate": 32})
+    out = tmp_path / "out"
+    assert T.AutoConfig.from_pretrained(out).hidden_size == 16
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 16
+    assert (out / "2_Normalize").is_dir() and (out / "modules.json").is_file()
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    assert report["sentence_transformers"]["skipped"] == ["3_Dense"]
