@@ -251,7 +251,8 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     """Brief recovery training of MODEL (optionally distilled from --teachers)."""
     from otcompress import finetune as ft
     from otcompress import modelio, outputs
-    ui = UI(quiet, as_json)
+    main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
+    ui = UI(quiet or not main_process, as_json and main_process)
     outputs.check_out(out, force)
     device = resolve_device(device)
     if teachers:  # configs only: wrong teachers fail before weights are read or training starts
@@ -262,17 +263,19 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     _check_head(m, model, "finetune")
     task = _load_data(data, m, model, seed)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
+    before = ft.evaluate(m, task, device=device)
+    with ui.progress() as prog:
+        summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                              teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
+                              device=device, progress=prog.finetune)
+    if not main_process:
+        return
+    after = ft.evaluate(m, task, device=device)
+    summary.pop("losses", None)
+    result = {"model": model, "data": data, "teachers": list(teachers), "finetune": summary,
+              "split": "eval", "examples": task.num_examples("eval"),
+              "metrics": {"before": before, "after": after}}
     with outputs.staged_dir(out, force) as tmp:
-        before = ft.evaluate(m, task, device=device)
-        with ui.progress() as prog:
-            summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                  teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
-                                  device=device, progress=prog.finetune)
-        after = ft.evaluate(m, task, device=device)
-        summary.pop("losses", None)
-        result = {"model": model, "data": data, "teachers": list(teachers), "finetune": summary,
-                  "split": "eval", "examples": task.num_examples("eval"),
-                  "metrics": {"before": before, "after": after}}
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
         outputs.write_json(tmp / "finetune_report.json", result)
@@ -523,3 +526,7 @@ def main(argv=None):
                    "(set OTCOMPRESS_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
     sys.exit(0)
+
+
+if __name__ == "__main__":  # python -m otcompress.cli (e.g. under accelerate launch)
+    main()

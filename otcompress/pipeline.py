@@ -92,7 +92,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     report["recipe"] = r
     report["wall_seconds"] = time.time() - started
     model.fusion_report = report
-    if out is not None:
+    if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
         with outputs.staged_dir(out, force) as tmp:
             write(model, report, anchor if anchor is not None else parents[0], tmp, r)
     return model, report
