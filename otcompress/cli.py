@@ -153,7 +153,7 @@ def cli():
               help="Cost normalisation: max (default) or gap (reg relative to a unit's best-match gap).")
 @click.option("--repair/--no-repair", default=None, help="Restore unit statistics (REPAIR) after fusing.")
 @click.option("--distill/--no-distill", default=None, help="Distil from the parents while finetuning (default on).")
-@click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.1).")
+@click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.3).")
 @click.option("--data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
 @click.option("--samples", type=int, help="Calibration examples for activation statistics.")
 @click.option("--finetune-steps", type=int, help="Brief recovery training steps (0 = none).")
@@ -185,8 +185,8 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, f
     race = report.get("race")
     if race:
         ui.table(f"starting-point race ({race['steps_each']} steps each, {race['holdout_examples']} "
-                 "held-out examples)", ["candidate", "held-out loss"],
-                 [[c["candidate"], c["holdout_loss"]] for c in race["candidates"]])
+                 "held-out examples)", ["candidate", "held-out loss, one-shot", "after the race steps"],
+                 [[c["candidate"], c["one_shot_holdout_loss"], c.get("holdout_loss")] for c in race["candidates"]])
     metrics = report.get("metrics") or {}
     first = next(iter(metrics.values()), {})
     _metrics_table(ui, metrics, first.get("split"), first.get("examples"))

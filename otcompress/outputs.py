@@ -154,11 +154,12 @@ def model_card(report: dict) -> str:
     race = report.get("race")
     if race:
         lines += ["", "## Starting-point race", "",
-                  f"Each candidate trained the first {race['steps_each']} steps of the run (distilled "
-                  f"from the parents) and was scored on {race['holdout_examples']} held-out training "
-                  f"examples; **{race['winner']}** won and continued.", "",
-                  "| candidate | held-out loss |", "|---|---|"]
-        lines += [f"| {c['candidate']} | {c['holdout_loss']:.4f} |" for c in race["candidates"]]
+                  f"Every candidate was scored one-shot on {race['holdout_examples']} held-out training "
+                  f"examples; the best of each kind then trained the first {race['steps_each']} steps "
+                  f"of the run (distilled from the parents); **{race['winner']}** won and continued.", "",
+                  "| candidate | held-out loss, one-shot | after the race steps |", "|---|---|---|"]
+        lines += [f"| {c['candidate']} | {c['one_shot_holdout_loss']:.4f} | "
+                  f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]
     t = report.get("timings")
     if t:
         lines += ["", "## Cost", "", f"Fusion took {t['total']:.1f} s (activations {t['activations']:.1f} s, "

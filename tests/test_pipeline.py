@@ -55,12 +55,16 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path):
     recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64}
     model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
     race = report["race"]
-    names = [c["candidate"] for c in race["candidates"]]
-    assert names == ["fold: all parents", "fold: parent 1", "fold: parent 2",
-                     "OT fusion, anchor weight 0.8", "anchor"]
-    losses = {c["candidate"]: c["holdout_loss"] for c in race["candidates"]}
+    rows = {c["candidate"]: c for c in race["candidates"]}
+    assert list(rows) == ["fold: all parents", "OT fusion, anchor weight 0.8", "anchor"]
+    # Of the two anchor-side starts only the one better one-shot trains in the race.
+    side = [rows["OT fusion, anchor weight 0.8"], rows["anchor"]]
+    trained = [c for c in side if "holdout_loss" in c]
+    assert trained == [min(side, key=lambda c: c["one_shot_holdout_loss"])]
+    losses = {n: c["holdout_loss"] for n, c in rows.items() if "holdout_loss" in c}
+    assert set(losses) == {"fold: all parents", trained[0]["candidate"]}
     assert race["winner"] == min(losses, key=losses.get)
-    assert race["steps_each"] == 1 and race["extra_steps"] == 4
+    assert race["steps_each"] == 3 and race["extra_steps"] == 3
     assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == 2
     saved = json.loads((tmp_path / "out" / "fusion_report.json").read_text())
     assert saved["race"]["winner"] == race["winner"]
@@ -75,7 +79,7 @@ def test_no_finetuning_is_never_worse_than_the_anchor_on_held_out_data(digits):
     model, report = pipeline.run(anchor, parents, {"finetune_steps": 0, "samples": 64}, data=digits)
     _, holdout = pipeline.split_holdout(digits, seed=0)
     assert ft.evaluate(model, holdout)["loss"] <= ft.evaluate(anchor, holdout)["loss"] + 1e-6
-    assert report["race"]["steps_each"] == 0
+    assert report["race"]["steps_each"] == 0 and report["race"]["chosen_by"] == "one_shot_holdout_loss"
 
 
 def test_an_explicit_alignment_skips_the_race(digits):
