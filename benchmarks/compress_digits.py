@@ -110,12 +110,18 @@ def acc(model, data):
 
 
 def run_setting(name, seeds, steps_list, quick):
+    from otcompress.data import load_data
+    anchor, parents, data = setting_models(name, load_data("digits", _probe()), quick)
+    return run_arms(anchor, parents, data, seeds, steps_list, acc)
+
+
+def run_arms(anchor, parents, data, seeds, steps_list, metric):
+    """Every arm of the module docstring, per seed; `metric(model, data)` is
+    what the tables report (accuracy here, held-out MLM loss for text)."""
     import otcompress
     from otcompress import pipeline
-    from otcompress.data import load_data
     from otcompress.finetune import evaluate, finetune
 
-    anchor, parents, data = setting_models(name, load_data("digits", _probe()), quick)
     rows = {"one-shot": {}, **{n: {} for n in steps_list}}
 
     def put(stage, arm, value):
@@ -124,24 +130,23 @@ def run_setting(name, seeds, steps_list, quick):
     for seed in seeds:
         t0 = time.time()
         train, holdout = pipeline.split_holdout(data, seed)
-        calib = list(data.calibration_batches(200, 64, seed=seed))
-        put("one-shot", "anchor", acc(anchor, data))
-        put("one-shot", "parents (mean)", sum(acc(p, data) for p in parents) / len(parents))
+        put("one-shot", "anchor", metric(anchor, data))
+        put("one-shot", "parents (mean)", sum(metric(p, data) for p in parents) / len(parents))
         fold = otcompress.fuse(anchor, parents, alignment="fold", seed=seed)
-        put("one-shot", "fold", acc(fold, data))
+        put("one-shot", "fold", metric(fold, data))
         ot = otcompress.fuse(anchor, parents, weights=pipeline.anchor_weighted(len(parents)))
-        put("one-shot", "OT fusion, anchor weight 0.8", acc(ot, data))
+        put("one-shot", "OT fusion, anchor weight 0.8", metric(ot, data))
         base = {"finetune_steps": 0, "seed": seed}
         m, _ = pipeline.run(anchor, parents, base, data=data)
-        put("one-shot", "default recipe", acc(m, data))
+        put("one-shot", "default recipe", metric(m, data))
         for n in steps_list:
             ft = dict(steps=n, lr=1e-3, batch_size=64, seed=seed)
             a = copy.deepcopy(anchor)
             finetune(a, data, **ft)
-            put(n, "anchor + N", acc(a, data))
+            put(n, "anchor + N", metric(a, data))
             a = copy.deepcopy(anchor)
             finetune(a, data, teachers=parents, **ft)
-            put(n, "anchor distilled + N", acc(a, data))
+            put(n, "anchor distilled + N", metric(a, data))
             if n == max(steps_list):
                 best = None
                 for lr in LRS:  # chosen on held-out train examples, as the race is
@@ -149,15 +154,15 @@ def run_setting(name, seeds, steps_list, quick):
                     finetune(a, train, teachers=parents, **{**ft, "lr": lr})
                     loss = evaluate(a, holdout)["loss"]
                     if best is None or loss < best[0]:
-                        best = (loss, acc(a, data))
+                        best = (loss, metric(a, data))
                 put(n, "anchor distilled, lr tuned + N", best[1])
             f = copy.deepcopy(fold)
             finetune(f, data, teachers=parents, **ft)
-            put(n, "fold + distil + N", acc(f, data))
+            put(n, "fold + distil + N", metric(f, data))
             m, rep = pipeline.run(anchor, parents, {**base, "finetune_steps": n}, data=data)
-            put(n, "default recipe + N", acc(m, data))
+            put(n, "default recipe + N", metric(m, data))
             put(n, "default recipe: winner", rep["race"]["winner"])
-        common.log(f"  {name} seed {seed}: {time.time() - t0:.0f} s")
+        common.log(f"  seed {seed}: {time.time() - t0:.0f} s")
     return rows
 
 
@@ -167,21 +172,21 @@ def _probe():
     return digits_vit_config(hidden=16)
 
 
-def markdown(results, args, env, seconds):
-    lines = ["# Small models that beat the alternatives: digits ViTs", "",
-             f"`python benchmarks/compress_digits.py` — {seconds:.0f} s, {args.threads} thread(s), "
-             f"seeds {args.seeds} (finetuning data order and held-out split), accuracy % on the 450 "
-             "eval images, mean ± std over seeds [min–max].", "",
+def markdown(results, args, env, seconds, *, title="Small models that beat the alternatives: digits ViTs",
+             command="python benchmarks/compress_digits.py", what="accuracy % on the 450 eval images",
+             unit="accuracy %", scale=100, digits=1):
+    lines = [f"# {title}", "",
+             f"`{command}` — {seconds:.0f} s, {args.threads} thread(s), seeds {args.seeds} (finetuning "
+             f"data order and held-out split), {what}, mean ± std over seeds [min–max].", "",
              f"Machine: {env.get('cpu')}, torch {env.get('torch')}.", ""]
+    fmt = lambda v: common.fmt(common.summarize(v), scale, digits)  # noqa: E731
     for name, rows in results.items():
         lines += [f"## {name}", ""]
-        arms = [a for a in rows[max(k for k in rows if k != 'one-shot')] if a != "default recipe: winner"]
         steps = [k for k in rows if k != "one-shot"]
-        table = [[arm, common.fmt(common.summarize(v), 100, 1)] for arm, v in rows["one-shot"].items()]
-        lines += ["One-shot:", ""] + common.md_table(["start", "accuracy %"], table) + [""]
-        table = []
-        for arm in arms:
-            table.append([arm] + [common.fmt(common.summarize(rows[n].get(arm, [])), 100, 1) for n in steps])
+        arms = [a for a in rows[max(steps)] if a != "default recipe: winner"]
+        table = [[arm, fmt(v)] for arm, v in rows["one-shot"].items()]
+        lines += ["One-shot:", ""] + common.md_table(["start", unit], table) + [""]
+        table = [[arm] + [fmt(rows[n].get(arm, [])) for n in steps] for arm in arms]
         lines += common.md_table(["arm", *[f"N = {n}" for n in steps]], table)
         winners = {n: rows[n].get("default recipe: winner") for n in steps}
         lines += ["", "Race winners: " + "; ".join(f"N = {n}: {', '.join(w)}" for n, w in winners.items() if w), ""]
