@@ -139,16 +139,25 @@ def transform(model, *, widen: bool, seed=7):
         new_cfg.intermediate_size *= 2
         if getattr(new_cfg, "pooler_output_size", None):
             new_cfg.pooler_output_size *= 2
+    return reindex(model, new_cfg, idx, lambda name: roles(name, cfg.model_type), halve_inputs=widen)
+
+
+@torch.no_grad()
+def reindex(model, new_cfg, idx, role_of, *, halve_inputs: bool, extra=None):
+    """A copy of `model` (config `new_cfg`) whose every unit axis is indexed by
+    `idx[space]` (`role_of(name)` gives each axis's (space, "out" | "in") or
+    None); duplicated units' outgoing ("in") weights are halved when
+    `halve_inputs`. `extra(name, t)` may adjust a tensor afterwards."""
     sd = {}
     for name, t in model.state_dict().items():
-        for axis, role in enumerate(roles(name, cfg.model_type)):
+        for axis, role in enumerate(role_of(name)):
             if role is None:
                 continue
             space, kind = role
             t = t.index_select(axis, idx[space])
-            if kind == "in" and widen:
+            if kind == "in" and halve_inputs:
                 t = t / 2
-        sd[name] = t
+        sd[name] = extra(name, t) if extra else t
     out = type(model)(new_cfg)
     out.load_state_dict(sd)
     return out.eval()
@@ -195,21 +204,10 @@ def widen_head_dim(model):
     new_cfg = type(cfg).from_dict(cfg.to_dict())
     new_cfg.hidden_size *= 2
     new_cfg.intermediate_size *= 2
-    sd = {}
-    for name, t in model.state_dict().items():
-        for axis, role in enumerate(roles(name, cfg.model_type)):
-            if role is None:
-                continue
-            space, kind = role
-            t = t.index_select(axis, idx[space])
-            if kind == "in":
-                t = t / 2
-        if re.search(r"(q_proj|query)\.(weight|bias)$", name):
-            t = t / 2 ** 0.5
-        sd[name] = t
-    out = type(model)(new_cfg)
-    out.load_state_dict(sd)
-    return out.eval()
+    def scale_q(name, t):
+        return t / 2 ** 0.5 if re.search(r"(q_proj|query)\.(weight|bias)$", name) else t
+    return reindex(model, new_cfg, idx, lambda name: roles(name, cfg.model_type), halve_inputs=True,
+                   extra=scale_q)
 
 
 # --------------------------------------------------------------------------- RoBERTa and DistilBERT
@@ -337,19 +335,7 @@ def transform_family(model, *, widen: bool, seed=7):
     if widen:
         for k in keys:
             setattr(new_cfg, k, 2 * getattr(cfg, k))
-    sd = {}
-    for name, t in model.state_dict().items():
-        for axis, role in enumerate(family_roles(name, cfg.model_type)):
-            if role is None:
-                continue
-            space, kind = role
-            t = t.index_select(axis, idx[space])
-            if kind == "in" and widen:
-                t = t / 2
-        sd[name] = t
-    out = type(model)(new_cfg)
-    out.load_state_dict(sd)
-    return out.eval()
+    return reindex(model, new_cfg, idx, lambda name: family_roles(name, cfg.model_type), halve_inputs=widen)
 
 
 def family_inputs(model, batch=4, seed=0):

@@ -70,17 +70,7 @@ def variant(model, *, widen, seed=7):
     if widen:
         new.hidden_size, new.num_attention_heads, new.num_key_value_heads = 2 * n, 2 * h, 2 * kv
         new.intermediate_size, new.head_dim = 2 * inter, d
-    sd = {}
-    for name, t in model.state_dict().items():
-        for axis, role in enumerate(_roles(name)):
-            if role is not None:
-                t = t.index_select(axis, idx[role[0]])
-                if role[1] == "in" and widen:
-                    t = t / 2
-        sd[name] = t
-    out = type(model)(new)
-    out.load_state_dict(sd)
-    return out.eval()
+    return M.reindex(model, new, idx, _roles, halve_inputs=widen)
 
 
 def _inputs(model):
