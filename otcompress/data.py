@@ -18,8 +18,18 @@ Specs:
 The task and inputs follow the model's family (otcompress.architectures):
 image models get image classification; text encoders get sequence
 classification when the model is a *ForSequenceClassification, else masked
-LM, and only the token fields the model takes; a headless model
-(ViTModel, BertModel) gets "feature-extraction": inputs only.
+LM; decoders (LLaMA, Qwen2, GPT-2 LM heads) get causal LM; each gets only the
+token fields the model takes. A headless model (ViTModel, BertModel,
+LlamaModel, GPT2Model) gets "feature-extraction": inputs only.
+
+Causal LM: every text is one example (a pydoc paragraph, a line of a .txt
+file, a .jsonl "text"; "label"s are ignored), truncated like MLM text. Its
+labels are its input ids with -100 at padding and at the first position,
+which no token predicts: the labelled positions are exactly the ones the
+shifted next-token loss scores (Hugging Face's own shifted loss on these
+labels is the same as on plain input ids). A tokenizer without a pad token
+(GPT-2's) pads with its end-of-text token; the attention mask, not the id,
+marks padding. Text is always padded on the right.
 
 Splits are fixed (seed 0, independent of `seed`) so every run evaluates on
 the same examples: labelled data 75/25 stratified, unlabelled text 90/10.
@@ -66,7 +76,8 @@ DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
 PYDOC_MIN_WORDS = 3  # drops headings and "See also:"/"Note:" stubs
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NUMPY_SUFFIX = ".npy"
-TASKS = ("image-classification", "masked-lm", "sequence-classification", "feature-extraction")
+TASKS = ("image-classification", "masked-lm", "causal-lm", "sequence-classification", "feature-extraction")
+LM_TASKS = ("masked-lm", "causal-lm")  # token-level tasks: labels come from the text itself
 SPLITS = ("train", "eval")
 EVAL_SPLITS = (*SPLITS, "all")
 BUILT_IN = ("digits", "pydoc")
@@ -576,18 +587,41 @@ def _image_tensor(items: Sequence, size, channels, mean, std, spec: str) -> torc
 
 
 def _tokenize(texts: Sequence[str], tokenizer, max_length: int, keep: Sequence[str]) -> Tensors:
-    """Token ids padded to the longest text; of the tokenizer's fields only
-    those in `keep` (the model's inputs: DistilBERT takes no token types)."""
+    """Token ids padded on the right to the longest text (batches are trimmed
+    from the right); of the tokenizer's fields only those in `keep` (the
+    model's inputs: DistilBERT takes no token types)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
-                    return_tensors="pt")
+                    padding_side="right", return_tensors="pt")
     return {k: enc[k].long() for k in keep if k in enc}
+
+
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token labels of a causal LM: the input ids, -100 at padding and at
+    the first position (nothing predicts it), so exactly the scored positions
+    carry a label."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :1] = -100
+    return labels
+
+
+def _padded_tokenizer(tokenizer, task: str):
+    """A causal LM's tokenizer without a pad token (GPT-2's) pads with its
+    end-of-text token (a copy: the caller's tokenizer is left as it is)."""
+    if (task == "causal-lm" and tokenizer is not None and tokenizer.pad_token_id is None
+            and tokenizer.eos_token is not None):
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _check_tokenizer(tokenizer, config, task: str, spec: str) -> None:
     if tokenizer is None:
         raise DataError(f"data spec '{spec}': text data needs a tokenizer")
     if tokenizer.pad_token_id is None:
-        raise DataError(f"data spec '{spec}': the tokenizer has no pad token")
+        raise DataError(f"data spec '{spec}': the tokenizer has no pad token"
+                        + (" (nor an end-of-text token to pad with)" if task == "causal-lm" else ""))
     if task == "masked-lm" and tokenizer.mask_token_id is None:
         raise DataError(f"data spec '{spec}': masked LM needs a tokenizer with a mask token")
     if len(tokenizer) > config.vocab_size:
@@ -606,13 +640,14 @@ def _masker(tokenizer, config, mlm_probability: float) -> _Masker:
 
 
 def is_headless(model) -> bool:
-    """True for a bare encoder (ViTModel, BertModel): no task head, so no
-    classifier whose labels data could be checked against. `model` is a model
-    or a config (then its `architectures` decide; none recorded = not headless)."""
+    """True for a bare encoder or decoder (ViTModel, BertModel, LlamaModel,
+    GPT2Model): no task head, so no classifier whose labels data could be
+    checked against. `model` is a model or a config (then its `architectures`
+    decide; none recorded = not headless; GPT2LMHeadModel has a head)."""
     config = getattr(model, "config", model)
     if model is config:
         name = (getattr(config, "architectures", None) or [""])[0]
-        return bool(name) and "For" not in name
+        return bool(name) and "For" not in name and not name.endswith("LMHeadModel")
     return getattr(model, "base_model", None) is model
 
 
@@ -668,7 +703,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     if samples is not None:
         train_idx = _subsample(train_idx, src.labels, samples, seed)
     # A headless model has no classifier: labels are neither checked nor used.
-    use_labels = src.labels is not None and task not in ("masked-lm", "feature-extraction")
+    use_labels = src.labels is not None and task not in (*LM_TASKS, "feature-extraction")
     num_labels = None
     if use_labels:
         num_labels = max(len(src.class_names or ()), int(src.labels.max()) + 1)
@@ -682,6 +717,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
                                                           mean, std, spec)}
         masker = None
     else:
+        tokenizer = _padded_tokenizer(tokenizer, task)
         _check_tokenizer(tokenizer, config, task, spec)
         fam = _family(config)
         length = min(max_length, fam.max_seq_len(config))
@@ -693,6 +729,8 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
         splits[name] = make(idx)
         if use_labels:
             splits[name]["labels"] = torch.from_numpy(src.labels[idx])
+        elif task == "causal-lm":
+            splits[name]["labels"] = causal_labels(splits[name]["input_ids"], splits[name]["attention_mask"])
     own_split = spec in BUILT_IN or src.split is not None
     return TaskData(task, splits, num_labels=num_labels,
                     class_names=src.class_names if use_labels else None, spec=spec, masker=masker,

@@ -7,6 +7,11 @@ baked in by tracing. Everything is written into a temporary directory beside
 the output and moved into place only once it has passed, so a failure never
 leaves a half-written file.
 
+Causal LMs (LLaMA, Qwen2, GPT-2) are exported as one forward pass over a
+prompt: token ids and attention mask in, logits for every position out, with
+dynamic batch and sequence axes and no KV cache (no past inputs or present
+outputs), so the file scores or greedily extends a prompt by re-running it.
+
 Exporter choice: the TorchScript exporter (`dynamo=False`) takes ~0.4 s on
 the tiny test models against ~4 s for `dynamo=True`, and it exports HF ViT and
 BERT correctly, so it goes first; if it raises or fails the parity check, the
@@ -31,6 +36,7 @@ from otcompress.profiling import (
     describe_inputs,
     example_inputs,
     family_of,
+    forward_options,
     ort_feed,
     ort_session,
 )
@@ -209,7 +215,7 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
         # recursively afterwards, which would switch dropout on in the model.
         wrapper = TupleOutput(model, list(export_inputs)).eval()
         with torch.inference_mode():
-            example_outputs = model(**export_inputs, return_dict=True)
+            example_outputs = model(**export_inputs, return_dict=True, **forward_options(model))
         output_names = list(example_outputs.keys())
         report = {
             "path": str(out_path),

@@ -7,7 +7,9 @@ train split in shuffled epochs (text batches grouped by length). With `teachers`
     (1 - alpha) * task_loss + alpha * T^2 * KL(mean teacher probs/T || student/T)
 
 (Hinton et al.'s distillation against the teachers' averaged softened
-distribution; for masked LM only the masked positions count).
+distribution; for masked LM only the masked positions count, for causal LM
+every position that predicts a next token: the logits at t score the token
+at t + 1).
 
 The loop runs through Hugging Face `accelerate`: started by `accelerate
 launch` it trains with DDP, one shard of every batch per process (the same
@@ -87,20 +89,35 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _logits(model, batch: dict) -> torch.Tensor:
+def _logits(model, batch: dict, **options) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs)
+    out = model(**inputs, **options)
     logits = getattr(out, "logits", None)
     if logits is None:
         raise InvalidOptionError(f"{type(model).__name__} has no task head (no logits); "
                                  "load it with a *ForImageClassification / *ForMaskedLM / "
-                                 "*ForSequenceClassification class")
+                                 "*ForSequenceClassification / *ForCausalLM (GPT2LMHeadModel) class")
     return logits
 
 
+def is_causal_lm(model) -> bool:
+    """True for a model its family trains as a causal LM (LLaMA, Qwen2, GPT-2)."""
+    from otcompress.architectures import FAMILIES
+
+    fam = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    return fam is not None and fam.task(type(model).__name__) == "causal-lm"
+
+
 def _scored(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) at the positions that carry a label, flattened."""
+    """(logits, labels) at the positions that carry a label, flattened. A
+    causal LM's logits are shifted: position t predicts the label at t + 1."""
     labels = batch["labels"]
+    if labels.dim() == 2 and is_causal_lm(model):
+        # No KV cache: a training or scoring pass never generates.
+        logits = _logits(model, batch, use_cache=False)[:, :-1]
+        labels = labels[:, 1:]
+        keep = labels != IGNORE
+        return logits[keep], labels[keep]
     keep = labels != IGNORE
     head = getattr(model, "cls", None)
     if labels.dim() == 2 and head is not None and type(model).__name__.endswith("ForMaskedLM"):
@@ -213,9 +230,16 @@ class Trainer:
         # (the caller's model itself is left unpatched).
         self.scorer, self.optimizer = acc.prepare(_Scorer(model), _optimizer(model, lr, weight_decay))
         self.batches = _train_batches(data, batch_size, seed)
+        self.batch_size, self.seed = batch_size, seed
         self.done, self.seconds, self.losses, self.task_losses = 0, 0.0, [], []
         with _seeded(seed + 1_000_003 * self.rank, self.device):  # dropout differs between processes
             self.rng = _rng_state(self.device)
+
+    def use_data(self, data: TaskData) -> "Trainer":
+        """Draw the remaining steps' batches from `data` (the schedule and the
+        optimizer carry on): the race's winner continues on every example."""
+        self.batches = _train_batches(data, self.batch_size, self.seed + 1)
+        return self
 
     def run(self, n: int) -> "Trainer":
         """Train the next `n` steps (fewer if the run ends); eval mode afterwards."""
@@ -286,6 +310,12 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """True in a single process, and in rank 0 of a launched group: the one
+    that writes outputs and prints."""
+    return not _launched() or int(os.environ.get("RANK", "0")) == 0
+
+
 def _accelerator(device: torch.device, mixed_precision=None):
     """An Accelerator for one Trainer. accelerate's state is per process: a
     launched process gets its device and process group from it; a single
@@ -336,6 +366,9 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     """Classification: accuracy and mean cross-entropy over examples.
     Masked LM: mean cross-entropy over masked tokens, its perplexity and the
     masked-token accuracy (eval masks are fixed, so this is deterministic).
+    Causal LM: mean next-token cross-entropy over every predicted token (all
+    but each text's first, padding excluded), its perplexity, the top-1
+    next-token accuracy and the number of predicted tokens.
     The model's train/eval mode is restored afterwards."""
     was_training = model.training
     # Moved outside inference mode: a model moved inside it gets inference-tensor
@@ -352,7 +385,7 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     finally:
         model.train(was_training)
     loss = total_loss / max(count, 1)
-    if data.task == "masked-lm":
+    if data.task in ("masked-lm", "causal-lm"):
         return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1),
                 "tokens": count}
     return {"accuracy": correct / max(count, 1), "loss": loss, "examples": count}

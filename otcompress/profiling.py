@@ -8,6 +8,11 @@ model as given (usually SDPA), because that is what users run.
 
 Units: fvcore counts one multiply-add as one "flop"; we call that `macs` and
 report `flops = 2 * macs` beside it. FlopCounterMode already counts FLOPs.
+
+Text models are fed token ids (and the masks their family takes). Causal LMs
+(LLaMA, Qwen2, GPT-2) run one forward pass over the whole prompt without a
+KV cache (`use_cache=False`), as scoring, export and finetuning do: FLOPs and
+latency are those of the prompt's logits, not of generation.
 """
 from __future__ import annotations
 
@@ -72,6 +77,18 @@ def example_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 128) ->
     return family.example_inputs(model.config, batch_size, seq_len, generator)
 
 
+def forward_options(model: nn.Module) -> dict:
+    """Keyword options every measured forward pass of `model` gets: causal LMs
+    build no KV cache (a DynamicCache output cannot be traced or exported, and
+    a prompt pass does not need one)."""
+    from otcompress.architectures import FAMILIES
+
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if family is not None and family.task(type(model).__name__) == "causal-lm":
+        return {"use_cache": False}
+    return {}
+
+
 def describe_inputs(inputs: dict[str, torch.Tensor]) -> dict:
     """Batch size and sequence length (or image size) of an input dict."""
     first = next(iter(inputs.values()))
@@ -94,9 +111,10 @@ class TupleOutput(nn.Module):
         super().__init__()
         self.model = model
         self.input_names = list(input_names)
+        self.options = forward_options(model)  # causal LMs: logits only, no KV cache
 
     def forward(self, *tensors):
-        outputs = self.model(**dict(zip(self.input_names, tensors)), return_dict=True)
+        outputs = self.model(**dict(zip(self.input_names, tensors)), return_dict=True, **self.options)
         return outputs.to_tuple()
 
 
@@ -183,7 +201,7 @@ def _flopcounter_count(eager_model: nn.Module, inputs: dict[str, torch.Tensor]) 
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        eager_model(**inputs)
+        eager_model(**inputs, **forward_options(eager_model))
     return int(counter.get_total_flops())
 
 
@@ -275,14 +293,15 @@ def measure_latency(model: nn.Module, inputs: dict[str, torch.Tensor], *, repeat
     _check_repeats(repeats, warmup)
     was_training = model.training
     model.eval()
+    options = forward_options(model)
     times_s = []
     try:
         with torch_threads(threads) as used_threads, torch.inference_mode():
             for _ in range(warmup):
-                model(**inputs)
+                model(**inputs, **options)
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(**inputs)
+                model(**inputs, **options)
                 times_s.append(time.perf_counter() - start)
     finally:
         model.train(was_training)

@@ -251,9 +251,10 @@ def test_onnx_export_is_dynamic_and_matches_pytorch(tmp_path, cls):
 
 
 def test_unsupported_family_is_refused_by_profiling():
-    gpt2 = T.GPT2Model(T.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=8))
+    opt = T.OPTModel(T.OPTConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, ffn_dim=16,
+                                 vocab_size=10, max_position_embeddings=8, word_embed_proj_dim=8))
     with pytest.raises(InvalidOptionError, match="distilbert"):  # names what is supported
-        example_inputs(gpt2)
+        example_inputs(opt)
 
 
 # ----------------------------------------------------------------------------- data

@@ -6,8 +6,8 @@ from transformers import (
     BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
-    GPT2Config,
-    GPT2Model,
+    OPTConfig,
+    OPTModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -63,11 +63,13 @@ def test_example_inputs_shapes_and_seq_cap():
 
 
 def test_unsupported_model_type_is_a_user_error():
-    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=8))
-    with pytest.raises(InvalidOptionError, match="gpt2"):
-        example_inputs(gpt2)
+    # GPT-2 is supported since issue 9; OPT is not.
+    opt = OPTModel(OPTConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, ffn_dim=16,
+                             vocab_size=10, max_position_embeddings=8, word_embed_proj_dim=8))
+    with pytest.raises(InvalidOptionError, match="opt"):
+        example_inputs(opt)
     with pytest.raises(InvalidOptionError):
-        profile_model(gpt2, onnx=False)
+        profile_model(opt, onnx=False)
 
 
 # ---------------------------------------------------------------- parameters and size

@@ -1,9 +1,9 @@
 """One small data file per model family; the engine, profiling, export and
 data look them up by model type (what a family file defines: see `common`)."""
-from otcompress.architectures import bert, distilbert, llama, qwen2, roberta, vit
+from otcompress.architectures import bert, distilbert, gpt2, llama, qwen2, roberta, vit
 from otcompress.errors import InvalidOptionError, UnsupportedArchitectureError
 
-FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert, llama, qwen2)}
+FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert, llama, qwen2, gpt2)}
 
 
 def supported() -> dict:
