@@ -169,7 +169,7 @@ def test_every_family_defines_the_interface(family):
         assert hasattr(fam, name), f"{family} lacks {name}"
     assert fam.INPUT_AXES[0] == "batch"
     # The MLP activation must match: averaging a GELU unit into a ReLU one is meaningless.
-    assert {"hidden_act", "activation"} & set(fam.MUST_MATCH)
+    assert {"hidden_act", "activation", "activation_function"} & set(fam.MUST_MATCH)  # GPT-2: activation_function
 
 
 @pytest.mark.parametrize("make,key,value", [(M.roberta, "hidden_act", "relu"),

@@ -217,3 +217,12 @@ def test_fold_recovers_the_original():
         fused = otcompress.fuse(anchor, [variant(base, widen=True), variant(base, widen=False, seed=3)],
                                 alignment="fold", solver="emd")
         assert _same_function(fused, base, x) < TOL
+
+
+def test_another_activation_is_refused():
+    from otcompress.errors import IncompatibleModelsError
+    anchor = gpt2("untied")
+    cfg = T.GPT2Config.from_dict(anchor.config.to_dict())
+    cfg.activation_function = "relu"
+    with pytest.raises(IncompatibleModelsError, match="activation_function"):
+        otcompress.fuse(anchor, [T.GPT2LMHeadModel(cfg)])
