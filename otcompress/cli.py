@@ -296,7 +296,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
 @remote_code_option
 @common
 def eval_cmd(model, data, split, batch_size, device, trust_remote_code, quiet, as_json):
-    """Accuracy (classification) or MLM loss/perplexity of MODEL on --data."""
+    """Accuracy (classification), MLM or causal-LM loss/perplexity of MODEL on --data."""
     from otcompress import finetune as ft
     from otcompress import modelio
     ui = UI(quiet, as_json)
@@ -318,7 +318,7 @@ def _check_head(m, path, command):
     if is_headless(m):
         raise InvalidOptionError(
             f"{path}: {type(m).__name__} has no task head; {command} needs a *ForImageClassification, "
-            "*ForSequenceClassification or *ForMaskedLM model")
+            "*ForSequenceClassification, *ForMaskedLM or *ForCausalLM (GPT2LMHeadModel) model")
 
 
 # ----------------------------------------------------------------------------- profile / export
@@ -411,12 +411,16 @@ def _onnx_accuracy(model, fp32_path, int8_path, task):
     from otcompress.export import onnx_predict
     hits = {"fp32": 0, "int8": 0}
     n = 0
+    import torch
+    causal = task.task == "causal-lm"
     for batch in task.batches("eval", 256):
         labels = batch.pop("labels")
+        if causal:  # the logits at t predict the token at t + 1
+            labels = labels[:, 1:]
         keep = labels != -100
         for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-            pred = onnx_predict(path, batch).argmax(-1)
-            hits[name] += int((__import__("torch").from_numpy(pred) == labels)[keep].sum())
+            pred = torch.from_numpy(onnx_predict(path, batch).argmax(-1))
+            hits[name] += int(((pred[:, :-1] if causal else pred) == labels)[keep].sum())
         n += int(keep.sum())
     acc = {k: v / max(n, 1) for k, v in hits.items()}
     return {**acc, "delta": acc["int8"] - acc["fp32"], "examples": n}

@@ -149,6 +149,8 @@ def _head(cfg):
     """The task-head part of a config's class name ("ForMaskedLM"), None when
     headless ("BertModel") or unrecorded."""
     arch = _arch(cfg)
+    if arch and arch.endswith("LMHeadModel"):  # GPT2LMHeadModel: a causal-LM head without "For"
+        return "LMHeadModel"
     if not arch or "For" not in arch:
         return None
     return arch[arch.index("For"):]

@@ -257,3 +257,13 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys, args, message):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_gpt2_lm_head_counts_as_a_head():
+    """GPT2LMHeadModel has no "For" in its name; it must still pass as a teacher."""
+    from otcompress import modelio
+    cfg = T.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    bare = T.GPT2Config.from_dict({**cfg.to_dict(), "architectures": ["GPT2Model"]})
+    assert modelio._head(cfg) == "LMHeadModel" and modelio._head(bare) is None
+    modelio.check_teachers(cfg, [cfg])
