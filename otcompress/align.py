@@ -102,6 +102,9 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
                 made, stats[node.tm] = make(node, costs, heads, opts)
             else:
                 made, stats[node.tm] = {}, {"heads": heads and list(heads.parent)}
+            if node.attn is not None and node.attn in made:  # no Solve node of its own
+                maps.put(node.attn, made.pop(node.attn))
+                _finalise_ready(spec, waiting, carried, maps, emit, solved=node.attn)
             pending.update(made)
         elif isinstance(node, Solve):
             if node.tm in pending:
@@ -209,7 +212,10 @@ class _Folder:
                                               f"target {da})")
             t_q, t_kv = fold.rotary_head_plans(rows[node.q], rows[node.k], rows[node.v], hp,
                                                self.head_shapes.kv_heads, ha, dp, self.seed)
-            return {node.q: t_q, node.k: t_kv, node.v: t_kv}, {"method": "fold", "heads": [hp, ha]}
+            made = {node.q: t_q, node.k: t_kv, node.v: t_kv}
+            if node.attn is not None:  # whole heads: the output blocks follow the query heads
+                made[node.attn] = t_q
+            return made, {"method": "fold", "heads": [hp, ha]}
         o_cols = torch.cat([_rows(self.carried.raw(name), axis)
                             for name, axes in self.spec.axes.items()
                             for axis, a in enumerate(axes) if isinstance(a, In) and a.tm == node.v], 1)
@@ -262,25 +268,39 @@ def _rotary_head_maps(node: Heads, costs: dict, heads: HeadShapes, opts):
     rp, ra = hp // gp, ha // ga
     c_q, c_k, c_v = (norm(costs[tm]) for tm in (node.q, node.k, node.v))
 
+    def block(c, i, j):
+        return c[i * d:(i + 1) * d, j * d:(j + 1) * d]
+
     def head_cost(c, i, j):  # identity inside the head: the mean of the block's diagonal
-        return c[i * d:(i + 1) * d, j * d:(j + 1) * d].diagonal().mean()
+        return block(c, i, j).diagonal().mean()
     group_cost = torch.zeros(gp, ga, dtype=torch.float64, device=c_q.device)
-    q_plans = {}
+    q_plans, v_plans = {}, {}
     for g in range(gp):
         for h in range(ga):
             qc = torch.stack([torch.stack([head_cost(c_q, g * rp + i, h * ra + j) for j in range(ra)])
                               for i in range(rp)])
             q = _solve(f"{node.tm} q[{g},{h}]", norm(qc), opts) if qc.numel() > 1 else None
             q_plans[g, h] = q.plan if q else torch.ones_like(qc)
-            group_cost[g, h] = head_cost(c_k, g, h) + head_cost(c_v, g, h) + (q_plans[g, h] * qc).sum()
+            # Values carry no rotation: inside a head their units may move (V's rows with O's columns).
+            v = _solve(f"{node.tm} v[{g},{h}]", block(c_v, g, h), opts)
+            v_plans[g, h] = v.plan
+            group_cost[g, h] = head_cost(c_k, g, h) + v.cost + (q_plans[g, h] * qc).sum()
     groups = _solve(f"{node.tm} kv heads", norm(group_cost), opts)
+    within = torch.eye(d, dtype=torch.float64, device=c_q.device) / d
     p_q = torch.zeros(hp, ha, dtype=torch.float64, device=c_q.device)
+    t_v = torch.zeros_like(c_v)
+    t_attn = torch.zeros_like(c_q)
     for (g, h), plan in q_plans.items():
         p_q[g * rp:(g + 1) * rp, h * ra:(h + 1) * ra] = groups.plan[g, h] * plan
-    within = torch.eye(d, dtype=torch.float64, device=c_q.device) / d
-    t_kv = torch.kron(groups.plan, within)
-    return ({node.q: torch.kron(p_q, within), node.k: t_kv, node.v: t_kv},
-            {"kv_heads": groups.stats(), "method": "rotary heads"})
+        t_v[g * d:(g + 1) * d, h * d:(h + 1) * d] = groups.plan[g, h] * v_plans[g, h]
+        for i in range(rp):  # each query head's output block holds its group's values
+            for j in range(ra):
+                hi, hj = g * rp + i, h * ra + j
+                t_attn[hi * d:(hi + 1) * d, hj * d:(hj + 1) * d] = p_q[hi, hj] * v_plans[g, h]
+    made = {node.q: torch.kron(p_q, within), node.k: torch.kron(groups.plan, within), node.v: t_v}
+    if node.attn is not None:
+        made[node.attn] = t_attn
+    return made, {"kv_heads": groups.stats(), "method": "rotary heads"}
 
 
 def _residual_groups(spec) -> dict:

@@ -126,6 +126,10 @@ class Heads:
     # frequency pairs): maps may move whole heads only, and K/V heads may be
     # fewer than Q heads (grouped-query attention, counts from the config).
     rotary: bool = False
+    # The space O reads when it is not V's own: with grouped-query attention
+    # the attention output has one block per *query* head (each holding its
+    # key/value group's values). Its map is made here, from the head plans.
+    attn: Optional[str] = None
 
 
 @dataclass
@@ -206,8 +210,8 @@ def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool):
     """One pre-norm decoder block with rotary, possibly grouped-query attention
     and a gated MLP (LLaMA, Qwen2): RMSNorm gains only; gate and up share one
     map (their product is the MLP's hidden unit); O reads the attention output,
-    whose units are the query heads' (with maps that move whole heads only, that
-    space is Q's map). `path` maps the roles q, k, v, o, norm_attn, norm_mlp,
+    one block per query head holding its group's values (map `L{i}.attn`, made
+    at the Heads marker). `path` maps the roles q, k, v, o, norm_attn, norm_mlp,
     gate, up, down, mlp_act (the module whose *input* is the gated product) to
     module paths. Returns (axes, nodes, output TM name)."""
     q, k, v, o = (f"L{i}.{n}" for n in "qkvo")
@@ -215,7 +219,8 @@ def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool):
     axes = {}
     for tm, role in ((q, "q"), (k, "k"), (v, "v")):
         axes.update(linear(tm, r_in, bias=qkv_bias, prefix=path[role]))
-    axes.update(linear(o, q, bias=False, prefix=path["o"]))
+    attn = f"L{i}.attn"
+    axes.update(linear(o, attn, bias=False, prefix=path["o"]))
     axes.update(linear(fc1, mid, bias=False, prefix=path["gate"]))
     axes.update(linear(fc1, mid, bias=False, prefix=path["up"]))
     axes.update(linear(fc2, fc1, bias=False, prefix=path["down"]))
@@ -223,7 +228,7 @@ def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool):
     axes.update(norm_weight(mid, path["norm_mlp"]))
     out = lambda role: Probe(path[role], "out")  # noqa: E731
     nodes = [
-        Heads(f"L{i}.heads", q, k, v, o, rotary=True),
+        Heads(f"L{i}.heads", q, k, v, o, rotary=True, attn=attn),
         solve(q, out("q")), solve(k, out("k")), solve(v, out("v")),
         solve(o, out("o")),
         Combine(mid, r_in, o, Probe(path["norm_attn"], "in"), out("o")),

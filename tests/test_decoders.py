@@ -41,8 +41,8 @@ def _roles(name):
     table = [("embed_tokens.weight", [None, ("res", "out")]), ("lm_head.weight", [None, ("res", "in")]),
              ("q_proj.weight", [("q", "out"), ("res", "in")]), ("q_proj.bias", [("q", "out")]),
              ("k_proj.weight", [("kv", "out"), ("res", "in")]), ("k_proj.bias", [("kv", "out")]),
-             ("v_proj.weight", [("kv", "out"), ("res", "in")]), ("v_proj.bias", [("kv", "out")]),
-             ("o_proj.weight", [("res", "out"), ("q", "in")]),
+             ("v_proj.weight", [("v", "out"), ("res", "in")]), ("v_proj.bias", [("v", "out")]),
+             ("o_proj.weight", [("res", "out"), ("attn", "in")]),
              ("gate_proj.weight", [("mlp", "out"), ("res", "in")]), ("up_proj.weight", [("mlp", "out"), ("res", "in")]),
              ("down_proj.weight", [("res", "out"), ("mlp", "in")]), ("norm.weight", [("res", "out")]),
              ("layernorm.weight", [("res", "out")])]
@@ -65,7 +65,12 @@ def variant(model, *, widen, seed=7):
         q_heads = torch.cat([grp * r + torch.randperm(r, generator=g) for grp in kv_heads.tolist()])
         res, mlp = torch.randperm(n, generator=g), torch.randperm(inter, generator=g)
     units = lambda heads: (heads[:, None] * d + torch.arange(d)).flatten()  # noqa: E731 whole heads
-    idx = {"res": res, "mlp": mlp, "q": units(q_heads), "kv": units(kv_heads)}
+    # Values carry no rotation: their units may move inside a head, the same way
+    # in V's rows and in O's columns of every query head of the group.
+    inner = [torch.arange(d) if widen else torch.randperm(d, generator=g) for _ in range(kv)]
+    v_units = torch.cat([grp * d + inner[grp] for grp in kv_heads.tolist()])
+    attn_units = torch.cat([qh * d + inner[qh // r] for qh in q_heads.tolist()])
+    idx = {"res": res, "mlp": mlp, "q": units(q_heads), "kv": units(kv_heads), "v": v_units, "attn": attn_units}
     new = type(cfg).from_dict(cfg.to_dict())
     if widen:
         new.hidden_size, new.num_attention_heads, new.num_key_value_heads = 2 * n, 2 * h, 2 * kv
