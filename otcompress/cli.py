@@ -153,7 +153,7 @@ def cli():
               help="Cost normalisation: max (default) or gap (reg relative to a unit's best-match gap).")
 @click.option("--repair/--no-repair", default=None, help="Restore unit statistics (REPAIR) after fusing.")
 @click.option("--distill/--no-distill", default=None, help="Distil from the parents while finetuning (default on).")
-@click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.3).")
+@click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.5).")
 @click.option("--data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
 @click.option("--samples", type=int, help="Calibration examples for activation statistics.")
 @click.option("--finetune-steps", type=int, help="Brief recovery training steps (0 = none).")

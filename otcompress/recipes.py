@@ -33,7 +33,7 @@ RECIPE_KEYS = {
     "on_uniform": (str, "warn"),
     "distill": (bool, True),  # teachers = the parents while finetuning
     "distill_alpha": (float, 0.5),
-    "race_fraction": (float, 0.3),
+    "race_fraction": (float, 0.5),
 }
 
 

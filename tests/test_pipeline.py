@@ -64,7 +64,7 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path):
     losses = {n: c["holdout_loss"] for n, c in rows.items() if "holdout_loss" in c}
     assert set(losses) == {"fold: all parents", trained[0]["candidate"]}
     assert race["winner"] == min(losses, key=losses.get)
-    assert race["steps_each"] == 3 and race["extra_steps"] == 3
+    assert race["steps_each"] == 5 and race["extra_steps"] == 5
     assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == 2
     saved = json.loads((tmp_path / "out" / "fusion_report.json").read_text())
     assert saved["race"]["winner"] == race["winner"]
