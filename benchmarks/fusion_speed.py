@@ -9,7 +9,19 @@ Cases (each in a fresh subprocess, so that peak RSS belongs to that case alone):
      half-width anchors), Sinkhorn;
   3. activations-based fusion of two 7-layer ViTs (hidden 384, 12 heads, FFN
      1152, 32x32 images, patch 4) from 200 random images in batches of 50,
-     with and without token_filter="window_6".
+     with and without token_filter="window_6";
+  4. STRUCTURED parents (docs/method.md, "Sinkhorn on structured costs"): a
+     12-layer BertModel base of width 384 (6 heads, FFN 1536, vocab 8000,
+     tests/models.py weights: fan-in scaled, Q/K sharpened); the anchor is the
+     base plus noise (2% of each tensor's std), each of the two parents a
+     2x-widened (hidden 768, 12 heads, FFN 3072: BERT-base shape), permuted,
+     noisy (10% of each tensor's std) copy of the base. Fused weights-based,
+     Sinkhorn reg 0.05; the known answer is the average (1/3 anchor + 2/3 base), and the
+     case reports the max |hidden-state difference| to it and every map's
+     sweeps. Random weights converge in ~10 sweeps and hide what such parents
+     cost; `--with-plain` adds the same case with Anderson acceleration off
+     (plain Sinkhorn sweeps, maps that miss tol only warned about: ~150 s
+     on 2 busy cores, 2.5 min).
 
 Per case: wall time, CPU time, peak RSS during the fusion (VmHWM reset just
 before `fuse` via /proc/self/clear_refs, cross-checked by a sampling thread),
@@ -24,6 +36,7 @@ numbers from a busy machine can be read against the compute floors.
 
     python benchmarks/fusion_speed.py            # full run, ~4-5 min on 2 cores
     python benchmarks/fusion_speed.py --quick    # small smoke version, ~1 min
+    python benchmarks/fusion_speed.py --only structured [--with-plain]   # case 4 alone
 
 Writes benchmarks/results/fusion_speed.md and .json (fusion_speed.quick.* with --quick).
 """
@@ -57,7 +70,14 @@ def vit_cfg(hidden, layers, heads, intermediate, image=32, patch=4):
             "heads": heads, "image": image, "patch": patch}
 
 
-def plan_cases(quick: bool, omp_env: dict) -> list[dict]:
+STRUCTURED_ANCHOR_NOISE = 0.02  # anchor = base + this x each tensor's std x N(0, 1)
+# Each parent = widened, permuted base + this x std x N(0, 1). At 0.1 plain Sinkhorn
+# crawls as issue 8 reported: 768x384 maps run into max_iter 5000 (median ~3000 sweeps),
+# the 3072x1536 MLP maps need ~650-1900; at 0.01 the plain sweeps were ~1/3 of that.
+STRUCTURED_PARENT_NOISE = 0.1
+
+
+def plan_cases(quick: bool, omp_env: dict, with_plain: bool = False) -> list[dict]:
     """Every case is a JSON-able dict that the worker subprocess rebuilds from.
     `env`: extra environment of the worker (the OpenMP wait policy)."""
     if quick:
@@ -102,6 +122,24 @@ def plan_cases(quick: bool, omp_env: dict) -> list[dict]:
                       fuse_kwargs={"activation_dtype": "bfloat16"}))
     if omp_env:
         cases.append(dict(cases[0], name=cases[0]["name"] + "-omp-default", env={}, group="variant"))
+    # Structured parents: 2x-widened, permuted, noisy copies of the anchor's base
+    # (BertModel: a tied MLM decoder cannot split its weights, so widening it is
+    # not function-preserving).
+    base = bert_cfg(64, 2, 1000, heads=2) if quick else bert_cfg(384, L, V, heads=6)
+    structured = {"name": f"structured-bert-w{2 * base['hidden']}-sinkhorn", "group": "structured",
+                  "structured": True, "anchor": base, "parent": dict(base, hidden=2 * base["hidden"],
+                                                                     intermediate=2 * base["intermediate"],
+                                                                     heads=2 * base["heads"]),
+                  "n_parents": 2, "alignment": "weights", "solver": "sinkhorn", "reg": 0.05,
+                  "target_s": 15.0}
+    cases.append(structured)
+    if with_plain:  # the solver as it was: plain sweeps (unconverged maps warned about, not raised)
+        cases.append(dict(structured, name=structured["name"] + "-plain", anderson=0, timeout=3600.0,
+                          fuse_kwargs={"on_unconverged": "warn"}))
+    for c in cases[-(1 + with_plain):]:
+        c["env"] = dict(omp_env)
+        if quick:
+            c.pop("target_s", None)
     return cases
 
 
@@ -265,6 +303,28 @@ def build_model(cfg: dict, seed: int):
     return ViTForImageClassification(c).eval()
 
 
+def build_structured(case: dict):
+    """(anchor, parents, known answer, inputs) for a structured case, from the
+    test suite's model builders (tests/models.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import models as M  # tests/models.py
+    import transformers as T
+    cfg = case["anchor"]
+    base = M.bert(hidden=cfg["hidden"], heads=cfg["heads"], inter=cfg["intermediate"], layers=cfg["layers"],
+                  vocab=cfg["vocab"], seed=0, cls=T.BertModel)
+    anchor = M.noisy(base, scale=STRUCTURED_ANCHOR_NOISE, seed=123)
+    parents = []
+    for k in range(1, case["n_parents"] + 1):
+        wide = M.transform(base, widen=True, seed=k)  # every unit twice (function-preserving)
+        parents.append(M.noisy(M.transform(wide, widen=False, seed=10 + k),  # permuted
+                               scale=STRUCTURED_PARENT_NOISE, seed=20 + k))
+        del wide
+    w = 1.0 / (case["n_parents"] + 1)  # fuse's default: uniform weights over anchor and parents
+    known = M.average([anchor, base], [w, 1.0 - w])
+    x = M.inputs(anchor)
+    return anchor, parents, known, x, M.outputs
+
+
 def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -277,8 +337,15 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
 
     rss_imports = rss_bytes()
     dtype = getattr(torch, case.get("dtype", "float32"))
-    anchor = build_model(case["anchor"], seed=0).to(dtype)
-    parents = [build_model(case["parent"], seed=k + 1).to(dtype) for k in range(case["n_parents"])]
+    known = None
+    if case.get("structured"):
+        anchor, parents, known, known_x, outputs = build_structured(case)
+    else:
+        anchor = build_model(case["anchor"], seed=0).to(dtype)
+        parents = [build_model(case["parent"], seed=k + 1).to(dtype) for k in range(case["n_parents"])]
+    if case.get("anderson") is not None:  # the solver with acceleration off: plain Sinkhorn sweeps
+        real_solve = transport.solve
+        transport.solve = functools.partial(real_solve, anderson=case["anderson"])
     data = None
     if case["alignment"] == "activations":
         g = torch.Generator().manual_seed(123)
@@ -288,7 +355,9 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
     import gc
     gc.collect()
     forward_timers = Timers()
-    for m in [anchor, *parents]:  # instance attribute: hooks on submodules still fire
+    # Instance attributes (hooks on submodules still fire). Only where forward passes
+    # happen: a fused model copied from a wrapped anchor would keep calling the anchor.
+    for m in ([anchor, *parents] if case["alignment"] == "activations" else []):
         forward_timers.wrap(m, "forward", "forward passes (anchor + parents, excl. statistics)")
     fuse_kwargs = dict(alignment=case["alignment"], solver=case["solver"], reg=case["reg"], data=data,
                        token_filter=case.get("token_filter"), **case.get("fuse_kwargs", {}))
@@ -323,6 +392,23 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
         model = otcompress.fuse(anchor, parents, **fuse_kwargs)  # noqa: F841 - timing only
         walls.append(time.perf_counter() - t1)
 
+    accuracy = {}
+    if known is not None:  # the fused model against the known answer, and the anchor's own distance
+        assert "forward" not in vars(model), "the fused model's forward is wrapped"
+        with torch.no_grad():
+            ref = outputs(known, known_x)
+            out = outputs(model, known_x)
+            if case.get("save_outputs"):  # for comparing fused models across workers
+                torch.save(out, case["save_outputs"])
+            accuracy = {"max_abs_diff_fused": float((out - ref).abs().max()),
+                        "max_abs_diff_anchor": float((outputs(anchor, known_x) - ref).abs().max()),
+                        "max_abs_known": float(ref.abs().max()), "output": "last_hidden_state"}
+    per_map = [{"parent": k + 1, "map": name, "shape": s["shape"], "iterations": s.get("iterations", 0),
+                "marginal_error": s.get("marginal_error"), "converged": s.get("converged"),
+                "restarts": s.get("restarts"), "relative_entropy": s.get("relative_entropy"),
+                "seconds": s.get("seconds")}
+               for k, per_parent in enumerate(report["transport_maps"]) for name, s in per_parent.items()
+               if "shape" in s]
     solves = [s for per_parent in report["transport_maps"] for s in per_parent.values() if "shape" in s]
     others = [s for per_parent in report["transport_maps"] for s in per_parent.values() if "shape" not in s]
     iters = [s.get("iterations", 0) for s in solves]
@@ -370,6 +456,10 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
         "calibration_samples": report.get("calibration_samples", 0),
         "gemm_gflops_before": gflops,
         "loadavg_1min_before": load1,
+        "accuracy": accuracy,
+        "per_map": per_map,
+        "maps_unconverged": sum(1 for p in per_map if p["converged"] is False),
+        "iterations_total": sum(iters),
     }
 
 
@@ -538,6 +628,7 @@ def render_streaming(plan: dict, rows: list, meta: dict) -> str:
 
 
 def spawn_case(case: dict, threads: int, timeout: float, repeat: int = 1) -> dict:
+    timeout = max(timeout, case.get("timeout", 0.0))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case), "--threads", str(threads),
            "--repeat", str(repeat)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -606,8 +697,9 @@ def render(results: list[dict], meta: dict) -> str:
               "data exist, i.e. before `fuse`; `overhead` = peak - baseline, the fusion's own memory",
               "- `parents MB` = parameter bytes of all parents (float32); the RSS target is read strictly "
               "(whole-process peak < 2x parents); `overhead / parents` is the fusion's own share",
-              "- models: HF random init (seeded). Random parents give near-constant costs, so Sinkhorn "
-              "converges in ~10 iterations; trained parents need more iterations (see solver_speed.md)",
+              "- models: HF random init (seeded), except the `structured` cases (widened, permuted, noisy copies "
+              "of one base; their own section below). Random parents give near-constant costs, so Sinkhorn "
+              "converges in ~10 sweeps; structured and trained parents need more (see solver_speed.md)",
               "- `GEMM GF/s`: float32 1536^3 matmul speed on the same threads just before each fusion; the "
               "compute floors in docs/benchmarks.md assume ~176 GF/s (2 quiet threads). A lower number means "
               "the machine was busy, and wall times are inflated by about that ratio",
@@ -651,6 +743,7 @@ def render(results: list[dict], meta: dict) -> str:
             lines.append(f"| {c['parent']['hidden']} -> {c['anchor']['hidden']} | {r['parents_param_bytes'] / 4e6:.1f} | "
                          f"{gf:.0f} | {r['wall_s']:.2f} | {grow} | {r['cpu_s']:.1f} | {r['rss_peak'] / GB:.2f} | "
                          f"{(r['rss_peak'] - r['rss_baseline']) / GB:.2f} |")
+    lines += render_structured(ok)
     lines += ["", "## Where the time goes", "",
               "`fusion_report['timings']` (load / activations / align), the report's per-map seconds "
               "(a solve node's seconds include computing its cost), and a finer split from timing the "
@@ -691,6 +784,76 @@ def render(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _its_by_shape(r) -> dict:
+    by: dict = {}
+    for p in r.get("per_map", []):
+        by.setdefault("x".join(map(str, p["shape"])), []).append(p["iterations"])
+    return by
+
+
+def _median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def render_structured(ok: list) -> list:
+    rows = [r for r in ok if r["case"].get("structured")]
+    if not rows:
+        return []
+    c0 = rows[0]["case"]
+    lines = ["", "## Structured parents (Sinkhorn on structured costs)", "",
+             f"Anchor: a {c0['anchor']['layers']}-layer BertModel base of width {c0['anchor']['hidden']} "
+             f"({c0['anchor']['heads']} heads, FFN {c0['anchor']['intermediate']}, vocab {c0['anchor']['vocab']}; "
+             f"tests/models.py weights) plus noise ({STRUCTURED_ANCHOR_NOISE:g} x each tensor's std). Parents: "
+             f"{c0['n_parents']} copies of the base, each 2x widened (every residual, head and MLP unit twice: "
+             f"hidden {c0['parent']['hidden']}, {c0['parent']['heads']} heads, FFN {c0['parent']['intermediate']}), "
+             f"permuted and given noise {STRUCTURED_PARENT_NOISE:g} x std. "
+             f"`fuse(anchor, parents, alignment='weights', solver='sinkhorn', reg={c0['reg']:g})`. Known answer: "
+             f"the average 1/{c0['n_parents'] + 1} anchor + {c0['n_parents']}/{c0['n_parents'] + 1} base (exact "
+             "for noise-free parents with hard maps; the parents' noise and the soft maps move the fused model "
+             "off it); `max |dh|` = max |last_hidden_state difference| to it on 4 sequences of 12 tokens "
+             "(tests/models.inputs); `anchor` = the same for the anchor alone. Sweeps = Sinkhorn sweeps per map "
+             "(`fusion_report['transport_maps']`); `plain` rows: Anderson acceleration off (the solver before "
+             "issue 8), unconverged maps only warned about; `vs accelerated` = max |hidden difference| between "
+             "that row's fused model and the accelerated row's.", "",
+             "| case | torch threads | wall s | GEMM GF/s | load | maps | sweeps total | sweeps per map by shape "
+             "(min / median / max) | unconverged maps | max marginal error | max \|dh\| fused | max \|dh\| "
+             "anchor | max \|h\| | vs accelerated | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r.get("accuracy", {})
+        vs = a.get("max_abs_diff_to_accelerated")
+        shapes = "; ".join(f"{k}: {min(v)} / {_median(v):g} / {max(v)}" for k, v in _its_by_shape(r).items())
+        lines.append(f"| {r['case']['name']} | {r['threads']} | {r['wall_s']:.1f} | {r['gemm_gflops_before']:.0f} | "
+                     f"{r['loadavg_1min_before']:.1f} | {r['maps_solved']} | {r['iterations_total']} | {shapes} | "
+                     f"{r['maps_unconverged']} | {r['max_marginal_error']:.1e} | "
+                     f"{a.get('max_abs_diff_fused', float('nan')):.4f} | {a.get('max_abs_diff_anchor', float('nan')):.4f} | "
+                     f"{a.get('max_abs_known', float('nan')):.2f} | {'' if vs is None else f'{vs:.1e}'} | "
+                     f"{_target(r)} |")
+    for r in rows:
+        lines += ["", f"Sweeps per map, {r['case']['name']} (parent: map=sweeps; `!` = not converged):", ""]
+        for k in sorted({p["parent"] for p in r["per_map"]}):
+            maps = [p for p in r["per_map"] if p["parent"] == k]
+            lines.append(f"- parent {k}: " + ", ".join(
+                f"{p['map']}={p['iterations']}{'' if p['converged'] is not False else '!'}" for p in maps))
+    return lines
+
+
+def compare_structured_outputs(results):
+    """Max |hidden difference| between each structured variant's fused model and
+    the accelerated one's (same inputs): does the solver change the result?"""
+    import torch
+    ok = [r for r in results if "error" not in r and r["case"].get("structured")]
+    ref = next((r for r in ok if r["case"].get("anderson") is None), None)
+    if ref is None or not Path(ref["case"]["save_outputs"]).exists():
+        return
+    base = torch.load(ref["case"]["save_outputs"])
+    for r in ok:
+        if r is not ref and Path(r["case"]["save_outputs"]).exists():
+            diff = (torch.load(r["case"]["save_outputs"]) - base).abs().max()
+            r["accuracy"]["max_abs_diff_to_accelerated"] = float(diff)
+
+
 def print_summary(results):
     print(f"{'case':26s} {'wall s':>7s} {'CPU s':>6s} {'GF/s':>5s} {'parents MB':>10s} {'base MB':>8s} "
           f"{'peak MB':>8s} {'peak/par':>8s} {'solver s':>8s} {'rest s':>7s}")
@@ -702,6 +865,16 @@ def print_summary(results):
               f"{r['parents_param_bytes'] / MB:10.0f} {r['rss_baseline'] / MB:8.0f} {r['rss_peak'] / MB:8.0f} "
               f"{r['rss_peak'] / r['parents_param_bytes']:7.2f}x {r['solver_s']:8.2f} "
               f"{r['wall_s'] - r['solver_s']:7.2f}")
+        if r["case"].get("structured"):
+            a = r.get("accuracy", {})
+            print(f"{'':26s} structured: threads {r['threads']}, {r['maps_solved']} maps, {r['iterations_total']} "
+                  f"sweeps (by shape min/median/max: " + "; ".join(
+                      f"{k} {min(v)}/{_median(v):g}/{max(v)}" for k, v in _its_by_shape(r).items())
+                  + f"), unconverged {r['maps_unconverged']}, max |dh| to the known answer "
+                  f"{a.get('max_abs_diff_fused', float('nan')):.4f} (anchor alone "
+                  f"{a.get('max_abs_diff_anchor', float('nan')):.4f})"
+                  + (f", to the accelerated fused model {a['max_abs_diff_to_accelerated']:.1e}"
+                     if "max_abs_diff_to_accelerated" in a else ""))
         t = r["timings"]
         print(f"{'':26s} timings: load {t['load']:.2f} activations {t['activations']:.2f} align {t['align']:.2f}; "
               + "; ".join(f"{k} {v:.2f}" for k, v in list(r["breakdown_s"].items())[:5]))
@@ -720,6 +893,8 @@ def main(argv=None):
                     help="OMP_WAIT_POLICY of the workers: 'passive' (default; robust on a shared machine) "
                          "or 'inherit' this shell's environment. The headline BERT case is also run "
                          "with the inherited policy for comparison when 'passive' is used")
+    ap.add_argument("--with-plain", action="store_true",
+                    help="also run the structured case with Anderson acceleration off (plain Sinkhorn; ~150 s)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # worker mode: one case as JSON
     ap.add_argument("--streaming", action="store_true",
                     help="instead: parents of BERT-large shape written to disk, fused streamed vs loaded whole "
@@ -748,11 +923,18 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     omp_env = {"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_wait_policy == "passive" else {}
-    cases = [c for c in plan_cases(args.quick, omp_env) if not args.only or args.only in c["name"]]
+    cases = [c for c in plan_cases(args.quick, omp_env, args.with_plain)
+             if not args.only or args.only in c["name"]]
     results = []
+    import tempfile
+    outdir = tempfile.TemporaryDirectory(prefix="otc-fusion-speed-")
     for case in cases:
+        if case.get("structured"):
+            case["save_outputs"] = str(Path(outdir.name) / f"{case['name']}.pt")
         print(f"[fusion_speed] {case['name']} ...", flush=True)
         results.append(spawn_case(case, args.threads, args.timeout, args.repeat))
+    compare_structured_outputs(results)
+    outdir.cleanup()
     import ot
     import torch
     import transformers

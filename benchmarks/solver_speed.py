@@ -3,18 +3,28 @@ cost matrices, at equal marginal error, plus exact EMD timings
 (benchmarks.md, "Speed and memory of the tool itself").
 
 Costs: normalised (max = 1) Euclidean distances between the rows of two point
-sets in 64 dimensions, square and rectangular, up to 3072 x 3072:
-  - random:     independent Gaussian rows (near-constant costs: easy);
-  - structured: rows drawn from 24 shared clusters with *different* cluster
+sets, square and rectangular, up to 3072 x 3072:
+  - random:     independent Gaussian rows in 64 dimensions (near-constant costs:
+                easy);
+  - clusters:   64-d rows drawn from 24 shared clusters with *different* cluster
                 proportions on the two sides, so mass must cross clusters
-                (closer to trained networks' units, and much harder for Sinkhorn).
+                (called `structured` in earlier runs of this benchmark);
+  - duplicates: the parent side (m = 2n) holds every anchor row twice, permuted,
+                plus Gaussian noise 0.1, in 384 dimensions (docs/method.md,
+                "Sinkhorn on structured costs": what widened, permuted or
+                fine-tuned parents give; plain Sinkhorn needs ~4200 sweeps at
+                3072 x 1536, reg 0.05). Run at 768 x 384 and 3072 x 1536.
 Marginals uniform, float64 throughout (our solver works in float64; POT is given
 float64 numpy arrays, or torch tensors for its torch backend).
 
+Ours, twice: `ours` = the engine's solver (Anderson-accelerated Sinkhorn, depth
+5, safeguarded) and `ours plain` = the same code with acceleration off
+(anderson=0): plain Sinkhorn sweeps. A second table sets them side by side.
+
 Equal marginal error. Criterion: relative L1 marginal error of the returned
 plan, max(|T 1 - mu|_1 / |mu|_1, |T^T 1 - nu|_1 / |nu|_1) <= TOL (1e-6, the
-engine's default `tol`). Our solver stops on exactly that (checked every 10
-iterations). POT stops on the *absolute L2* norm of one marginal's error
+engine's default `tol`). Our solver stops on exactly that, checked every sweep
+(read from the matrix-vector product the next sweep needs). POT stops on the *absolute L2* norm of one marginal's error
 (`stopThr`), which is a different criterion; so POT is run with stopThr=0 for a
 fixed number of iterations N, the smallest multiple of 10 at which its plan
 meets TOL (found with POT's fast scaling solver; its log-domain solver runs the
@@ -26,7 +36,7 @@ Runs that would take longer than --cap seconds (POT's log domain on the biggest
 problems) are not run to the end: their time is extrapolated from two timed
 short runs (10 and 20 iterations) and marked "~".
 
-    python benchmarks/solver_speed.py            # full run, ~4-5 min on 2 cores
+    python benchmarks/solver_speed.py            # full run, ~6-8 min on 2 cores
     python benchmarks/solver_speed.py --quick    # small sizes, ~20 s
 
 Writes benchmarks/results/solver_speed.md and .json (solver_speed.quick.* with --quick).
@@ -46,13 +56,17 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TOL = 1e-6
 DIM = 64
+DUP_DIM, DUP_NOISE = 384, 0.1
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and BLAS threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="small sizes only: a smoke run")
-    ap.add_argument("--regs", default="0.08,0.01", help="comma-separated regularisers (default 0.08,0.01)")
+    ap.add_argument("--regs", default="0.08,0.01",
+                    help="comma-separated regularisers for random and clusters costs (default 0.08,0.01)")
+    ap.add_argument("--dup-regs", default="0.08,0.05,0.02",
+                    help="comma-separated regularisers for duplicates costs (default 0.08,0.05,0.02)")
     ap.add_argument("--cap", type=float, default=6.0,
                     help="seconds: longer POT/log-domain runs are extrapolated from short runs (default 6)")
     ap.add_argument("--omp-wait-policy", choices=("passive", "inherit"), default="passive",
@@ -79,6 +93,11 @@ def make_cost(m: int, n: int, kind: str, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if kind == "random":
         x, y = torch.randn(m, DIM, generator=g), torch.randn(n, DIM, generator=g)
+    elif kind == "duplicates":
+        y = torch.randn(n, DUP_DIM, generator=g)
+        copies = -(-m // n)
+        x = y.repeat(copies, 1)[torch.randperm(copies * n, generator=g)[:m]]
+        x = x + DUP_NOISE * torch.randn(x.shape, generator=g)
     else:
         k = 24
         centers = torch.randn(k, DIM, generator=g)
@@ -173,32 +192,38 @@ def bench_problem(m, n, kind, reg, cap, seed, default_stop_max_entries):
     row = {"m": m, "n": n, "kind": kind, "reg": reg, "cost_min": float(cost.min()), "solvers": {}}
     S = row["solvers"]
 
-    # ours, as the engine calls it: scaling in float64 where safe, else log domain
-    # the plain-scaling solvers are the headline: best of up to 3 runs, repeated while
-    # under 4 s in total (the shared machine's noise is large)
-    t, res = timed(lambda: transport.sinkhorn(mu, nu, cost, reg, tol=TOL, max_iter=20000), min_total=4.0)
-    S["ours"] = {"seconds": t, "iterations": res.iterations, "error": res.marginal_error, "method": res.method}
-    n_ours = res.iterations
-
-    # ours, log domain forced (the path small reg falls back to); it stops on TOL itself
-    # when affordable, else it runs n_ours iterations (tol 0) and is extrapolated
-    if hasattr(transport, "_sinkhorn_log"):
-        def ours_log_fixed(k):
-            try:
-                return transport._sinkhorn_log(mu, nu, cost, reg, k, 0.0)
-            except SolverError:  # raised after the work when k iterations miss TOL
-                return None
+    # ours, as the engine calls it (Anderson-accelerated; scaling in float64 where safe,
+    # else log domain), and the same with acceleration off (plain Sinkhorn sweeps). The
+    # headline: best of up to 3 runs, repeated while under 4 s in total (the shared
+    # machine's noise is large)
+    for label, depth in (("ours", transport.ANDERSON_DEPTH), ("ours plain", 0)):
         try:
-            r = fixed_iterations(ours_log_fixed, n_ours, cap)
-            if r["estimated"]:
-                S["ours (log domain)"] = {"seconds": r["seconds"], "iterations": n_ours, "error": None,
-                                          "estimated": True, "method": "sinkhorn-log"}
-            else:
-                t, res_l = timed(lambda: transport._sinkhorn_log(mu, nu, cost, reg, 20000, TOL))
-                S["ours (log domain)"] = {"seconds": t, "iterations": res_l.iterations,
-                                          "error": res_l.marginal_error, "method": res_l.method}
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            S["ours (log domain)"] = {"error_msg": str(e)[:200]}
+            t, res = timed(lambda: transport.sinkhorn(mu, nu, cost, reg, tol=TOL, max_iter=20000,
+                                                      anderson=depth, on_unconverged="warn"), min_total=4.0)
+            S[label] = {"seconds": t, "iterations": res.iterations, "error": res.marginal_error,
+                        "method": res.method, "converged": res.converged, "restarts": res.restarts,
+                        "anderson": depth}
+        except SolverError as e:
+            S[label] = {"error_msg": str(e)[:200]}
+    n_ours = S["ours"].get("iterations", 1)
+
+    # ours, log domain forced (the path small reg falls back to), accelerated like `ours`;
+    # it stops on TOL itself when affordable, else its time for n_ours sweeps (tol 0) is
+    # extrapolated
+    def ours_log(k, tol):
+        plan, it, method, restarts, _ = transport._sinkhorn_log(mu, nu, cost, reg, k, tol)
+        return plan, it
+    try:
+        r = fixed_iterations(lambda k: ours_log(k, 0.0), n_ours, cap)
+        if r["estimated"]:
+            S["ours (log domain)"] = {"seconds": r["seconds"], "iterations": n_ours, "error": None,
+                                      "estimated": True, "method": "sinkhorn-log"}
+        else:
+            t, (plan_l, it_l) = timed(lambda: ours_log(20000, TOL))
+            S["ours (log domain)"] = {"seconds": t, "iterations": it_l, "error": rel_l1_error(plan_l, mu, nu),
+                                      "method": "sinkhorn-log"}
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        S["ours (log domain)"] = {"error_msg": str(e)[:200]}
 
     # POT at the iteration count at which its plan meets TOL
     n_pot = pot_iterations_needed(mu, nu, cost, reg)
@@ -259,6 +284,12 @@ def fmt_e(e):
     return "" if e is None else f"{e:.1e}"
 
 
+def its_txt(d):
+    if "iterations" not in d:
+        return ""
+    return f"{d['iterations']}" + ("" if d.get("converged", True) else " (cap)")
+
+
 def render(rows, emd_rows, meta):
     L = [f"# Transport solver speed ({'quick' if meta['quick'] else 'full'} run)", "",
          "Written by `python benchmarks/solver_speed.py" + (" --quick" if meta["quick"] else "") + "`.", "",
@@ -268,19 +299,24 @@ def render(rows, emd_rows, meta):
          f"(~176 on 2 quiet threads)",
          f"- date: {meta['date']}; whole benchmark {meta['total_s']:.0f} s; load average at the end "
          f"{', '.join(f'{x:.1f}' for x in meta['loadavg_end'])}",
-         f"- costs: max-normalised Euclidean distances between {DIM}-d rows; `random` = independent "
-         "Gaussian rows, `structured` = rows from 24 shared clusters with different cluster proportions "
-         "on the two sides; uniform marginals; float64",
+         f"- costs: max-normalised Euclidean distances; `random` = independent Gaussian {DIM}-d rows, "
+         f"`clusters` = {DIM}-d rows from 24 shared clusters with different cluster proportions on the two "
+         "sides (called `structured` in earlier runs), `duplicates` = the parent side holds every anchor "
+         f"row twice, permuted, plus noise {DUP_NOISE:g}, {DUP_DIM}-d (widened/permuted/fine-tuned parents); "
+         "uniform marginals; float64",
          f"- **equal marginal error**: every time is for a plan whose relative L1 marginal error "
          f"max(|T1-mu|_1/|mu|_1, |T'1-nu|_1/|nu|_1) is <= {TOL:g} (the `err` columns show what each "
-         "reached). Ours stops on that criterion (checked every 10 iterations); POT is run with stopThr=0 "
-         "for the smallest multiple of 10 iterations that meets it (`POT its`)",
+         "reached). Ours stops on that criterion (checked every sweep, from the product the next sweep "
+         "needs anyway); POT is run with stopThr=0 for the smallest multiple of 10 iterations that meets it "
+         "(`POT its`)",
          "- POT's numpy backend runs with BLAS on 1 thread (OpenBLAS spin-waits; on this shared machine "
          "its 2-thread matrix-vector product was up to 19x slower, and 1 thread is as fast at 3072x3072); "
          "torch-based solvers (ours, POT's torch backend) use `threads`",
-         "- `ours` = `otcompress.transport.sinkhorn` as the engine calls it (scaling iterations in float64 "
-         "where exp(-C/reg) cannot underflow, else log domain; includes building the kernel, the final plan "
-         "and its checks); `ours log` = its log-domain path forced",
+         "- `ours` = `otcompress.transport.sinkhorn` as the engine calls it: Anderson-accelerated (depth "
+         f"{transport.ANDERSON_DEPTH}, safeguarded) scaling iterations in float64 where exp(-C/reg) cannot "
+         "underflow, else log domain; includes building the kernel, the final plan and its checks. "
+         "`ours plain` = the same with acceleration off (`anderson=0`: plain Sinkhorn sweeps). `ours log` = "
+         "the accelerated log-domain path forced. `its` = sweeps (one product with K and one with K^T each)",
          f"- `~` = log-domain run extrapolated from timed 10- and 20-iteration runs because the full run would exceed "
          f"{meta['cap']:g} s",
          "- `best POT / ours`: the fastest POT solver's measured (not extrapolated) time over ours, at "
@@ -289,13 +325,14 @@ def render(rows, emd_rows, meta):
          "error of one marginal, numItermax=1000; `(cap)` = stopped by the cap, with only a warning): its "
          "time, iterations and the relative L1 error it actually returns (run up to 768x768 only)",
          "",
-         "| m x n | costs | reg | ours | its | err | ours log | POT sinkhorn (numpy) | POT sinkhorn (torch) | "
-         "POT its | err | POT sinkhorn_log (numpy) | POT sinkhorn_log (torch) | best POT / ours | "
-         "POT default: time, its, err |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| m x n | costs | reg | ours | its | err | ours plain | its | ours log | POT sinkhorn (numpy) | "
+         "POT sinkhorn (torch) | POT its | err | POT sinkhorn_log (numpy) | POT sinkhorn_log (torch) | "
+         "best POT / ours | POT default: time, its, err |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         S = r["solvers"]
         o, pp, pt = S.get("ours", {}), S.get("POT sinkhorn (numpy)", {}), S.get("POT sinkhorn (torch)", {})
+        op = S.get("ours plain", {})
         pots = [v["seconds"] for k, v in S.items() if k.startswith("POT") and "default" not in k
                 and "seconds" in v and not v.get("estimated")]
         speed = f"{min(pots) / o['seconds']:.2f}" if pots and "seconds" in o else ""
@@ -306,9 +343,26 @@ def render(rows, emd_rows, meta):
         ol_txt = fmt_s(ol) + (f" ({ol['iterations']} its)" if "iterations" in ol and not ol.get("estimated")
                               and ol["iterations"] != o.get("iterations") else "")
         L.append(f"| {r['m']}x{r['n']} | {r['kind']} | {r['reg']:g} | {fmt_s(o)} | {o.get('iterations', '')} | "
-                 f"{fmt_e(o.get('error'))} | {ol_txt} | {fmt_s(pp)} | {fmt_s(pt)} | {r.get('pot_iterations_needed', '')} | "
+                 f"{fmt_e(o.get('error'))} | {fmt_s(op)} | {its_txt(op)} | {ol_txt} | {fmt_s(pp)} | {fmt_s(pt)} | "
+                 f"{r.get('pot_iterations_needed', '')} | "
                  f"{fmt_e(pp.get('error'))} | {fmt_s(S.get('POT sinkhorn_log (numpy)'))} | "
                  f"{fmt_s(S.get('POT sinkhorn_log (torch)'))} | {speed} | {dflt} |")
+    L += ["", "## Plain vs Anderson-accelerated Sinkhorn (ours, same code, same stopping criterion)", "",
+          f"Both stop at relative L1 marginal error <= {TOL:g}, checked every sweep, or at 20000 sweeps "
+          "(`(cap)`: not converged). `restarts` = Anderson history restarts (blow-ups rejected by the "
+          "safeguard, or stalls).", "",
+          "| m x n | costs | reg | plain sweeps | plain time | plain err | accelerated sweeps | "
+          "accelerated time | accelerated err | restarts | sweeps plain / accelerated | "
+          "time plain / accelerated |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, op = r["solvers"].get("ours", {}), r["solvers"].get("ours plain", {})
+        if "seconds" not in o or "seconds" not in op:
+            continue
+        L.append(f"| {r['m']}x{r['n']} | {r['kind']} | {r['reg']:g} | {its_txt(op)} | {fmt_s(op)} | "
+                 f"{fmt_e(op.get('error'))} | {its_txt(o)} | {fmt_s(o)} | {fmt_e(o.get('error'))} | "
+                 f"{o.get('restarts', '')} | {op['iterations'] / o['iterations']:.0f}x | "
+                 f"{op['seconds'] / o['seconds']:.1f}x |")
     errs = [(r, k, v) for r in rows for k, v in r["solvers"].items() if "error_msg" in v]
     if errs:
         L += ["", "Failures:", ""] + [f"- {r['m']}x{r['n']} {r['kind']} reg {r['reg']:g}, {k}: {v['error_msg']}"
@@ -352,22 +406,26 @@ def main(args):
         limiter = None
     t_start = time.perf_counter()
     regs = [float(r) for r in args.regs.split(",")]
+    dup_regs = [float(r) for r in args.dup_regs.split(",")]
     shapes = [(256, 128), (512, 512)] if args.quick else [(768, 384), (768, 768), (3072, 1536), (3072, 3072)]
     rows, emd_rows = [], []
     gflops = gemm_gflops()
     for si, (m, n) in enumerate(shapes):
-        for ki, kind in enumerate(("random", "structured")):
+        kinds = ("random", "clusters") + (("duplicates",) if m == 2 * n else ())
+        for ki, kind in enumerate(kinds):
             seed = 1000 * si + ki
             cost = mu = nu = None
-            for reg in regs:
+            for reg in (dup_regs if kind == "duplicates" else regs):
                 t0 = time.perf_counter()
                 row, cost, mu, nu = bench_problem(m, n, kind, reg, args.cap, seed,
                                                   default_stop_max_entries=768 * 768)
                 rows.append(row)
                 o = row["solvers"]["ours"]
                 p = row["solvers"].get("POT sinkhorn (numpy)", {})
+                op = row["solvers"].get("ours plain", {})
                 print(f"[solver_speed] {m}x{n} {kind:10s} reg {reg:<5g} ours {fmt_s(o):>9s} ({o['iterations']} its, "
-                      f"err {o['error']:.1e})  POT sinkhorn {fmt_s(p):>9s} ({row['pot_iterations_needed']} its)  "
+                      f"err {o['error']:.1e})  ours plain {fmt_s(op):>9s} ({its_txt(op)} its)  "
+                      f"POT sinkhorn {fmt_s(p):>9s} ({row['pot_iterations_needed']} its)  "
                       f"POT log np {fmt_s(row['solvers'].get('POT sinkhorn_log (numpy)')):>9s}  "
                       f"POT log torch {fmt_s(row['solvers'].get('POT sinkhorn_log (torch)')):>9s}  "
                       f"ours log {fmt_s(row['solvers'].get('ours (log domain)')):>9s}  "
@@ -385,6 +443,7 @@ def main(args):
             "torch": torch.__version__, "pot": ot.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "cap": args.cap,
+            "anderson_depth": transport.ANDERSON_DEPTH,
             "tol": TOL, "gemm_gflops": gflops, "loadavg_end": os.getloadavg(),
             "total_s": time.perf_counter() - t_start}
     RESULTS.mkdir(parents=True, exist_ok=True)
