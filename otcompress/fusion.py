@@ -348,6 +348,10 @@ def build_model(anchor, state_dict):
     anchor's device."""
     model = copy.deepcopy(anchor)
     model.__dict__.pop("fusion_report", None)
+    for module in model.modules():  # the copy must not inherit the caller's patches or hooks
+        module.__dict__.pop("forward", None)
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 

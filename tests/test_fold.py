@@ -214,3 +214,16 @@ def test_data_free_repair_restores_row_norms(make, cls):
         x = torch.randn(20000, w.shape[1 - ax], generator=g)
         std = (x @ (w.T if ax == 0 else w)).std(0)
         assert float(((std - target[m]).abs() / target[m]).max()) < 0.05  # 20000 samples: ~0.5% typical
+
+
+def test_fused_model_does_not_inherit_the_anchors_patches():
+    base = M.vit()
+    anchor = M.noisy(base)
+    calls = []
+    anchor.register_forward_hook(lambda *a: calls.append(1))
+    original = anchor.forward
+    anchor.forward = lambda *a, **k: original(*a, **k)  # e.g. a timing wrapper
+    fused = otcompress.fuse(anchor, [M.transform(base, widen=True)], solver="emd")
+    calls.clear()
+    x = M.inputs(base)
+    assert _err(fused, x, M.average([M.noisy(base), base])) < TOL and not calls
