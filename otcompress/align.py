@@ -32,7 +32,7 @@ MODES = ("ot", "fold")
 class AlignOptions:
     solver: str = "sinkhorn"
     reg: float = 0.02
-    cost_norm: str = "max"
+    cost_norm: str = "gap"
     max_iter: int = 5000
     tol: float = 1e-6
     mode: str = "ot"

@@ -150,7 +150,7 @@ def cli():
 @click.option("--on-uniform", type=click.Choice(["warn", "raise"]),
               help="A map that went nearly uniform (reg too large): warn (default) or fail.")
 @click.option("--cost-norm", type=click.Choice(["max", "gap", "mean", "none"]),
-              help="Cost normalisation: max (default) or gap (reg relative to a unit's best-match gap).")
+              help="Cost normalisation: gap (default: reg relative to a unit's best-match gap) or max.")
 @click.option("--repair/--no-repair", default=None, help="Restore unit statistics (REPAIR) after fusing.")
 @click.option("--distill/--no-distill", default=None, help="Distil from the parents while finetuning (default on).")
 @click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.5).")

@@ -19,7 +19,7 @@ RECIPE_KEYS = {
     "weights": (list, None),
     "qk": (str, "auto"),
     "token_filter": (str, None),
-    "cost_norm": (str, "max"),
+    "cost_norm": (str, "gap"),
     "activation_dtype": (str, "float32"),
     "data": (str, None),
     "samples": (int, 200),
