@@ -166,6 +166,17 @@ def layernorm(tm, prefix):
     return {f"{prefix}.weight": (Out(tm),), f"{prefix}.bias": (Out(tm),)}
 
 
+def stack(n_layers: int, r_in: str, block, axes: dict, nodes: list) -> str:
+    """Chain `block(i, r) -> (axes, nodes, r_out)` over the layers, adding to
+    `axes` and `nodes`; returns the last block's output map."""
+    r = r_in
+    for i in range(n_layers):
+        block_axes, block_nodes, r = block(i, r)
+        axes.update(block_axes)
+        nodes += block_nodes
+    return r
+
+
 def encoder_block(i: int, r_in: str, path: dict, *, qk: str, pre_ln: bool):
     """Axes and nodes of one transformer encoder block (attention + MLP, two
     residual joins). `path` maps the roles q, k, v, o, ln_attn, ln_mlp, fc1, fc2,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from otcompress.architectures.common import TEXT_AXES, encoder_text_task, text_example_inputs
 from otcompress.flowgraph import (ArchSpec, In, Out, Probe, Share, encoder_block, layernorm,
-                                  linear, solve)
+                                  linear, solve, stack)
 
 MODEL_TYPE = "bert"
 MODEL_CLASSES = ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")
@@ -69,8 +69,8 @@ def embeddings_and_encoder(config, p: str, *, qk: str):
     }
     axes.update(layernorm("emb", f"{E}.LayerNorm"))
     nodes = [solve("emb", Probe(f"{E}.LayerNorm", "in"))]
-    r = "emb"
-    for i in range(config.num_hidden_layers):
+
+    def layer(i, r_in):
         L = f"{p}encoder.layer.{i}"
         path = {
             "q": f"{L}.attention.self.query", "k": f"{L}.attention.self.key",
@@ -80,7 +80,6 @@ def embeddings_and_encoder(config, p: str, *, qk: str):
             "fc2": f"{L}.output.dense",
             "attn_skip": f"{L}.attention.self.query", "mlp_skip": f"{L}.intermediate.dense",
         }
-        block_axes, block_nodes, r = encoder_block(i, r, path, qk=qk, pre_ln=False)
-        axes.update(block_axes)
-        nodes += block_nodes
+        return encoder_block(i, r_in, path, qk=qk, pre_ln=False)
+    r = stack(config.num_hidden_layers, "emb", layer, axes, nodes)
     return axes, nodes, r

@@ -17,7 +17,7 @@ through the config's attribute map)."""
 from __future__ import annotations
 
 from otcompress.architectures.common import TEXT_AXES, encoder_text_task, text_example_inputs
-from otcompress.flowgraph import ArchSpec, In, Out, Probe, Share, encoder_block, layernorm, linear, solve
+from otcompress.flowgraph import ArchSpec, In, Out, Probe, Share, encoder_block, layernorm, linear, solve, stack
 
 MODEL_TYPE = "distilbert"
 MODEL_CLASSES = ("DistilBertForMaskedLM", "DistilBertForSequenceClassification", "DistilBertModel")
@@ -50,8 +50,8 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
     }
     axes.update(layernorm("emb", f"{E}.LayerNorm"))
     nodes = [solve("emb", Probe(f"{E}.LayerNorm", "in"))]
-    r = "emb"
-    for i in range(config.num_hidden_layers):
+
+    def layer(i, r_in):
         L = f"{p}transformer.layer.{i}"
         path = {
             "q": f"{L}.attention.q_lin", "k": f"{L}.attention.k_lin",
@@ -60,9 +60,8 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
             "fc1": f"{L}.ffn.lin1", "fc1_act": f"{L}.ffn.activation", "fc2": f"{L}.ffn.lin2",
             "attn_skip": f"{L}.attention.q_lin", "mlp_skip": f"{L}.ffn.lin1",
         }
-        block_axes, block_nodes, r = encoder_block(i, r, path, qk=qk, pre_ln=False)
-        axes.update(block_axes)
-        nodes += block_nodes
+        return encoder_block(i, r_in, path, qk=qk, pre_ln=False)
+    r = stack(config.num_hidden_layers, "emb", layer, axes, nodes)
     tied = {}
     if "pre_classifier.weight" in keys:
         axes.update(linear("cls", r, prefix="pre_classifier"))

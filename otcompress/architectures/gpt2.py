@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from otcompress.architectures import common
 from otcompress.flowgraph import (ArchSpec, Combine, Heads, In, Out, Probe, Share, Solve, Split,
-                                  layernorm, solve)
+                                  layernorm, solve, stack)
 
 MODEL_TYPE = "gpt2"
 MODEL_CLASSES = ("GPT2LMHeadModel", "GPT2Model")
@@ -69,11 +69,8 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
     one_stream = bool(tied)  # see the module docstring
     axes = {f"{p}wte.weight": (None, Out("emb")), f"{p}wpe.weight": (None, Out("emb"))}
     nodes = [solve("emb", Probe(f"{p}h.0.ln_1", "in"))]
-    r = "emb"
-    for i in range(config.num_hidden_layers):
-        block_axes, block_nodes, r = _block(i, r, f"{p}h.{i}", qk=qk, one_stream=one_stream)
-        axes.update(block_axes)
-        nodes += block_nodes
+    r = stack(config.num_hidden_layers, "emb",
+              lambda i, r_in: _block(i, r_in, f"{p}h.{i}", qk=qk, one_stream=one_stream), axes, nodes)
     axes.update(layernorm(r, f"{p}ln_f"))
     if "lm_head.weight" in keys and not tied:
         axes["lm_head.weight"] = (None, In(r))  # the vocabulary axis is fixed

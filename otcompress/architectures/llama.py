@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from otcompress.architectures import common
 from otcompress.errors import UnsupportedArchitectureError
-from otcompress.flowgraph import ArchSpec, In, Out, Probe, norm_weight, rotary_decoder_block, solve
+from otcompress.flowgraph import ArchSpec, In, Out, Probe, norm_weight, rotary_decoder_block, solve, stack
 
 MODEL_TYPE = "llama"
 MODEL_CLASSES = ("LlamaForCausalLM", "LlamaModel")
@@ -37,17 +37,16 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
     p = "model." if any(k.startswith("model.") for k in keys) else ""
     axes = {f"{p}embed_tokens.weight": (None, Out("emb"))}
     nodes = [solve("emb", Probe(f"{p}layers.0.input_layernorm", "in"))]
-    r = "emb"
     qkv_bias = f"{p}layers.0.self_attn.q_proj.bias" in keys
-    for i in range(config.num_hidden_layers):
+
+    def layer(i, r_in):
         L = f"{p}layers.{i}"
         path = {"q": f"{L}.self_attn.q_proj", "k": f"{L}.self_attn.k_proj", "v": f"{L}.self_attn.v_proj",
                 "o": f"{L}.self_attn.o_proj", "norm_attn": f"{L}.input_layernorm",
                 "norm_mlp": f"{L}.post_attention_layernorm", "gate": f"{L}.mlp.gate_proj",
                 "up": f"{L}.mlp.up_proj", "down": f"{L}.mlp.down_proj"}
-        block_axes, block_nodes, r = rotary_decoder_block(i, r, path, qkv_bias=qkv_bias)
-        axes.update(block_axes)
-        nodes += block_nodes
+        return rotary_decoder_block(i, r_in, path, qkv_bias=qkv_bias)
+    r = stack(config.num_hidden_layers, "emb", layer, axes, nodes)
     axes.update(norm_weight(r, f"{p}norm"))
     if getattr(config, "tie_word_embeddings", False):
         # A tied head *is* the embedding table, whose map is the embedding

@@ -9,7 +9,7 @@ import torch
 
 from otcompress.architectures.common import IMAGE_AXES, image_example_inputs
 from otcompress.errors import InvalidOptionError
-from otcompress.flowgraph import ArchSpec, Out, Probe, encoder_block, layernorm, linear, solve
+from otcompress.flowgraph import ArchSpec, Out, Probe, encoder_block, layernorm, linear, solve, stack
 
 MODEL_TYPE = "vit"
 MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
@@ -40,8 +40,8 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
         f"{p}embeddings.position_embeddings": (None, None, Out("emb")),
     }
     nodes = [solve("emb", Probe(f"{p}embeddings", "out"))]
-    r = "emb"
-    for i in range(config.num_hidden_layers):
+
+    def layer(i, r_in):
         L = f"{p}layers.{i}"
         path = {
             "q": f"{L}.attention.q_proj", "k": f"{L}.attention.k_proj",
@@ -50,9 +50,8 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
             "fc1": f"{L}.mlp.fc1", "fc1_act": f"{L}.mlp.activation_fn", "fc2": f"{L}.mlp.fc2",
             "attn_skip": f"{L}.layernorm_before", "mlp_skip": f"{L}.layernorm_after",
         }
-        block_axes, block_nodes, r = encoder_block(i, r, path, qk=qk, pre_ln=True)
-        axes.update(block_axes)
-        nodes += block_nodes
+        return encoder_block(i, r_in, path, qk=qk, pre_ln=True)
+    r = stack(config.num_hidden_layers, "emb", layer, axes, nodes)
     axes.update(layernorm(r, f"{p}layernorm"))
     if f"{p}pooler.dense.weight" in keys:
         axes.update(linear("pool", r, prefix=f"{p}pooler.dense"))
