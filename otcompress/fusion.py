@@ -348,13 +348,20 @@ def build_model(anchor, state_dict):
     """A model of the anchor's class, config and constructor arguments (a
     pooler-less ViTModel stays pooler-less) holding `state_dict`, on the
     anchor's device."""
-    model = copy.deepcopy(anchor)
+    # Copy the module structure, not the anchor's weights (placeholders on the
+    # meta device), then adopt the fused tensors themselves: no third copy of
+    # the model exists while the result is built.
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in anchor.parameters()}
+    model = copy.deepcopy(anchor, memo)
     model.__dict__.pop("fusion_report", None)
     for module in model.modules():  # the copy must not inherit the caller's patches or hooks
         module.__dict__.pop("forward", None)
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # assign makes one parameter per name: share the tied ones again
     return model.eval()
 
 

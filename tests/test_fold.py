@@ -227,3 +227,13 @@ def test_fused_model_does_not_inherit_the_anchors_patches():
     calls.clear()
     x = M.inputs(base)
     assert _err(fused, x, M.average([M.noisy(base), base])) < TOL and not calls
+
+
+def test_fused_model_adopts_the_fused_tensors_and_keeps_ties():
+    """build_model adopts the fused tensors (no extra copy of the model) and a
+    tied decoder is still the embedding parameter itself."""
+    anchor = M.bert(cls=T.BertForMaskedLM)
+    fused = otcompress.fuse(anchor, [M.bert(hidden=48, heads=6, inter=96, cls=T.BertForMaskedLM, seed=3)])
+    assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
+    assert all(p.requires_grad and p.device.type == "cpu" for p in fused.parameters())
+    assert not any(p.data_ptr() == q.data_ptr() for p in fused.parameters() for q in anchor.parameters())
