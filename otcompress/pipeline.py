@@ -38,7 +38,8 @@ FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "ac
 
 def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, force=False, device="cpu",
         trust_remote_code=False, progress=None, log=None):
-    """Run a resolved recipe (`recipes.resolve`) and return (model, report);
+    """Run a recipe (keys of `recipes.RECIPE_KEYS`; missing keys take their
+    defaults, as on the command line) and return (model, report);
     with `out`, also write the model directory there (staged: a failure leaves
     nothing behind). `anchor` is a model or directory, or None with `target`
     (a dict of widths, e.g. {"hidden": 32}) to fold the parents into the
@@ -83,7 +84,8 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                       weights=r["weights"], holdout=holdout)
         report = model.fusion_report
         one_shot = _evaluate(model, data, device) if _trainable(data) else None
-        trainer = ft.Trainer(model, train, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
+        # Held-out examples only chose reg (reg auto): training uses every example.
+        trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
     report = dict(report)
     report["anchor"] = str(anchor) if anchor is not None else report.get("anchor")
     report["parents"] = [str(p) for p in parents]
