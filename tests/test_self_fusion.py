@@ -58,4 +58,4 @@ def test_self_fusion_returns_the_model(trained, profile, kind):
 @pytest.mark.filterwarnings("ignore")
 def test_the_old_soft_profiles_destroyed_trained_models(trained):
     model, data = trained["bert"]
-    assert _self_fusion_error(model, data, reg=0.1) > 1e-2
+    assert _self_fusion_error(model, data, reg=0.1, cost_norm="max") > 1e-2  # the old profiles' setting
