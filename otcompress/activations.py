@@ -116,7 +116,7 @@ def iter_batches(data) -> Iterable[Mapping]:
     return data
 
 
-def _samples(t: torch.Tensor, token_mask, keep_tokens) -> torch.Tensor:
+def token_samples(t: torch.Tensor, token_mask, keep_tokens) -> torch.Tensor:
     """(batch, seq, units) -> (samples, units): every kept token is a sample."""
     if t.dim() == 2:
         return t.float()
@@ -167,15 +167,15 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
             anchor(**_on(inputs, a_dev))
             keep = _keep_tokens(spec, token_filter, a_acts, sequence_probes, device)
             for j in joins:
-                norms[j.tm].update(_samples(a_acts[j.skip_probe], mask, None),
-                                   _samples(a_acts[j.branch_probe], mask, None))
+                norms[j.tm].update(token_samples(a_acts[j.skip_probe], mask, None),
+                                   token_samples(a_acts[j.branch_probe], mask, None))
             # The anchor side of every pair, selected once and reused for each parent.
-            a_samples = {p: _samples(a_acts[p], mask, keep if p in sequence_probes else None)
+            a_samples = {p: token_samples(a_acts[p], mask, keep if p in sequence_probes else None)
                          for p in solve_probes}
             for k, parent in enumerate(parents):
                 def fold(probe, t, k=k):
                     kt = keep if probe in sequence_probes else None
-                    moments[k][probe].update(_samples(t.to(device), mask, kt), a_samples[probe])
+                    moments[k][probe].update(token_samples(t.to(device), mask, kt), a_samples[probe])
                 with stream(parent, solve_probes, fold), _autocast(p_devs[k], forward_dtype):
                     parent(**_on(inputs, p_devs[k]))
             state["seen"] += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)

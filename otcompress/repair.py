@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from otcompress.activations import _samples, iter_batches
+from otcompress.activations import iter_batches, token_samples
 from otcompress.errors import DataError
 from otcompress.flowgraph import In, Out
 
@@ -83,7 +83,7 @@ def measure(model, modules, data) -> dict:
 
     def hook(name):
         def fn(_mod, _args, out):
-            x = _samples(out, mask.get("m"), None).double()
+            x = token_samples(out, mask.get("m"), None).double()
             s = sums[name]
             s[0] += x.shape[0]
             s[1] = s[1] + x.sum(0)
