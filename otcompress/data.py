@@ -42,7 +42,9 @@ other user file (a file given to evaluate is usually a held-out set as a whole).
 
 Headless models (ViTModel, BertModel: no task head) get no labels and no MLM
 masks: class labels in the data are ignored, as there is no classifier to
-check them against or to train; the data serves as calibration data only.
+check them against or to train. Their batches are inputs only; they train
+and are scored on their pooled embeddings against reference models
+(otcompress.embedding), pooled as `TaskData.pooling` says.
 
 Images are scaled to [0, 1], resized with bilinear `torch.nn.functional.
 interpolate` to the config's image_size, converted to its num_channels
@@ -131,6 +133,7 @@ class TaskData:
     spec: str = ""
     masker: _Masker | None = None
     default_eval_split: str = "eval"
+    pooling: str | None = None  # feature-extraction: how embeddings are pooled
     _eval_mlm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -153,7 +156,8 @@ class TaskData:
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 limit: int | None = None, drop_last: bool = False,
                 group_by_length: bool = False) -> Iterator[Tensors]:
-        """One pass over `split` as dicts of model inputs with "labels".
+        """One pass over `split` as dicts of model inputs with "labels" (inputs
+        only for a headless model's feature extraction).
 
         `limit` caps the number of examples (the first `limit` of the order);
         `seed` drives the shuffle and the train split's MLM masks.
@@ -163,10 +167,7 @@ class TaskData:
         then the eval split's (no batch spans both; each part keeps its own
         MLM masks, so the eval part is scored exactly as under "eval").
         """
-        if self.task == "feature-extraction":
-            raise DataError(f"data spec '{self.spec}': the model is headless (no task head), so "
-                            "there is nothing to train or evaluate; use it as calibration data")
-        if not self.has_labels:
+        if not self.has_labels and self.task != "feature-extraction":
             raise DataError(f"data spec '{self.spec}': has no labels, needed to train or "
                             f"evaluate {self.task}")
         if split == "all":
@@ -683,7 +684,7 @@ def _check_labels(num_labels: int, config, spec: str) -> None:
 
 def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
               samples: int | None = None, seed: int = 0, max_length: int = 128,
-              mlm_probability: float = 0.15) -> TaskData:
+              mlm_probability: float = 0.15, pooling: str | None = None) -> TaskData:
     """Read `spec` (see the module docstring) into batches that fit `model`
     (a transformers model or config).
 
@@ -691,6 +692,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     (stratified when labelled); the eval split is never subsampled, so
     metrics stay comparable. Text longer than `max_length` tokens (clipped
     to the longest sequence the model's positions allow) is truncated.
+    `pooling` (headless models) overrides the family's embedding pooling.
     """
     if samples is not None and samples < 1:
         raise InvalidOptionError(f"samples must be >= 1, got {samples}")
@@ -732,9 +734,13 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
         elif task == "causal-lm":
             splits[name]["labels"] = causal_labels(splits[name]["input_ids"], splits[name]["attention_mask"])
     own_split = spec in BUILT_IN or src.split is not None
+    if task == "feature-extraction":
+        from otcompress.embedding import pooling_mode
+        pooling = pooling or pooling_mode(config)
     return TaskData(task, splits, num_labels=num_labels,
                     class_names=src.class_names if use_labels else None, spec=spec, masker=masker,
-                    default_eval_split="eval" if own_split else "all")
+                    default_eval_split="eval" if own_split else "all",
+                    pooling=pooling if task == "feature-extraction" else None)
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -11,6 +11,11 @@ distribution; for masked LM only the masked positions count, for causal LM
 every position that predicts a next token: the logits at t score the token
 at t + 1).
 
+A headless model (BertModel, ViTModel, a sentence-transformers checkpoint)
+has no task loss: it trains on the similarity-distillation loss of its
+pooled embeddings against the teachers' (otcompress.embedding), which it
+therefore needs; `distill_alpha` and `temperature` do not apply.
+
 The loop runs through Hugging Face `accelerate`: started by `accelerate
 launch` it trains with DDP, one shard of every batch per process (the same
 global batches, losses and schedule as one process), in the mixed precision
@@ -27,6 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from otcompress import embedding
 from otcompress.data import TaskData
 from otcompress.errors import InvalidOptionError
 
@@ -136,10 +142,13 @@ def _distill_loss(student: torch.Tensor, teacher_logits: list[torch.Tensor], tem
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature ** 2
 
 
-def _step_loss(score, teachers, batch, alpha, temperature, autocast=None):
+def _step_loss(score, teachers, batch, alpha, temperature, autocast=None, pooling=None):
     """(loss, task loss) of one batch: `score(batch)` gives the student's
-    (logits, labels); teachers run without gradients (under `autocast`, the
-    student's mixed precision, when given)."""
+    (logits, labels), or (embeddings, None) with `pooling`; teachers run
+    without gradients (under `autocast`, the student's mixed precision, when
+    given)."""
+    if pooling is not None:
+        return _embedding_loss(score, teachers, batch, pooling, autocast)
     logits, labels = score(batch)
     task = F.cross_entropy(logits, labels)
     if not teachers or alpha == 0.0:
@@ -152,6 +161,14 @@ def _step_loss(score, teachers, batch, alpha, temperature, autocast=None):
                                      f"classes; the student outputs {logits.shape[-1]}")
     loss = (1 - alpha) * task + alpha * _distill_loss(logits, teacher_logits, temperature)
     return loss, task
+
+
+def _embedding_loss(score, teachers, batch, pooling, autocast=None):
+    student, _ = score(batch)
+    with torch.no_grad(), (autocast() if autocast is not None else _nothing()):
+        targets = [embedding.embed(t, batch, pooling) for t in teachers]
+    loss = embedding.similarity_loss(student, targets)
+    return loss, loss  # no task loss besides it
 
 
 @contextmanager
@@ -223,12 +240,17 @@ class Trainer:
             raise InvalidOptionError(f"mixed precision {acc.mixed_precision}: this process's accelerate state "
                                      f"is on {acc.device.type}, the model on {self.device.type}")
         self.teachers = list(teachers or [])
+        self.pooling = data.pooling if data.task == "feature-extraction" else None
+        if self.pooling is not None and not self.teachers:
+            raise InvalidOptionError(f"{type(model).__name__} has no task head: it trains by distilling its "
+                                     "teachers' embeddings, and none were given")
         model.to(self.device)
         for t in self.teachers:
             t.to(self.device).eval()
         # The student's scoring as one module: what DDP wraps and accelerate autocasts
         # (the caller's model itself is left unpatched).
-        self.scorer, self.optimizer = acc.prepare(_Scorer(model), _optimizer(model, lr, weight_decay))
+        self.scorer, self.optimizer = acc.prepare(_Scorer(model, self.pooling),
+                                                  _optimizer(model, lr, weight_decay))
         self.batches = _train_batches(data, batch_size, seed)
         self.batch_size, self.seed = batch_size, seed
         self.done, self.seconds, self.losses, self.task_losses = 0, 0.0, [], []
@@ -265,7 +287,7 @@ class Trainer:
         if self.world > 1:
             batch, share = _shard(batch, self.rank, self.world)
         loss, task = _step_loss(self.scorer, self.teachers, _to(batch, self.device), self.alpha,
-                                self.temperature, self.accelerator.autocast)
+                                self.temperature, self.accelerator.autocast, self.pooling)
         if self.world > 1:
             # DDP averages gradients over processes: weighting each process's mean
             # loss by its share of the batch's scored positions makes that average
@@ -295,13 +317,16 @@ class Trainer:
 
 
 class _Scorer(torch.nn.Module):
-    """The student's (logits, labels) at its scored positions, as a module."""
+    """The student's (logits, labels) at its scored positions, or with
+    `pooling` its (embeddings, None), as a module."""
 
-    def __init__(self, model):
+    def __init__(self, model, pooling=None):
         super().__init__()
-        self.model = model
+        self.model, self.pooling = model, pooling
 
     def forward(self, batch):
+        if self.pooling is not None:
+            return embedding.embed(self.model, batch, self.pooling), None
         return _scored(self.model, batch)
 
 
@@ -343,9 +368,13 @@ def _accelerator(device: torch.device, mixed_precision=None):
 
 def _shard(batch: dict, rank: int, world: int) -> tuple[dict, float]:
     """This process's rows of a batch (every world-th from `rank`), and its
-    share of the batch's scored positions."""
-    labels = batch["labels"]
+    share of the batch's scored positions (of its rows, for embeddings: each
+    process then matches the similarities within its own rows)."""
     mine = {k: v[rank::world] for k, v in batch.items()}
+    if "labels" not in batch:
+        first = next(iter(batch))
+        return mine, len(mine[first]) / len(batch[first])
+    labels = batch["labels"]
     total = int((labels != IGNORE).sum())
     return mine, (int((mine["labels"] != IGNORE).sum()) / total if total else 0.0)
 
@@ -362,18 +391,27 @@ def _set_rng_state(device, state):
 
 
 def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
-             device="cpu") -> dict:
+             device="cpu", reference=None) -> dict:
     """Classification: accuracy and mean cross-entropy over examples.
     Masked LM: mean cross-entropy over masked tokens, its perplexity and the
     masked-token accuracy (eval masks are fixed, so this is deterministic).
     Causal LM: mean next-token cross-entropy over every predicted token (all
     but each text's first, padding excluded), its perplexity, the top-1
     next-token accuracy and the number of predicted tokens.
+    Feature extraction (a headless model): its embeddings against the
+    `reference` models' (`embedding.score`: loss, similarity_pearson).
     The model's train/eval mode is restored afterwards."""
     was_training = model.training
     # Moved outside inference mode: a model moved inside it gets inference-tensor
     # parameters, which training can no longer use (CUDA finetune after eval).
     model.to(device).eval()
+    if data.task == "feature-extraction":
+        for r in reference or []:
+            r.to(device).eval()
+        try:
+            return embedding.score(model, data.batches(split, batch_size), reference, data.pooling, device)
+        finally:
+            model.train(was_training)
     total_loss, correct, count = 0.0, 0, 0
     try:
         with torch.inference_mode():

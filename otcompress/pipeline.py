@@ -15,7 +15,12 @@ never the eval split); with N finetuning steps the better of the two anchor-
 side starts and the fold train the first `race_fraction * N` steps (0.5) of
 the *same* N-step run (schedule, batches, teachers) and the lower held-out
 loss continues to N, on every training example. With N = 0 the lowest one-
-shot held-out loss wins. Teachers are the parents by default."""
+shot held-out loss wins. Teachers are the parents by default.
+
+Headless models (embedding models: BertModel, a sentence-transformers
+checkpoint) have no task loss: every loss above is then the similarity
+distillation loss of their pooled embeddings against the parents'
+(otcompress.embedding), and the parents are always the teachers."""
 from __future__ import annotations
 
 import copy
@@ -28,11 +33,12 @@ from pathlib import Path
 import torch
 
 from otcompress import architectures, finetune as ft, modelio, outputs, recipes
+from otcompress.data import is_headless
 from otcompress.errors import InvalidOptionError
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
-FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "activation_dtype", "repair",
+FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "activation_dtype", "repair", "max_iter",
              "head_alignment", "on_unconverged", "on_uniform")
 
 
@@ -52,7 +58,10 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     if out is not None:
         outputs.check_out(out, force)
     parents = list(parents)
-    anchor_cfg, _ = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
+    anchor_cfg, parent_cfgs = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
+    notes = _width_notes(anchor_cfg, parent_cfgs) if anchor is not None else []
+    for note in notes:
+        log(f"[yellow]warning:[/yellow] {note}")
     started = time.time()
     # Fusion computes where the anchor lives: load everything on `device`.
     load = lambda m: modelio.load_model(m, trust_remote_code=trust_remote_code).to(device)  # noqa: E731
@@ -65,14 +74,15 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     train, holdout = split_holdout(data, r["seed"]) if _trainable(data) else (data, None)
     calib = None if data is None else list(data.calibration_batches(r["samples"], r["batch_size"],
                                                                     seed=r["seed"]))
-    teachers = parent_ms if r["distill"] else []
+    reference = parent_ms if data is not None and data.task == "feature-extraction" else None
+    teachers = parent_ms if r["distill"] or reference else []
     trainer_kw = dict(steps=r["finetune_steps"], lr=r["lr"], batch_size=r["batch_size"], seed=r["seed"],
                       teachers=teachers, distill_alpha=r["distill_alpha"], device=device,
                       progress=(lambda d, t, i=None: progress("finetune", d, t)) if progress else None)
     fuse_kw = {k: r[k] for k in FUSE_KEYS}
     if r["alignment"] == "auto" and holdout is not None:
         race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
-                    one_shot=lambda m: _evaluate(m, data, device))
+                    one_shot=lambda m: _evaluate(m, data, device, reference), reference=reference)
         model, trainer, report, one_shot = race.run(
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout), log)
         if trainer is not None:  # the winner continues on every training example
@@ -83,17 +93,18 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         model = _fuse(fuse_anchor, parent_ms, alignment, calib, fuse_kw, r, progress,
                       weights=r["weights"], holdout=holdout)
         report = model.fusion_report
-        one_shot = _evaluate(model, data, device) if _trainable(data) else None
+        one_shot = _evaluate(model, data, device, reference) if _trainable(data) else None
         # Held-out examples only chose reg (reg auto): training uses every example.
         trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
     report = dict(report)
+    report["warnings"] = [*notes, *report.get("warnings", [])]
     report["anchor"] = str(anchor) if anchor is not None else report.get("anchor")
     report["parents"] = [str(p) for p in parents]
     if trainer is not None and r["finetune_steps"]:
         report["finetune"] = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
                               "teachers": len(teachers), "holdout_examples": _n(holdout)}
         report["finetune"].pop("losses", None)
-    report["metrics"] = _metrics(anchor_m, model, one_shot, data, r, device)
+    report["metrics"] = _metrics(anchor_m, model, one_shot, data, r, device, reference)
     report["recipe"] = r
     report["wall_seconds"] = time.time() - started
     model.fusion_report = report
@@ -127,7 +138,47 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     modelio.check_compatible(anchor_cfg, parent_cfgs, architectures.family(anchor_cfg).MUST_MATCH)
     if r["alignment"] == "fold" or anchor is None:
         architectures.check_fold_target(anchor_cfg, parent_cfgs)
+    if isinstance(anchor, (str, os.PathLike)):
+        _check_tokenizers(anchor, parents)
+    headless = is_headless(anchor if hasattr(anchor, "config") else anchor_cfg)
+    if headless and r["finetune_steps"] > 0 and not r["distill"]:
+        raise InvalidOptionError("a headless model (no task head) trains only by distilling the parents' "
+                                 "embeddings: drop --no-distill or --finetune-steps")
     return anchor_cfg, parent_cfgs
+
+
+def _width_notes(anchor_cfg, parent_cfgs) -> list[str]:
+    """An anchor wider than a parent is allowed (OT maps are rectangular) but
+    rarely meant: the result has the anchor's width, so nothing is compressed."""
+    return [f"the anchor is wider than parent {k} ({what} {target} > {parent}): the result keeps the "
+            "anchor's widths; the wide models are usually the parents"
+            for k, what, parent, target in architectures.wider_widths(anchor_cfg, parent_cfgs)]
+
+
+def _check_tokenizers(anchor, parents) -> None:
+    """Parents whose tokenizer maps tokens to other ids than the anchor's have
+    other embedding rows for the same text: fusing them mixes unrelated rows.
+    The vocabulary size alone does not show it (a shuffled vocabulary)."""
+    from otcompress.errors import IncompatibleModelsError
+    mine = _vocabulary(anchor)
+    if mine is None:
+        return
+    for k, p in enumerate(parents, 1):
+        theirs = _vocabulary(p)
+        if theirs is None or theirs == mine:
+            continue
+        moved = sorted(t for t in mine.keys() & theirs.keys() if mine[t] != theirs[t])
+        detail = (f"'{moved[0]}' is id {mine[moved[0]]} in the anchor's, {theirs[moved[0]]} in the parent's"
+                  if moved else f"{len(mine.keys() ^ theirs.keys())} tokens are in only one of them")
+        raise IncompatibleModelsError(f"tokenizer mismatch: parent {k}'s tokenizer is not the anchor's "
+                                      f"({detail})")
+
+
+def _vocabulary(path) -> dict | None:
+    path = Path(path)
+    if not path.is_dir() or not ((path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists()):
+        return None
+    return _preprocessors(path)[0].get_vocab()
 
 
 def _resolve_alignment(alignment, anchor_m):
@@ -184,10 +235,14 @@ class Race:
     first `steps` steps of its N-step run and is scored again. The lowest
     held-out loss wins."""
 
-    def __init__(self, train, holdout, trainer_kw, steps, one_shot=None):
+    def __init__(self, train, holdout, trainer_kw, steps, one_shot=None, reference=None):
         self.train, self.holdout, self.kw, self.steps = train, holdout, trainer_kw, steps
         self.one_shot = one_shot  # reported only (on the eval split), never used to choose
+        self.reference = reference  # headless models: scored against these models' embeddings
         self.rows = []
+
+    def _loss(self, model):
+        return ft.evaluate(model, self.holdout, device=self.kw["device"], reference=self.reference)["loss"]
 
     def run(self, entries, log=lambda msg: None):
         device = self.kw["device"]
@@ -197,7 +252,7 @@ class Race:
             t0 = time.perf_counter()
             model = make()
             row = {"candidate": name, "group": group,
-                   "one_shot_holdout_loss": ft.evaluate(model, self.holdout, device=device)["loss"],
+                   "one_shot_holdout_loss": self._loss(model),
                    "one_shot": self.one_shot(model) if self.one_shot else None,
                    "seconds": time.perf_counter() - t0}
             self.rows.append(row)
@@ -214,7 +269,7 @@ class Race:
         for row, model in best.values():
             t0 = time.perf_counter()
             trainer = ft.Trainer(model, self.train, **self.kw).run(self.steps)
-            row["holdout_loss"] = ft.evaluate(model, self.holdout, device=device)["loss"]
+            row["holdout_loss"] = self._loss(model)
             row["seconds"] += time.perf_counter() - t0
             trained.append((row, model, trainer))
         row, model, trainer = min(trained, key=lambda b: b[0]["holdout_loss"])
@@ -258,27 +313,28 @@ def split_holdout(data, seed: int):
 
 
 def _trainable(data) -> bool:
-    return data is not None and data.has_labels and data.task != "feature-extraction"
+    """Labelled data, or a headless model's inputs (scored against the parents)."""
+    return data is not None and (data.has_labels or data.task == "feature-extraction")
 
 
 def _n(data):
     return None if data is None else data.num_examples("eval")
 
 
-def _evaluate(model, data, device):
+def _evaluate(model, data, device, reference=None):
     split = data.default_eval_split
-    return {**ft.evaluate(model, data, split=split, device=device), "split": split}
+    return {**ft.evaluate(model, data, split=split, device=device, reference=reference), "split": split}
 
 
-def _metrics(anchor_m, model, one_shot, data, r, device):
+def _metrics(anchor_m, model, one_shot, data, r, device, reference=None):
     """Anchor, one-shot and final metrics on the data's evaluation split."""
     if not _trainable(data):
         return {}
-    metrics = {} if anchor_m is None else {"anchor": _evaluate(anchor_m, data, device)}
+    metrics = {} if anchor_m is None else {"anchor": _evaluate(anchor_m, data, device, reference)}
     if one_shot is not None:
         metrics["fused (one-shot)"] = one_shot
     if r["finetune_steps"]:
-        metrics[f"fused + {r['finetune_steps']} steps"] = _evaluate(model, data, device)
+        metrics[f"fused + {r['finetune_steps']} steps"] = _evaluate(model, data, device, reference)
     return metrics
 
 
@@ -296,10 +352,12 @@ def write(model, report, source, tmp: Path, r):
 def load_task_data(spec, model, model_path, seed):
     """`load_data` with the tokenizer or image processor saved beside the model."""
     from otcompress.data import load_data
+    from otcompress.embedding import checkpoint_pooling
     tokenizer = image_processor = None
     if isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():
         tokenizer, image_processor = _preprocessors(Path(model_path))
-    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
+    return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor, seed=seed,
+                     pooling=checkpoint_pooling(model_path))
 
 
 def _preprocessors(path: Path):

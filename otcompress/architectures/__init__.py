@@ -111,14 +111,18 @@ def describe_widths(config) -> str:
     return ", ".join(f"{what} {getattr(config, key)}" for what, key in keys.items())
 
 
+def wider_widths(target_cfg, parent_cfgs) -> list[tuple]:
+    """(parent number, width name, parent's, target's) wherever the target is wider."""
+    keys = getattr(family(target_cfg), "WIDTHS", WIDTHS)
+    return [(k, what, getattr(cfg, key), getattr(target_cfg, key))
+            for k, cfg in enumerate(parent_cfgs, 1) for what, key in keys.items()
+            if getattr(target_cfg, key) > getattr(cfg, key)]
+
+
 def check_fold_target(target_cfg, parent_cfgs) -> None:
     """Folding clusters parent units into the target's: no target width may
     exceed a parent's (checked on configs, before any weights are read)."""
     from otcompress.errors import IncompatibleModelsError
-    keys = getattr(family(target_cfg), "WIDTHS", WIDTHS)
-    for k, cfg in enumerate(parent_cfgs, 1):
-        for what, key in keys.items():
-            if getattr(target_cfg, key) > getattr(cfg, key):
-                raise IncompatibleModelsError(
-                    f"cannot fold parent {k} ({what} {getattr(cfg, key)}) into a wider target "
-                    f"({what} {getattr(target_cfg, key)})")
+    for k, what, parent, target in wider_widths(target_cfg, parent_cfgs)[:1]:
+        raise IncompatibleModelsError(f"cannot fold parent {k} ({what} {parent}) into a wider target "
+                                      f"({what} {target})")

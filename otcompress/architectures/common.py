@@ -11,6 +11,9 @@ Every family file defines, besides its flow graph (`build`):
   max_seq_len(config) -> the longest token sequence, None for images
   task(class_name) -> the data task ("image-classification", "masked-lm",
                       "sequence-classification")
+and may define
+  EMBEDDING_POOLING  how a headless model's embedding is pooled when its
+                     checkpoint does not say ("mean" over real tokens if absent)
 """
 from __future__ import annotations
 

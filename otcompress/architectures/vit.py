@@ -17,6 +17,7 @@ MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
 MUST_MATCH = ("num_hidden_layers", "image_size", "patch_size", "num_channels", "hidden_act")
 INPUTS = ("pixel_values",)
 INPUT_AXES = IMAGE_AXES
+EMBEDDING_POOLING = "cls"  # a headless ViT's embedding: the class token's final state
 
 
 def example_inputs(config, batch_size, seq_len, generator):

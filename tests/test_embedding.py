@@ -1,0 +1,124 @@
+"""Headless (embedding) models: pooling, the similarity objective, scoring
+against wider references, training, reg auto and the fuse workflow."""
+import json
+
+import pytest
+import torch
+import transformers as T
+
+import models as M
+from otcompress import embedding, pipeline
+from otcompress import finetune as ft
+from otcompress.data import TaskData
+from otcompress.errors import InvalidOptionError
+
+
+def _text_data(vocab=60, n_train=96, n_eval=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        ids = torch.randint(4, vocab, (n, 12), generator=g)
+        mask = torch.ones_like(ids)
+        lengths = torch.randint(5, 13, (n,), generator=g)
+        mask[torch.arange(12)[None, :] >= lengths[:, None]] = 0
+        return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+    return TaskData("feature-extraction", {"train": split(n_train), "eval": split(n_eval)}, pooling="mean")
+
+
+def test_pooling_counts_real_tokens_only():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.allclose(embedding.pool(hidden, mask, "mean")[0], hidden[0, :2].mean(0))
+    assert torch.equal(embedding.pool(hidden, mask, "cls"), hidden[:, 0])
+    assert torch.equal(embedding.pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 3]]))
+    assert torch.equal(embedding.pool(hidden, mask, "max")[0], hidden[0, 1])
+    with pytest.raises(InvalidOptionError, match="pooling 'sum'"):
+        embedding.pool(hidden, mask, "sum")
+
+
+def test_agreement_is_width_free_and_can_fail():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 16, generator=g)  # more rows than one block
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    wider = torch.cat([x, torch.zeros(700, 16)], 1) @ q * 3.0  # rotated, padded, rescaled
+    same = embedding._pairwise_agreement(x, [wider])
+    assert same["loss"] < 1e-12 and same["similarity_pearson"] > 1 - 1e-9
+    other = embedding._pairwise_agreement(x, [torch.randn(700, 32, generator=g)])
+    assert other["loss"] > 1e-3 and abs(other["similarity_pearson"]) < 0.1
+    # Against two references: their mean similarity, as in training.
+    both = embedding._pairwise_agreement(x, [wider, wider])
+    assert both["loss"] < 1e-12
+
+
+def test_widened_copy_scores_perfectly_and_another_model_does_not():
+    data = _text_data()
+    model = M.bert(cls=T.BertModel, seed=1)
+    wide = M.transform(model, widen=True)
+    perfect = ft.evaluate(model, data, reference=[wide])
+    assert perfect["loss"] < 1e-9 and perfect["similarity_pearson"] > 1 - 1e-6 and perfect["examples"] == 48
+    other = ft.evaluate(M.bert(cls=T.BertModel, seed=2), data, reference=[wide])
+    assert other["loss"] > 1e-3
+    with pytest.raises(InvalidOptionError, match="reference models"):
+        ft.evaluate(model, data)
+
+
+def test_headless_training_distils_the_teachers_similarities():
+    data = _text_data()
+    teacher = M.bert(hidden=48, heads=6, inter=96, cls=T.BertModel, seed=2)
+    student = M.bert(cls=T.BertModel, seed=1)
+    before = ft.evaluate(student, data, reference=[teacher])["loss"]
+    summary = ft.finetune(student, data, steps=40, lr=3e-3, batch_size=32, teachers=[teacher])
+    after = ft.evaluate(student, data, reference=[teacher])["loss"]
+    assert after < 0.5 * before, (before, after)
+    assert summary["final_loss"] < summary["first_loss"]
+    with pytest.raises(InvalidOptionError, match="no task head"):
+        ft.finetune(M.bert(cls=T.BertModel), data, steps=1)
+
+
+def test_reg_auto_scores_headless_parents_by_embeddings():
+    from otcompress import fuse
+    data = _text_data()
+    anchor = M.bert(cls=T.BertModel, seed=1)
+    parents = [M.bert(hidden=48, heads=6, inter=96, cls=T.BertModel, seed=s) for s in (2, 3)]
+    held = list(data.batches("eval", 16))
+    model = fuse(anchor, parents, reg="auto", reg_grid=(0.01, 0.5), data=held)
+    losses = [row["loss"] for row in model.fusion_report["reg_sweep"]]
+    assert len(losses) == 2 and all(l is not None and l > 0 for l in losses)
+    assert len(set(losses)) == 2  # the two regs give different models, told apart
+
+
+def _save_st(model, path, pooling):
+    """A sentence-transformers-style checkpoint directory."""
+    model.save_pretrained(path)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": model.config.hidden_size, f"pooling_mode_{pooling}": True}))
+
+
+def test_checkpoint_pooling(tmp_path):
+    _save_st(M.bert(cls=T.BertModel), tmp_path / "cls", "cls_token")
+    assert embedding.checkpoint_pooling(tmp_path / "cls") == "cls"
+    assert embedding.checkpoint_pooling(tmp_path) is None
+    assert embedding.pooling_mode(M.vit(cls=T.ViTModel).config) == "cls"
+    assert embedding.pooling_mode(M.bert(cls=T.BertModel).config) == "mean"
+
+
+def test_fuse_workflow_on_headless_models(tmp_path):
+    """The default recipe on embedding models: the race, finetuning and the
+    metrics all use the embedding objective against the parents."""
+    data = _text_data(n_train=160)
+    anchor = M.bert(hidden=16, heads=2, inter=32, cls=T.BertModel, seed=1)
+    parents = [M.bert(cls=T.BertModel, seed=s) for s in (2, 3)]
+    recipe = {"finetune_steps": 8, "batch_size": 32, "samples": 64}
+    model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=data)
+    assert {c["candidate"] for c in report["race"]["candidates"]} >= {"anchor", "fold: all parents"}
+    metrics = report["metrics"]
+    assert set(metrics) == {"anchor", "fused (one-shot)", "fused + 8 steps"}
+    assert all(0 < m["loss"] and -1 <= m["similarity_pearson"] <= 1 for m in metrics.values())
+    assert T.BertModel.from_pretrained(tmp_path / "out").config.hidden_size == 16
+    with pytest.raises(InvalidOptionError, match="headless"):
+        pipeline.run(anchor, parents, {**recipe, "distill": False}, data=data)
