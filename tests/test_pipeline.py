@@ -152,3 +152,32 @@ def test_sentence_transformers_files_are_carried(tmp_path):
     assert (out / "2_Normalize").is_dir() and (out / "modules.json").is_file()
     assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
     assert report["sentence_transformers"]["skipped"] == ["3_Dense"]
+
+
+def _bert_dir(path, model, vocab):
+    model.save_pretrained(path)
+    T.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(path)
+    return path
+
+
+def test_a_shuffled_tokenizer_of_the_same_size_is_refused_before_any_work(tmp_path, monkeypatch):
+    from otcompress.errors import IncompatibleModelsError
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
+    shuffled = vocab[:5] + vocab[5:][::-1]
+    anchor = _bert_dir(tmp_path / "a", M.bert(seed=1), vocab)
+    same = _bert_dir(tmp_path / "p", M.bert(hidden=48, heads=6, inter=96, seed=2), vocab)
+    other = _bert_dir(tmp_path / "q", M.bert(hidden=48, heads=6, inter=96, seed=3), shuffled)
+    pipeline._check_tokenizers(anchor, [same])  # the same vocabulary passes
+    monkeypatch.setattr(pipeline.modelio, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(IncompatibleModelsError, match=r"tokenizer mismatch: parent 2's .*'w0' is id 5"):
+        pipeline.run(anchor, [same, other], {"alignment": "weights"})
+
+
+def test_an_anchor_wider_than_a_parent_is_warned_about():
+    logged = []
+    anchor, parent = M.vit(hidden=48, heads=6, inter=96, seed=1), M.vit(hidden=32, seed=2)
+    _, report = pipeline.run(anchor, [parent], {"alignment": "weights"}, log=logged.append)
+    assert any("anchor is wider than parent 1 (hidden 48 > 32)" in w for w in report["warnings"])
+    assert any("wider" in line for line in logged)
+    _, report = pipeline.run(parent, [anchor], {"alignment": "weights"})
+    assert not any("wider" in w for w in report["warnings"])
