@@ -179,6 +179,41 @@ def onnx_predict(onnx_path, inputs, *, threads: int | None = None) -> np.ndarray
     return session.run(None, ort_feed(session, tensors))[0]
 
 
+def int8_agreement(fp32_path, int8_path, task) -> dict:
+    """How the int8 copy compares with the fp32 file on `task`'s eval split
+    (a `TaskData`): accuracy of both and the delta where there are labels;
+    for a headless model (no labels to score) the cosine similarity of each
+    example's pooled int8 embedding to its fp32 one (mean and minimum)."""
+    if task.task == "feature-extraction":
+        return _embedding_cosines(fp32_path, int8_path, task)
+    hits, n = {"fp32": 0, "int8": 0}, 0
+    causal = task.task == "causal-lm"
+    for batch in task.batches("eval", 256):
+        labels = batch.pop("labels")
+        if causal:  # the logits at t predict the token at t + 1
+            labels = labels[:, 1:]
+        keep = labels != -100
+        for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+            pred = torch.from_numpy(onnx_predict(path, batch).argmax(-1))
+            hits[name] += int(((pred[:, :-1] if causal else pred) == labels)[keep].sum())
+        n += int(keep.sum())
+    acc = {k: v / max(n, 1) for k, v in hits.items()}
+    return {**acc, "delta": acc["int8"] - acc["fp32"], "examples": n}
+
+
+def _embedding_cosines(fp32_path, int8_path, task) -> dict:
+    from otcompress.embedding import pool
+    cosines = []
+    for batch in task.batches("eval", 256):
+        mask = batch.get("attention_mask")
+        fp32, int8 = (pool(torch.from_numpy(onnx_predict(p, batch)).float(), mask, task.pooling)
+                      for p in (fp32_path, int8_path))
+        cosines.append(torch.nn.functional.cosine_similarity(fp32, int8, dim=-1))
+    cos = torch.cat(cosines)
+    return {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+            "pooling": task.pooling, "examples": len(cos)}
+
+
 def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] | None = None,
                 atol: float = 1e-4, quantize: str | None = None, opset: int | None = None,
                 check: bool = True, exporter: str = "auto", quantized_path=None) -> dict:

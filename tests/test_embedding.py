@@ -122,3 +122,15 @@ def test_fuse_workflow_on_headless_models(tmp_path):
     assert T.BertModel.from_pretrained(tmp_path / "out").config.hidden_size == 16
     with pytest.raises(InvalidOptionError, match="headless"):
         pipeline.run(anchor, parents, {**recipe, "distill": False}, data=data)
+
+
+def test_int8_export_reports_the_embedding_cosine(tmp_path):
+    from otcompress.export import export_onnx, int8_agreement
+    data = _text_data()
+    model = M.bert(cls=T.BertModel, seed=1)
+    report = export_onnx(model, tmp_path / "m.onnx", quantize="int8")
+    q = int8_agreement(tmp_path / "m.onnx", report["quantized"]["path"], data)
+    assert q["examples"] == 48 and q["pooling"] == "mean"
+    assert 0.9 < q["embedding_cosine"] < 1 - 1e-6 and q["embedding_cosine_min"] <= q["embedding_cosine"]
+    same = int8_agreement(tmp_path / "m.onnx", tmp_path / "m.onnx", data)
+    assert same["embedding_cosine_min"] > 1 - 1e-6
