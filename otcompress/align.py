@@ -71,16 +71,33 @@ def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
 
 def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOptions, *,
                  heads: HeadShapes | None = None, activation_costs: dict | None = None,
-                 residual_alpha: dict | None = None, sink=None, progress=None):
+                 residual_alpha: dict | None = None, sink=None, progress=None, stepwise: bool = False):
     """Align one parent to the anchor. Each parameter is carried to the anchor's
     shape as soon as all of its maps exist and handed to `sink(name, tensor)`;
     maps are dropped once nothing needs them, so memory stays near one layer's
     worth of maps. Returns (aligned state dict or None when `sink` is given,
-    per-map stats)."""
-    maps = _MapStore(spec)
+    per-map stats).
+
+    stepwise: return (steps, stats) without aligning anything yet: `steps` is
+        a generator that does one flow-graph node per step (filling `stats`).
+        Which parameters reach `sink` at which step depends on the flow graph
+        alone, not on the weights, so several parents walked in lockstep hand
+        over their versions of a parameter at the same step: streaming fusion
+        can finish a fused tensor before the next layer is aligned."""
     stats: dict[str, dict] = {}
     aligned = {} if sink is None else None
-    emit = _scaled_q(spec, heads, sink or aligned.__setitem__)
+    steps = _steps(spec, anchor_sd, parent_sd, opts, stats, heads, activation_costs, residual_alpha,
+                   sink or aligned.__setitem__, progress)
+    if stepwise:
+        return steps, stats
+    for _ in steps:
+        pass
+    return aligned, stats
+
+
+def _steps(spec, anchor_sd, parent_sd, opts, stats, heads, activation_costs, residual_alpha, sink, progress):
+    maps = _MapStore(spec)
+    emit = _scaled_q(spec, heads, sink)
     # Everything is computed where the anchor lives; parent tensors move there one by one.
     device = next(iter(anchor_sd.values())).device
     carried = _InputCarrier(spec, parent_sd, maps, device)
@@ -113,11 +130,9 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
             elif folder is not None:
                 plan, stats[node.tm] = folder.solve(node, anchor_sd)
             else:
-                cost = (activation_costs[node.tm] if activation_costs is not None
-                        else _weights_cost(spec, node, anchor_sd, carried))
-                result = _solve(node.tm, transport.normalise_cost(cost, opts.cost_norm), opts)
-                plan, stats[node.tm] = result.plan, _check_uniform(node.tm, result.stats(), opts)
+                plan, stats[node.tm] = _solve_free(spec, node, anchor_sd, carried, activation_costs, opts)
             maps.put(node.tm, plan)
+            del plan  # the store keeps a float32 copy: the solver's float64 plan goes now, not at the next solve
         elif isinstance(node, Combine):
             alpha = 0.5 if residual_alpha is None else residual_alpha[node.tm]
             maps.put(node.tm, combine(maps.get(node.skip), maps.get(node.branch), alpha))
@@ -131,7 +146,7 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
         stats[node.tm]["seconds"] = time.perf_counter() - t0
         if progress:
             progress("fold" if folder else "align", i + 1, len(spec.nodes))
-    return aligned, stats
+        yield node.tm
 
 
 def _check_uniform(tm, stats, opts):
@@ -325,6 +340,19 @@ def _width(spec, node, anchor_sd):
     name = spec.params_with_out(group)[0]
     axis, part = out_slot(spec.axes[name], group)
     return part_of(anchor_sd[name], axis, part).shape[axis]
+
+
+def _solve_free(spec, node: Solve, anchor_sd, carried, activation_costs, opts):
+    """(plan, stats) of a free map. A weights cost is built here, so it is
+    normalised in place: for a 4096 x 2048 MLP map each float64 copy is 64 MB."""
+    if activation_costs is not None:  # the caller's (kept across a reg sweep): normalise a copy
+        cost = transport.normalise_cost(activation_costs[node.tm], opts.cost_norm)
+    else:
+        cost = transport.normalise_cost(_weights_cost(spec, node, anchor_sd, carried), opts.cost_norm,
+                                        inplace=True)
+    result = _solve(node.tm, cost, opts)
+    del cost  # the solver is done with it; the stats below need only the plan
+    return result.plan, _check_uniform(node.tm, result.stats(), opts)
 
 
 def _solve(tm, cost, opts):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import itertools
 import math
 import platform
 import time
@@ -12,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from otcompress import activations, architectures, modelio
+from otcompress import activations, architectures, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
@@ -199,40 +201,85 @@ def _flagged_maps(map_stats) -> list:
     return lines
 
 
-def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mix, heads, progress):
-    """Align each parent and add it, weighted, into a running sum as its
-    tensors are produced: no aligned parent is ever held whole. Returns the
-    fused state dict (with the anchor's dtypes) and the per-parent map stats."""
-    fused = _start_sum(anchor_sd, mix[0], spec.tied)
-    map_stats = []
+def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mix, heads, progress, done=None):
+    """Align the parents and add them, weighted, into a running sum as their
+    tensors are produced: no aligned parent is ever held whole. The parents
+    are walked in lockstep (one flow-graph node each in turn), so a fused
+    tensor is final, and handed to `done(name, tensor)` in the anchor's dtype,
+    about one layer after it is started. Returns the fused state dict (None
+    when `done` is given: the caller keeps what it needs) and the per-parent
+    map stats."""
+    fused = {} if done is None else None
+    total = _RunningSum(anchor_sd, mix, spec.tied, done or fused.__setitem__)
+    walks, map_stats = [], []
     for k, parent_sd in enumerate(parent_sds):
-        def add(name, t, w=mix[k + 1]):
-            if name not in spec.tied:
-                fused[name].add_(t, alpha=w)
-        _, st = align_parent(spec, anchor_sd, parent_sd, align_opts, heads=heads[k],
-                             activation_costs=costs[k], residual_alpha=alpha, sink=add,
-                             progress=_parent_progress(progress, k))
+        steps, st = align_parent(spec, anchor_sd, parent_sd, align_opts, heads=heads[k],
+                                 activation_costs=costs[k], residual_alpha=alpha,
+                                 sink=functools.partial(total.add, k),
+                                 progress=_parent_progress(progress, k), stepwise=True)
+        walks.append(steps)
         map_stats.append(st)
-    return _finish_sum(fused, anchor_sd, spec.tied), map_stats
+    for _ in itertools.zip_longest(*walks):
+        pass
+    total.check_done()
+    return (None if fused is None else _finish_sum(fused, anchor_sd, spec.tied)), map_stats
 
 
-def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress):
+class _RunningSum:
+    """anchor x mix[0] + sum_k parent_k x mix[k + 1], per tensor, in float32:
+    a tensor's sum is started when its first parent part arrives and handed to
+    `done` (in the anchor's dtype) once every parent has added its own. Parts
+    are added in parent order, whatever order they arrive in, so the bits are
+    those of one whole-model sum per parent. Tied parameters are skipped (they
+    are their partner)."""
+
+    def __init__(self, anchor_sd, mix, tied, done):
+        self.anchor_sd, self.mix, self.tied, self.done = anchor_sd, mix, tied, done
+        self.sums = {}  # name -> [float32 sum, parts added so far, {parent: part arrived early}]
+        self.finished = 0
+
+    def add(self, k, name, t):
+        if name in self.tied:
+            return
+        if name not in self.sums:
+            self.sums[name] = [self.anchor_sd[name].detach().float() * self.mix[0], 0, {}]
+        entry = self.sums[name]
+        entry[2][k] = t
+        while entry[1] in entry[2]:
+            entry[0].add_(entry[2].pop(entry[1]), alpha=self.mix[entry[1] + 1])
+            entry[1] += 1
+        if entry[1] == len(self.mix) - 1:
+            del self.sums[name]
+            self.finished += 1
+            self.done(name, entry[0].to(self.anchor_sd[name].dtype))
+
+    def check_done(self):
+        expected = sum(1 for name in self.anchor_sd if name not in self.tied)
+        if self.sums or self.finished != expected:  # a flow-graph bug, not a user error
+            raise RuntimeError(f"fusion finished {self.finished} of {expected} tensors; "
+                               f"unfinished: {sorted(self.sums)[:3]}")
+
+
+def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None):
     """Fold every parent into the anchor's widths, then OT-fuse the folds onto
-    the first one with the parents' weights (the anchor's weights are unused)."""
+    the first one with the parents' weights (the anchor's weights are unused).
+    With several parents the folds are held in memory (one anchor each);
+    only the last stage streams into `done`."""
     fold_opts = dataclasses.replace(align_opts, mode="fold")
+    if len(sds) == 2:
+        return _align_and_average(spec, sds[0], sds[1:], fold_opts, [None], None, [0.0, 1.0], heads,
+                                  _parent_progress(progress, 0), done)
     folds, map_stats = [], []
     for k, parent_sd in enumerate(sds[1:]):
         sd, st = _align_and_average(spec, sds[0], [parent_sd], fold_opts, [None], None, [0.0, 1.0],
                                     [heads[k]], _parent_progress(progress, k))
         folds.append(sd)
         map_stats += st
-    if len(folds) == 1:
-        return folds[0], map_stats
     w = [x / sum(mix[1:]) for x in mix[1:]]
     a = heads[0]
     same = [HeadShapes(a.anchor, a.anchor, (a.kv_heads[1], a.kv_heads[1]))] * (len(folds) - 1)
     sd, st = _align_and_average(spec, folds[0], folds[1:], align_opts, [None] * (len(folds) - 1), None,
-                                w, same, progress)
+                                w, same, progress, done)
     return sd, map_stats + st
 
 
@@ -249,16 +296,11 @@ def _eval_mode(*models):
             m.train(was)
 
 
-def _start_sum(anchor_sd, weight, tied) -> dict:
-    """The running weighted sum of state dicts, in float32, seeded with the anchor."""
-    return {name: t.detach().float() * weight for name, t in anchor_sd.items() if name not in tied}
-
-
 def _finish_sum(fused, anchor_sd, tied) -> dict:
-    """Restore tied parameters and the anchor's dtypes."""
+    """The fused state dict in the anchor's order, tied parameters restored."""
     for name, src in tied.items():
         fused[name] = fused[src]
-    return {name: t.to(anchor_sd[name].dtype) for name, t in fused.items()}
+    return {name: fused[name] for name in anchor_sd}
 
 
 def _reg_sweep(fuse_at, grid, holdout, parent_ms):
@@ -266,7 +308,7 @@ def _reg_sweep(fuse_at, grid, holdout, parent_ms):
     batches = list(activations.iter_batches(holdout))
     targets = None
     if not all("labels" in b for b in batches):
-        targets = [_mean_parent_probs(parent_ms, b) for b in batches]
+        targets = [_parent_targets(parent_ms, b) for b in batches]
     best, sweep = None, []
     for r in grid:
         try:
@@ -290,9 +332,21 @@ def _inputs(model, batch):
 
 
 @torch.inference_mode()
-def _mean_parent_probs(parent_ms, batch):
+def _parent_targets(parent_ms, batch):
+    """The parents' mean prediction; headless parents: their pooled embeddings."""
+    from otcompress.data import is_headless
+    if is_headless(parent_ms[0]):
+        return _Embeddings([embedding.embed(p, _inputs(p, batch), _pooling(p)) for p in parent_ms])
     probs = [torch.softmax(_logits(p(**_inputs(p, batch))), -1) for p in parent_ms]
     return sum(probs) / len(probs)
+
+
+class _Embeddings(list):
+    """Headless parents' embeddings of one batch: the reg sweep's target."""
+
+
+def _pooling(model):
+    return embedding.pooling_mode(model.config)
 
 
 def _logits(out):
@@ -305,11 +359,14 @@ def _logits(out):
 @torch.inference_mode()
 def _holdout_loss(model, batches, targets) -> float:
     """Mean task loss, or KL divergence to the parents' mean prediction over
-    the real (non-padding) positions."""
+    the real (non-padding) positions, or for headless models the similarity
+    distillation loss of the embeddings (otcompress.embedding)."""
     total, n = 0.0, 0
     for i, b in enumerate(batches):
         inputs = _inputs(model, b)
-        if targets is None:
+        if isinstance(targets and targets[i], _Embeddings):
+            loss = embedding.similarity_loss(embedding.embed(model, inputs, _pooling(model)), targets[i])
+        elif targets is None:
             loss = model(**inputs, labels=b["labels"].to(inputs[next(iter(inputs))].device)).loss
         else:
             logp = torch.log_softmax(_logits(model(**inputs)), -1)
@@ -336,11 +393,11 @@ def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
                 raise IncompatibleModelsError(
                     f"vanilla fusion needs equal shapes: {name} is {tuple(t.shape)} in the anchor "
                     f"and {tuple(sd[name].shape)} in parent {k}; use OT fusion for different widths")
-    mix = _mixing_weights(weights, len(parents))
-    fused = _start_sum(sds[0], mix[0], spec.tied)
-    for w, sd in zip(mix[1:], sds[1:]):
-        for name, acc in fused.items():
-            acc.add_(sd[name].float(), alpha=w)
+    fused = {}
+    total = _RunningSum(sds[0], _mixing_weights(weights, len(parents)), spec.tied, fused.__setitem__)
+    for k, sd in enumerate(sds[1:]):
+        for name in sds[0]:
+            total.add(k, name, sd[name].float())
     return build_model(anchor_m, _finish_sum(fused, sds[0], spec.tied))
 
 

@@ -106,21 +106,26 @@ def euclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min_(0).sqrt_().to(torch.float64)
 
 
-def normalise_cost(cost: torch.Tensor, how: str = "max") -> torch.Tensor:
+def normalise_cost(cost: torch.Tensor, how: str = "max", *, inplace: bool = False) -> torch.Tensor:
     """Scale a cost so that one `reg` means the same softness in every layer
     (paper App. D.3.1). "gap" subtracts each row's minimum (which leaves the
     plan unchanged) and divides by the median: reg is then relative to how far
     a typical unit is from its best match, not to the largest distance, which
-    drifts with depth and with the blur of the maps before it."""
+    drifts with depth and with the blur of the maps before it.
+    `inplace`: overwrite `cost` (same values, no m x n copies: for callers
+    that built the cost and need only the normalised one)."""
+    if how not in ("max", "mean", "gap", "none"):
+        raise InvalidOptionError(f"cost normalisation '{how}': use max, mean, gap or none")
     if how == "none":
         return cost
     if how == "gap":
-        cost = cost - cost.min(1, keepdim=True).values
-    scale = {"max": cost.max, "mean": cost.mean, "gap": lambda: _median(cost)}.get(how)
-    if scale is None:
-        raise InvalidOptionError(f"cost normalisation '{how}': use max, mean, gap or none")
-    s = float(scale())
-    return cost / s if s > 0 else cost
+        row_min = cost.min(1, keepdim=True).values
+        cost = cost.sub_(row_min) if inplace else cost - row_min
+        inplace = True  # a fresh copy now, or the caller's by request
+    s = float({"max": cost.max, "mean": cost.mean, "gap": lambda: _median(cost)}[how]())
+    if not s > 0:
+        return cost
+    return cost.div_(s) if inplace else cost / s
 
 
 def _median(x: torch.Tensor, samples: int = 1 << 16) -> torch.Tensor:
