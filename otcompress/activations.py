@@ -157,7 +157,8 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     sequence_probes = {probe for n in solves if n.sequence for _, probe in n.parts}
     moments = [{p: CrossMoments() for p in solve_probes} for _ in parents]
     norms = {j.tm: ResidualNorms() for j in joins}
-    state = {"seen": 0}
+    state = {"seen": 0, "examples": 0}
+    total = _num_examples(data)  # for progress: examples, since the token count is known only when seen
     device = model_device(anchor) if device is None else torch.device(device)
     a_dev, p_devs = model_device(anchor), [model_device(p) for p in parents]
     with torch.inference_mode(), _autocast(a_dev, forward_dtype), \
@@ -179,8 +180,9 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
                 with stream(parent, solve_probes, fold), _autocast(p_devs[k], forward_dtype):
                     parent(**_on(inputs, p_devs[k]))
             state["seen"] += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)
+            state["examples"] += len(next(iter(inputs.values())))
             if progress:
-                progress("activations", state["seen"], None)
+                progress("activations", state["examples"], total)
     if need_costs and state["seen"] == 0:
         raise DataError("calibration data is empty")
     costs = [_costs(solves, m) for m in moments]
@@ -206,6 +208,15 @@ def _chunks(data, device, max_chunk):
         n = next(iter(inputs.values())).shape[0]
         for i in range(0, n, max_chunk):
             yield {k: v[i:i + max_chunk] for k, v in inputs.items()}
+
+
+def _num_examples(data):
+    """Examples in `data` when it is one batch or a sized collection of them, else None."""
+    if isinstance(data, Mapping):
+        data = [data]
+    if not isinstance(data, (list, tuple)):
+        return None
+    return sum(len(next(iter(b.values()))) for b in data if b)
 
 
 def _autocast(device, dtype):

@@ -1,13 +1,19 @@
 """The otcompress command line: a thin shell over the Python API.
 
 Exit codes: 0 success; 2 a user error (bad input, bad option, incompatible
-models); 3 a validation gate failed; 1 an internal error. `--json` prints
-exactly one JSON object on stdout; logs and progress go to stderr."""
+models); 3 a validation gate failed; 1 an internal error; 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). `--json` prints exactly one JSON object
+on stdout, whose `path` names what was written; logs and progress go to
+stderr."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import click
@@ -26,24 +32,30 @@ class UI:
     def __init__(self, quiet=False, as_json=False):
         from rich.console import Console
         self.quiet, self.as_json = quiet, as_json
-        self.err = Console(stderr=True, quiet=quiet)
+        # soft_wrap: a log line is one line, also in a pipe (rich's width is 80 there).
+        self.err = Console(stderr=True, quiet=quiet, soft_wrap=True)
         self.out = Console(stderr=as_json)  # with --json, tables go to stderr too
+        warnings.showwarning = self._warning  # the library's warnings: one line each, silenced by -q
 
     def log(self, msg):
         self.err.print(msg, highlight=False)
 
+    def _warning(self, message, category, *_args, **_kw):
+        self.err.print(f"[yellow]warning:[/yellow] {str(message).removeprefix('otcompress: ')}",
+                       highlight=False)
+
     def progress(self):
         return _Progress(self.err, self.quiet)
 
-    def table(self, title, columns, rows):
-        if self.quiet and not self.as_json:
-            return
+    def table(self, title, columns, rows, left=1):
+        """The result: on stdout even with -q (which silences logs and progress);
+        with --json on stderr, where -q silences it. The first `left` columns
+        are text (left-aligned), the others numbers."""
         from rich.table import Table
         t = Table(title=title)
         # The first column names the rows: fold it onto more lines rather than cut it.
-        t.add_column(columns[0], justify="left", overflow="fold")
-        for c in columns[1:]:
-            t.add_column(c, justify="right")
+        for i, c in enumerate(columns):
+            t.add_column(c, justify="left" if i < left else "right", overflow="fold" if i == 0 else "ellipsis")
         for r in rows:
             t.add_row(*[_cell(v) for v in r])
         (self.err if self.as_json else self.out).print(t)
@@ -60,7 +72,8 @@ class _Progress:
         self.console, self.quiet, self.tasks, self.bar = console, quiet, {}, None
 
     def __enter__(self):
-        if not self.quiet:
+        # Not a terminal (a pipe, a log file): no bar, whose redraws would only be noise there.
+        if not self.quiet and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), console=self.console, transient=True)
@@ -91,7 +104,8 @@ def _cell(v):
 
 
 def common(f):
-    f = click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No logs or progress on stderr (errors and the "
+                     "result still print).")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
     return f
 
@@ -115,7 +129,94 @@ def remote_code_option(f):
                         help="DANGEROUS: run model code shipped with a model directory.")(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Bounded(click.ParamType):
+    """A finite int or float that passes `test`; `wanted` says what in errors
+    ("an integer >= 0"). NaN and infinity are never accepted."""
+
+    def __init__(self, kind, test, wanted):
+        self.kind, self.test, self.wanted = kind, test, wanted
+        self.name = "integer" if kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            v = value
+        else:
+            try:
+                v = self.kind(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not {self.wanted}", param, ctx)
+        if not (math.isfinite(v) and self.test(v)):
+            self.fail(f"{value} is not {self.wanted}", param, ctx)
+        return v
+
+
+def _range(key, kind):
+    test, wanted = recipes.RANGES[key]
+    return Bounded(kind, test, wanted)
+
+
+COUNT = Bounded(int, lambda v: v >= 1, "an integer >= 1")
+STEPS = _range("finetune_steps", int)
+POSITIVE = Bounded(float, lambda v: v > 0, "a finite number > 0")
+NON_NEGATIVE = Bounded(float, lambda v: v >= 0, "a finite number >= 0")
+FRACTION = Bounded(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+class OneName(click.Option):
+    """An option whose help shows its first name only; the other names still
+    work (old spellings kept for compatibility)."""
+
+    def get_help_record(self, ctx):
+        names = self.opts
+        self.opts = names[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names
+
+
+def recipe_option(*decls, key, **kw):
+    """A fuse option for recipe key `key`: its choices or range, and the recipe
+    default shown in --help (the flag itself defaults to None, so a profile's
+    value is only replaced by a flag the user gives)."""
+    default = recipes.defaults()[key]
+    if key in recipes.CHOICES and "type" not in kw:
+        kw["type"] = click.Choice(recipes.CHOICES[key])
+    if default is not None:  # click would put a string show_default in parentheses
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        kw["help"] = f"{kw.get('help', '')}  [default: {shown}]".strip()
+    return click.option(*decls, key, **kw)
+
+
+GROUP_EXAMPLES = """\b
+Examples:
+  otcompress fuse --anchor small/ --parents wide1/ wide2/ --data digits --steps 300 --out fused/
+  otcompress fuse --parents wide/ --hidden 256 --heads 4 --intermediate 1024 --out folded/
+  otcompress profiles                      # the named recipes for --profile
+  otcompress eval fused/ --data digits
+  otcompress profile small/ fused/ wide1/  # parameters, FLOPs, latency side by side
+  otcompress export fused/ --out fused.onnx --quantize int8
+
+\b
+Exit codes: 0 ok, 2 bad input or options, 3 a validation gate failed,
+1 internal error, 130 interrupted, 143 terminated."""
+
+FUSE_EXAMPLES = """\b
+Examples:
+  # default recipe: race the starting points, 300 steps distilled from the parents
+  otcompress fuse --anchor small/ --parents wide1/ wide2/ --data digits --steps 300 --out fused/
+  # one-shot, weights-based, no data
+  otcompress fuse --anchor small/ --parents wide/ --alignment weights --out fused/
+  # a named recipe, one value overridden
+  otcompress fuse --anchor small/ --parents wide/ --profile vit-soft-acts --data digits --reg auto --out fused/
+  # no anchor: fold the parent into target widths
+  otcompress fuse --parents wide/ --hidden 256 --heads 4 --intermediate 1024 --out folded/
+
+\b
+Defaults shown are the recipe's; a --profile replaces them and flags override both."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=GROUP_EXAMPLES)
 @click.version_option(package_name="otcompress")
 def cli():
     """Compress transformers by heterogeneous Optimal-Transport fusion."""
@@ -123,43 +224,49 @@ def cli():
 
 # ----------------------------------------------------------------------------- fuse
 
-@cli.command()
+@cli.command(epilog=FUSE_EXAMPLES)
 @click.option("--anchor", help="The small model whose architecture the result has "
               "(or give a target width with --hidden/--heads/--intermediate to fold into).")
 @click.option("--parents", multiple=True, required=True, help="One or more wider parent models.")
-@click.option("--out", required=True, type=click.Path(), help="Output model directory.")
-@click.option("--profile", "profile_name", help="A recipe: name in profiles/ or a YAML file.")
-@click.option("--alignment", type=click.Choice(["auto", "weights", "activations", "fold"]),
-              help="auto (default): race the starting points on held-out data; fold: cluster "
-                   "the parents into the anchor's widths.")
-@click.option("--hidden", type=int, help="Fold target hidden size (no --anchor: the first parent's architecture).")
-@click.option("--heads", type=int, help="Fold target number of attention heads.")
-@click.option("--intermediate", type=int, help="Fold target MLP width.")
-@click.option("--solver", type=click.Choice(["sinkhorn", "emd"]))
-@click.option("--reg", help="Sinkhorn regulariser (> 0) or 'auto' (held-out sweep).")
-@click.option("--residual", type=click.Choice(["average", "scalar", "matrix"]))
-@click.option("--weights", multiple=True, type=float, help="Mixing weights, anchor first.")
-@click.option("--qk", type=click.Choice(["auto", "separate", "shared"]), help="Q/K transport maps.")
-@click.option("--token-filter", help="ViT activations: window_N or only_cls.")
-@click.option("--activation-dtype", type=click.Choice(["float32", "bfloat16"]),
-              help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs).")
-@click.option("--head-alignment", type=click.Choice(["cross", "aware"]),
-              help="cross: one map over all Q/K/V units; aware: heads matched first, then units.")
-@click.option("--on-unconverged", type=click.Choice(["raise", "warn"]),
-              help="A Sinkhorn map that misses its tolerance: fail (default) or keep it, flagged.")
-@click.option("--on-uniform", type=click.Choice(["warn", "raise"]),
-              help="A map that went nearly uniform (reg too large): warn (default) or fail.")
-@click.option("--cost-norm", type=click.Choice(["max", "gap", "mean", "none"]),
-              help="Cost normalisation: gap (default: reg relative to a unit's best-match gap) or max.")
-@click.option("--repair/--no-repair", default=None, help="Restore unit statistics (REPAIR) after fusing.")
-@click.option("--distill/--no-distill", default=None, help="Distil from the parents while finetuning (default on).")
-@click.option("--race-fraction", type=float, help="Share of the finetuning steps each raced start gets (0.5).")
-@click.option("--data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
-@click.option("--samples", type=int, help="Calibration examples for activation statistics.")
-@click.option("--finetune-steps", type=int, help="Brief recovery training steps (0 = none).")
-@click.option("--lr", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--seed", type=int)
+@click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
+@click.option("--profile", "profile_name", help="A recipe: a name from `otcompress profiles` or a YAML file.")
+@recipe_option("--alignment", key="alignment",
+               help="auto: race the starting points on held-out data; fold: cluster "
+                    "the parents into the anchor's widths.")
+@click.option("--hidden", type=COUNT, help="Fold target hidden size (no --anchor: the first parent's architecture).")
+@click.option("--heads", type=COUNT, help="Fold target number of attention heads.")
+@click.option("--intermediate", type=COUNT, help="Fold target MLP width.")
+@recipe_option("--solver", key="solver", help="sinkhorn: soft maps (--reg); emd: exact OT (takes no --reg).")
+@recipe_option("--reg", key="reg", help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep).")
+@recipe_option("--max-iter", key="max_iter", type=_range("max_iter", int),
+               help="Sinkhorn sweeps per transport map before it counts as unconverged.")
+@recipe_option("--residual", key="residual")
+@recipe_option("--weights", key="weights", multiple=True, type=Bounded(float, lambda v: v >= 0, "a finite number >= 0"),
+               help="Mixing weights, anchor first [default: uniform].")
+@recipe_option("--qk", key="qk", help="Q/K transport maps (auto: shared with emd, else separate).")
+@recipe_option("--token-filter", key="token_filter", help="ViT activations: window_N or only_cls [default: every token].")
+@recipe_option("--activation-dtype", key="activation_dtype",
+               help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs).")
+@recipe_option("--head-alignment", key="head_alignment",
+               help="cross: one map over all Q/K/V units; aware: heads matched first, then units.")
+@recipe_option("--on-unconverged", key="on_unconverged",
+               help="A Sinkhorn map that misses its tolerance: fail, or keep it, flagged.")
+@recipe_option("--on-uniform", key="on_uniform", help="A map that went nearly uniform (reg too large).")
+@recipe_option("--cost-norm", key="cost_norm",
+               help="Cost normalisation: gap (reg relative to a unit's best-match gap) or max.")
+@recipe_option("--repair/--no-repair", key="repair", default=None,
+               help="Restore unit statistics (REPAIR) after fusing.")
+@recipe_option("--distill/--no-distill", key="distill", default=None, help="Distil from the parents while finetuning.")
+@recipe_option("--race-fraction", key="race_fraction", type=_range("race_fraction", float),
+               help="Share of the finetuning steps each raced start gets.")
+@recipe_option("--data", key="data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
+@recipe_option("--samples", key="samples", type=_range("samples", int),
+               help="Calibration examples for activation statistics.")
+@recipe_option("--steps", "--finetune-steps", key="finetune_steps", cls=OneName, type=STEPS,
+               help="Brief recovery training steps (0 = none; --finetune-steps is an old name).")
+@recipe_option("--lr", key="lr", type=_range("lr", float), help="Finetuning learning rate.")
+@recipe_option("--batch-size", key="batch_size", type=_range("batch_size", int))
+@recipe_option("--seed", key="seed", type=int)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @device_option
 @remote_code_option
@@ -178,9 +285,11 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, f
     if not anchor and not widths:
         raise InvalidOptionError("give --anchor, or a target width to fold into (--hidden, --heads, --intermediate)")
     with ui.progress() as prog:
-        _, report = pipeline.run(anchor, list(parents), recipe, out, target=widths or None, force=force,
-                                 device=resolve_device(device), trust_remote_code=trust_remote_code,
-                                 progress=prog, log=ui.log)
+        model, report = pipeline.run(anchor, list(parents), recipe, out, target=widths or None, force=force,
+                                     device=resolve_device(device), trust_remote_code=trust_remote_code,
+                                     progress=prog, log=ui.log)
+    for line in fusion_summary(report, model, parents, recipe, trust_remote_code):
+        ui.log(line)
     ui.log(f"[green]wrote[/green] {out}  ({report['wall_seconds']:.1f} s)")
     race = report.get("race")
     if race:
@@ -190,7 +299,60 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, f
     metrics = report.get("metrics") or {}
     first = next(iter(metrics.values()), {})
     _metrics_table(ui, metrics, first.get("split"), first.get("examples"))
-    ui.result({"out": str(out), "report": report})
+    # "path" names the written output in every command's JSON; "out" is kept for one release.
+    ui.result({"path": str(out), "out": str(out), "report": report})
+
+
+def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> list[str]:
+    """What fusion did, in two lines: the start that won (or the alignment)
+    and its regulariser, then widths and parameters against the parents'."""
+    from otcompress import architectures, modelio
+    o = report.get("options") or {}
+    race = report.get("race")
+    how = f"start {race['winner']} (race, by {race['chosen_by'].replace('_', ' ')})" if race else \
+        f"alignment {o.get('alignment')}"
+    if o.get("alignment") in ("weights", "activations", "fold") and o.get("solver"):
+        reg = o.get("reg")
+        if o["solver"] == "emd":
+            how += ", solver emd (exact)"
+        elif report.get("reg_sweep"):
+            tried = [s["reg"] for s in report["reg_sweep"]]
+            how += f", solver sinkhorn, reg auto picked {reg:g} of {', '.join(f'{r:g}' for r in tried)}"
+        elif reg is not None:
+            how += f", solver sinkhorn, reg {reg:g}"
+    maps = sum(len(m) for m in report.get("transport_maps") or [])
+    if maps:
+        how += f"; {maps} transport maps"
+    if report.get("warnings"):
+        how += f", {len(report['warnings'])} warning(s)"
+    lines = [f"fused: {how}"]
+    parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
+    from otcompress.profiling import count_parameters
+    mine = count_parameters(model)
+    theirs = [_parameters_of(c) for c in parent_cfgs]
+    widths = f"widths {architectures.describe_widths(model.config)} (parents: " + \
+        "; ".join(architectures.describe_widths(c) for c in parent_cfgs) + ")"
+    if all(theirs):
+        ratio = ", ".join(f"{mine / t:.2f}x" for t in theirs)
+        widths += f", {mine:,} parameters = {ratio} the parent{'s' + chr(39) if len(theirs) > 1 else chr(39) + 's'}"
+    lines.append(widths)
+    return lines
+
+
+def _parameters_of(config):
+    """A model's parameter count from its config alone: the class its config
+    names, built on the meta device (nothing is allocated); None if unknown."""
+    try:
+        import torch
+        import transformers
+        from otcompress.profiling import count_parameters
+        cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            return count_parameters(cls(config))
+    except Exception:  # noqa: BLE001 - a summary line only: no count rather than a failed run
+        return None
 
 
 def _resolve_recipe(ctx, profile_name, flags):
@@ -205,8 +367,14 @@ def _resolve_recipe(ctx, profile_name, flags):
         try:
             given["reg"] = float(given["reg"])
         except ValueError:
-            raise InvalidOptionError(f"--reg {given['reg']}: a number > 0 or 'auto'") from None
+            given["reg"] = None
+        if recipes.problem("reg", given["reg"]) or given["reg"] is None:
+            raise InvalidOptionError(f"--reg {flags['reg']}: use a finite regulariser reg > 0, or 'auto'")
     recipe.update({k: v for k, v in given.items() if v is not None})
+    if "reg" in given and recipe["solver"] == "emd":
+        # Flags are never silently ignored (as unknown recipe keys are refused): exact OT has no reg.
+        raise InvalidOptionError("--reg has no effect with solver emd (exact OT): drop --reg, "
+                                 "or use --solver sinkhorn")
     recipes.check_recipe(recipe, "options")
     recipe["profile"] = profile_name
     return recipe
@@ -231,18 +399,23 @@ def _metrics_table(ui, metrics, split=None, examples=None):
 
 # ----------------------------------------------------------------------------- finetune / eval
 
-@cli.command()
+FINETUNE_EXAMPLES = """\b
+Examples:
+  otcompress finetune fused/ --data digits --steps 300 --teachers wide1/ wide2/ --out fused-ft/"""
+
+
+@cli.command(epilog=FINETUNE_EXAMPLES)
 @click.argument("model")
-@click.option("--data", required=True)
-@click.option("--steps", type=int, required=True)
-@click.option("--out", required=True, type=click.Path())
+@click.option("--data", required=True, help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
+@click.option("--steps", type=STEPS, required=True, help="Training steps.")
+@click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--teachers", multiple=True, help="Distil from these models (same output space).")
-@click.option("--distill-alpha", type=float, default=0.5, show_default=True)
-@click.option("--temperature", type=float, default=2.0, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--distill-alpha", type=FRACTION, default=0.5, show_default=True)
+@click.option("--temperature", type=POSITIVE, default=2.0, show_default=True)
+@click.option("--lr", type=_range("lr", float), default=1e-3, show_default=True)
+@click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @device_option
 @remote_code_option
 @common
@@ -272,13 +445,18 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         return
     after = ft.evaluate(m, task, device=device)
     summary.pop("losses", None)
-    result = {"model": model, "data": data, "teachers": list(teachers), "finetune": summary,
+    result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
               "metrics": {"before": before, "after": after}}
+    section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
+               "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model}
     with outputs.staged_dir(out, force) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
         outputs.write_json(tmp / "finetune_report.json", result)
+        # The model card and fusion report (how the model was made) come along, with this run added.
+        result["carried"] = outputs.carry_lineage(model, tmp, section, {
+            f"before finetune ({data})": before, f"finetuned {summary['steps']} steps ({data})": after})
     _metrics_table(ui, result["metrics"], split="eval", examples=result["examples"])
     ui.log(f"[green]wrote[/green] {out}")
     ui.result(result)
@@ -291,7 +469,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
               help="Which examples: all of them (default for your own files), or the fixed "
                    "train/eval split (eval is the default for digits, pydoc and a saved "
                    "DatasetDict with a test split, whose train part models were trained on).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=COUNT, default=256, show_default=True)
 @device_option
 @remote_code_option
 @common
@@ -323,25 +501,34 @@ def _check_head(m, path, command):
 
 # ----------------------------------------------------------------------------- profile / export
 
+SEQ_LEN = 128
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Text models only.")
-@click.option("--repeats", type=int, default=20, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=COUNT, default=1, show_default=True)
+@click.option("--seq-len", type=COUNT, help=f"Text models only [default: {SEQ_LEN}, or the model's "
+              "maximum if shorter; a longer value given here is refused].")
+@click.option("--repeats", type=COUNT, default=20, show_default=True)
+@click.option("--threads", type=COUNT, default=1, show_default=True)
 @click.option("--no-onnx", is_flag=True, help="Skip ONNX Runtime latency.")
 @remote_code_option
 @common
 def profile(models, batch_size, seq_len, repeats, threads, no_onnx, trust_remote_code, quiet, as_json):
     """Parameters, FLOPs, CPU latency and size on disk of MODELS, side by side."""
-    from otcompress import modelio
+    from otcompress import architectures, modelio
     from otcompress.profiling import profile_model
     ui = UI(quiet, as_json)
-    for path in models:  # every path checked before the first is profiled
-        modelio.load_config(path, trust_remote_code=trust_remote_code)
+    configs = {path: modelio.load_config(path, trust_remote_code=trust_remote_code) for path in models}
+    for path, cfg in configs.items():  # every path and --seq-len checked before any work
+        longest = architectures.family(cfg).max_seq_len(cfg)
+        if seq_len is not None and longest is not None and seq_len > longest:
+            raise InvalidOptionError(f"--seq-len {seq_len}: {path} takes at most {longest} tokens")
+    # Every model is loaded before the first is timed: a broken one fails before any work.
+    loaded = {path: modelio.load_model(path, trust_remote_code=trust_remote_code) for path in models}
+    seq_len = seq_len or SEQ_LEN
     results = {}
-    for path in models:
-        m = modelio.load_model(path, trust_remote_code=trust_remote_code)
+    for path, m in loaded.items():
         ui.log(f"profiling {path}")
         results[path] = profile_model(m, model_dir=path, batch_size=batch_size, seq_len=seq_len,
                                       repeats=repeats, threads=threads, onnx=not no_onnx)
@@ -377,11 +564,11 @@ def _profile_row(path, r):
 
 @cli.command()
 @click.argument("model")
-@click.option("--out", required=True, type=click.Path(), help="The .onnx file to write.")
+@click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (parents are created).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised copy.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity gate vs PyTorch.")
+@click.option("--atol", type=NON_NEGATIVE, default=1e-4, show_default=True, help="Parity gate vs PyTorch.")
 @click.option("--data", help="Report the int8 accuracy delta on this data.")
-@click.option("--force", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @remote_code_option
 @common
 def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as_json):
@@ -393,7 +580,10 @@ def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
     task = _load_data(data, m, model, 0) if data else None
     # export_onnx stages its files and moves them into place only after the parity gate.
-    report = export_onnx(m, out, atol=atol, quantize=quantize)
+    with outputs.writing(out):
+        report = export_onnx(m, out, atol=atol, quantize=quantize)
+    if quantize:  # every file written, the int8 copy too
+        report["files"] = [*report["files"], report["quantized"]["path"]]
     if quantize and task is not None:
         report["quantized"]["accuracy"] = _onnx_accuracy(m, out, report["quantized"]["path"], task)
     ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
@@ -430,9 +620,9 @@ def _onnx_accuracy(model, fp32_path, int8_path, task):
 
 @cli.command()
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
-@click.option("--steps", type=int, default=300, show_default=True, help="Finetuning budget N.")
+@click.option("--steps", type=STEPS, default=300, show_default=True, help="Finetuning budget N.")
 @click.option("--quick", is_flag=True, help="Tiny models and few steps (smoke run, ~1 min).")
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=COUNT, default=2, show_default=True)
 @common
 def demo(out, steps, quick, threads, quiet, as_json):
     """Train (once, cached) ViTs on digits, fuse, finetune, profile, export."""
@@ -455,8 +645,19 @@ def families(quiet, as_json):
     ui = UI(quiet, as_json)
     table = supported()
     ui.table("supported model classes", ["model class", "family"],
-             [[cls, model_type] for model_type, classes in table.items() for cls in classes])
+             [[cls, model_type] for model_type, classes in table.items() for cls in classes], left=2)
     ui.result({"families": table})
+
+
+@cli.command()
+@common
+def profiles(quiet, as_json):
+    """The named recipes for `fuse --profile NAME`, one line each."""
+    ui = UI(quiet, as_json)
+    named = recipes.descriptions()
+    ui.table(f"profiles (in {recipes.PROFILE_DIR.resolve()})", ["profile", "description"],
+             [[name, text or "-"] for name, text in named.items()], left=2)
+    ui.result({"profiles": named})
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -502,16 +703,52 @@ def _quiet_hf():
         hf_logging.set_verbosity_error()
 
 
+class Signalled(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C (staged outputs are
+    removed on the way out), then the process exits 128 + the signal number.
+    A BaseException of its own, so that neither `except Exception` in the
+    library nor click (which turns KeyboardInterrupt into Abort) swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise Signalled(signum)
+
+
+def _handle_signals():
+    """Install the SIGINT/SIGTERM handlers (main thread only); returns the
+    previous handlers, for `_restore_signals`."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _raise_signalled) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous):
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def main(argv=None):
     _passive_openmp()
     argv = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     _quiet_hf()
     debug = bool(os.environ.get("OTCOMPRESS_DEBUG"))
+    previous = _handle_signals()
+    shown = warnings.showwarning
     try:
         cli.main(args=argv, prog_name="otcompress", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except Signalled as e:
+        click.echo("error: interrupted" if e.signum == signal.SIGINT else "error: terminated", err=True)
+        sys.exit(128 + e.signum)
+    except click.exceptions.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
         click.echo("error: aborted", err=True)
         sys.exit(1)
     except click.ClickException as e:
@@ -529,6 +766,9 @@ def main(argv=None):
         click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                    "(set OTCOMPRESS_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
+    finally:
+        _restore_signals(previous)
+        warnings.showwarning = shown
     sys.exit(0)
 
 

@@ -4,6 +4,7 @@ same finetuning budget spent on the honest alternatives, profiling and export.""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,7 +23,20 @@ QUICK = {"parent_hidden": 32, "anchor_hidden": 16, "layers": 2, "heads": 2, "epo
 def run_demo(out: Path, *, steps=300, quick=False, threads=2, log=print, progress_factory=None) -> dict:
     """Compress two wide digits ViTs into a small one with the default recipe
     (race of the starting points, distillation from the parents) and compare
-    it with what a user gets without otcompress, for the same N steps."""
+    it with what a user gets without otcompress, for the same N steps.
+    `progress_factory()` makes a context whose value takes the library's
+    progress callbacks `(stage, done, total)`."""
+    bar = progress_factory() if progress_factory else nullcontext(None)
+    with bar as progress:
+        return _run(out, steps, quick, threads, log, progress)
+
+
+def _stage(progress, name):
+    """A finetune progress callback `(done, total, info)` reported as stage `name`."""
+    return None if progress is None else (lambda done, total, info=None: progress(name, done, total))
+
+
+def _run(out, steps, quick, threads, log, progress):
     torch.set_num_threads(threads)
     size = QUICK if quick else FULL
     steps = min(steps, 20) if quick else steps
@@ -38,14 +52,14 @@ def run_demo(out: Path, *, steps=300, quick=False, threads=2, log=print, progres
     log(f"default recipe: race the starting points, then {steps} steps distilled from the parents")
     with outputs.staged_dir(out, force=True) as tmp:
         fused, report = pipeline.run(anchor, parent_ms, {"finetune_steps": steps, "seed": 0}, tmp / "fused",
-                                     data=data, log=log)
+                                     data=data, log=log, progress=progress)
         onnx = export_onnx(fused, tmp / "fused.onnx")
     log(f"the same {steps} steps on the small model alone, and distilled from the parents")
     ft = dict(steps=steps, lr=1e-3, batch_size=64, seed=0)
     anchor_ft = _copy(anchor)
-    finetune(anchor_ft, data, **ft)
+    finetune(anchor_ft, data, progress=_stage(progress, "finetune: anchor alone"), **ft)
     distilled = _copy(anchor)
-    finetune(distilled, data, teachers=parent_ms, **ft)
+    finetune(distilled, data, teachers=parent_ms, progress=_stage(progress, "finetune: anchor distilled"), **ft)
 
     log("profiling (1 thread, batch 1)")
     prof = {id(m): profile_model(m, repeats=20 if not quick else 5, threads=1, onnx=True)
@@ -65,7 +79,7 @@ def run_demo(out: Path, *, steps=300, quick=False, threads=2, log=print, progres
     log(f"wrote {out}/fused (from_pretrained) and {out}/fused.onnx "
         f"(ORT max abs diff {onnx['max_abs_diff']:.1e}); {time.time() - t0:.0f} s")
     return {"widths": {"a": size["anchor_hidden"], "p": size["parent_hidden"]}, "columns": columns,
-            "rows": rows, "out": str(out), "anchor": str(anchor_path), "race": report["race"]}
+            "rows": rows, "path": str(out), "out": str(out), "anchor": str(anchor_path), "race": report["race"]}
 
 
 def _vit(size, hidden, seed, epochs):

@@ -19,26 +19,86 @@ PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "s
 
 
 def check_out(out, force: bool) -> Path:
+    """Refuse an `--out` that exists (unless forced) or that cannot be written,
+    before any work. Missing parent directories are fine: `staged_dir` (or
+    `writing`) creates them when the result is written."""
     out = Path(out)
     if out.exists() and not force:
         raise InvalidOptionError(f"--out {out} already exists (pass --force to replace it)")
-    if not out.parent.exists():
-        raise InvalidOptionError(f"--out {out}: parent directory {out.parent} does not exist")
+    base = _existing_ancestor(out.parent)
+    if not base.is_dir():
+        raise InvalidOptionError(f"--out {out}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InvalidOptionError(f"--out {out}: cannot write in {base} (permission denied)")
     return out
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextmanager
+def writing(out):
+    """Creates `out`'s missing parent directories; if the block fails, removes
+    the ones it created. An OS error about writing there (read-only, no
+    permission, no space) becomes a user error naming `--out`."""
+    out = Path(out)
+    created = []
+    try:
+        for parent in reversed(Path(os.path.abspath(out)).parents):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        yield out
+    except BaseException as e:
+        for d in reversed(created):  # deepest first; only while still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError) and _about(e, out):
+            raise InvalidOptionError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        raise
+
+
+def _about(e: OSError, out: Path) -> bool:
+    """Whether an OS error concerns `out`, its staging siblings or its parents."""
+    where = os.path.abspath(out.parent)
+    names = [f for f in (e.filename, getattr(e, "filename2", None)) if f]
+    return any(os.path.abspath(f) == where or os.path.abspath(f).startswith(where + os.sep) or
+               where.startswith(os.path.abspath(f) + os.sep) for f in names)
 
 
 @contextmanager
 def staged_dir(out, force: bool = False):
     """Yields a temporary directory; on success it replaces `out`, on failure
-    it is removed and `out` is untouched."""
+    (an exception, Ctrl-C or SIGTERM turned into one) it is removed and `out`
+    is untouched. Missing parents of `out` are created (and removed again if
+    the write fails). Permissions follow the umask, as `mkdir` and `open` do."""
     out = check_out(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace(tmp, out)
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            apply_umask(tmp)
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain `mkdir`/`open`
+    would (tempfile.mkdtemp makes 0700 and some writers 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -142,9 +202,9 @@ def model_card(report: dict) -> str:
         f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
-    ft = report.get("finetune")
-    if ft:
-        lines.append(f"- finetuned {ft['steps']} steps (lr {ft.get('lr')}, batch {ft.get('batch_size')})")
+    for ft in [*report.get("finetune_history", []), report.get("finetune")]:
+        if ft:
+            lines.append(_finetune_line(ft))
     metrics = report.get("metrics") or {}
     if metrics:
         lines += ["", "## Metrics", "", "| model | " + " | ".join(_metric_names(metrics)) + " |",
@@ -166,6 +226,48 @@ def model_card(report: dict) -> str:
                   f"alignment {t['align']:.1f} s). See `fusion_report.json` for per-map transport "
                   "statistics.", ""]
     return "\n".join(lines)
+
+
+def _finetune_line(ft: dict) -> str:
+    line = f"- finetuned {ft['steps']} steps (lr {ft.get('lr')}, batch {ft.get('batch_size')}"
+    if ft.get("data"):
+        line += f", data `{ft['data']}`"
+    teachers = ft.get("teachers")
+    if isinstance(teachers, list):
+        line += f", distilled from {', '.join(f'`{t}`' for t in teachers)}" if teachers else ", no teachers"
+    return line + ")"
+
+
+LINEAGE_FILES = ("fusion_report.json", "otcompress_config.yaml", "README.md")
+
+
+def carry_lineage(source, dest: Path, finetune: dict, metrics: dict | None = None) -> list[str]:
+    """A finetuned copy keeps how its model was made: the source directory's
+    fusion report (with `finetune` set to this run, any earlier one moved to
+    `finetune_history`, and `metrics` added), its resolved recipe and a
+    regenerated model card. A model that otcompress did not make keeps its
+    own model card, with this run appended. Returns the files written."""
+    src = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if src is None or not src.is_dir():
+        return []
+    written = []
+    if (src / "fusion_report.json").is_file():
+        report = json.loads((src / "fusion_report.json").read_text())
+        if report.get("finetune"):
+            report["finetune_history"] = [*report.get("finetune_history", []), report["finetune"]]
+        report["finetune"] = finetune
+        report["metrics"] = {**(report.get("metrics") or {}), **(metrics or {})}
+        write_json(dest / "fusion_report.json", report)
+        (dest / "README.md").write_text(model_card(report))
+        written += ["fusion_report.json", "README.md"]
+        if (src / "otcompress_config.yaml").is_file():
+            shutil.copy2(src / "otcompress_config.yaml", dest / "otcompress_config.yaml")
+            written.append("otcompress_config.yaml")
+    elif (src / "README.md").is_file():
+        card = (src / "README.md").read_text().rstrip("\n")
+        (dest / "README.md").write_text(card + "\n\n## Finetuned with otcompress\n\n" + _finetune_line(finetune) + "\n")
+        written.append("README.md")
+    return written
 
 
 def _metric_names(metrics: dict) -> list[str]:

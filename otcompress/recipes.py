@@ -2,6 +2,7 @@
 validated before any heavy work; unknown keys are an error, not ignored."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ RECIPE_KEYS = {
     "lr": (float, 1e-3),
     "batch_size": (int, 64),
     "seed": (int, 0),
+    "max_iter": (int, 5000),  # Sinkhorn sweeps per transport map before it counts as unconverged
     "repair": (bool, False),
     "head_alignment": (str, "cross"),
     "on_unconverged": (str, "raise"),
@@ -37,12 +39,70 @@ RECIPE_KEYS = {
 }
 
 
+# The values a choice key takes (the CLI's click.Choice lists come from here).
+CHOICES = {
+    "alignment": ("auto", "weights", "activations", "fold"),
+    "solver": ("sinkhorn", "emd"),
+    "residual": ("average", "scalar", "matrix"),
+    "qk": ("auto", "separate", "shared"),
+    "cost_norm": ("max", "gap", "mean", "none"),
+    "activation_dtype": ("float32", "bfloat16"),
+    "head_alignment": ("cross", "aware"),
+    "on_unconverged": ("raise", "warn"),
+    "on_uniform": ("warn", "raise"),
+}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Numeric keys: a test, and what the test asks for (said in error messages).
+RANGES = {
+    "samples": (lambda v: v >= 1, "an integer >= 1"),
+    "finetune_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_iter": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "race_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "distill_alpha": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "reg": (lambda v: v == "auto" or (_finite(v) and v > 0), "a finite number > 0 or 'auto'"),
+    "weights": (lambda v: all(_finite(w) and w >= 0 for w in v), "finite numbers >= 0"),
+}
+
+
 def defaults() -> dict:
     return {k: default for k, (_, default) in RECIPE_KEYS.items()}
 
 
+def problem(key: str, value) -> str | None:
+    """What is wrong with one recipe value (None: nothing); the caller names
+    where the value came from."""
+    if value is None:
+        return None
+    if key in CHOICES and value not in CHOICES[key]:
+        return f"use one of {', '.join(CHOICES[key])}"
+    test, wanted = RANGES.get(key, (None, None))
+    if test is not None and not test(value):
+        return f"must be {wanted}"
+    return None
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def descriptions() -> dict[str, str]:
+    """Each named profile and the one-line `description` its YAML file gives."""
+    out = {}
+    for name in available():
+        try:
+            raw = yaml.safe_load((PROFILE_DIR / f"{name}.yaml").read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raw = None
+        text = raw.get("description") if isinstance(raw, dict) else None
+        out[name] = " ".join(str(text).split()) if text else ""
+    return out
 
 
 def load_recipe(name_or_file: str) -> dict:
@@ -64,7 +124,10 @@ def load_recipe(name_or_file: str) -> dict:
     if not isinstance(raw, dict):
         raise InvalidOptionError(f"profile {path}: must be a mapping of option: value")
     raw.pop("description", None)
-    return check_recipe(raw, str(path))
+    recipe = check_recipe(raw, str(path))
+    if recipe.get("solver") == "emd" and recipe.get("reg") is not None:
+        raise InvalidOptionError(f"profile {path}: 'reg' has no effect with solver emd (exact OT): remove it")
+    return recipe
 
 
 def check_recipe(recipe: dict, where: str = "recipe") -> dict:
@@ -77,7 +140,11 @@ def check_recipe(recipe: dict, where: str = "recipe") -> dict:
         typ = RECIPE_KEYS[norm][0]
         if value is not None and not _is(value, typ):
             raise InvalidOptionError(f"{where}: option '{key}' has the wrong type ({value!r})")
-        out[norm] = float(value) if typ is float else value
+        value = float(value) if typ is float else value
+        wrong = problem(norm, value)
+        if wrong:
+            raise InvalidOptionError(f"{where}: option '{key}' {wrong}, got {value!r}")
+        out[norm] = value
     return out
 
 
