@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import itertools
 import math
 import platform
@@ -25,6 +26,9 @@ RESIDUALS = ("average", "scalar", "matrix")
 QK_MAPS = ("auto", "separate", "shared")
 HEAD_ALIGNMENTS = ("cross", "aware")
 COST_NORMS = ("max", "gap", "mean", "none")
+_OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
+            "max_iter", "tol", "reg_grid", "holdout", "activation_dtype", "repair", "seed", "head_alignment",
+            "on_unconverged", "on_uniform", "trust_remote_code", "progress")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 
@@ -87,6 +91,44 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
     Returns a `transformers` model; its `fusion_report` attribute holds the
     per-map transport statistics, options and timings. The caller's models
     keep their train/eval mode."""
+    options = {k: v for k, v in locals().items() if k not in ("anchor", "parents")}
+    model, report = _fuse(anchor, parents, options)
+    model.fusion_report = report
+    return model
+
+
+def fuse_to_disk(anchor, parents, out, *, max_shard_size="5GB", force=False, finish=None, **options) -> dict:
+    """`fuse`, written to the model directory `out` (safetensors weights, in
+    shards of at most `max_shard_size`, and config.json: a
+    `from_pretrained` directory) without the fused model ever being in memory
+    whole where `fuse` streams (parents given as directories, see `_streams`):
+    each fused tensor goes to its shard as soon as every parent has added its
+    part, about one layer after it is started. Options that need the fused
+    model itself (repair, reg "auto") build it in memory first, then write it.
+
+    Written into a temporary directory beside `out`, moved into place only
+    when complete: a failure leaves nothing (and an existing `out` as it was;
+    it is replaced only with `force`). `finish(directory, report)` may add
+    files (model card, report) before the move.
+
+    options: `fuse`'s keyword options. Returns the fusion report."""
+    from otcompress import outputs
+    bound = inspect.signature(fuse).bind(anchor, parents, **options)  # TypeError on an unknown option
+    bound.apply_defaults()
+    options = {k: v for k, v in bound.arguments.items() if k not in ("anchor", "parents")}
+    with outputs.staged_dir(out, force) as stage:
+        _, report = _fuse(anchor, parents, options, out=stage, max_shard_size=max_shard_size)
+        if finish is not None:
+            finish(stage, report)
+    return report
+
+
+def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
+    """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
+    directory `out`; the fusion report)."""
+    (alignment, solver, reg, residual, data, weights, qk, token_filter, cost_norm, max_iter, tol, reg_grid,
+     holdout, activation_dtype, repair, seed, head_alignment, on_unconverged, on_uniform, trust_remote_code,
+     progress) = (options[k] for k in _OPTIONS)
     t_start = time.perf_counter()
     parents = _as_list(parents)
     opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents,
@@ -135,16 +177,27 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
             alpha = {tm: n.alpha(residual) for tm, n in stats["norms"].items()}
         costs = stats["costs"] if alignment == "activations" else [None] * len(parent_ms)
         repaired = {}
+        writer = None
+        if out is not None:
+            writer = modelio.ShardWriter(out, _stored_layout(sds[0], spec.tied), max_shard_size)
+        # Straight to disk unless the fused model itself is needed (repair, the reg sweep's losses).
+        done = None
+        if writer is not None and not repair and reg != "auto":
+            def done(name, t):  # a duplicate of a shared tensor is not stored
+                if name in writer:
+                    writer.write(name, t)
 
         def fuse_at(r):
             align_opts = AlignOptions(solver=solver, reg=r, cost_norm=cost_norm, max_iter=max_iter,
                                       tol=tol, seed=seed, head_alignment=head_alignment,
                                       on_unconverged=on_unconverged, on_uniform=on_uniform)
             if alignment == "fold":
-                sd, map_stats = _fold_and_fuse(spec, sds, align_opts, opts["weights"], heads, progress)
+                sd, map_stats = _fold_and_fuse(spec, sds, align_opts, opts["weights"], heads, progress, done)
             else:
                 sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
-                                                   opts["weights"], heads, progress)
+                                                   opts["weights"], heads, progress, done)
+            if sd is None:
+                return None, map_stats
             model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
             if data_free:
                 repaired[r] = repair_mod.repair_from_weights(model, sd, modules)
@@ -160,12 +213,20 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                                                       holdout if holdout is not None else data, parent_ms)
         else:
             model, map_stats = fuse_at(None if reg is None else float(reg))
+        if writer is not None:
+            if model is not None:  # built in memory (repair, reg sweep): written now
+                model_sd = model.state_dict()
+                for name in writer.names:
+                    writer.write(name, model_sd[name])
+                model = None
+            writer.close()
+            _write_config(anchor_m, out)
     mix = opts["weights"]
     t_end = time.perf_counter()
     flagged = _flagged_maps(map_stats)
     for line in flagged:
         warnings.warn(f"otcompress: {line}", stacklevel=2)
-    model.fusion_report = {
+    report = {
         "warnings": flagged,
         "schema": REPORT_SCHEMA,
         "anchor": (modelio.describe(anchor) if hasattr(anchor, "config") or not hasattr(anchor, "to_dict")
@@ -185,7 +246,32 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
                     "align": t_end - t_align, "total": t_end - t_start},
         "versions": _versions(),
     }
-    return model
+    return model, report
+
+
+def _stored_layout(anchor_sd, tied) -> dict:
+    """{name: (shape, dtype)} of the tensors a fused model's files hold: as
+    `save_pretrained` stores them, one name per tensor the anchor shares
+    between parameters (MLM decoder bias) and none for a tied parameter
+    (`from_pretrained` ties it again); no repair statistics."""
+    layout, seen = {}, set()
+    for name, t in anchor_sd.items():
+        shared = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
+        if name in tied or "__" in name or shared in seen:
+            continue
+        seen.add(shared)
+        layout[name] = (tuple(t.shape), t.dtype)
+    return layout
+
+
+def _write_config(anchor_m, directory):
+    """config.json (and generation_config.json for generative models) as
+    `save_pretrained` writes them for a model of the anchor's class."""
+    config = copy.deepcopy(anchor_m.config)
+    config.architectures = [type(anchor_m).__name__]
+    config.save_pretrained(directory)
+    if getattr(anchor_m, "generation_config", None) is not None and anchor_m.can_generate():
+        anchor_m.generation_config.save_pretrained(directory)
 
 
 def _flagged_maps(map_stats) -> list:

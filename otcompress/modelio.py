@@ -4,6 +4,7 @@ no remote code unless the user asks for it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -366,3 +367,83 @@ def _stored_names(skeleton, meta, stored) -> dict | None:
         if model_name in meta:
             found[model_name] = name
     return found
+
+
+# ----------------------------------------------------------------------------- writing shard by shard
+
+class ShardWriter:
+    """Safetensors shards written one tensor at a time, in any order, as
+    `save_pretrained` lays them out (`model.safetensors`, or numbered shards
+    and `model.safetensors.index.json`). Names, shapes and dtypes are known
+    before any value (the anchor's), so every shard's header and offsets are
+    fixed up front: each file is created at its final size and a tensor's
+    bytes go straight to their place when it arrives. Nothing is buffered, so
+    the caller holds only the tensor in flight.
+
+    layout: {name: (shape, torch dtype)} in the order to store them; a shard
+    takes tensors in that order until the next would pass `max_shard_size`
+    (bytes, or a size string such as "5GB"; a larger tensor gets a shard of
+    its own)."""
+
+    def __init__(self, directory, layout: dict, max_shard_size="5GB"):
+        import torch
+        from transformers.utils.hub import convert_file_size_to_int
+        limit = convert_file_size_to_int(max_shard_size)
+        codes = {getattr(torch, name): code for code, name in _SAFETENSORS_DTYPES.items()}
+        groups, size = [[]], 0
+        for name, (shape, dtype) in layout.items():
+            n = math.prod(shape) * dtype.itemsize
+            if groups[-1] and size + n > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, list(shape), codes[dtype], n))
+            size += n
+        self.directory = Path(directory)
+        files = (["model.safetensors"] if len(groups) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+        self._where = {}  # name -> (file, offset, bytes)
+        for file, group in zip(files, groups):
+            self._create(self.directory / file, group)
+        self._files = files
+        self.names = list(layout)
+        self._unwritten = set(layout)
+
+    def _create(self, path, group):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, code, n in group:
+            header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        start = 8 + len(text)
+        with open(path, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            f.truncate(start + offset)  # sparse until the tensors arrive
+        for name, (begin, end) in ((k, v["data_offsets"]) for k, v in header.items() if k != "__metadata__"):
+            self._where[name] = (path, start + begin, end - begin)
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def write(self, name, tensor):
+        """Store `tensor` (its layout's shape and dtype) under `name`."""
+        import torch
+        path, offset, n = self._where[name]
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != n:
+            raise ValueError(f"{name}: {data.numel()} bytes where the layout has {n}")
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(memoryview(data.numpy()))
+        self._unwritten.discard(name)
+
+    def close(self) -> list:
+        """Write the index (several shards); returns the weight files' names."""
+        if self._unwritten:
+            raise RuntimeError(f"{len(self._unwritten)} tensors never written, e.g. {sorted(self._unwritten)[0]}")
+        if len(self._files) > 1:
+            index = {"metadata": {"total_size": sum(n for _, _, n in self._where.values())},
+                     "weight_map": {name: path.name for name, (path, _, _) in self._where.items()}}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return list(self._files)

@@ -9,8 +9,8 @@ import transformers as T
 
 import models as M
 import otcompress
-from otcompress import architectures, modelio
-from otcompress.errors import ModelLoadError, UnsupportedArchitectureError
+from otcompress import architectures, fusion, modelio
+from otcompress.errors import InvalidOptionError, ModelLoadError, UnsupportedArchitectureError
 
 
 def _save(model, path, shard=None):
@@ -162,3 +162,104 @@ def test_reads_stay_per_tensor(tmp_path, monkeypatch):
     n = len(modelio.LazyStateDict(parent))
     assert set(reads) <= set(modelio.lazy_model(parent).state_dict())
     assert max(reads.count(k) for k in set(reads)) <= 4 and len(reads) <= 4 * n
+
+
+# ----------------------------------------------------------------------------- fused straight to disk
+
+DISK_CASES = {
+    "bert-mlm-tied": (M.bert, {}),
+    "bert-cls-fold": (lambda **kw: M.bert(cls=T.BertForSequenceClassification, **kw), {"alignment": "fold"}),
+    "vit-weighted": (M.vit, {"reg": 0.05, "weights": [0.5, 0.3, 0.2]}),
+}
+
+
+def _from_pretrained(path):
+    config = T.AutoConfig.from_pretrained(path)
+    return getattr(T, config.architectures[0]).from_pretrained(path).eval()
+
+
+def _pair(tmp_path, make):
+    anchor = _save(make(seed=1), tmp_path / "a")
+    parents = [_save(make(hidden=48, heads=6, inter=96, seed=2), tmp_path / "p1", "30KB"),
+               _save(make(hidden=64, heads=8, inter=128, seed=3), tmp_path / "p2", "30KB")]
+    return anchor, parents
+
+
+@pytest.mark.parametrize("case", sorted(DISK_CASES))
+def test_fused_to_disk_is_fuse_written_shard_by_shard(tmp_path, monkeypatch, load_calls, case):
+    make, kwargs = DISK_CASES[case]
+    anchor, parents = _pair(tmp_path, make)
+    events = []  # parent reads and shard writes, in order
+    real_read, real_write = modelio.LazyStateDict.__getitem__, modelio.ShardWriter.write
+    monkeypatch.setattr(modelio.LazyStateDict, "__getitem__",
+                        lambda self, k: events.append("read") or real_read(self, k))
+    monkeypatch.setattr(modelio.ShardWriter, "write",
+                        lambda self, k, t: events.append("write") or real_write(self, k, t))
+    monkeypatch.setattr(fusion, "build_model", None)  # the fused model is never built
+    out = tmp_path / "out"
+    report = fusion.fuse_to_disk(anchor, parents, out, max_shard_size="20KB", **kwargs)
+    monkeypatch.undo()
+    assert load_calls == [anchor] and report["parents"] == parents
+    if kwargs.get("alignment") != "fold":  # (two parents' folds are fused in memory, then written)
+        # Written while the parents are still being read, not buffered to the end.
+        assert events.index("write") < len(events) - 1 - events[::-1].index("read")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".safetensors")) == sorted(
+        set(index["weight_map"].values()))
+    written, fused = _from_pretrained(out), otcompress.fuse(anchor, parents, **kwargs)
+    assert _same(written, fused)
+    assert not _same(written, modelio.load_model(anchor))  # a fuse that returned the anchor fails here
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_fused_to_disk_keeps_ties(tmp_path):
+    for tie in (True, False):
+        def make(hidden=32, heads=4, inter=64, seed=0):
+            torch.manual_seed(seed)
+            return T.BertForMaskedLM(T.BertConfig(**{**M.TINY_BERT, "hidden_size": hidden, "num_attention_heads": heads,
+                                                     "intermediate_size": inter}, tie_word_embeddings=tie))
+        anchor, parents = _pair(tmp_path / str(tie), make)
+        out = tmp_path / str(tie) / "out"
+        fusion.fuse_to_disk(anchor, parents, out, max_shard_size="40KB")
+        stored = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert ("cls.predictions.decoder.weight" in stored) is not tie  # a tie is stored once
+        fused = otcompress.fuse(anchor, parents)
+        ref = _save(fused, tmp_path / str(tie) / "ref", "40KB")
+        assert set(stored) == set(modelio.LazyStateDict(ref))  # the names save_pretrained stores
+        model = _from_pretrained(out)
+        emb, dec = model.bert.embeddings.word_embeddings.weight, model.cls.predictions.decoder.weight
+        assert (emb.data_ptr() == dec.data_ptr()) is tie
+        assert _same(model, fused)
+
+
+def test_fused_to_disk_needing_the_model_writes_it_whole(tmp_path):
+    """Repair corrects the built model: written after it, still equal to fuse()."""
+    anchor, parents = _pair(tmp_path, M.bert)
+    kwargs = {"repair": True, "data": [M.inputs(M.bert(), batch=8, seed=0)]}
+    fusion.fuse_to_disk(anchor, parents, tmp_path / "out", max_shard_size="20KB", **kwargs)
+    assert _same(_from_pretrained(tmp_path / "out"), otcompress.fuse(anchor, parents, **kwargs))
+
+
+def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
+    anchor, parents = _pair(tmp_path, M.bert)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, writes = modelio.ShardWriter.write, []
+
+    def fail_midway(self, name, t):
+        writes.append(name)
+        if len(writes) == 10:
+            raise OSError("disk full")
+        real(self, name, t)
+    monkeypatch.setattr(modelio.ShardWriter, "write", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        fusion.fuse_to_disk(anchor, parents, tmp_path / "out", max_shard_size="40KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no staging directory
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    monkeypatch.undo()
+    with pytest.raises(InvalidOptionError, match="already exists"):
+        fusion.fuse_to_disk(anchor, parents, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
+    with pytest.raises(TypeError):
+        fusion.fuse_to_disk(anchor, parents, tmp_path / "o2", regg=0.1)
