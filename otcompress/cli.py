@@ -22,7 +22,7 @@ from otcompress import recipes
 from otcompress.errors import InvalidOptionError, OTCompressError
 
 # Options that take several values after one flag (`--parents a b c`).
-MULTI_VALUE = ("--parents", "--teachers", "--weights")
+MULTI_VALUE = ("--parents", "--teachers", "--weights", "--reference")
 
 
 class UI:
@@ -432,18 +432,21 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
                                [modelio.load_config(t, trust_remote_code=trust_remote_code)
                                 for t in teachers])
+    if _headless(model, trust_remote_code) and not teachers:
+        raise InvalidOptionError(f"{model} has no task head: finetune trains it by distilling the "
+                                 "embeddings of --teachers (e.g. its parents); give them")
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
-    _check_head(m, model, "finetune")
     task = _load_data(data, m, model, seed)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
-    before = ft.evaluate(m, task, device=device)
+    reference = teacher_ms if task.task == "feature-extraction" else None
+    before = ft.evaluate(m, task, device=device, reference=reference)
     with ui.progress() as prog:
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
     if not main_process:
         return
-    after = ft.evaluate(m, task, device=device)
+    after = ft.evaluate(m, task, device=device, reference=reference)
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
@@ -470,33 +473,51 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
                    "train/eval split (eval is the default for digits, pydoc and a saved "
                    "DatasetDict with a test split, whose train part models were trained on).")
 @click.option("--batch-size", type=COUNT, default=256, show_default=True)
+@click.option("--reference", multiple=True,
+              help="Headless (embedding) models: score MODEL's embedding similarities against "
+                   "these models' (e.g. its parents).")
 @device_option
 @remote_code_option
 @common
-def eval_cmd(model, data, split, batch_size, device, trust_remote_code, quiet, as_json):
-    """Accuracy (classification), MLM or causal-LM loss/perplexity of MODEL on --data."""
+def eval_cmd(model, data, split, batch_size, reference, device, trust_remote_code, quiet, as_json):
+    """Accuracy (classification), MLM or causal-LM loss/perplexity of MODEL on --data;
+    for a headless model, how its embedding similarities agree with --reference models'."""
     from otcompress import finetune as ft
     from otcompress import modelio
     ui = UI(quiet, as_json)
     device = resolve_device(device)
+    _check_reference(model, list(reference), trust_remote_code)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
-    _check_head(m, model, "eval")
     task = _load_data(data, m, model, 0)
+    refs = [modelio.load_model(r, trust_remote_code=trust_remote_code) for r in reference] or None
     split = split or task.default_eval_split
-    metrics = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device)
+    metrics = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device, reference=refs)
     examples = task.num_examples(split)
     _metrics_table(ui, {model: metrics}, split=split, examples=examples)
-    if not as_json and quiet:
-        click.echo(json.dumps({"split": split, "examples": examples, **metrics}))
-    ui.result({"model": model, "data": data, "split": split, "examples": examples, **metrics})
+    ui.result({"model": model, "data": data, "split": split, "examples": examples,
+               "reference": list(reference), **metrics})
 
 
-def _check_head(m, path, command):
+def _headless(path, trust_remote_code) -> bool:
+    from otcompress import modelio
     from otcompress.data import is_headless
-    if is_headless(m):
-        raise InvalidOptionError(
-            f"{path}: {type(m).__name__} has no task head; {command} needs a *ForImageClassification, "
-            "*ForSequenceClassification, *ForMaskedLM or *ForCausalLM (GPT2LMHeadModel) model")
+    return is_headless(modelio.load_config(path, trust_remote_code=trust_remote_code))
+
+
+def _check_reference(model, reference, trust_remote_code):
+    """Before any weights are read: a headless model needs reference models to
+    be scored against, and only a headless one takes them."""
+    from otcompress import modelio
+    if not _headless(model, trust_remote_code):
+        if reference:
+            raise InvalidOptionError(f"--reference scores a headless model's embeddings; {model} has a task "
+                                     "head and is scored on the data's labels")
+        return
+    if not reference:
+        raise InvalidOptionError(f"{model} has no task head: eval scores its embeddings against "
+                                 "--reference models (e.g. its parents); give them")
+    modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
+                           [modelio.load_config(r, trust_remote_code=trust_remote_code) for r in reference])
 
 
 # ----------------------------------------------------------------------------- profile / export
@@ -574,7 +595,7 @@ def _profile_row(path, r):
 def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as_json):
     """Export MODEL to ONNX, validated in ONNX Runtime against PyTorch."""
     from otcompress import modelio, outputs
-    from otcompress.export import export_onnx
+    from otcompress.export import export_onnx, int8_agreement
     ui = UI(quiet, as_json)
     outputs.check_out(out, force)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
@@ -585,7 +606,8 @@ def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as
     if quantize:  # every file written, the int8 copy too
         report["files"] = [*report["files"], report["quantized"]["path"]]
     if quantize and task is not None:
-        report["quantized"]["accuracy"] = _onnx_accuracy(m, out, report["quantized"]["path"], task)
+        agreement = int8_agreement(out, report["quantized"]["path"], task)
+        report["quantized"]["embedding" if task.task == "feature-extraction" else "accuracy"] = agreement
     ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
     if quantize:
         q = report["quantized"]
@@ -594,26 +616,11 @@ def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as
         if "accuracy" in q:
             a = q["accuracy"]
             ui.log(f"int8 accuracy {a['int8']:.4f} vs fp32 {a['fp32']:.4f} (delta {a['delta']:+.4f})")
+        if "embedding" in q:
+            e = q["embedding"]
+            ui.log(f"int8 embeddings: cosine to fp32 {e['embedding_cosine']:.4f} on average, "
+                   f"{e['embedding_cosine_min']:.4f} at worst ({e['examples']} examples, {e['pooling']} pooling)")
     ui.result(report)
-
-
-def _onnx_accuracy(model, fp32_path, int8_path, task):
-    from otcompress.export import onnx_predict
-    hits = {"fp32": 0, "int8": 0}
-    n = 0
-    import torch
-    causal = task.task == "causal-lm"
-    for batch in task.batches("eval", 256):
-        labels = batch.pop("labels")
-        if causal:  # the logits at t predict the token at t + 1
-            labels = labels[:, 1:]
-        keep = labels != -100
-        for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-            pred = torch.from_numpy(onnx_predict(path, batch).argmax(-1))
-            hits[name] += int(((pred[:, :-1] if causal else pred) == labels)[keep].sum())
-        n += int(keep.sum())
-    acc = {k: v / max(n, 1) for k, v in hits.items()}
-    return {**acc, "delta": acc["int8"] - acc["fp32"], "examples": n}
 
 
 # ----------------------------------------------------------------------------- demo

@@ -296,19 +296,37 @@ def test_eval_whole_user_file_by_default_and_split_option(zoo, tmp_path, capsys)
     assert code == 2 and "Invalid value" in err
 
 
-def test_headless_vit_fuses_with_labelled_data(more, tmp_path, capsys):
+def test_headless_vit_fuses_with_labelled_data(zoo, more, tmp_path, capsys):
     out = tmp_path / "fused"
     code, _, err = run(capsys, "fuse", "--anchor", more / "vit_headless_a", "--parents", more / "vit_headless_p",
                        "--out", out, "--alignment", "activations", "--data", "digits", "--samples", 32, "-q")
     assert code == 0, err  # not "10 classes but the model has 2 labels"
     model = T.ViTModel.from_pretrained(out)
     assert model.config.hidden_size == 32 and torch.isfinite(M.outputs(model, M.inputs(model))).all()
+    # Headless: eval and finetune use the embedding objective against reference models / teachers.
     code, _, err = run(capsys, "eval", more / "vit_headless_a", "--data", "digits")
-    assert code == 2 and "ViTModel has no task head" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "has no task head: eval scores its embeddings against --reference" in err
+    assert len(err.strip().splitlines()) == 1
+    code, stdout, err = run(capsys, "eval", out, "--data", "digits", "--reference", more / "vit_headless_p", "--json")
+    assert code == 0, err
+    fused_score = json.loads(stdout)
+    assert fused_score["examples"] == 450 and -1 <= fused_score["similarity_pearson"] <= 1
+    code, _, err = run(capsys, "eval", zoo / "anchor", "--data", "digits", "--reference", more / "vit_headless_p")
+    assert code == 2 and "--reference scores a headless model's embeddings" in err
     ft_out = tmp_path / "ft"
     code, _, err = run(capsys, "finetune", more / "vit_headless_a", "--data", "digits", "--steps", 2,
                        "--out", ft_out)
     assert_user_error(code, err, "has no task head", ft_out)
+    code, stdout, err = run(capsys, "finetune", out, "--data", "digits", "--steps", 30, "--lr", 3e-3,
+                            "--out", ft_out, "--teachers", more / "vit_headless_p", "--json")
+    assert code == 0, err
+    trained = json.loads(stdout)["metrics"]
+    assert trained["after"]["loss"] < trained["before"]["loss"]
+    code, stdout, err = run(capsys, "export", ft_out, "--out", tmp_path / "m.onnx", "--quantize", "int8",
+                            "--data", "digits", "--json")
+    assert code == 0, err
+    cosine = json.loads(stdout)["quantized"]["embedding"]
+    assert cosine["examples"] == 450 and 0.5 < cosine["embedding_cosine"] <= 1
 
 
 def test_profile_names_models_in_one_folder_apart(more, capsys):

@@ -111,6 +111,15 @@ def describe_widths(config) -> str:
     return ", ".join(f"{what} {getattr(config, key)}" for what, key in keys.items())
 
 
+def check_token_filter(config, name) -> None:
+    """A token filter checked against a config alone, before weights are read
+    (a window larger than the patch grid raises here)."""
+    make = getattr(family(config), "token_filter_for", None)
+    if make is None:
+        raise InvalidOptionError(f"token filter '{name}' only applies to vision transformers")
+    make(config)(name, 0)
+
+
 def wider_widths(target_cfg, parent_cfgs) -> list[tuple]:
     """(parent number, width name, parent's, target's) wherever the target is wider."""
     keys = getattr(family(target_cfg), "WIDTHS", WIDTHS)

@@ -14,6 +14,8 @@ Every family file defines, besides its flow graph (`build`):
 and may define
   EMBEDDING_POOLING  how a headless model's embedding is pooled when its
                      checkpoint does not say ("mean" over real tokens if absent)
+  token_filter_for(config) -> select(name, seq_len): the token positions that
+                     count as activation samples (vision families only)
 """
 from __future__ import annotations
 

@@ -59,10 +59,11 @@ def build(config, keys, *, qk="separate") -> ArchSpec:
         nodes.append(solve("pool", Probe(f"{p}pooler", "out"), sequence=False))
     if "classifier.weight" in keys:
         axes.update(linear(None, r, prefix="classifier"))
-    return ArchSpec("vit", axes, nodes, token_filter=_token_filter(config))
+    return ArchSpec("vit", axes, nodes, token_filter=token_filter_for(config))
 
 
-def _token_filter(config):
+def token_filter_for(config):
+    """The activation token filter of a ViT of this config (its patch grid)."""
     grid = config.image_size // config.patch_size
 
     def select(name: str, seq_len: int) -> torch.Tensor:
