@@ -134,3 +134,47 @@ def test_int8_export_reports_the_embedding_cosine(tmp_path):
     assert 0.9 < q["embedding_cosine"] < 1 - 1e-6 and q["embedding_cosine_min"] <= q["embedding_cosine"]
     same = int8_agreement(tmp_path / "m.onnx", tmp_path / "m.onnx", data)
     assert same["embedding_cosine_min"] > 1 - 1e-6
+
+
+@pytest.fixture(scope="module")
+def st_models(tmp_path_factory):
+    """Sentence-transformers-style BERT checkpoints with a tokenizer, and a text file."""
+    d = tmp_path_factory.mktemp("st")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
+    tok = T.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})
+    for name, hidden, heads, seed in (("small", 16, 2, 1), ("big1", 32, 4, 2), ("big2", 32, 4, 3)):
+        _save_st(M.bert(hidden=hidden, heads=heads, inter=2 * hidden, cls=T.BertModel, seed=seed), d / name, "mean_tokens")
+        tok.save_pretrained(d / name)
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(f"w{int(i)}" for i in torch.randint(0, 55, (int(n),), generator=g))
+             for n in torch.randint(3, 20, (300,), generator=g)]
+    (d / "texts.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_cli_embedding_models_end_to_end(st_models, tmp_path, capsys):
+    """The issue's failing commands on a sentence-transformers checkpoint:
+    activations fusion on unlabelled text, reg auto, finetuning, eval."""
+    from otcompress.cli import main
+    d = st_models
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    out = tmp_path / "fused"
+    code, stdout, err = run("fuse", "--anchor", d / "small", "--parents", d / "big1", d / "big2", "--out", out,
+                            "--alignment", "activations", "--reg", "auto", "--data", d / "texts.txt",
+                            "--samples", 64, "--steps", 10, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    assert {"anchor", "fused (one-shot)", "fused + 10 steps"} <= set(report["metrics"])
+    assert all("similarity_pearson" in m for m in report["metrics"].values())
+    assert len(report["reg_sweep"]) > 1 and report["options"]["reg"] in [r["reg"] for r in report["reg_sweep"]]
+    assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()
+    code, stdout, err = run("eval", out, "--data", d / "texts.txt", "--reference", d / "big1", d / "big2", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["examples"] == 300  # a user's file: every line
+
