@@ -375,7 +375,7 @@ def _finalise_ready(spec, waiting, carried, maps, emit, solved=None):
             continue
         emit(name, _carry_all(carried(name), spec.axes[name], maps, inputs_only=False))
         carried.forget(name)
-        maps.release(*(t for a in spec.axes[name] if a is not None for t in a.tms))
+        maps.done_with(spec.axes[name])
         del waiting[name]
 
 
@@ -385,8 +385,14 @@ class _MapStore:
 
     def __init__(self, spec):
         self.plans, self.rescaled_cache, self.uses = {}, {}, Counter()
+        # Users of each rescaling, so each copy goes when its own users are done:
+        # an MLP map's column-stochastic copy once its layer's rows are carried,
+        # while the map lives on until the next layer's inputs are carried
+        # (4096 x 2048: 32 MB a copy, per parent walked in lockstep).
+        self.rescaled_uses = Counter()
         for axes in spec.axes.values():
             self.uses.update(t for a in axes if a is not None for t in a.tms)
+            self.rescaled_uses.update((t, _rescaling(a)) for a in axes if a is not None for t in a.tms)
         for n in spec.nodes:
             if isinstance(n, Combine):
                 self.uses.update([n.skip, n.branch])
@@ -408,6 +414,16 @@ class _MapStore:
             self.rescaled_cache[key] = rescale(self.plans[tm])
         return self.rescaled_cache[key]
 
+    def done_with(self, axes):
+        """A parameter with these axes is carried: release its maps and rescalings."""
+        for a in axes:
+            for tm in (a.tms if a is not None else ()):
+                key = (tm, _rescaling(a))
+                self.rescaled_uses[key] -= 1
+                if self.rescaled_uses[key] <= 0:
+                    self.rescaled_cache.pop(key, None)
+                self.release(tm)
+
     def release(self, *tms):
         for tm in tms:
             self.uses[tm] -= 1
@@ -415,6 +431,11 @@ class _MapStore:
                 self.plans.pop(tm, None)
                 for kind in ("row_stochastic", "column_stochastic"):
                     self.rescaled_cache.pop((tm, kind), None)
+
+
+def _rescaling(role) -> str:
+    """The rescaling that carries an axis of this role (the cache key's kind)."""
+    return "row_stochastic" if isinstance(role, In) else "column_stochastic"
 
 
 def combine(t_skip: torch.Tensor, t_branch: torch.Tensor, alpha) -> torch.Tensor:
