@@ -112,7 +112,8 @@ def check_teachers(student_cfg, teacher_cfgs) -> None:
     inputs (image size and channels, vocabulary, positions, token types), the
     teacher's internals (TEACHER_FREE: depth, patch size, widths) excepted; no
     task head, or another head than the student's; another output space
-    (num_labels, or vocab_size for masked LM)."""
+    (num_labels, or vocab_size for masked LM). A headless student learns the
+    teachers' embedding similarities, which any head class of the family has."""
     from otcompress.architectures import family
     from otcompress.errors import UnsupportedArchitectureError
 
@@ -124,6 +125,8 @@ def check_teachers(student_cfg, teacher_cfgs) -> None:
     # Family, input-fixing values and (classifiers) labels first, as `fuse` checks parents.
     check_compatible(student_cfg, teacher_cfgs, must_match, roles=("student", "teacher"))
     student_head = _head(student_cfg)
+    if student_head is None and _arch(student_cfg):
+        return  # a headless student distils embeddings: any teacher's encoder gives them
     for k, cfg in enumerate(teacher_cfgs, 1):
         head = _head(cfg)
         if head is None:
