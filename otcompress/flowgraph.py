@@ -217,14 +217,16 @@ def norm_weight(tm, prefix, bias=False):
     return layernorm(tm, prefix) if bias else {f"{prefix}.weight": (Out(tm),)}
 
 
-def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool):
+def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool, one_stream: bool = False):
     """One pre-norm decoder block with rotary, possibly grouped-query attention
     and a gated MLP (LLaMA, Qwen2): RMSNorm gains only; gate and up share one
     map (their product is the MLP's hidden unit); O reads the attention output,
     one block per query head holding its group's values (map `L{i}.attn`, made
     at the Heads marker). `path` maps the roles q, k, v, o, norm_attn, norm_mlp,
-    gate, up, down, mlp_act (the module whose *input* is the gated product) to
-    module paths. Returns (axes, nodes, output TM name)."""
+    gate, up, down to module paths. `one_stream` (a head tied to the embedding
+    table): the residual writers o and down share the stream's map instead of
+    solving their own, so each join combines a map with itself and the whole
+    stream keeps the embedding's map. Returns (axes, nodes, output TM name)."""
     q, k, v, o = (f"L{i}.{n}" for n in "qkvo")
     mid, fc1, fc2, res = f"L{i}.attn_res", f"L{i}.fc1", f"L{i}.fc2", f"L{i}.mlp_res"
     axes = {}
@@ -238,13 +240,14 @@ def rotary_decoder_block(i: int, r_in: str, path: dict, *, qkv_bias: bool):
     axes.update(norm_weight(r_in, path["norm_attn"]))
     axes.update(norm_weight(mid, path["norm_mlp"]))
     out = lambda role: Probe(path[role], "out")  # noqa: E731
+    writer = (lambda tm, probe: Share(tm, r_in)) if one_stream else solve  # noqa: E731
     nodes = [
         Heads(f"L{i}.heads", q, k, v, o, rotary=True, attn=attn),
         solve(q, out("q")), solve(k, out("k")), solve(v, out("v")),
-        solve(o, out("o")),
+        writer(o, out("o")),
         Combine(mid, r_in, o, Probe(path["norm_attn"], "in"), out("o")),
         solve(fc1, Probe(path["down"], "in")),
-        solve(fc2, out("down")),
+        writer(fc2, out("down")),
         Combine(res, mid, fc2, Probe(path["norm_mlp"], "in"), out("down")),
     ]
     return axes, nodes, res

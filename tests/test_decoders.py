@@ -3,7 +3,12 @@ fusion recovers known answers. Variants are built here from the model's own
 structure, independently of the engine's family file: unit permutations that
 move whole key/value groups with their query heads (never units inside a
 rotary head), and function-preserving 2x widening (twice the key/value
-groups with their query heads, twice the residual and MLP units)."""
+groups with their query heads, twice the residual and MLP units).
+
+A tied LM head cannot be widened that way (the one table would be duplicated
+as an embedding and halved as a head at once), so tied models (Llama-3.2,
+Qwen2.5) are tested by permutations, folds of permuted copies and
+heterogeneous fusion."""
 import pytest
 import torch
 import transformers as T
@@ -17,10 +22,10 @@ CLASSES = [(T.LlamaConfig, T.LlamaForCausalLM), (T.LlamaConfig, T.LlamaModel),
 ids = lambda v: getattr(v, "__name__", "")  # noqa: E731
 
 
-def decoder(config_cls, cls, hidden=32, heads=4, kv=2, inter=48, seed=0, layers=2):
+def decoder(config_cls, cls, hidden=32, heads=4, kv=2, inter=48, seed=0, layers=2, tie=False):
     cfg = config_cls(vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=32,
-                     head_dim=hidden // heads, attention_dropout=0.0)
+                     head_dim=hidden // heads, attention_dropout=0.0, tie_word_embeddings=tie)
     model = cls(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -55,6 +60,9 @@ def variant(model, *, widen, seed=7):
     n, h, kv, d, inter = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                           cfg.intermediate_size)
     r = h // kv
+    # A tied head is the embedding table: the one tensor takes the residual
+    # permutation on both names, and cannot be halved.
+    assert not (widen and getattr(cfg, "tie_word_embeddings", False)), "a tied head cannot be widened"
     g = torch.Generator().manual_seed(seed)
     if widen:
         tile = lambda k: torch.arange(k).repeat(2)  # noqa: E731
@@ -86,7 +94,10 @@ def _inputs(model):
 
 
 def _err(model, x, ref):
-    return float((M.outputs(model, x) - M.outputs(ref, x)).abs().max())
+    """Max error relative to the output scale (a tied head's logits are several
+    times an untied one's: the head is the unit-variance embedding table)."""
+    a, b = M.outputs(model, x), M.outputs(ref, x)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1))
 
 
 def _sorted_err(model, x, ref):
@@ -137,3 +148,94 @@ def test_rotary_refuses_other_head_widths():
     b = decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=64, heads=4, kv=2, inter=96)
     with pytest.raises(IncompatibleModelsError, match="head widths"):
         otcompress.fuse(a, [b])
+
+
+# --------------------------------------------------------------------------- tied LM heads
+TIED = [(T.LlamaConfig, T.LlamaForCausalLM), (T.Qwen2Config, T.Qwen2ForCausalLM)]
+
+
+def _is_tied(model):
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("cfg_cls,cls", TIED, ids=ids)
+def test_tied_spec_knows_every_parameter_and_the_tie(cfg_cls, cls):
+    from otcompress import architectures
+    for tie in (True, False):
+        model = decoder(cfg_cls, cls, tie=tie)
+        assert _is_tied(model) == tie
+        spec = architectures.build_spec(model)
+        assert set(model.state_dict()) == set(spec.axes) | set(spec.tied)
+        assert spec.tied == ({"lm_head.weight": "model.embed_tokens.weight"} if tie else {})
+        # The head reads the final stream and, tied, *is* the embedding table:
+        # the final norm must live in the embedding's map, not in a mixture.
+        final, = spec.axes["model.norm.weight"][0].tms
+        emb, = spec.axes["model.embed_tokens.weight"][1].tms
+        assert (_same_map(spec, final) == _same_map(spec, emb)) == tie
+
+
+def _same_map(spec, tm):
+    """The map `tm` equals: followed through Shares and through joins that
+    combine a map with itself."""
+    from otcompress.flowgraph import Combine, Share
+    node = next((n for n in spec.nodes if n.tm == tm), None)
+    if isinstance(node, Share):
+        return _same_map(spec, node.same_as)
+    if isinstance(node, Combine) and _same_map(spec, node.skip) == _same_map(spec, node.branch):
+        return _same_map(spec, node.skip)
+    return tm
+
+
+@pytest.mark.parametrize("cfg_cls,cls", TIED, ids=ids)
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+def test_tied_ot_recovers_the_average(cfg_cls, cls, alignment):
+    base = decoder(cfg_cls, cls, tie=True, seed=4)
+    anchor, x = M.noisy(base), _inputs(base)
+    parent = variant(base, widen=False)
+    assert _is_tied(anchor) and _is_tied(parent)
+    assert not torch.equal(parent.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert _err(parent, x, base) < TOL  # the variant computes the base's function
+    expected = M.average([anchor, base])
+    assert _err(anchor, x, expected) > 100 * TOL  # the test can fail
+    fused = otcompress.fuse(anchor, [parent], solver="emd", alignment=alignment, data=_inputs(base))
+    assert _is_tied(fused)
+    assert _err(fused, x, expected) < TOL
+
+
+@pytest.mark.parametrize("cfg_cls,cls", TIED, ids=ids)
+def test_tied_fold_of_permuted_copies_recovers_the_original(cfg_cls, cls):
+    base = decoder(cfg_cls, cls, tie=True, seed=5)
+    anchor, x = M.noisy(base, scale=0.5), _inputs(base)
+    assert _err(anchor, x, base) > 100 * TOL  # the test can fail
+    fused = otcompress.fuse(anchor, [variant(base, widen=False), variant(base, widen=False, seed=3)],
+                            alignment="fold", solver="emd")
+    assert _is_tied(fused)
+    assert _err(fused, x, base) < TOL
+
+
+@pytest.mark.parametrize("cfg_cls,cls", TIED, ids=ids)
+def test_tied_heterogeneous_fusion_saves_and_loads_tied(tmp_path, cfg_cls, cls):
+    small = decoder(cfg_cls, cls, hidden=16, heads=2, kv=1, inter=24, seed=1, tie=True)
+    wide = [decoder(cfg_cls, cls, hidden=32, heads=4, kv=2, inter=48, seed=s, tie=True) for s in (2, 3)]
+    for alignment, data in (("weights", None), ("activations", _inputs(small)), ("fold", None)):
+        fused = otcompress.fuse(small, wide, alignment=alignment, data=data)
+        assert _is_tied(fused)
+        fused.save_pretrained(tmp_path / alignment)
+        back = cls.from_pretrained(tmp_path / alignment)
+        assert back.config.tie_word_embeddings and _is_tied(back)
+        assert back.config.hidden_size == 16 and back.config.num_key_value_heads == 1
+        out = M.outputs(back, _inputs(back))
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, M.outputs(fused, _inputs(back)), atol=1e-5)
+    from otcompress.export import export_onnx
+    report = export_onnx(back, tmp_path / "fused.onnx")  # the tied head exports like an untied one
+    assert report["output_names"] == ["logits"] and report["max_abs_diff"] < 1e-4
+
+
+def test_tied_anchor_refuses_untied_parents():
+    from otcompress.errors import IncompatibleModelsError
+    tied = decoder(T.LlamaConfig, T.LlamaForCausalLM, tie=True)
+    untied = decoder(T.LlamaConfig, T.LlamaForCausalLM, seed=1)
+    for anchor, parent in ((tied, untied), (untied, tied)):
+        with pytest.raises(IncompatibleModelsError, match="tie_word_embeddings"):
+            otcompress.fuse(anchor, [parent])
