@@ -226,3 +226,35 @@ def test_another_activation_is_refused():
     cfg.activation_function = "relu"
     with pytest.raises(IncompatibleModelsError, match="activation_function"):
         otcompress.fuse(anchor, [T.GPT2LMHeadModel(cfg)])
+
+
+def test_fold_into_a_narrower_mlp_with_intermediate(tmp_path):
+    """--intermediate on GPT-2, whose n_inner may be unset (4 x n_embd)."""
+    from otcompress.errors import IncompatibleModelsError
+    parent = gpt2("tied", inner=None, seed=6)
+    assert parent.config.n_inner is None and parent.transformer.h[0].mlp.c_fc.weight.shape[1] == 128
+    assert "intermediate 128" in architectures.describe_widths(parent.config)
+    with pytest.raises(IncompatibleModelsError, match=r"\(intermediate 128\) into a wider target"):
+        architectures.check_fold_target(architectures.target_config(parent.config, intermediate=200),
+                                        [parent.config])
+    target = architectures.target_config(parent.config, intermediate=40)
+    fused = otcompress.fuse(target, [parent], alignment="fold")
+    fused.save_pretrained(tmp_path / "f")
+    back = T.GPT2LMHeadModel.from_pretrained(tmp_path / "f")
+    assert back.config.n_inner == 40 and back.config.n_embd == 32
+    assert all(block.mlp.c_fc.weight.shape == (32, 40) for block in back.transformer.h)
+    assert torch.equal(back.lm_head.weight, back.transformer.wte.weight)
+    assert torch.isfinite(M.outputs(back, _inputs(back))).all()
+
+
+@pytest.mark.parametrize("kind", ["bare", "untied"])
+def test_fold_a_widened_model_into_the_original_widths(kind):
+    base = gpt2(kind, seed=4)
+    x = _inputs(base)
+    wide = variant(base, widen=True)
+    n, h, inner = base.config.n_embd, base.config.n_head, base.config.n_inner
+    target = architectures.target_config(wide.config, hidden=n, heads=h, intermediate=inner)
+    assert (target.n_embd, target.n_head, target.n_inner) == (n, h, inner) != (wide.config.n_inner,) * 3
+    fused = otcompress.fuse(target, [wide], alignment="fold", solver="emd")
+    assert getattr(fused, "transformer", fused).h[0].mlp.c_fc.weight.shape == (n, inner)
+    assert _same_function(fused, base, x) < TOL

@@ -73,8 +73,24 @@ def name_of(model):
 
 
 # Config keys of the widths a user may set for a fold target; a family file
-# can override them with its own WIDTHS (e.g. DistilBERT's FFN is hidden_dim).
+# can override them with its own WIDTHS (e.g. DistilBERT's FFN is hidden_dim),
+# and give UNSET_WIDTHS {config key: config -> value} for a key whose value may
+# be None (GPT-2's n_inner: None means 4 x n_embd).
 WIDTHS = {"hidden": "hidden_size", "heads": "num_attention_heads", "intermediate": "intermediate_size"}
+
+
+def _width_keys(config) -> dict:
+    return getattr(family(config), "WIDTHS", WIDTHS)
+
+
+def resolved_widths(config) -> dict:
+    """{width name: value} of a config, unset values resolved by the family."""
+    unset = getattr(family(config), "UNSET_WIDTHS", {})
+    values = {}
+    for what, key in _width_keys(config).items():
+        value = getattr(config, key, None)
+        values[what] = unset[key](config) if value is None and key in unset else value
+    return values
 
 
 def head_shape(config) -> tuple:
@@ -91,7 +107,7 @@ def kv_heads(config) -> int:
 def target_config(parent_config, **widths):
     """A fold target: the parent's config with some widths replaced
     (hidden=..., heads=..., intermediate=...; None keeps the parent's)."""
-    keys = getattr(family(parent_config), "WIDTHS", WIDTHS)
+    keys = _width_keys(parent_config)
     cfg = type(parent_config).from_dict(parent_config.to_dict())
     for what, value in widths.items():
         if what not in keys:
@@ -107,8 +123,7 @@ def target_config(parent_config, **widths):
 
 
 def describe_widths(config) -> str:
-    keys = getattr(family(config), "WIDTHS", WIDTHS)
-    return ", ".join(f"{what} {getattr(config, key)}" for what, key in keys.items())
+    return ", ".join(f"{what} {value}" for what, value in resolved_widths(config).items())
 
 
 def check_token_filter(config, name) -> None:
@@ -122,10 +137,10 @@ def check_token_filter(config, name) -> None:
 
 def wider_widths(target_cfg, parent_cfgs) -> list[tuple]:
     """(parent number, width name, parent's, target's) wherever the target is wider."""
-    keys = getattr(family(target_cfg), "WIDTHS", WIDTHS)
-    return [(k, what, getattr(cfg, key), getattr(target_cfg, key))
-            for k, cfg in enumerate(parent_cfgs, 1) for what, key in keys.items()
-            if getattr(target_cfg, key) > getattr(cfg, key)]
+    target = resolved_widths(target_cfg)
+    return [(k, what, parent, target[what])
+            for k, cfg in enumerate(parent_cfgs, 1) for what, parent in resolved_widths(cfg).items()
+            if target[what] > parent]
 
 
 def check_fold_target(target_cfg, parent_cfgs) -> None:

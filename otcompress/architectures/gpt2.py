@@ -27,7 +27,8 @@ untied head reads the final map.
 
 Heterogeneous width: hidden size, heads (head width may differ: the engine
 rescales Q) and MLP width (`n_inner`, 4 x hidden when unset). A fold target
-takes --hidden and --heads (the MLP follows n_inner or 4 x hidden)."""
+takes --hidden, --heads and --intermediate (n_inner; left out, the MLP follows
+the parent's n_inner, or 4 x the target's hidden when that is unset)."""
 from __future__ import annotations
 
 from otcompress.architectures import common
@@ -40,8 +41,9 @@ MUST_MATCH = ("num_hidden_layers", "vocab_size", "n_positions", "activation_func
               "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
 INPUTS = ("input_ids", "attention_mask")
 INPUT_AXES = common.TEXT_AXES
-# Fold-target widths (GPT2Config's own names; n_inner may be unset, so it is not one).
-WIDTHS = {"hidden": "n_embd", "heads": "n_head"}
+# Fold-target widths (GPT2Config's own names); n_inner may be unset, meaning 4 x n_embd.
+WIDTHS = {"hidden": "n_embd", "heads": "n_head", "intermediate": "n_inner"}
+UNSET_WIDTHS = {"n_inner": lambda config: 4 * config.n_embd}
 
 
 def max_seq_len(config):
