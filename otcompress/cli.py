@@ -288,7 +288,8 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, f
         model, report = pipeline.run(anchor, list(parents), recipe, out, target=widths or None, force=force,
                                      device=resolve_device(device), trust_remote_code=trust_remote_code,
                                      progress=prog, log=ui.log)
-    for line in fusion_summary(report, model, parents, recipe, trust_remote_code):
+    # Written straight to disk (streamed parents, nothing to train): the summary reads the directory.
+    for line in fusion_summary(report, model if model is not None else out, parents, recipe, trust_remote_code):
         ui.log(line)
     ui.log(f"[green]wrote[/green] {out}  ({report['wall_seconds']:.1f} s)")
     race = report.get("race")
@@ -305,7 +306,8 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, f
 
 def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> list[str]:
     """What fusion did, in two lines: the start that won (or the alignment)
-    and its regulariser, then widths and parameters against the parents'."""
+    and its regulariser, then widths and parameters against the parents'.
+    `model`: the fused model, or the directory it was written to."""
     from otcompress import architectures, modelio
     o = report.get("options") or {}
     race = report.get("race")
@@ -328,11 +330,12 @@ def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> l
     lines = [f"fused: {how}"]
     parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
     from otcompress.profiling import count_parameters
-    mine = count_parameters(model)
+    config = model.config if hasattr(model, "config") else modelio.load_config(model)
+    mine = count_parameters(model) if hasattr(model, "config") else _parameters_of(config)
     theirs = [_parameters_of(c) for c in parent_cfgs]
-    widths = f"widths {architectures.describe_widths(model.config)} (parents: " + \
+    widths = f"widths {architectures.describe_widths(config)} (parents: " + \
         "; ".join(architectures.describe_widths(c) for c in parent_cfgs) + ")"
-    if all(theirs):
+    if mine and all(theirs):
         ratio = ", ".join(f"{mine / t:.2f}x" for t in theirs)
         widths += f", {mine:,} parameters = {ratio} the parent{'s' + chr(39) if len(theirs) > 1 else chr(39) + 's'}"
     lines.append(widths)

@@ -138,7 +138,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     _one_of("on_uniform", on_uniform, ("raise", "warn"))
     _one_of("cost normalisation", cost_norm, COST_NORMS)
     anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed,
-                                    stream=_streams(alignment, solver, reg, residual, repair))
+                                    stream=streams(alignment, solver, reg, residual, repair))
     with _eval_mode(anchor_m, *parent_ms):
         spec = architectures.build_spec(anchor_m, qk=opts["qk"])
         for k, p in enumerate(parent_ms, 1):
@@ -516,7 +516,7 @@ def _as_list(parents):
     return [parents]
 
 
-def _streams(alignment, solver, reg, residual, repair) -> bool:
+def streams(alignment, solver, reg, residual, repair) -> bool:
     """Whether parents given as directories can be streamed: the engine then
     needs only their tensors (weights or fold alignment, averaged residuals,
     no repair, no reg sweep), never a forward pass."""

@@ -65,12 +65,31 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     started = time.time()
     # Fusion computes where the anchor lives: load everything on `device`.
     load = lambda m: modelio.load_model(m, trust_remote_code=trust_remote_code).to(device)  # noqa: E731
-    parent_ms = [load(p) for p in parents]
     anchor_m = None if anchor is None else load(anchor)
     fuse_anchor = anchor_m if anchor_m is not None else anchor_cfg
+    source = anchor if anchor is not None else parents[0]  # its preprocessor files come along
     if data is None and r["data"]:
-        data = load_task_data(r["data"], anchor_m or anchor_cfg,
-                              anchor if anchor is not None else parents[0], r["seed"])
+        data = load_task_data(r["data"], anchor_m or anchor_cfg, source, r["seed"])
+    # Headers are read now: a directory that cannot stream (other weight formats, a broken
+    # file) is loaded, which says what is wrong before any work.
+    streamed = _streamed(parents, r, data) and all(
+        modelio.lazy_model(p, trust_remote_code=trust_remote_code) is not None for p in parents)
+    parent_ms = list(parents) if streamed else [load(p) for p in parents]
+    if streamed:
+        log("parents are read tensor by tensor from their directories (never loaded whole)")
+    finish = lambda rep, **kw: _finish_report(rep, notes, anchor, parents, r, started, **kw)  # noqa: E731
+    if streamed and data is None and out is not None and ft.is_main_process():
+        # Nothing to evaluate or train: the fused model goes to disk tensor by tensor, never built.
+        alignment = _resolve_alignment(r["alignment"], anchor_m)
+        log(f"fusing {len(parents)} parent(s) ({alignment}), writing {out} as it goes")
+        done = {}
+
+        def write_rest(stage, report):
+            done["report"] = finish(report)
+            write_files(done["report"], source, stage, r, anchor_cfg.hidden_size)
+        _fuse(fuse_anchor, parent_ms, alignment, None, {k: r[k] for k in FUSE_KEYS}, r, progress,
+              weights=r["weights"], out=out, force=force, finish=write_rest)
+        return None, done["report"]
     train, holdout = split_holdout(data, r["seed"]) if _trainable(data) else (data, None)
     calib = None if data is None else list(data.calibration_batches(r["samples"], r["batch_size"],
                                                                     seed=r["seed"]))
@@ -96,22 +115,49 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         one_shot = _evaluate(model, data, device, reference) if _trainable(data) else None
         # Held-out examples only chose reg (reg auto): training uses every example.
         trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
+    trained = None
+    if trainer is not None and r["finetune_steps"]:
+        trained = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
+                   "teachers": len(teachers), "holdout_examples": _n(holdout)}
+        trained.pop("losses", None)
+    report = finish(report, finetune=trained,
+                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference))
+    model.fusion_report = report
+    if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
+        with outputs.staged_dir(out, force) as tmp:
+            write(model, report, source, tmp, r)
+    return model, report
+
+
+def _streamed(parents, r, data) -> bool:
+    """Parent directories are read tensor by tensor, never loaded whole, when
+    nothing needs them as models: no teachers to distil from, no reference
+    embeddings to score against, and fusions without forward passes
+    (`fusion.streams`: weights or fold alignment, averaged residuals, no
+    repair, no reg sweep)."""
+    from otcompress.fusion import streams
+    if not all(isinstance(p, (str, os.PathLike)) for p in parents):
+        return False
+    alignments = ("fold", "weights") if r["alignment"] == "auto" else (r["alignment"],)
+    if not all(streams(a, r["solver"], r["reg"], r["residual"], r["repair"]) for a in alignments):
+        return False
+    embeddings = data is not None and data.task == "feature-extraction"
+    return not embeddings and not (r["finetune_steps"] > 0 and r["distill"])
+
+
+def _finish_report(report, notes, anchor, parents, r, started, finetune=None, metrics=None) -> dict:
+    """The fusion report with the workflow's own parts: warnings, inputs,
+    finetuning, metrics, the resolved recipe and the wall time."""
     report = dict(report)
     report["warnings"] = [*notes, *report.get("warnings", [])]
     report["anchor"] = str(anchor) if anchor is not None else report.get("anchor")
     report["parents"] = [str(p) for p in parents]
-    if trainer is not None and r["finetune_steps"]:
-        report["finetune"] = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
-                              "teachers": len(teachers), "holdout_examples": _n(holdout)}
-        report["finetune"].pop("losses", None)
-    report["metrics"] = _metrics(anchor_m, model, one_shot, data, r, device, reference)
+    if finetune is not None:
+        report["finetune"] = finetune
+    report["metrics"] = metrics or {}
     report["recipe"] = r
     report["wall_seconds"] = time.time() - started
-    model.fusion_report = report
-    if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
-        with outputs.staged_dir(out, force) as tmp:
-            write(model, report, anchor if anchor is not None else parents[0], tmp, r)
-    return model, report
+    return report
 
 
 def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=False):
@@ -191,14 +237,20 @@ def _resolve_alignment(alignment, anchor_m):
     return "fold" if anchor_m is None else "weights"
 
 
-def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=None, holdout=None):
-    """One fusion; reg "auto" is chosen on the held-out examples when there are any."""
-    from otcompress.fusion import fuse
+def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=None, holdout=None,
+          out=None, force=False, finish=None):
+    """One fusion; reg "auto" is chosen on the held-out examples when there are
+    any. With `out`, written there tensor by tensor (`fusion.fuse_to_disk`,
+    `finish(directory, report)` adding the other files) and the report returned."""
+    from otcompress import fusion
     if alignment == "weights" and weights is None and r["alignment"] == "auto":
         weights = anchor_weighted(len(parent_ms))
     held = None if holdout is None else list(holdout.batches("eval", r["batch_size"]))
-    return fuse(anchor, parent_ms, alignment=alignment, data=calib, weights=weights, seed=r["seed"],
-                holdout=held, progress=progress, **fuse_kw)
+    kw = dict(alignment=alignment, data=calib, weights=weights, seed=r["seed"], holdout=held,
+              progress=progress, **fuse_kw)
+    if out is not None:
+        return fusion.fuse_to_disk(anchor, parent_ms, out, force=force, finish=finish, **kw)
+    return fusion.fuse(anchor, parent_ms, **kw)
 
 
 def anchor_weighted(n_parents: int) -> list:
@@ -224,8 +276,9 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
 
 def _foldable(target, parent_ms) -> bool:
     from otcompress.errors import IncompatibleModelsError
+    config = lambda m: getattr(m, "config", None) or modelio.load_config(m)  # noqa: E731 a model or a directory
     try:
-        architectures.check_fold_target(getattr(target, "config", target), [p.config for p in parent_ms])
+        architectures.check_fold_target(getattr(target, "config", target), [config(p) for p in parent_ms])
     except IncompatibleModelsError:
         return False  # an anchor wider than a parent: only OT fusion and the anchor race
     return True
@@ -341,11 +394,16 @@ def _metrics(anchor_m, model, one_shot, data, r, device, reference=None):
 
 
 def write(model, report, source, tmp: Path, r):
-    """The model directory: weights and config, the anchor's preprocessor files,
-    the resolved recipe, the report and a model card."""
+    """The model directory: weights and config, then `write_files`."""
     model.to("cpu").save_pretrained(tmp)
+    write_files(report, source, tmp, r, model.config.hidden_size)
+
+
+def write_files(report, source, tmp: Path, r, hidden_size: int):
+    """Beside the weights: the anchor's preprocessor (and sentence-transformers)
+    files, the resolved recipe, the report and a model card."""
     report["copied_preprocessor_files"] = outputs.copy_preprocessor(source, tmp)
-    report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, model.config.hidden_size)
+    report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, hidden_size)
     outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
     outputs.write_json(tmp / "fusion_report.json", report)
     (tmp / "README.md").write_text(outputs.model_card(report))

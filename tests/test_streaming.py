@@ -263,3 +263,40 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
     with pytest.raises(TypeError):
         fusion.fuse_to_disk(anchor, parents, tmp_path / "o2", regg=0.1)
+
+
+def test_the_fuse_workflow_streams_parents_and_writes_as_it_goes(tmp_path, load_calls, monkeypatch):
+    """`otcompress fuse` (pipeline.run) with directory parents and nothing to
+    train: parents are never loaded whole, the fused model is never built
+    (written tensor by tensor), and the directory holds the same bits as the
+    in-memory fusion, with the workflow's other files."""
+    from otcompress import pipeline
+    anchor = _save(M.bert(seed=1), tmp_path / "a")
+    parents = [_save(M.bert(hidden=48, heads=6, inter=96, seed=s), tmp_path / f"p{s}", "40KB") for s in (2, 3)]
+    expected = otcompress.fuse(M.bert(seed=1), [M.bert(hidden=48, heads=6, inter=96, seed=s) for s in (2, 3)],
+                               weights=[0.5, 0.25, 0.25])
+    built = []
+    load_calls.clear()
+    monkeypatch.setattr(fusion, "build_model", lambda *a, **k: built.append(1) or pytest.fail("model built"))
+    model, report = pipeline.run(anchor, parents, {"alignment": "weights", "weights": [0.5, 0.25, 0.25]},
+                                 tmp_path / "out")
+    assert model is None and not built
+    assert [c for c in load_calls if isinstance(c, str)] == [anchor]  # parents were streamed
+    back = T.BertForMaskedLM.from_pretrained(tmp_path / "out")
+    assert _same(back, expected)
+    assert not _same(back, M.bert(seed=1))  # not the anchor
+    assert json.loads((tmp_path / "out" / "fusion_report.json").read_text())["parents"] == parents
+    assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "otcompress_config.yaml").is_file()
+    assert report["wall_seconds"] > 0 and report["metrics"] == {}
+
+
+def test_the_fuse_workflow_loads_parents_it_distils_from(tmp_path, load_calls):
+    from otcompress import pipeline
+    from otcompress.data import load_data
+    anchor = M.vit(seed=1)
+    parents = [_save(M.vit(hidden=48, heads=6, inter=96, seed=s), tmp_path / f"p{s}") for s in (2, 3)]
+    data = load_data("digits", anchor, samples=200)
+    model, _ = pipeline.run(anchor, parents, {"alignment": "weights", "finetune_steps": 2, "batch_size": 32},
+                            data=data)
+    assert sorted(c for c in load_calls if isinstance(c, str)) == parents  # the teachers
+    assert model is not None
