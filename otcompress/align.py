@@ -367,8 +367,11 @@ def _solve(tm, cost, opts):
 
 def _finalise_ready(spec, waiting, carried, maps, emit, solved=None):
     """Carry every parameter whose maps are now all known, hand it on, and
-    release what it held."""
-    for name in [n for n, tms in waiting.items() if not tms or solved in tms]:
+    release what it held. A derived `__rownorm__` entry goes before the weight
+    it is derived from: releasing the weight may free the weight's input map
+    (a head reading the last stream is that map's last user)."""
+    ready = [n for n, tms in waiting.items() if not tms or solved in tms]
+    for name in sorted(ready, key=lambda n: not n.endswith(".__rownorm__")):
         if solved is not None:
             waiting[name].discard(solved)
         if waiting[name] or not all(maps.has(t) for a in spec.axes[name] if a is not None for t in a.tms):

@@ -187,7 +187,7 @@ def test_tied_anchor_refuses_an_untied_parent():
         otcompress.fuse(anchor, [untied], solver="emd")
 
 
-@pytest.mark.parametrize("make,cls", CASES[::2], ids=ids)
+@pytest.mark.parametrize("make,cls", CASES[::2] + [(M.bert, T.BertForMaskedLM)], ids=ids)
 def test_data_free_repair_restores_row_norms(make, cls):
     """Without data, each unit's weight-row norm is restored: under isotropic
     unit-variance inputs every unit's std then equals the target (the average
