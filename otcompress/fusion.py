@@ -139,6 +139,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     _one_of("cost normalisation", cost_norm, COST_NORMS)
     anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed,
                                     stream=streams(alignment, solver, reg, residual, repair))
+    if alignment == "fold":  # names the width and the parent, before any clustering
+        architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     with _eval_mode(anchor_m, *parent_ms):
         spec = architectures.build_spec(anchor_m, qk=opts["qk"])
         for k, p in enumerate(parent_ms, 1):

@@ -237,3 +237,9 @@ def test_fused_model_adopts_the_fused_tensors_and_keeps_ties():
     assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
     assert all(p.requires_grad and p.device.type == "cpu" for p in fused.parameters())
     assert not any(p.data_ptr() == q.data_ptr() for p in fused.parameters() for q in anchor.parameters())
+
+
+def test_fold_into_a_wider_target_names_the_width():
+    from otcompress.errors import IncompatibleModelsError
+    with pytest.raises(IncompatibleModelsError, match=r"cannot fold parent 1 \(hidden 32\) into a wider target"):
+        otcompress.fuse(M.vit(hidden=48, heads=6, inter=96), [M.vit()], alignment="fold")
