@@ -124,6 +124,14 @@ def resolve_device(device):
     return device
 
 
+POOLING_HELP = ("Headless (embedding) models: how embeddings are pooled [default: the checkpoint's "
+                "sentence-transformers pooling, else mean (cls for ViT)].")
+
+
+def pooling_option(f):
+    return click.option("--pooling", type=click.Choice(recipes.CHOICES["pooling"]), help=POOLING_HELP)(f)
+
+
 def remote_code_option(f):
     return click.option("--trust-remote-code", is_flag=True,
                         help="DANGEROUS: run model code shipped with a model directory.")(f)
@@ -262,6 +270,7 @@ def cli():
 @recipe_option("--data", key="data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
 @recipe_option("--samples", key="samples", type=_range("samples", int),
                help="Calibration examples for activation statistics.")
+@recipe_option("--pooling", key="pooling", help=POOLING_HELP)
 @recipe_option("--steps", "--finetune-steps", key="finetune_steps", cls=OneName, type=STEPS,
                help="Brief recovery training steps (0 = none; --finetune-steps is an old name).")
 @recipe_option("--lr", key="lr", type=_range("lr", float), help="Finetuning learning rate.")
@@ -383,9 +392,15 @@ def _resolve_recipe(ctx, profile_name, flags):
     return recipe
 
 
-def _load_data(spec, model, model_path, seed):
+def _load_data(spec, model, model_path, seed, pooling=None):
     from otcompress.pipeline import load_task_data
-    return load_task_data(spec, model, model_path, seed)
+    return load_task_data(spec, model, model_path, seed, pooling)
+
+
+def _check_pooling(pooling, model, trust_remote_code):
+    """Before any weights are read: --pooling is for headless models only."""
+    if pooling and not _headless(model, trust_remote_code):
+        raise InvalidOptionError(f"--pooling applies to headless (embedding) models; {model} has a task head")
 
 
 def _metrics_table(ui, metrics, split=None, examples=None):
@@ -418,11 +433,12 @@ Examples:
 @click.option("--lr", type=_range("lr", float), default=1e-3, show_default=True)
 @click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@pooling_option
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @device_option
 @remote_code_option
 @common
-def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, batch_size, seed, force,
+def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, batch_size, seed, pooling, force,
              device, trust_remote_code, quiet, as_json):
     """Brief recovery training of MODEL (optionally distilled from --teachers)."""
     from otcompress import finetune as ft
@@ -435,11 +451,12 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
                                [modelio.load_config(t, trust_remote_code=trust_remote_code)
                                 for t in teachers])
+    _check_pooling(pooling, model, trust_remote_code)
     if _headless(model, trust_remote_code) and not teachers:
         raise InvalidOptionError(f"{model} has no task head: finetune trains it by distilling the "
                                  "embeddings of --teachers (e.g. its parents); give them")
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
-    task = _load_data(data, m, model, seed)
+    task = _load_data(data, m, model, seed, pooling)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     reference = teacher_ms if task.task == "feature-extraction" else None
     before = ft.evaluate(m, task, device=device, reference=reference)
@@ -479,10 +496,11 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
 @click.option("--reference", multiple=True,
               help="Headless (embedding) models: score MODEL's embedding similarities against "
                    "these models' (e.g. its parents).")
+@pooling_option
 @device_option
 @remote_code_option
 @common
-def eval_cmd(model, data, split, batch_size, reference, device, trust_remote_code, quiet, as_json):
+def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_remote_code, quiet, as_json):
     """Accuracy (classification), MLM or causal-LM loss/perplexity of MODEL on --data;
     for a headless model, how its embedding similarities agree with --reference models'."""
     from otcompress import finetune as ft
@@ -490,8 +508,9 @@ def eval_cmd(model, data, split, batch_size, reference, device, trust_remote_cod
     ui = UI(quiet, as_json)
     device = resolve_device(device)
     _check_reference(model, list(reference), trust_remote_code)
+    _check_pooling(pooling, model, trust_remote_code)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
-    task = _load_data(data, m, model, 0)
+    task = _load_data(data, m, model, 0, pooling)
     refs = [modelio.load_model(r, trust_remote_code=trust_remote_code) for r in reference] or None
     split = split or task.default_eval_split
     metrics = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device, reference=refs)
@@ -591,18 +610,23 @@ def _profile_row(path, r):
 @click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (parents are created).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised copy.")
 @click.option("--atol", type=NON_NEGATIVE, default=1e-4, show_default=True, help="Parity gate vs PyTorch.")
-@click.option("--data", help="Report the int8 accuracy delta on this data.")
+@click.option("--data", help="Report the int8 accuracy delta on this data (headless models: the embedding "
+              "cosine to fp32).")
+@pooling_option
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @remote_code_option
 @common
-def export(model, out, quantize, atol, data, force, trust_remote_code, quiet, as_json):
+def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, quiet, as_json):
     """Export MODEL to ONNX, validated in ONNX Runtime against PyTorch."""
     from otcompress import modelio, outputs
     from otcompress.export import export_onnx, int8_agreement
     ui = UI(quiet, as_json)
     outputs.check_out(out, force)
+    _check_pooling(pooling, model, trust_remote_code)
+    if pooling and not data:
+        raise InvalidOptionError("--pooling says how to compare int8 embeddings on --data; give --data")
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
-    task = _load_data(data, m, model, 0) if data else None
+    task = _load_data(data, m, model, 0, pooling) if data else None
     # export_onnx stages its files and moves them into place only after the parity gate.
     with outputs.writing(out):
         report = export_onnx(m, out, atol=atol, quantize=quantize)

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from otcompress.errors import InvalidOptionError
+from otcompress.recipes import CHOICES
 
-POOLINGS = ("mean", "cls", "max", "last")
+POOLINGS = CHOICES["pooling"]
 # sentence-transformers' Pooling config keys, in the order it applies them.
 _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                     "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}

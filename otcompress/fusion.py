@@ -28,7 +28,7 @@ HEAD_ALIGNMENTS = ("cross", "aware")
 COST_NORMS = ("max", "gap", "mean", "none")
 _OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
             "max_iter", "tol", "reg_grid", "holdout", "activation_dtype", "repair", "seed", "head_alignment",
-            "on_unconverged", "on_uniform", "trust_remote_code", "progress")
+            "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 
@@ -37,7 +37,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="gap",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
          repair=False, seed=0, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
-         trust_remote_code=False, progress=None):
+         pooling=None, trust_remote_code=False, progress=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
@@ -53,7 +53,9 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         or "emd" (exact). reg="auto" fuses at every value of `reg_grid` and keeps
         the one with the lowest loss on `holdout` batches (default: `data`): the
         task loss where batches carry labels, else the KL divergence to the
-        parents' mean prediction.
+        parents' mean prediction; for headless models the similarity loss of
+        embeddings pooled by `pooling` (otcompress.embedding; default: the
+        family's pooling).
     residual: how maps meet at residual joins: "average", "scalar" or "matrix"
         (the weighted ones measure the anchor on `data`).
     data: one batch (dict of input tensors) or an iterable of batches.
@@ -127,8 +129,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
     (alignment, solver, reg, residual, data, weights, qk, token_filter, cost_norm, max_iter, tol, reg_grid,
-     holdout, activation_dtype, repair, seed, head_alignment, on_unconverged, on_uniform, trust_remote_code,
-     progress) = (options[k] for k in _OPTIONS)
+     holdout, activation_dtype, repair, seed, head_alignment, on_unconverged, on_uniform, pooling,
+     trust_remote_code, progress) = (options[k] for k in _OPTIONS)
     t_start = time.perf_counter()
     parents = _as_list(parents)
     opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents,
@@ -212,7 +214,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
             reg = None
         if reg == "auto":
             model, map_stats, reg, sweep = _reg_sweep(fuse_at, reg_grid or REG_GRID,
-                                                      holdout if holdout is not None else data, parent_ms)
+                                                      holdout if holdout is not None else data, parent_ms,
+                                                      pooling)
         else:
             model, map_stats = fuse_at(None if reg is None else float(reg))
         if writer is not None:
@@ -391,12 +394,13 @@ def _finish_sum(fused, anchor_sd, tied) -> dict:
     return {name: fused[name] for name in anchor_sd}
 
 
-def _reg_sweep(fuse_at, grid, holdout, parent_ms):
+def _reg_sweep(fuse_at, grid, holdout, parent_ms, pooling=None):
     """Fuse at every reg of the grid; keep the lowest held-out loss."""
     batches = list(activations.iter_batches(holdout))
     targets = None
     if not all("labels" in b for b in batches):
-        targets = [_parent_targets(parent_ms, b) for b in batches]
+        pooling = pooling or embedding.pooling_mode(parent_ms[0].config)
+        targets = [_parent_targets(parent_ms, b, pooling) for b in batches]
     best, sweep = None, []
     for r in grid:
         try:
@@ -420,21 +424,21 @@ def _inputs(model, batch):
 
 
 @torch.inference_mode()
-def _parent_targets(parent_ms, batch):
+def _parent_targets(parent_ms, batch, pooling="mean"):
     """The parents' mean prediction; headless parents: their pooled embeddings."""
     from otcompress.data import is_headless
     if is_headless(parent_ms[0]):
-        return _Embeddings([embedding.embed(p, _inputs(p, batch), _pooling(p)) for p in parent_ms])
+        return _Embeddings([embedding.embed(p, _inputs(p, batch), pooling) for p in parent_ms], pooling)
     probs = [torch.softmax(_logits(p(**_inputs(p, batch))), -1) for p in parent_ms]
     return sum(probs) / len(probs)
 
 
 class _Embeddings(list):
-    """Headless parents' embeddings of one batch: the reg sweep's target."""
+    """Headless parents' embeddings of one batch (pooled by `pooling`): the reg sweep's target."""
 
-
-def _pooling(model):
-    return embedding.pooling_mode(model.config)
+    def __init__(self, embeddings, pooling):
+        super().__init__(embeddings)
+        self.pooling = pooling
 
 
 def _logits(out):
@@ -453,7 +457,7 @@ def _holdout_loss(model, batches, targets) -> float:
     for i, b in enumerate(batches):
         inputs = _inputs(model, b)
         if isinstance(targets and targets[i], _Embeddings):
-            loss = embedding.similarity_loss(embedding.embed(model, inputs, _pooling(model)), targets[i])
+            loss = embedding.similarity_loss(embedding.embed(model, inputs, targets[i].pooling), targets[i])
         elif targets is None:
             loss = model(**inputs, labels=b["labels"].to(inputs[next(iter(inputs))].device)).loss
         else:

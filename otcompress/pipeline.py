@@ -69,7 +69,9 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     fuse_anchor = anchor_m if anchor_m is not None else anchor_cfg
     source = anchor if anchor is not None else parents[0]  # its preprocessor files come along
     if data is None and r["data"]:
-        data = load_task_data(r["data"], anchor_m or anchor_cfg, source, r["seed"])
+        data = load_task_data(r["data"], anchor_m or anchor_cfg, source, r["seed"], r["pooling"])
+    elif data is not None and r["pooling"]:
+        data = dataclasses.replace(data, pooling=r["pooling"])
     # Headers are read now: a directory that cannot stream (other weight formats, a broken
     # file) is loaded, which says what is wrong before any work.
     streamed = _streamed(parents, r, data) and all(
@@ -99,6 +101,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                       teachers=teachers, distill_alpha=r["distill_alpha"], device=device,
                       progress=(lambda d, t, i=None: progress("finetune", d, t)) if progress else None)
     fuse_kw = {k: r[k] for k in FUSE_KEYS}
+    fuse_kw["pooling"] = data.pooling if data is not None else None  # headless models' reg auto
     if r["alignment"] == "auto" and holdout is not None:
         race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
                     one_shot=lambda m: _evaluate(m, data, device, reference), reference=reference)
@@ -189,6 +192,9 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     if isinstance(anchor, (str, os.PathLike)):
         _check_tokenizers(anchor, parents)
     headless = is_headless(anchor if hasattr(anchor, "config") else anchor_cfg)
+    if r["pooling"] and not headless:
+        raise InvalidOptionError(f"pooling '{r['pooling']}' applies to headless (embedding) models; this one "
+                                 "has a task head")
     if headless and r["finetune_steps"] > 0 and not r["distill"]:
         raise InvalidOptionError("a headless model (no task head) trains only by distilling the parents' "
                                  "embeddings: drop --no-distill or --finetune-steps")
@@ -409,15 +415,17 @@ def write_files(report, source, tmp: Path, r, hidden_size: int):
     (tmp / "README.md").write_text(outputs.model_card(report))
 
 
-def load_task_data(spec, model, model_path, seed):
-    """`load_data` with the tokenizer or image processor saved beside the model."""
+def load_task_data(spec, model, model_path, seed, pooling=None):
+    """`load_data` with the tokenizer or image processor saved beside the model;
+    a headless model's embeddings pooled by `pooling`, else as its checkpoint's
+    sentence-transformers files say, else as its family does."""
     from otcompress.data import load_data
     from otcompress.embedding import checkpoint_pooling
     tokenizer = image_processor = None
     if isinstance(model_path, (str, os.PathLike)) and Path(model_path).is_dir():
         tokenizer, image_processor = _preprocessors(Path(model_path))
     return load_data(spec, model, tokenizer=tokenizer, image_processor=image_processor, seed=seed,
-                     pooling=checkpoint_pooling(model_path))
+                     pooling=pooling or checkpoint_pooling(model_path))
 
 
 def _preprocessors(path: Path):

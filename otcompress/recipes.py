@@ -36,6 +36,7 @@ RECIPE_KEYS = {
     "distill": (bool, True),  # teachers = the parents while finetuning
     "distill_alpha": (float, 0.5),
     "race_fraction": (float, 0.5),
+    "pooling": (str, None),  # headless models' embeddings; None: the checkpoint's, else the family's
 }
 
 
@@ -50,6 +51,7 @@ CHOICES = {
     "head_alignment": ("cross", "aware"),
     "on_unconverged": ("raise", "warn"),
     "on_uniform": ("warn", "raise"),
+    "pooling": ("mean", "cls", "max", "last"),
 }
 
 

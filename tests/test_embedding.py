@@ -178,3 +178,38 @@ def test_cli_embedding_models_end_to_end(st_models, tmp_path, capsys):
     assert code == 0, err
     assert json.loads(stdout)["examples"] == 300  # a user's file: every line
 
+
+
+def test_pooling_option_reaches_scoring_and_is_refused_for_models_with_a_head(st_models, tmp_path, capsys):
+    from otcompress.cli import main
+    d = st_models
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    scores = {}
+    for pooling in ("mean", "cls"):
+        code, stdout, err = run("eval", d / "small", "--data", d / "texts.txt", "--reference", d / "big1",
+                                "--pooling", pooling, "--json")
+        assert code == 0, err
+        scores[pooling] = json.loads(stdout)["loss"]
+    assert scores["mean"] != scores["cls"]
+    M.bert(vocab=60).save_pretrained(tmp_path / "mlm")
+    for args in (["eval", tmp_path / "mlm", "--data", d / "texts.txt"],
+                 ["fuse", "--anchor", tmp_path / "mlm", "--parents", tmp_path / "mlm", "--out", tmp_path / "o"]):
+        code, _, err = run(*args, "--pooling", "cls")
+        assert code == 2 and err.count("\n") == 1 and "applies to headless (embedding) models" in err, err
+
+
+def test_reg_auto_pools_as_told():
+    from otcompress import fuse
+    data = _text_data()
+    anchor = M.bert(cls=T.BertModel, seed=1)
+    parents = [M.bert(hidden=48, heads=6, inter=96, cls=T.BertModel, seed=2)]
+    held = list(data.batches("eval", 16))
+    losses = {p: [row["loss"] for row in fuse(anchor, parents, reg="auto", reg_grid=(0.01, 0.5), data=held,
+                                              pooling=p).fusion_report["reg_sweep"]] for p in ("mean", "cls")}
+    assert losses["mean"] != losses["cls"]
