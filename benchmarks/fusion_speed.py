@@ -511,7 +511,7 @@ def streaming_worker(job: dict, threads: int) -> dict:
     from otcompress import fusion, modelio
     anchor = modelio.load_model(job["paths"]["anchor"])
     if job["mode"] == "loaded":  # the pre-streaming path, for comparison
-        fusion._streams = lambda *a, **k: False
+        fusion.streams = lambda *a, **k: False
     reads = []
     real_getitem = modelio.LazyStateDict.__getitem__
     modelio.LazyStateDict.__getitem__ = lambda self, k: reads.append(k) or real_getitem(self, k)
@@ -525,13 +525,17 @@ def streaming_worker(job: dict, threads: int) -> dict:
         if job["mode"] == "disk":  # written shard by shard, never in memory whole
             report = fusion.fuse_to_disk(anchor, job["paths"]["parents"], job["out"], max_shard_size=job["shard"],
                                          **options)
+        elif job["mode"] == "workflow":  # what `otcompress fuse` runs (no data: nothing to train)
+            from otcompress import pipeline
+            _, report = pipeline.run(anchor, job["paths"]["parents"], options, job["out"])
         else:
             model = otcompress.fuse(anchor, job["paths"]["parents"], **options)
             report = model.fusion_report
         wall = time.perf_counter() - t0
     usage1 = os.times()
     peak = max((_status_kb("VmHWM") or 0) * 1024 if hwm_ok else 0, sampler.peak)
-    if job["mode"] == "disk":  # after the measurement: what from_pretrained makes of the directory
+    written = job["mode"] in ("disk", "workflow")
+    if written:  # after the measurement: what from_pretrained makes of the directory
         model = modelio.load_model(job["out"])
     digest = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -542,7 +546,7 @@ def streaming_worker(job: dict, threads: int) -> dict:
             "anchor_param_bytes": param_bytes(anchor), "tensor_reads": len(reads),
             "distinct_tensors_read": len(set(reads)), "timings": report["timings"],
             "fused_sha256": digest.hexdigest(), "threads": threads,
-            "files_written": sorted(p.name for p in Path(job["out"]).iterdir()) if job["mode"] == "disk" else None}
+            "files_written": sorted(p.name for p in Path(job["out"]).iterdir()) if written else None}
 
 
 def _spawn(flag: str, payload: dict, threads: int, timeout: float) -> dict:
@@ -572,10 +576,10 @@ def streaming_main(args) -> int:
         parent_bytes = _dir_bytes(paths["parents"][0])
         shards = len(list(Path(paths["parents"][0]).glob("*.safetensors")))
         rows = []
-        for mode in ("disk", "streamed", "loaded"):
+        for mode in ("disk", "workflow", "streamed", "loaded"):
             print(f"[fusion_speed] streaming: {mode} ...", flush=True)
             r = _spawn("--streaming-worker", {"mode": mode, "paths": paths, "reg": plan["reg"],
-                                              "out": str(Path(root) / "fused"), "shard": plan["shard"]},
+                                              "out": str(Path(root) / f"fused-{mode}"), "shard": plan["shard"]},
                        args.threads, args.timeout)
             r.setdefault("mode", mode)
             rows.append(r)
@@ -608,6 +612,9 @@ def render_streaming(plan: dict, rows: list, meta: dict) -> str:
              "- each mode in a fresh subprocess; parents passed as directories; `disk` = "
              f"`fusion.fuse_to_disk(..., max_shard_size='{plan['shard']}')` (tensors read one at a time, each fused "
              "tensor written to its shard as soon as it is final; the fused model is never in memory whole), "
+             "`workflow` = `pipeline.run` (what `otcompress fuse` runs) with the same options and no data: "
+             "it streams the parents and writes through fuse_to_disk, plus the report, recipe and card "
+             "(the CLI also loads the anchor itself, which here is in the baseline), "
              "`streamed` = fuse() (tensors read one at a time, the fused model returned in memory), `loaded` = "
              "fuse() with streaming switched off (parents loaded whole); peak RSS = VmHWM reset "
              "(/proc/self/clear_refs) just before the call, cross-checked by a 5 ms sampler; overhead = peak - "
