@@ -17,43 +17,89 @@ from otcompress.errors import DataError
 from otcompress.flowgraph import Combine, Probe, Solve
 
 
-class CrossMoments:
-    """Running means, second moments and cross-moments of paired samples
-    x (m units) and y (n units), merged batch by batch (Chan et al.) in float64
-    so that large token counts lose no precision."""
+class Moments:
+    """Running mean and second moment of one side's units (samples x units).
+
+    Shifted data: every batch is shifted by the first batch's mean and the
+    shifted values are summed in float64, so large means cancel no digits and
+    merging a batch costs O(units), not a Chan merge of every matrix.
+    `shifted(x)` folds a batch in and returns its shifted copy, the operand of
+    the cross-moment products (one copy per side and batch, shared by every
+    CrossMoments that reads this side)."""
 
     def __init__(self):
         self.count = 0
-        self.mean_x = self.mean_y = self.m2_x = self.m2_y = self.c_xy = None
+        self.shift = self.s1 = self.s2 = None
+
+    def shifted(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shift is None:
+            self.shift = x.mean(0) if x.shape[0] else torch.zeros_like(x[0])
+            self.s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.s2 = torch.zeros_like(self.s1)
+        xs = x - self.shift
+        # A batch's sums in float32 (15x faster than reducing in float64 here),
+        # then carried in float64 across batches.
+        self.s1 += xs.sum(0)
+        self.s2 += (xs * xs).sum(0)
+        self.count += x.shape[0]
+        return xs
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift.double() + self.s1 / self.count
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Sum of squared deviations from the mean, per unit."""
+        return (self.s2 - self.s1 * self.s1 / self.count).clamp_min_(0)
+
+
+class CrossMoments:
+    """Means, second moments and cross-moments of paired samples x (m units)
+    and y (n units), accumulated batch by batch in float64 from float32
+    products of shifted batches (see Moments).
+
+    `update(x, y)` folds raw batches into both sides. To share one side among
+    several pairs (the anchor's side, against every parent), give it as
+    `y_side` and feed shifted batches with `add(xs, ys)`: the anchor's shift
+    and sums are then computed once per batch, not once per parent."""
+
+    def __init__(self, x_side: Moments | None = None, y_side: Moments | None = None):
+        self.x = Moments() if x_side is None else x_side
+        self.y = Moments() if y_side is None else y_side
+        self.s_xy = None
+
+    @property
+    def count(self) -> int:
+        return self.x.count
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        b = x.shape[0]
-        if b == 0:
+        self.add(self.x.shifted(x), self.y.shifted(y))
+
+    def add(self, xs: torch.Tensor, ys: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Fold in the product of already shifted batches. `out`: an (m, n)
+        float32 scratch for the product (reused across calls and pairs, so the
+        only per-pair matrix is the float64 sum)."""
+        if xs.shape[0] == 0:
             return
-        mx, my = x.mean(0), y.mean(0)
-        xc, yc = x - mx, y - my
-        c_b = (xc.T @ yc).double()
-        m2x_b, m2y_b = (xc * xc).sum(0).double(), (yc * yc).sum(0).double()
-        mx, my = mx.double(), my.double()
-        if self.count == 0:
-            self.count, self.mean_x, self.mean_y = b, mx, my
-            self.m2_x, self.m2_y, self.c_xy = m2x_b, m2y_b, c_b
-            return
-        n = self.count + b
-        dx, dy = mx - self.mean_x, my - self.mean_y
-        w = self.count * b / n
-        self.c_xy += c_b + w * torch.outer(dx, dy)
-        self.m2_x += m2x_b + w * dx * dx
-        self.m2_y += m2y_b + w * dy * dy
-        self.mean_x += dx * (b / n)
-        self.mean_y += dy * (b / n)
-        self.count = n
+        prod = torch.mm(xs.T, ys, out=out) if out is not None else xs.T @ ys
+        if self.s_xy is None:
+            self.s_xy = prod.double()
+        else:
+            self.s_xy += prod
+
+    def covariance_sum(self) -> torch.Tensor:
+        """sum over samples of (x - mean_x)(y - mean_y)^T, (m, n) float64."""
+        if self.s_xy is None:
+            return torch.zeros(self.x.shift.numel(), self.y.shift.numel(), dtype=torch.float64,
+                               device=self.x.shift.device)
+        return self.s_xy - torch.outer(self.x.s1, self.y.s1 / self.count)
 
     def correlation(self) -> torch.Tensor:
         # A unit that never varies has no direction: correlation 0 with everything.
-        sx = self.m2_x.clamp_min(1e-12).sqrt()
-        sy = self.m2_y.clamp_min(1e-12).sqrt()
-        return (self.c_xy / torch.outer(sx, sy)).clamp_(-1.0, 1.0)
+        sx = self.x.m2.clamp_min(1e-12).sqrt()
+        sy = self.y.m2.clamp_min(1e-12).sqrt()
+        return (self.covariance_sum() / torch.outer(sx, sy)).clamp_(-1.0, 1.0)
 
     def cost(self) -> torch.Tensor:
         """Distance of z-scored activation vectors, up to a constant factor that
@@ -155,31 +201,61 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     solve_probes = {probe for n in solves for _, probe in n.parts}
     anchor_probes = solve_probes | {p for j in joins for p in (j.skip_probe, j.branch_probe)}
     sequence_probes = {probe for n in solves if n.sequence for _, probe in n.parts}
-    moments = [{p: CrossMoments() for p in solve_probes} for _ in parents]
+    join_probes = {p for j in joins for p in (j.skip_probe, j.branch_probe)}
+    if token_filter is not None and spec.token_filter is None:
+        raise DataError(f"token filter '{token_filter}' only applies to vision transformers")
+    # The anchor's side of every pair is shifted and summed once per batch and
+    # shared by all parents; each parent keeps its own side and the float64
+    # cross-moment sums.
+    anchor_sides = {p: Moments() for p in solve_probes}
+    moments = [{p: CrossMoments(y_side=anchor_sides[p]) for p in solve_probes} for _ in parents]
     norms = {j.tm: ResidualNorms() for j in joins}
+    scratch: dict = {}  # one float32 product buffer per (m, n), shared by all probes of that shape
     state = {"seen": 0, "examples": 0}
     total = _num_examples(data)  # for progress: examples, since the token count is known only when seen
     device = model_device(anchor) if device is None else torch.device(device)
     a_dev, p_devs = model_device(anchor), [model_device(p) for p in parents]
-    with torch.inference_mode(), _autocast(a_dev, forward_dtype), \
-            capture(anchor, anchor_probes, device) as a_acts:
+    with torch.inference_mode():
         for inputs in _chunks(data, device, max_chunk):
             mask = inputs.get("attention_mask")
-            anchor(**_on(inputs, a_dev))
-            keep = _keep_tokens(spec, token_filter, a_acts, sequence_probes, device)
+            chunk = {"keep": None, "tokens": None}
+            raw, a_shifted = {}, {}
+
+            def keep_for(probe, t):
+                if probe not in sequence_probes:
+                    return None
+                if token_filter is not None and chunk["keep"] is None and t.dim() == 3:
+                    chunk["keep"] = spec.token_filter(token_filter, t.shape[1]).to(device)
+                return chunk["keep"]
+
+            def take(probe, t):
+                # Anchor hook: only the shifted samples are kept (the raw tensor
+                # too when a residual join reads it), never a second copy.
+                t = t.to(device)
+                if chunk["tokens"] is None:
+                    chunk["tokens"] = t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
+                if probe in join_probes:
+                    raw[probe] = t
+                if probe in solve_probes:
+                    a_shifted[probe] = anchor_sides[probe].shifted(token_samples(t, mask, keep_for(probe, t)))
+            with stream(anchor, anchor_probes, take), _autocast(a_dev, forward_dtype):
+                anchor(**_on(inputs, a_dev))
             for j in joins:
-                norms[j.tm].update(token_samples(a_acts[j.skip_probe], mask, None),
-                                   token_samples(a_acts[j.branch_probe], mask, None))
-            # The anchor side of every pair, selected once and reused for each parent.
-            a_samples = {p: token_samples(a_acts[p], mask, keep if p in sequence_probes else None)
-                         for p in solve_probes}
+                norms[j.tm].update(token_samples(raw[j.skip_probe], mask, None),
+                                   token_samples(raw[j.branch_probe], mask, None))
+            raw.clear()
             for k, parent in enumerate(parents):
                 def fold(probe, t, k=k):
-                    kt = keep if probe in sequence_probes else None
-                    moments[k][probe].update(token_samples(t.to(device), mask, kt), a_samples[probe])
+                    cm, ys = moments[k][probe], a_shifted[probe]
+                    xs = cm.x.shifted(token_samples(t.to(device), mask, keep_for(probe, t)))
+                    key = (xs.shape[1], ys.shape[1])
+                    if key not in scratch:
+                        scratch[key] = torch.empty(key, device=device)
+                    cm.add(xs, ys, out=scratch[key])
                 with stream(parent, solve_probes, fold), _autocast(p_devs[k], forward_dtype):
                     parent(**_on(inputs, p_devs[k]))
-            state["seen"] += int(mask.sum()) if mask is not None else _batch_tokens(a_acts)
+            a_shifted.clear()
+            state["seen"] += int(mask.sum()) if mask is not None else (chunk["tokens"] or 0)
             state["examples"] += len(next(iter(inputs.values())))
             if progress:
                 progress("activations", state["examples"], total)
@@ -206,8 +282,11 @@ def _chunks(data, device, max_chunk):
     for batch in iter_batches(data):
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         n = next(iter(inputs.values())).shape[0]
-        for i in range(0, n, max_chunk):
-            yield {k: v[i:i + max_chunk] for k, v in inputs.items()}
+        # Equal chunks (50 -> 13, 13, 12, 12 rather than 16, 16, 16, 2): a tiny
+        # last chunk runs the forward passes at a worse GEMM rate.
+        size = -(-n // max(1, -(-n // max_chunk))) if n else 1
+        for i in range(0, n, size):
+            yield {k: v[i:i + size] for k, v in inputs.items()}
 
 
 def _num_examples(data):
@@ -254,21 +333,3 @@ def _solve_cost(node: Solve, moments: dict) -> torch.Tensor:
         return parts[0]
     # Several parts (shared Q/K): distances of concatenated features add in squares.
     return torch.stack([c * c for c in parts]).sum(0).sqrt()
-
-
-def _keep_tokens(spec, token_filter, acts, sequence_probes, device):
-    if token_filter is None:
-        return None
-    if spec.token_filter is None:
-        raise DataError(f"token filter '{token_filter}' only applies to vision transformers")
-    seq_len = next((acts[p].shape[1] for p in sequence_probes if acts[p].dim() == 3), None)
-    if seq_len is None:
-        # No cost statistics over tokens (weights alignment with a weighted
-        # residual): the filter has nothing to select from.
-        return None
-    return spec.token_filter(token_filter, seq_len).to(device)
-
-
-def _batch_tokens(acts) -> int:
-    t = next(iter(acts.values()))
-    return t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
