@@ -262,8 +262,16 @@ class Timers:
         self.wrap(align, "combine", "residual combine")
         self.wrap(fusion, "_finish_sum", "finish the weighted sum (ties, dtypes)")
         self.wrap(fusion, "build_model", "build fused model")
-        self.wrap(activations.CrossMoments, "update", "cross-moments update (incl. in hooks)",
-                  flops=lambda self_, x, y: 2 * x.shape[0] * x.shape[1] * y.shape[1])
+        label = "cross-moments update (incl. in hooks)"
+        if hasattr(activations.CrossMoments, "add"):
+            # Shifted sums: each side shifted once per batch (the anchor's shared by all
+            # parents), products folded in by `add`; `update` calls both.
+            self.wrap(activations.CrossMoments, "add", label,
+                      flops=lambda self_, xs, ys, out=None: 2 * xs.shape[0] * xs.shape[1] * ys.shape[1])
+            self.wrap(activations.Moments, "shifted", label)
+        else:  # the engine before shifted sums: one Chan merge per pair and batch
+            self.wrap(activations.CrossMoments, "update", label,
+                      flops=lambda self_, x, y: 2 * x.shape[0] * x.shape[1] * y.shape[1])
         self.wrap(activations, "_solve_cost", "activation costs")
         return self
 

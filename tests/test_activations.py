@@ -149,3 +149,50 @@ def test_headless_vit_statistics():
     spec = architectures.build_spec(anchor)
     out = stats(spec, anchor, parent, M.inputs(anchor))
     assert out["samples"] == 4 * 17 and all(torch.isfinite(c).all() for c in out["costs"][0].values())
+
+
+def test_cross_moments_keep_precision_with_large_means_and_a_shared_side():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 5, generator=g) * 0.01 + 1000  # mean / std = 1e5: unshifted float32 sums lose it all
+    y = torch.randn(900, 3, generator=g) + 50
+    y[:, 1] = 0.3 * x[:, 0] + 0.01 * y[:, 1]
+    x2 = torch.randn(900, 4, generator=g)
+    direct = torch.corrcoef(torch.cat([x, y], 1).double().T)[:5, 5:]
+    direct2 = torch.corrcoef(torch.cat([x2, y], 1).double().T)[:4, 4:]
+    alone = activations.CrossMoments()
+    side = activations.Moments()  # one y side shared by two pairs, shifted once per batch
+    a, b = activations.CrossMoments(y_side=side), activations.CrossMoments(y_side=side)
+    for i in range(0, 900, 128):
+        alone.update(x[i:i + 128], y[i:i + 128])
+        ys = side.shifted(y[i:i + 128])
+        a.add(a.x.shifted(x[i:i + 128]), ys)
+        b.add(b.x.shifted(x2[i:i + 128]), ys)
+    assert torch.allclose(alone.correlation(), direct, atol=1e-5)
+    assert torch.allclose(a.correlation(), direct, atol=1e-5)
+    assert torch.allclose(b.correlation(), direct2, atol=1e-5)
+    assert a.count == b.count == side.count == 900
+
+
+def test_bfloat16_forward_statistics_are_those_of_its_activations(berts):
+    """Under autocast the products must not be rounded to bfloat16 as well: the
+    costs equal those computed in float64 from the bfloat16 activations."""
+    spec, anchor, parent = berts
+    clean, _ = padded_batches()
+    mask = clean["attention_mask"]
+    got = stats(spec, anchor, parent, clean, forward_dtype=torch.bfloat16)["costs"][0]
+    nodes = [n for n in spec.nodes if type(n).__name__ == "Solve" and len(n.parts) == 1]
+    probes = [n.parts[0][1] for n in nodes]
+    acts = []
+    for model in (anchor, parent):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                activations.capture(model, probes) as store:
+            model(**clean)
+            acts.append({p: activations.token_samples(t, mask, None).double() for p, t in store.items()})
+    worst = 0.0
+    for node, probe in zip(nodes, probes):
+        a, p = acts[0][probe], acts[1][probe]
+        rho = torch.corrcoef(torch.cat([p, a], 1).T)[:p.shape[1], p.shape[1]:]
+        rho = torch.nan_to_num(rho).clamp(-1, 1)
+        want = (1 - rho).clamp_min(0).sqrt()
+        worst = max(worst, (got[node.tm].double() - want).abs().max().item())
+    assert worst < 1e-4
