@@ -9,6 +9,7 @@ memory instead of O(tokens x units)."""
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager, nullcontext
 
@@ -126,6 +127,27 @@ class CrossMoments:
         """Distance of z-scored activation vectors, up to a constant factor that
         cost normalisation removes."""
         return (1.0 - self.correlation()).clamp_min_(0).sqrt_()
+
+
+class LinearImage(CrossMoments):
+    """Cross-moments of two Linear layers' outputs x W_x^T + b_x and
+    y W_y^T + b_y, derived from those of their inputs: the centred outputs are
+    linear in the centred inputs, so cov = W_x cov(x, y) W_y^T exactly. Q, K
+    and V read one input: its cross-moments, accumulated once, give all three
+    (a third of the products). The outputs' own means and variances are still
+    summed from the outputs (`x_side`, `y_side`: O(samples x units))."""
+
+    def __init__(self, inputs: CrossMoments, w_x: torch.Tensor, w_y: torch.Tensor,
+                 x_side: Moments, y_side: Moments):
+        super().__init__(x_side, y_side)
+        self.inputs, self.w_x, self.w_y = inputs, w_x, w_y
+
+    def add(self, xs, ys, out=None):
+        raise TypeError("a LinearImage is derived from its inputs' cross-moments; update those")
+
+    def covariance_sum(self) -> torch.Tensor:
+        w_x, w_y = (w.to(self.x.s1.device, torch.float64) for w in (self.w_x, self.w_y))
+        return w_x @ self.inputs.covariance_sum() @ w_y.T
 
 
 @contextmanager
@@ -251,19 +273,31 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     join_probes = {p for j in joins for p in (j.skip_probe, j.branch_probe)}
     if token_filter is not None and spec.token_filter is None:
         raise DataError(f"token filter '{token_filter}' only applies to vision transformers")
+    device = model_device(anchor) if device is None else torch.device(device)
+    a_dev, p_devs = model_device(anchor), [model_device(p) for p in parents]
+    total = _num_examples(data)  # for progress: examples, since the token count is known only when seen
+    chunks = _chunks(data, device, max_chunk)
+    first = next(chunks, None)
+    # Linear-output probes that read one input (Q, K, V): probe -> that input's probe.
+    via_input = {}
+    if first is not None and solve_probes:
+        with torch.inference_mode():
+            via_input = _shared_inputs([(anchor, a_dev), *zip(parents, p_devs)], solve_probes,
+                                       {k: v[:1] for k, v in first.items()}, total, forward_dtype)
+    product_probes = (solve_probes - via_input.keys()) | set(via_input.values())
+    sequence_probes |= {via_input[p] for p in via_input if p in sequence_probes}
     # The anchor's side of every pair is shifted and summed once per batch and
     # shared by all parents; each parent keeps its own side and the float64
     # cross-moment sums.
-    anchor_sides = {p: Moments() for p in solve_probes}
-    moments = [{p: CrossMoments(y_side=anchor_sides[p]) for p in solve_probes} for _ in parents]
+    anchor_sides = {p: Moments() for p in solve_probes | product_probes}
+    parent_sides = [{p: Moments() for p in solve_probes | product_probes} for _ in parents]
+    products = [{p: CrossMoments(sides[p], anchor_sides[p]) for p in product_probes} for sides in parent_sides]
     norms = {j.tm: ResidualNorms() for j in joins}
     scratch: dict = {}  # one float32 product buffer per (m, n), shared by all probes of that shape
     state = {"seen": 0, "examples": 0}
-    total = _num_examples(data)  # for progress: examples, since the token count is known only when seen
-    device = model_device(anchor) if device is None else torch.device(device)
-    a_dev, p_devs = model_device(anchor), [model_device(p) for p in parents]
+    streamed = anchor_probes | product_probes
     with torch.inference_mode():
-        for inputs in _chunks(data, device, max_chunk):
+        for inputs in itertools.chain([first] if first is not None else [], chunks):
             mask = inputs.get("attention_mask")
             chunk = {"keep": None, "tokens": None}
             raw, a_shifted = {}, {}
@@ -283,10 +317,11 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
                     chunk["tokens"] = t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
                 if probe in join_probes:
                     raw[probe] = t
-                if probe in solve_probes:
-                    samples = token_samples(t, mask, keep_for(probe, t), None)
-                    a_shifted[probe] = anchor_sides[probe].shifted(samples)
-            with stream(anchor, anchor_probes, take), _autocast(a_dev, forward_dtype):
+                if probe in anchor_sides:
+                    ys = anchor_sides[probe].shifted(token_samples(t, mask, keep_for(probe, t), None))
+                    if probe in product_probes:
+                        a_shifted[probe] = ys
+            with stream(anchor, streamed, take), _autocast(a_dev, forward_dtype):
                 anchor(**_on(inputs, a_dev))
             for j in joins:
                 norms[j.tm].update(token_samples(raw[j.skip_probe], mask, None),
@@ -294,23 +329,92 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
             raw.clear()
             for k, parent in enumerate(parents):
                 def fold(probe, t, k=k):
-                    cm, ys = moments[k][probe], a_shifted[probe]
-                    xs = cm.x.shifted(token_samples(t.to(device), mask, keep_for(probe, t), None))
+                    samples = token_samples(t.to(device), mask, keep_for(probe, t), None)
+                    xs = parent_sides[k][probe].shifted(samples)
+                    if probe not in product_probes:
+                        return
+                    ys = a_shifted[probe]
                     key = (xs.shape[1], ys.shape[1])
                     if key not in scratch:
                         scratch[key] = torch.empty(key, device=device)
-                    cm.add(xs, ys, out=scratch[key])
-                with stream(parent, solve_probes, fold), _autocast(p_devs[k], forward_dtype):
+                    products[k][probe].add(xs, ys, out=scratch[key])
+                with stream(parent, solve_probes | product_probes, fold), _autocast(p_devs[k], forward_dtype):
                     parent(**_on(inputs, p_devs[k]))
             a_shifted.clear()
             state["seen"] += int(mask.sum()) if mask is not None else (chunk["tokens"] or 0)
             state["examples"] += len(next(iter(inputs.values())))
             if progress:
                 progress("activations", state["examples"], total)
+    moments = []
+    for k, parent in enumerate(parents):
+        per_probe = {}
+        for p in solve_probes:
+            if p in via_input:
+                w_x, w_y = (m.get_submodule(p.module).weight.detach() for m in (parent, anchor))
+                per_probe[p] = LinearImage(products[k][via_input[p]], w_x, w_y,
+                                           parent_sides[k][p], anchor_sides[p])
+            else:
+                per_probe[p] = products[k][p]
+        moments.append(per_probe)
     if need_costs and state["seen"] == 0:
         raise DataError("calibration data is empty")
     costs = [_costs(solves, m) for m in moments]
     return {"costs": costs, "norms": norms, "samples": state["seen"]}
+
+
+def _shared_inputs(models, probes, example, examples, forward_dtype) -> dict:
+    """{probe: Probe(module, "in")} for the Linear-output probes whose modules
+    read one and the same input tensor in every model (Q, K and V of an
+    attention layer), found by a forward pass of one example; only groups where
+    the shared input's products, over the expected tokens (`examples` x this
+    example's; unknown: assumed many), cost less than the members' own plus
+    deriving them (float64, `LinearImage`)."""
+    def linear(model, probe):
+        try:
+            return model.get_submodule(probe.module)
+        except AttributeError:
+            return None
+    cands = [p for p in probes if p.side == "out" and p.part is None
+             and all(type(linear(m, p)) is torch.nn.Linear for m, _ in models)]  # noqa: E721 - exactly F.linear
+    if not cands:
+        return {}
+    groupings, tokens = [], 0
+    for model, dev in models:
+        seen = []  # [input tensor, [probes]]; holding the tensors keeps `is` meaningful
+
+        def pre(module, args, probe):
+            for entry in seen:
+                if entry[0] is args[0]:
+                    entry[1].append(probe)
+                    return
+            seen.append([args[0], [probe]])
+        handles = [linear(model, p).register_forward_pre_hook(functools.partial(pre, probe=p)) for p in cands]
+        try:
+            with _autocast(dev, forward_dtype):
+                model(**_on(example, dev))
+        finally:
+            for h in handles:
+                h.remove()
+        tokens = max([tokens] + [t.shape[:-1].numel() for t, _ in seen])
+        groupings.append({frozenset(g) for _, g in seen if len(g) > 1})
+    expected = None if examples is None else examples * tokens
+    anchor, parents = models[0][0], [m for m, _ in models[1:]]
+    chosen = {}
+    for group in set.intersection(*groupings):
+        members = sorted(group, key=lambda p: p.module)
+        a_in = linear(anchor, members[0]).in_features
+        per_token_direct = per_token_shared = derive = 0
+        for parent in parents:
+            p_in = linear(parent, members[0]).in_features
+            per_token_shared += p_in * a_in
+            for p in members:
+                m, n = linear(parent, p).out_features, linear(anchor, p).out_features
+                per_token_direct += m * n
+                derive += 2 * (m * p_in * a_in + m * a_in * n)  # float64: about twice a float32 product
+        saved = per_token_direct - per_token_shared
+        if saved > 0 and (expected is None or expected * saved > derive):
+            chosen.update({p: Probe(members[0].module, "in") for p in members})
+    return chosen
 
 
 def _costs(solves, moments: dict) -> dict:

@@ -196,3 +196,23 @@ def test_bfloat16_forward_statistics_are_those_of_its_activations(berts):
         want = (1 - rho).clamp_min(0).sqrt()
         worst = max(worst, (got[node.tm].double() - want).abs().max().item())
     assert worst < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_q_k_v_costs_from_their_shared_input_equal_the_direct_ones(vits, monkeypatch, dtype):
+    """Q, K and V read one input: with enough tokens their cross-moments are
+    derived from that input's (W_p C W_a^T), and the costs are those of the
+    direct products of the outputs."""
+    spec, anchor, parent = vits
+    data = [M.inputs(anchor, batch=40, seed=s) for s in range(3)]  # 120 images x 17 tokens
+    derived = stats(spec, anchor, parent, data, forward_dtype=dtype, token_filter="window_2")
+    shared = activations._shared_inputs([(anchor, "cpu"), (parent, "cpu")],
+                                        {p for n in spec.nodes if type(n).__name__ == "Solve" for _, p in n.parts},
+                                        {"pixel_values": data[0]["pixel_values"][:1]}, 120, dtype)
+    assert sorted({p.module.rsplit(".", 1)[1] for p in shared}) == ["k_proj", "q_proj", "v_proj"]
+    assert len(shared) == 3 * anchor.config.num_hidden_layers
+    monkeypatch.setattr(activations, "_shared_inputs", lambda *a, **k: {})
+    direct = stats(spec, anchor, parent, data, forward_dtype=dtype, token_filter="window_2")
+    # float32: rounding only; bfloat16: the derived costs use the unrounded outputs
+    assert max_cost_diff(derived, direct) < (2e-6 if dtype is None else 0.02)
+    assert derived["samples"] == direct["samples"]
