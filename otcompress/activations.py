@@ -252,10 +252,17 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     {"costs": [ {tm: (m, n) cost} per parent ], "norms": {join tm: ResidualNorms},
      "samples": tokens seen}.
 
-    Memory stays bounded: batches are cut into chunks of `max_chunk` examples,
-    and each parent activation is folded into the statistics by its forward
-    hook the moment it is produced, so only the anchor's chunk is held.
-    `forward_dtype=torch.bfloat16` runs the forward passes under autocast.
+    Memory stays bounded: batches are cut into equal chunks of at most
+    `max_chunk` examples; the anchor's hooks keep only the shifted samples its
+    pairs need (shifted and summed once, shared by every parent), and each
+    parent activation is folded into the statistics by its forward hook the
+    moment it is produced, so only the anchor's chunk is held.
+    `forward_dtype=torch.bfloat16` runs the forward passes under autocast; the
+    statistics stay float32 products summed in float64.
+
+    Work: one forward pass per model and chunk, plus one of a single example
+    that finds Linear probes reading one input (Q, K, V): their cross-moments
+    are derived from that input's (`LinearImage`) when it saves products.
 
     `device` (default: the anchor's) is where the statistics are computed and
     where the costs (and matrix residual weights) are returned. Each model is
