@@ -38,7 +38,9 @@ numbers from a busy machine can be read against the compute floors.
     python benchmarks/fusion_speed.py --quick    # small smoke version, ~1 min
     python benchmarks/fusion_speed.py --only structured [--with-plain]   # case 4 alone
 
-Writes benchmarks/results/fusion_speed.md and .json (fusion_speed.quick.* with --quick).
+Writes benchmarks/results/fusion_speed.md and .json (fusion_speed.quick.* with --quick,
+fusion_speed.partial.* with --only, e.g. `--only vit-acts-all_tokens --repeat 3`: the ViT
+activations case and its bfloat16 variant, without touching the full results).
 """
 from __future__ import annotations
 
@@ -715,8 +717,11 @@ def _what(c):
 
 
 def render(results: list[dict], meta: dict) -> str:
-    lines = [f"# Fusion speed and peak memory ({'quick' if meta['quick'] else 'full'} run)", "",
-             "Written by `python benchmarks/fusion_speed.py" + (" --quick" if meta["quick"] else "") + "`.", ""]
+    kind = ("quick" if meta["quick"] else "full") + (" run, partial" if meta.get("only") else " run")
+    flags = (" --quick" if meta["quick"] else "") + (f" --only {meta['only']}" if meta.get("only") else "") \
+        + (f" --repeat {meta['repeat']}" if meta.get("repeat", 1) > 1 else "")
+    lines = [f"# Fusion speed and peak memory ({kind})", "",
+             f"Written by `python benchmarks/fusion_speed.py{flags}`.", ""]
     lines += [f"- machine: {meta['cpu']}, {meta['cores']} cores (shared with other jobs); torch {meta['torch']}, "
               f"transformers {meta['transformers']}, POT {meta['pot']}; `torch.set_num_threads({meta['threads']})`",
               f"- date: {meta['date']}; whole benchmark {meta['total_s']:.0f} s; load average at the end "
@@ -967,7 +972,8 @@ def main(argv=None):
     import ot
     import torch
     import transformers
-    meta = {"quick": args.quick, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
+    meta = {"quick": args.quick, "only": args.only, "repeat": args.repeat, "threads": args.threads,
+            "omp_wait_policy": args.omp_wait_policy,
             "loadavg_end": os.getloadavg(), "cores": os.cpu_count(), "cpu": _cpu_name(),
             "torch": torch.__version__, "transformers": transformers.__version__, "pot": ot.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
