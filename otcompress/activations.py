@@ -390,6 +390,8 @@ def _shared_inputs(models, probes, example, examples, forward_dtype) -> dict:
         seen = []  # [input tensor, [probes]]; holding the tensors keeps `is` meaningful
 
         def pre(module, args, probe):
+            if not args:  # input given by keyword: not grouped (nor read by an "in" probe)
+                return
             for entry in seen:
                 if entry[0] is args[0]:
                     entry[1].append(probe)
