@@ -164,11 +164,27 @@ def _step_loss(score, teachers, batch, alpha, temperature, autocast=None, poolin
 
 
 def _embedding_loss(score, teachers, batch, pooling, autocast=None):
+    """The similarity loss over the whole batch: under DDP every process
+    gathers all processes' embeddings (gradients flow back to its own rows),
+    so each computes the one-process loss."""
     student, _ = score(batch)
     with torch.no_grad(), (autocast() if autocast is not None else _nothing()):
-        targets = [embedding.embed(t, batch, pooling) for t in teachers]
-    loss = embedding.similarity_loss(student, targets)
+        targets = [_gathered(embedding.embed(t, batch, pooling)) for t in teachers]
+    loss = embedding.similarity_loss(_gathered(student, differentiable=True), targets)
     return loss, loss  # no task loss besides it
+
+
+def _gathered(rows: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """Every process's rows, in rank order (equal counts: see Trainer)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    if differentiable:
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(rows))
+    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
 
 
 @contextmanager
@@ -229,13 +245,20 @@ class Trainer:
         _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup)
         self.model, self.steps, self.lr, self.warmup = model, steps, lr, warmup
         self.alpha, self.temperature, self.progress = distill_alpha, temperature, progress
-        acc = accelerator or _accelerator(torch.device(device), mixed_precision)
+        # A headless model's pooler (BertModel, ViTModel) is not part of its embedding: under DDP
+        # parameters without gradients must be declared.
+        acc = accelerator or _accelerator(torch.device(device), mixed_precision,
+                                          unused_parameters=getattr(data, "task", None) == "feature-extraction")
         self.accelerator, self.world, self.rank = acc, acc.num_processes, acc.process_index
         # One process keeps the caller's device (accelerate's is process-wide);
         # a launched process trains where accelerate put it.
         self.device = acc.device if self.world > 1 else torch.device(device)
         if self.world > 1 and batch_size < self.world:
             raise InvalidOptionError(f"batch_size {batch_size} is smaller than the {self.world} processes")
+        if self.world > 1 and data.task == "feature-extraction" and batch_size % self.world:
+            # The embeddings of a batch are gathered from every process: equal shares.
+            raise InvalidOptionError(f"batch_size {batch_size} must be a multiple of the {self.world} processes "
+                                     "for a headless model's embedding objective")
         if acc.mixed_precision != "no" and acc.device.type != self.device.type:
             raise InvalidOptionError(f"mixed precision {acc.mixed_precision}: this process's accelerate state "
                                      f"is on {acc.device.type}, the model on {self.device.type}")
@@ -341,7 +364,7 @@ def is_main_process() -> bool:
     return not _launched() or int(os.environ.get("RANK", "0")) == 0
 
 
-def _accelerator(device: torch.device, mixed_precision=None):
+def _accelerator(device: torch.device, mixed_precision=None, unused_parameters=False):
     """An Accelerator for one Trainer. accelerate's state is per process: a
     launched process gets its device and process group from it; a single
     process keeps placing models itself (`device_placement=False`), so that
@@ -354,7 +377,9 @@ def _accelerator(device: torch.device, mixed_precision=None):
         raise InvalidOptionError("fp16 mixed precision needs a GPU; use bf16 on CPU")
     kwargs = {"mixed_precision": mixed_precision}
     if _launched():
+        from accelerate.utils import DistributedDataParallelKwargs
         kwargs["cpu"] = device.type == "cpu"
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)]
     else:
         kwargs["device_placement"] = False
         # cpu=True only decides a fresh state's device; asking it of a state that
@@ -368,12 +393,11 @@ def _accelerator(device: torch.device, mixed_precision=None):
 
 def _shard(batch: dict, rank: int, world: int) -> tuple[dict, float]:
     """This process's rows of a batch (every world-th from `rank`), and its
-    share of the batch's scored positions (of its rows, for embeddings: each
-    process then matches the similarities within its own rows)."""
+    share of the batch's scored positions. Embeddings (no labels): 1/world,
+    as every process computes the whole batch's loss (`_embedding_loss`)."""
     mine = {k: v[rank::world] for k, v in batch.items()}
     if "labels" not in batch:
-        first = next(iter(batch))
-        return mine, len(mine[first]) / len(batch[first])
+        return mine, 1 / world
     labels = batch["labels"]
     total = int((labels != IGNORE).sum())
     return mine, (int((mine["labels"] != IGNORE).sum()) / total if total else 0.0)

@@ -70,15 +70,17 @@ def test_mixed_precision_options_are_checked():
 WORKER = r"""
 import json, os, sys
 import torch
+import transformers as T
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 import models as M
 from otcompress import finetune as ft
 from otcompress.data import load_data
-data = load_data("digits", M.vit())
-model, teacher = M.vit(seed=1), M.vit(hidden=48, heads=6, seed=2)
+cls = T.ViTModel if {headless} else T.ViTForImageClassification
+data = load_data("digits", M.vit(cls=cls))
+model, teacher = M.vit(seed=1, cls=cls), M.vit(hidden=48, heads=6, seed=2, cls=cls)
 rows = []
-model.vit.embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+model.base_model.embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
 trainer = ft.Trainer(model, data, steps={steps}, lr=1e-3, batch_size={batch}, seed={seed}, teachers=[teacher],
                      mixed_precision={mp!r})
 trainer.run({steps})
@@ -91,10 +93,10 @@ with open(os.path.join({out!r}, f"rank{{acc.process_index}}.json"), "w") as f:
 """
 
 
-def _run_workers(tmp_path, n, mp=None, timeout=120):
+def _run_workers(tmp_path, n, mp=None, timeout=120, headless=False):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(ROOT / "tests"), steps=STEPS, batch=BATCH, seed=SEED, mp=mp,
-                                    out=str(tmp_path)))
+                                    out=str(tmp_path), headless=headless))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
     procs = []
     if n > 1:
@@ -145,3 +147,18 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     assert run["mp"] == "bf16" and len(run["losses"]) == STEPS
     assert all(torch.isfinite(torch.tensor(run["losses"])))
     assert run["losses"][-1] < run["losses"][0]
+
+
+def test_two_gloo_processes_follow_one_process_on_the_embedding_objective(tmp_path):
+    """A headless model's similarity loss needs the whole batch: every process
+    gathers all processes' embeddings, so 2 processes follow 1."""
+    import transformers as T
+    ranks = _run_workers(tmp_path, 2, headless=True)
+    assert [r["rows"] for r in ranks] == [[BATCH // 2] * STEPS] * 2
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["params"] == ranks[1]["params"]
+    data = load_data("digits", M.vit(cls=T.ViTModel))
+    model, teacher = M.vit(seed=1, cls=T.ViTModel), M.vit(hidden=48, heads=6, seed=2, cls=T.ViTModel)
+    one = ft.Trainer(model, data, steps=STEPS, lr=1e-3, batch_size=BATCH, seed=SEED, teachers=[teacher])
+    one.run(STEPS)
+    assert ranks[0]["losses"] == pytest.approx(one.summary()["losses"], rel=1e-4, abs=1e-6)
+    assert ranks[0]["params"] == pytest.approx(_params(model)[::97].tolist(), abs=1e-4)
