@@ -37,6 +37,7 @@ from otcompress.data import TaskData
 from otcompress.errors import InvalidOptionError
 
 IGNORE = -100  # label of positions without a target (unmasked MLM tokens)
+SHARDING_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate launch modes refused
 
 
 def _check_options(steps, lr, batch_size, distill_alpha, temperature, weight_decay, warmup):
@@ -250,6 +251,10 @@ class Trainer:
         acc = accelerator or _accelerator(torch.device(device), mixed_precision,
                                           unused_parameters=getattr(data, "task", None) == "feature-extraction")
         self.accelerator, self.world, self.rank = acc, acc.num_processes, acc.process_index
+        if acc.distributed_type.value in SHARDING_ENGINES:
+            # Sharded parameters would reach save_pretrained as shards (untested: no GPUs here).
+            raise InvalidOptionError(f"{acc.distributed_type.value} is not supported yet: launch with DDP "
+                                     "(accelerate launch --multi_gpu)")
         # One process keeps the caller's device (accelerate's is process-wide);
         # a launched process trains where accelerate put it.
         self.device = acc.device if self.world > 1 else torch.device(device)
