@@ -383,10 +383,9 @@ def _resolve_recipe(ctx, profile_name, flags):
         if recipes.problem("reg", given["reg"]) or given["reg"] is None:
             raise InvalidOptionError(f"--reg {flags['reg']}: use a finite regulariser reg > 0, or 'auto'")
     recipe.update({k: v for k, v in given.items() if v is not None})
-    if "reg" in given and recipe["solver"] == "emd":
-        # Flags are never silently ignored (as unknown recipe keys are refused): exact OT has no reg.
-        raise InvalidOptionError("--reg has no effect with solver emd (exact OT): drop --reg, "
-                                 "or use --solver sinkhorn")
+    unused = recipes.ineffective(recipe, given)
+    if unused:
+        raise InvalidOptionError(f"--{unused[0].replace('_', '-')} {unused[1]}: drop it")
     recipes.check_recipe(recipe, "options")
     recipe["profile"] = profile_name
     return recipe
@@ -476,10 +475,10 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     with outputs.staged_dir(out, force) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
-        outputs.write_json(tmp / "finetune_report.json", result)
         # The model card and fusion report (how the model was made) come along, with this run added.
         result["carried"] = outputs.carry_lineage(model, tmp, section, {
             f"before finetune ({data})": before, f"finetuned {summary['steps']} steps ({data})": after})
+        outputs.write_json(tmp / "finetune_report.json", result)
     _metrics_table(ui, result["metrics"], split="eval", examples=result["examples"])
     ui.log(f"[green]wrote[/green] {out}")
     ui.result(result)

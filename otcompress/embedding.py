@@ -96,6 +96,7 @@ def similarity_loss(student: torch.Tensor, teachers: list[torch.Tensor]) -> torc
 
 
 def teacher_embeddings(teachers, batch, mode) -> list[torch.Tensor]:
+    """The teachers' pooled embeddings of `batch`, without gradients."""
     with torch.no_grad():
         return [embed(t, batch, mode) for t in teachers]
 
@@ -103,9 +104,9 @@ def teacher_embeddings(teachers, batch, mode) -> list[torch.Tensor]:
 @torch.inference_mode()
 def score(model, batches, reference, mode: str, device) -> dict:
     """The model's embeddings against the reference models' over every pair of
-    examples in `batches`: "loss" (mean squared difference of the cosine
-    similarities, the training objective over all pairs, not in-batch ones)
-    and "similarity_pearson"; "examples" counts them."""
+    distinct examples in `batches` (training and the reg sweep compare within
+    a batch): "loss" (mean squared difference of the cosine similarities) and
+    "similarity_pearson"; "examples" counts them."""
     if not reference:
         raise InvalidOptionError("a headless model's embeddings are scored against reference "
                                  "models (its parents or teachers); none were given")

@@ -169,8 +169,8 @@ def _embedding_loss(score, teachers, batch, pooling, autocast=None):
     gathers all processes' embeddings (gradients flow back to its own rows),
     so each computes the one-process loss."""
     student, _ = score(batch)
-    with torch.no_grad(), (autocast() if autocast is not None else _nothing()):
-        targets = [_gathered(embedding.embed(t, batch, pooling)) for t in teachers]
+    with (autocast() if autocast is not None else _nothing()):
+        targets = [_gathered(t) for t in embedding.teacher_embeddings(teachers, batch, pooling)]
     loss = embedding.similarity_loss(_gathered(student, differentiable=True), targets)
     return loss, loss  # no task loss besides it
 
@@ -260,10 +260,13 @@ class Trainer:
         self.device = acc.device if self.world > 1 else torch.device(device)
         if self.world > 1 and batch_size < self.world:
             raise InvalidOptionError(f"batch_size {batch_size} is smaller than the {self.world} processes")
-        if self.world > 1 and data.task == "feature-extraction" and batch_size % self.world:
-            # The embeddings of a batch are gathered from every process: equal shares.
-            raise InvalidOptionError(f"batch_size {batch_size} must be a multiple of the {self.world} processes "
-                                     "for a headless model's embedding objective")
+        if self.world > 1 and data.task == "feature-extraction" and (
+                batch_size % self.world or data.num_examples("train") < batch_size):
+            # Every process gathers the batch's embeddings: equal shares of full batches
+            # (with fewer examples than a batch, the one batch would be partial).
+            raise InvalidOptionError(f"a headless model's embedding objective on {self.world} processes needs "
+                                     f"batch_size a multiple of {self.world} and at least batch_size training "
+                                     f"examples (batch_size {batch_size}, {data.num_examples('train')} examples)")
         if acc.mixed_precision != "no" and acc.device.type != self.device.type:
             raise InvalidOptionError(f"mixed precision {acc.mixed_precision}: this process's accelerate state "
                                      f"is on {acc.device.type}, the model on {self.device.type}")

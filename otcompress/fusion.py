@@ -103,7 +103,7 @@ def fuse_to_disk(anchor, parents, out, *, max_shard_size="5GB", force=False, fin
     """`fuse`, written to the model directory `out` (safetensors weights, in
     shards of at most `max_shard_size`, and config.json: a
     `from_pretrained` directory) without the fused model ever being in memory
-    whole where `fuse` streams (parents given as directories, see `_streams`):
+    whole where `fuse` streams (parents given as directories, see `streams`):
     each fused tensor goes to its shard as soon as every parent has added its
     part, about one layer after it is started. Options that need the fused
     model itself (repair, reg "auto") build it in memory first, then write it.
@@ -456,7 +456,7 @@ def _holdout_loss(model, batches, targets) -> float:
     total, n = 0.0, 0
     for i, b in enumerate(batches):
         inputs = _inputs(model, b)
-        if isinstance(targets and targets[i], _Embeddings):
+        if targets is not None and isinstance(targets[i], _Embeddings):
             loss = embedding.similarity_loss(embedding.embed(model, inputs, targets[i].pooling), targets[i])
         elif targets is None:
             loss = model(**inputs, labels=b["labels"].to(inputs[next(iter(inputs))].device)).loss

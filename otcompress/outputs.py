@@ -238,9 +238,6 @@ def _finetune_line(ft: dict) -> str:
     return line + ")"
 
 
-LINEAGE_FILES = ("fusion_report.json", "otcompress_config.yaml", "README.md")
-
-
 def carry_lineage(source, dest: Path, finetune: dict, metrics: dict | None = None) -> list[str]:
     """A finetuned copy keeps how its model was made: the source directory's
     fusion report (with `finetune` set to this run, any earlier one moved to

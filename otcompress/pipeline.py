@@ -34,7 +34,7 @@ import torch
 
 from otcompress import architectures, finetune as ft, modelio, outputs, recipes
 from otcompress.data import is_headless
-from otcompress.errors import InvalidOptionError
+from otcompress.errors import InvalidOptionError, ModelLoadError
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
@@ -47,7 +47,9 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     """Run a recipe (keys of `recipes.RECIPE_KEYS`; missing keys take their
     defaults, as on the command line) and return (model, report);
     with `out`, also write the model directory there (staged: a failure leaves
-    nothing behind). `anchor` is a model or directory, or None with `target`
+    nothing behind). The model is None when it was written straight to `out`
+    without being built: parents given as directories, streamed, and nothing
+    to evaluate or train (no data); load it from `out`. `anchor` is a model or directory, or None with `target`
     (a dict of widths, e.g. {"hidden": 32}) to fold the parents into the
     first parent's architecture at those widths. `data` (a `TaskData`)
     replaces the recipe's data spec. `progress(stage, done, total)` and
@@ -59,6 +61,11 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         outputs.check_out(out, force)
     parents = list(parents)
     anchor_cfg, parent_cfgs = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
+    # The caller's settings that differ from the defaults must all count (flags are checked by the CLI).
+    unused = recipes.ineffective(r, [k for k, v in recipe.items() if k in recipes.RECIPE_KEYS
+                                     and v != recipes.RECIPE_KEYS[k][1]], has_data=bool(r["data"] or data))
+    if unused:
+        raise InvalidOptionError(f"recipe option '{unused[0]}' {unused[1]}")
     notes = _width_notes(anchor_cfg, parent_cfgs) if anchor is not None else []
     for note in notes:
         log(f"[yellow]warning:[/yellow] {note}")
@@ -229,10 +236,17 @@ def _check_tokenizers(anchor, parents) -> None:
 
 
 def _vocabulary(path) -> dict | None:
+    """A directory's tokenizer vocabulary; None for a model object or a directory without one."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
     path = Path(path)
     if not path.is_dir() or not ((path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists()):
         return None
-    return _preprocessors(path)[0].get_vocab()
+    try:
+        return _preprocessors(path)[0].get_vocab()
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the directory's problem
+        raise ModelLoadError(f"{path}: cannot load its tokenizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _resolve_alignment(alignment, anchor_m):

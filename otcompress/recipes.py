@@ -107,6 +107,25 @@ def descriptions() -> dict[str, str]:
     return out
 
 
+def ineffective(recipe: dict, keys, has_data: bool | None = None) -> tuple[str, str] | None:
+    """(key, why) for the first of `keys` whose value in `recipe` would change
+    nothing, None when every one counts: options are never silently ignored,
+    as unknown keys are not. `has_data` defaults to the recipe's data spec."""
+    has_data = bool(recipe.get("data")) if has_data is None else has_data
+    steps = recipe.get("finetune_steps") or 0
+    emd = recipe.get("solver") == "emd" and "has no effect with solver emd (exact OT)"
+    untrained = not steps and "applies to finetuning (steps > 0)"
+    why = {
+        "reg": emd, "max_iter": emd,
+        "pooling": not has_data and "needs data (embeddings are pooled to score and train on it)",
+        "samples": not has_data and "needs data (it counts calibration examples)",
+        "race_fraction": (recipe.get("alignment") != "auto" or not steps)
+        and "applies to the default recipe's race (alignment auto, with finetuning steps)",
+        "lr": untrained, "distill": untrained, "distill_alpha": untrained,
+    }
+    return next(((k, why[k]) for k in keys if why.get(k)), None)
+
+
 def load_recipe(name_or_file: str) -> dict:
     """A recipe by profile name (`vit-soft-acts`) or YAML path, checked."""
     path = Path(name_or_file)
@@ -127,8 +146,9 @@ def load_recipe(name_or_file: str) -> dict:
         raise InvalidOptionError(f"profile {path}: must be a mapping of option: value")
     raw.pop("description", None)
     recipe = check_recipe(raw, str(path))
-    if recipe.get("solver") == "emd" and recipe.get("reg") is not None:
-        raise InvalidOptionError(f"profile {path}: 'reg' has no effect with solver emd (exact OT): remove it")
+    unused = ineffective(recipe, [k for k in ("reg", "max_iter") if k in recipe])  # known from the file alone
+    if unused:
+        raise InvalidOptionError(f"profile {path}: '{unused[0]}' {unused[1]}: remove it")
     return recipe
 
 

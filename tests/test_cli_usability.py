@@ -103,6 +103,13 @@ def fuse_args(z, out, *extra):
     (["--profile", "{t}/neg.yaml"], "option 'finetune_steps' must be an integer >= 0"),
     (["--profile", "{t}/emd.yaml"], "'reg' has no effect with solver emd"),
     (["--profile", "{t}/choice.yaml"], "option 'cost_norm' use one of"),
+    # Options that would change nothing are refused, never silently ignored.
+    (["--solver", "emd", "--max-iter", "3"], "--max-iter has no effect with solver emd"),
+    (["--pooling", "cls"], "--pooling needs data"),
+    (["--samples", "5"], "--samples needs data"),
+    (["--lr", "0.01"], "--lr applies to finetuning (steps > 0)"),
+    (["--race-fraction", "0.3", "--data", "digits", "--steps", "5", "--alignment", "weights"],
+     "--race-fraction applies to the default recipe's race"),
 ])
 def test_fuse_refuses_bad_values_before_any_work(z, tmp_path, capsys, no_work, extra, message):
     (tmp_path / "inf.yaml").write_text("reg: .inf\n")
@@ -396,3 +403,12 @@ def test_every_command_names_what_it_wrote_with_path(fused, z, tmp_path, capsys)
     assert rep["path"] == str(onnx)
     assert sorted(rep["files"]) == sorted([str(onnx), str(onnx.with_name("m.int8.onnx"))])
     assert all(Path(f).is_file() for f in rep["files"])
+
+
+def test_library_recipes_refuse_settings_that_change_nothing(z):
+    from otcompress import pipeline
+    from otcompress.errors import InvalidOptionError
+    with pytest.raises(InvalidOptionError, match="recipe option 'reg' has no effect with solver emd"):
+        pipeline.run(z / "anchor", [z / "wide1"], {"solver": "emd", "reg": 0.5})
+    # The defaults themselves never count as a setting.
+    pipeline.run(z / "anchor", [z / "wide1"], {"solver": "emd", "reg": 0.02, "alignment": "weights"})

@@ -199,7 +199,8 @@ def test_pooling_option_reaches_scoring_and_is_refused_for_models_with_a_head(st
     assert scores["mean"] != scores["cls"]
     M.bert(vocab=60).save_pretrained(tmp_path / "mlm")
     for args in (["eval", tmp_path / "mlm", "--data", d / "texts.txt"],
-                 ["fuse", "--anchor", tmp_path / "mlm", "--parents", tmp_path / "mlm", "--out", tmp_path / "o"]):
+                 ["fuse", "--anchor", tmp_path / "mlm", "--parents", tmp_path / "mlm", "--out", tmp_path / "o",
+                  "--data", d / "texts.txt"]):
         code, _, err = run(*args, "--pooling", "cls")
         assert code == 2 and err.count("\n") == 1 and "applies to headless (embedding) models" in err, err
 

@@ -181,3 +181,14 @@ def test_an_anchor_wider_than_a_parent_is_warned_about():
     assert any("wider" in line for line in logged)
     _, report = pipeline.run(parent, [anchor], {"alignment": "weights"})
     assert not any("wider" in w for w in report["warnings"])
+
+
+def test_tokenizer_check_skips_model_objects_and_names_a_broken_tokenizer(tmp_path):
+    from otcompress.errors import ModelLoadError
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
+    anchor = _bert_dir(tmp_path / "a", M.bert(seed=1), vocab)
+    pipeline._check_tokenizers(anchor, [M.bert(hidden=48, heads=6, inter=96, seed=2)])  # a model: nothing to compare
+    broken = _bert_dir(tmp_path / "b", M.bert(hidden=48, heads=6, inter=96, seed=2), vocab)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"b: cannot load its tokenizer"):
+        pipeline._check_tokenizers(anchor, [broken])
