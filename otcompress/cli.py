@@ -167,7 +167,6 @@ COUNT = Bounded(int, lambda v: v >= 1, "an integer >= 1")
 STEPS = _range("finetune_steps", int)
 POSITIVE = Bounded(float, lambda v: v > 0, "a finite number > 0")
 NON_NEGATIVE = Bounded(float, lambda v: v >= 0, "a finite number >= 0")
-FRACTION = Bounded(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 class OneName(click.Option):
@@ -427,7 +426,7 @@ Examples:
 @click.option("--steps", type=STEPS, required=True, help="Training steps.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--teachers", multiple=True, help="Distil from these models (same output space).")
-@click.option("--distill-alpha", type=FRACTION, default=0.5, show_default=True)
+@click.option("--distill-alpha", type=_range("distill_alpha", float), default=0.5, show_default=True)
 @click.option("--temperature", type=POSITIVE, default=2.0, show_default=True)
 @click.option("--lr", type=_range("lr", float), default=1e-3, show_default=True)
 @click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)

@@ -19,13 +19,12 @@ from otcompress import activations, architectures, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
+from otcompress.recipes import CHOICES
 
-ALIGNMENTS = ("weights", "activations", "fold")
-SOLVERS = ("sinkhorn", "emd")
-RESIDUALS = ("average", "scalar", "matrix")
-QK_MAPS = ("auto", "separate", "shared")
-HEAD_ALIGNMENTS = ("cross", "aware")
-COST_NORMS = ("max", "gap", "mean", "none")
+# The option values live with the recipes (one home); "auto" alignment is the workflow's race.
+ALIGNMENTS = tuple(a for a in CHOICES["alignment"] if a != "auto")
+SOLVERS, RESIDUALS, QK_MAPS = CHOICES["solver"], CHOICES["residual"], CHOICES["qk"]
+HEAD_ALIGNMENTS, COST_NORMS = CHOICES["head_alignment"], CHOICES["cost_norm"]
 _OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
             "max_iter", "tol", "reg_grid", "holdout", "activation_dtype", "repair", "seed", "head_alignment",
             "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from otcompress.errors import InvalidOptionError, SolverError
+from otcompress.recipes import CHOICES
 
 # Plain (scaling) Sinkhorn is 5-30x faster than the log domain here, and exact in
 # float64 while exp(-M/reg) stays far from underflow (1e-308 ~ exp(-709)); the
@@ -114,8 +115,8 @@ def normalise_cost(cost: torch.Tensor, how: str = "max", *, inplace: bool = Fals
     drifts with depth and with the blur of the maps before it.
     `inplace`: overwrite `cost` (same values, no m x n copies: for callers
     that built the cost and need only the normalised one)."""
-    if how not in ("max", "mean", "gap", "none"):
-        raise InvalidOptionError(f"cost normalisation '{how}': use max, mean, gap or none")
+    if how not in CHOICES["cost_norm"]:
+        raise InvalidOptionError(f"cost normalisation '{how}': use {', '.join(CHOICES['cost_norm'])}")
     if how == "none":
         return cost
     if how == "gap":

@@ -153,6 +153,15 @@ def test_max_iter_reaches_the_solver(fused):
     assert yaml.safe_load((out / "otcompress_config.yaml").read_text())["max_iter"] == 777
 
 
+def test_max_iter_flag_sets_the_sinkhorn_sweep_limit(z, tmp_path, capsys, monkeypatch):
+    from otcompress import transport
+    seen, real = [], transport.solve
+    monkeypatch.setattr(transport, "solve", lambda *a, **k: seen.append(k["max_iter"]) or real(*a, **k))
+    code, _, err = run(capsys, *fuse_args(z, tmp_path / "out", "--alignment", "weights", "--max-iter", "777"))
+    assert code == 0, err
+    assert seen and set(seen) == {777}
+
+
 def test_max_iter_is_a_recipe_key_with_the_engine_default():
     import inspect
     from otcompress import fusion, pipeline, recipes
