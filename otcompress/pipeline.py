@@ -45,15 +45,16 @@ FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "ac
 def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, force=False, device="cpu",
         trust_remote_code=False, progress=None, log=None):
     """Run a recipe (keys of `recipes.RECIPE_KEYS`; missing keys take their
-    defaults, as on the command line) and return (model, report);
-    with `out`, also write the model directory there (staged: a failure leaves
+    defaults, as on the command line) and return (model, report); with
+    `out`, also write the model directory there (staged: a failure leaves
     nothing behind). The model is None when it was written straight to `out`
-    without being built: parents given as directories, streamed, and nothing
-    to evaluate or train (no data); load it from `out`. `anchor` is a model or directory, or None with `target`
-    (a dict of widths, e.g. {"hidden": 32}) to fold the parents into the
-    first parent's architecture at those widths. `data` (a `TaskData`)
-    replaces the recipe's data spec. `progress(stage, done, total)` and
-    `log(message)` are optional callbacks."""
+    without being built (parents given as directories and streamed, nothing
+    to evaluate or train): load it from `out`.
+    `anchor` is a model or directory, or None with `target` (a dict of
+    widths, e.g. {"hidden": 32}) to fold the parents into the first parent's
+    architecture at those widths. `data` (a `TaskData`) replaces the recipe's
+    data spec. `progress(stage, done, total)` and `log(message)` are optional
+    callbacks."""
     log = log or (lambda msg: None)
     r = {**recipes.defaults(), **recipes.check_recipe(
         {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
@@ -89,20 +90,47 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     finish = lambda rep, **kw: _finish_report(rep, notes, anchor, parents, r, started, **kw)  # noqa: E731
     if streamed and data is None and out is not None and ft.is_main_process():
         # Nothing to evaluate or train: the fused model goes to disk tensor by tensor, never built.
-        alignment = _resolve_alignment(r["alignment"], anchor_m)
-        log(f"fusing {len(parents)} parent(s) ({alignment}), writing {out} as it goes")
-        done = {}
+        return None, _fuse_to_disk(fuse_anchor, parent_ms, r, out, force, progress, log,
+                                   lambda stage, report: write_files(report, source, stage, r, anchor_cfg.hidden_size),
+                                   finish, alignment=_resolve_alignment(r["alignment"], anchor_m))
+    reference = parent_ms if data is not None and data.task == "feature-extraction" else None
+    model, report, trainer, holdout, one_shot = _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device,
+                                                                  progress, log, reference)
+    trained = None
+    if trainer is not None and r["finetune_steps"]:
+        trained = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
+                   "teachers": len(trainer.teachers), "holdout_examples": _n(holdout)}
+        trained.pop("losses", None)
+    report = finish(report, finetune=trained,
+                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference))
+    model.fusion_report = report
+    if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
+        with outputs.staged_dir(out, force) as tmp:
+            write(model, report, source, tmp, r)
+    return model, report
 
-        def write_rest(stage, report):
-            done["report"] = finish(report)
-            write_files(done["report"], source, stage, r, anchor_cfg.hidden_size)
-        _fuse(fuse_anchor, parent_ms, alignment, None, {k: r[k] for k in FUSE_KEYS}, r, progress,
-              weights=r["weights"], out=out, force=force, finish=write_rest)
-        return None, done["report"]
+
+def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest, finish, alignment):
+    """The fusion written to `out` shard by shard (`fusion.fuse_to_disk`), the
+    workflow's files added before the move; returns the finished report."""
+    log(f"fusing {len(parents)} parent(s) ({alignment}), writing {out} as it goes")
+    done = {}
+
+    def add_files(stage, report):
+        done["report"] = finish(report)
+        write_rest(stage, done["report"])
+    _fuse(fuse_anchor, parents, alignment, None, {k: r[k] for k in FUSE_KEYS}, r, progress,
+          weights=r["weights"], out=out, force=force, finish=add_files)
+    return done["report"]
+
+
+def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress, log, reference):
+    """The race of starting points (alignment auto, held-out data) or one
+    fusion, then the finetuning: (model, fusion report, trainer or None,
+    held-out data or None, one-shot metrics or None)."""
     train, holdout = split_holdout(data, r["seed"]) if _trainable(data) else (data, None)
     calib = None if data is None else list(data.calibration_batches(r["samples"], r["batch_size"],
                                                                     seed=r["seed"]))
-    reference = parent_ms if data is not None and data.task == "feature-extraction" else None
     teachers = parent_ms if r["distill"] or reference else []
     trainer_kw = dict(steps=r["finetune_steps"], lr=r["lr"], batch_size=r["batch_size"], seed=r["seed"],
                       teachers=teachers, distill_alpha=r["distill_alpha"], device=device,
@@ -116,27 +144,15 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout), log)
         if trainer is not None:  # the winner continues on every training example
             trainer.use_data(data).run(r["finetune_steps"])
-    else:
-        alignment = _resolve_alignment(r["alignment"], anchor_m)
-        log(f"fusing {len(parents)} parent(s) ({alignment})")
-        model = _fuse(fuse_anchor, parent_ms, alignment, calib, fuse_kw, r, progress,
-                      weights=r["weights"], holdout=holdout)
-        report = model.fusion_report
-        one_shot = _evaluate(model, data, device, reference) if _trainable(data) else None
-        # Held-out examples only chose reg (reg auto): training uses every example.
-        trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
-    trained = None
-    if trainer is not None and r["finetune_steps"]:
-        trained = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
-                   "teachers": len(teachers), "holdout_examples": _n(holdout)}
-        trained.pop("losses", None)
-    report = finish(report, finetune=trained,
-                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference))
-    model.fusion_report = report
-    if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
-        with outputs.staged_dir(out, force) as tmp:
-            write(model, report, source, tmp, r)
-    return model, report
+        return model, report, trainer, holdout, one_shot
+    alignment = _resolve_alignment(r["alignment"], anchor_m)
+    log(f"fusing {len(parent_ms)} parent(s) ({alignment})")
+    model = _fuse(fuse_anchor, parent_ms, alignment, calib, fuse_kw, r, progress,
+                  weights=r["weights"], holdout=holdout)
+    one_shot = _evaluate(model, data, device, reference) if _trainable(data) else None
+    # Held-out examples only chose reg (reg auto): training uses every example.
+    trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
+    return model, model.fusion_report, trainer, holdout, one_shot
 
 
 def _streamed(parents, r, data) -> bool:
