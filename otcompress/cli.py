@@ -474,6 +474,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     with outputs.staged_dir(out, force) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
+        result["sentence_transformers"] = outputs.copy_sentence_transformers(model, tmp, m.config.hidden_size)
         # The model card and fusion report (how the model was made) come along, with this run added.
         result["carried"] = outputs.carry_lineage(model, tmp, section, {
             f"before finetune ({data})": before, f"finetuned {summary['steps']} steps ({data})": after})

@@ -177,6 +177,11 @@ def test_cli_embedding_models_end_to_end(st_models, tmp_path, capsys):
     code, stdout, err = run("eval", out, "--data", d / "texts.txt", "--reference", d / "big1", d / "big2", "--json")
     assert code == 0, err
     assert json.loads(stdout)["examples"] == 300  # a user's file: every line
+    ft_out = tmp_path / "ft"
+    code, stdout, err = run("finetune", out, "--data", d / "texts.txt", "--steps", 3, "--batch-size", 32,
+                            "--teachers", d / "big1", "--out", ft_out, "--json")
+    assert code == 0, err
+    assert (ft_out / "modules.json").is_file() and (ft_out / "1_Pooling" / "config.json").is_file()
 
 
 
