@@ -35,7 +35,8 @@ class UI:
         # soft_wrap: a log line is one line, also in a pipe (rich's width is 80 there).
         self.err = Console(stderr=True, quiet=quiet, soft_wrap=True)
         self.out = Console(stderr=as_json)  # with --json, tables go to stderr too
-        warnings.showwarning = self._warning  # the library's warnings: one line each, silenced by -q
+        global _SHOWN_BY
+        _SHOWN_BY = self  # `main` routes the library's warnings here: one line each, silenced by -q
 
     def log(self, msg):
         self.err.print(msg, highlight=False)
@@ -764,6 +765,19 @@ def _restore_signals(previous):
         signal.signal(sig, handler)
 
 
+_SHOWN_BY = None  # the UI of the command that runs (main routes warnings to it)
+
+
+def _warnings_to_ui(previous):
+    """A `warnings.showwarning` that prints through the running command's UI
+    (before one exists, as `previous` did)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if _SHOWN_BY is None:
+            return previous(message, category, filename, lineno, file, line)
+        _SHOWN_BY._warning(message, category)
+    return show
+
+
 def main(argv=None):
     _passive_openmp()
     argv = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
@@ -771,6 +785,7 @@ def main(argv=None):
     debug = bool(os.environ.get("OTCOMPRESS_DEBUG"))
     previous = _handle_signals()
     shown = warnings.showwarning
+    warnings.showwarning = _warnings_to_ui(shown)
     try:
         cli.main(args=argv, prog_name="otcompress", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -802,6 +817,8 @@ def main(argv=None):
     finally:
         _restore_signals(previous)
         warnings.showwarning = shown
+        global _SHOWN_BY
+        _SHOWN_BY = None
     sys.exit(0)
 
 
