@@ -35,6 +35,10 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 300])
     ap.add_argument("--settings", nargs="+", default=["weak-anchor", "good-anchor"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tune-at", type=int, nargs="*", default=[],
+                    help="Budgets N that also get the control with its lr tuned on held-out training "
+                         "examples (3e-4, 1e-3, 3e-3), as the race is.")
+    ap.add_argument("--stem", default="compress_embeddings", help="Results file name.")
     return ap.parse_args(argv)
 
 
@@ -43,7 +47,10 @@ def encoder(path):
     return BertModel.from_pretrained(path, add_pooling_layer=False).eval()
 
 
-def run_arms(anchor, parents, data, seeds, steps_list):
+LRS = (3e-4, 1e-3, 3e-3)
+
+
+def run_arms(anchor, parents, data, seeds, steps_list, tune_at=()):
     import otcompress
     from otcompress import pipeline
     from otcompress.finetune import evaluate, finetune
@@ -68,6 +75,8 @@ def run_arms(anchor, parents, data, seeds, steps_list):
             a = copy.deepcopy(anchor)
             finetune(a, data, **kw)
             put(n, "anchor distilled + N", a)
+            if n in tune_at:
+                put(n, "anchor distilled, lr tuned + N", _lr_tuned(anchor, parents, data, seed, kw))
             f = copy.deepcopy(fold)
             finetune(f, data, **kw)
             put(n, "fold + distil + N", f)
@@ -78,9 +87,25 @@ def run_arms(anchor, parents, data, seeds, steps_list):
     return rows
 
 
+def _lr_tuned(anchor, parents, data, seed, kw):
+    """The control at its best lr, chosen on held-out training examples."""
+    from otcompress import pipeline
+    from otcompress.finetune import evaluate, finetune
+    train, holdout = pipeline.split_holdout(data, seed)
+    best = None
+    for lr in LRS:
+        a = copy.deepcopy(anchor)
+        finetune(a, train, **{**kw, "lr": lr})
+        loss = evaluate(a, holdout, reference=parents)["loss"]
+        if best is None or loss < best[0]:
+            best = (loss, a)
+    return best[1]
+
+
 def markdown(results, args, env, seconds):
+    command = " ".join(["python benchmarks/compress_embeddings.py", *sys.argv[1:]])
     lines = ["# Small embedding models: pydoc BERT encoders, similarity agreement with the parents", "",
-             f"`python benchmarks/compress_embeddings.py` — {seconds:.0f} s, {args.threads} thread(s), "
+             f"`{command}` — {seconds:.0f} s, {args.threads} thread(s), "
              f"seeds {args.seeds}; cells: Pearson r of pairwise cosine similarities with the parents' "
              "(x100, higher is better) / their mean squared difference (x1000, lower is better) on the "
              "held-out pydoc paragraphs, mean ± std over seeds.", "",
@@ -122,9 +147,9 @@ def main(argv=None):
         path = pydoc_bert(hidden=32, seed=2, steps=300 if name == "weak-anchor" else 1500)[1]
         anchor = encoder(path)
         data = load_data("pydoc", anchor, tokenizer=AutoTokenizer.from_pretrained(path))
-        results[name] = run_arms(anchor, parents, data, args.seeds, args.steps)
+        results[name] = run_arms(anchor, parents, data, args.seeds, args.steps, args.tune_at)
     md = markdown(results, args, env, time.time() - t0)
-    common.write_results("compress_embeddings", md, {"environment": env, "results": results, "seeds": args.seeds})
+    common.write_results(args.stem, md, {"environment": env, "results": results, "seeds": args.seeds})
     print(md)
 
 
