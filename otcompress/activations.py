@@ -275,9 +275,6 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     solves = [n for n in spec.nodes if isinstance(n, Solve)] if need_costs else []
     joins = [n for n in spec.nodes if isinstance(n, Combine)] if need_norms else []
     solve_probes = {probe for n in solves for _, probe in n.parts}
-    anchor_probes = solve_probes | {p for j in joins for p in (j.skip_probe, j.branch_probe)}
-    sequence_probes = {probe for n in solves if n.sequence for _, probe in n.parts}
-    join_probes = {p for j in joins for p in (j.skip_probe, j.branch_probe)}
     if token_filter is not None and spec.token_filter is None:
         raise DataError(f"token filter '{token_filter}' only applies to vision transformers")
     device = model_device(anchor) if device is None else torch.device(device)
@@ -291,82 +288,120 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
         with torch.inference_mode():
             via_input = _shared_inputs([(anchor, a_dev), *zip(parents, p_devs)], solve_probes,
                                        {k: v[:1] for k, v in first.items()}, total, forward_dtype)
-    product_probes = (solve_probes - via_input.keys()) | set(via_input.values())
-    sequence_probes |= {via_input[p] for p in via_input if p in sequence_probes}
-    # The anchor's side of every pair is shifted and summed once per batch and
-    # shared by all parents; each parent keeps its own side and the float64
-    # cross-moment sums.
-    anchor_sides = {p: Moments() for p in solve_probes | product_probes}
-    parent_sides = [{p: Moments() for p in solve_probes | product_probes} for _ in parents]
-    products = [{p: CrossMoments(sides[p], anchor_sides[p]) for p in product_probes} for sides in parent_sides]
-    norms = {j.tm: ResidualNorms() for j in joins}
-    scratch: dict = {}  # one float32 product buffer per (m, n), shared by all probes of that shape
-    state = {"seen": 0, "examples": 0}
-    streamed = anchor_probes | product_probes
+    acc = _Accumulator(spec, solves, joins, via_input, len(parents), device, token_filter)
     with torch.inference_mode():
         for inputs in itertools.chain([first] if first is not None else [], chunks):
-            mask = inputs.get("attention_mask")
-            chunk = {"keep": None, "tokens": None}
-            raw, a_shifted = {}, {}
-
-            def keep_for(probe, t):
-                if probe not in sequence_probes:
-                    return None
-                if token_filter is not None and chunk["keep"] is None and t.dim() == 3:
-                    chunk["keep"] = spec.token_filter(token_filter, t.shape[1]).to(device)
-                return chunk["keep"]
-
-            def take(probe, t):
-                # Anchor hook: only the shifted samples are kept (the raw tensor
-                # too when a residual join reads it), never a second copy.
-                t = t.to(device)
-                if chunk["tokens"] is None:
-                    chunk["tokens"] = t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
-                if probe in join_probes:
-                    raw[probe] = t
-                if probe in anchor_sides:
-                    ys = anchor_sides[probe].shifted(token_samples(t, mask, keep_for(probe, t), None))
-                    if probe in product_probes:
-                        a_shifted[probe] = ys
-            with stream(anchor, streamed, take), _autocast(a_dev, forward_dtype):
-                anchor(**_on(inputs, a_dev))
-            for j in joins:
-                norms[j.tm].update(token_samples(raw[j.skip_probe], mask, None),
-                                   token_samples(raw[j.branch_probe], mask, None))
-            raw.clear()
-            for k, parent in enumerate(parents):
-                def fold(probe, t, k=k):
-                    samples = token_samples(t.to(device), mask, keep_for(probe, t), None)
-                    xs = parent_sides[k][probe].shifted(samples)
-                    if probe not in product_probes:
-                        return
-                    ys = a_shifted[probe]
-                    key = (xs.shape[1], ys.shape[1])
-                    if key not in scratch:
-                        scratch[key] = torch.empty(key, device=device)
-                    products[k][probe].add(xs, ys, out=scratch[key])
-                with stream(parent, solve_probes | product_probes, fold), _autocast(p_devs[k], forward_dtype):
-                    parent(**_on(inputs, p_devs[k]))
-            a_shifted.clear()
-            state["seen"] += int(mask.sum()) if mask is not None else (chunk["tokens"] or 0)
-            state["examples"] += len(next(iter(inputs.values())))
+            acc.add(anchor, a_dev, parents, p_devs, inputs, forward_dtype)
             if progress:
-                progress("activations", state["examples"], total)
-    moments = []
-    for k, parent in enumerate(parents):
-        per_probe = {}
-        for p in solve_probes:
-            if p in via_input:
-                w_x, w_y = (m.get_submodule(p.module).weight.detach() for m in (parent, anchor))
-                per_probe[p] = LinearImage(products[k][via_input[p]], w_x, w_y,
-                                           parent_sides[k][p], anchor_sides[p])
-            else:
-                per_probe[p] = products[k][p]
-        moments.append(per_probe)
-    if need_costs and state["seen"] == 0:
+                progress("activations", acc.examples, total)
+    moments = acc.moments(anchor, parents)
+    if need_costs and acc.seen == 0:
         raise DataError("calibration data is empty")
     costs = [_costs(solves, m) for m in moments]
-    return {"costs": costs, "norms": norms, "samples": state["seen"]}
+    return {"costs": costs, "norms": acc.norms, "samples": acc.seen}
+
+
+class _Chunk:
+    """One chunk's state: its mask, the token filter's positions (found at the
+    first sequence probe), and what the anchor's pass leaves for the parents'."""
+
+    def __init__(self, mask):
+        self.mask = mask
+        self.keep = self.tokens = None
+        self.raw, self.a_shifted = {}, {}  # join probe -> raw tensor; product probe -> shifted samples
+
+
+class _Accumulator:
+    """`collect`'s running statistics, fed chunk by chunk. The anchor's side of
+    every pair is shifted and summed once per chunk and shared by all parents;
+    each parent keeps its own side and the float64 cross-moment sums."""
+
+    def __init__(self, spec, solves, joins, via_input, n_parents, device, token_filter):
+        self.spec, self.joins, self.via_input = spec, joins, via_input
+        self.device, self.token_filter = device, token_filter
+        self.solve_probes = {probe for n in solves for _, probe in n.parts}
+        self.join_probes = {p for j in joins for p in (j.skip_probe, j.branch_probe)}
+        self.product_probes = (self.solve_probes - via_input.keys()) | set(via_input.values())
+        sequence = {probe for n in solves if n.sequence for _, probe in n.parts}
+        self.sequence_probes = sequence | {via_input[p] for p in via_input if p in sequence}
+        # Probes with a Moments per side (all a parent's hooks read); the anchor's
+        # hooks also keep the tensors the residual joins read.
+        self.sided = self.solve_probes | self.product_probes
+        self.streamed = self.sided | self.join_probes
+        self.anchor_sides = {p: Moments() for p in self.sided}
+        self.parent_sides = [{p: Moments() for p in self.sided} for _ in range(n_parents)]
+        self.products = [{p: CrossMoments(sides[p], self.anchor_sides[p]) for p in self.product_probes}
+                         for sides in self.parent_sides]
+        self.norms = {j.tm: ResidualNorms() for j in joins}
+        self.scratch: dict = {}  # one float32 product buffer per (m, n), shared by all probes of that shape
+        self.seen = self.examples = 0
+
+    def add(self, anchor, a_dev, parents, p_devs, inputs, forward_dtype) -> None:
+        """One forward pass of the anchor, then of each parent, on `inputs`."""
+        chunk = _Chunk(inputs.get("attention_mask"))
+        with stream(anchor, self.streamed, functools.partial(self._take, chunk)), _autocast(a_dev, forward_dtype):
+            anchor(**_on(inputs, a_dev))
+        for j in self.joins:
+            self.norms[j.tm].update(token_samples(chunk.raw[j.skip_probe], chunk.mask, None),
+                                    token_samples(chunk.raw[j.branch_probe], chunk.mask, None))
+        chunk.raw.clear()
+        for k, parent in enumerate(parents):
+            fold = functools.partial(self._fold, chunk, k)
+            with stream(parent, self.sided, fold), _autocast(p_devs[k], forward_dtype):
+                parent(**_on(inputs, p_devs[k]))
+        chunk.a_shifted.clear()
+        self.seen += int(chunk.mask.sum()) if chunk.mask is not None else (chunk.tokens or 0)
+        self.examples += len(next(iter(inputs.values())))
+
+    def _keep(self, chunk, probe, t):
+        """The token filter's positions for a sequence probe (None: every token)."""
+        if probe not in self.sequence_probes:
+            return None
+        if self.token_filter is not None and chunk.keep is None and t.dim() == 3:
+            chunk.keep = self.spec.token_filter(self.token_filter, t.shape[1]).to(self.device)
+        return chunk.keep
+
+    def _take(self, chunk, probe, t):
+        """Anchor hook: only the shifted samples are kept (the raw tensor too
+        when a residual join reads it), never a second copy."""
+        t = t.to(self.device)
+        if chunk.tokens is None:
+            chunk.tokens = t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
+        if probe in self.join_probes:
+            chunk.raw[probe] = t
+        if probe in self.anchor_sides:
+            ys = self.anchor_sides[probe].shifted(token_samples(t, chunk.mask, self._keep(chunk, probe, t), None))
+            if probe in self.product_probes:
+                chunk.a_shifted[probe] = ys
+
+    def _fold(self, chunk, k, probe, t):
+        """Parent k's hook: its samples join its side and, against the anchor's
+        shifted ones, the cross-moment sums."""
+        samples = token_samples(t.to(self.device), chunk.mask, self._keep(chunk, probe, t), None)
+        xs = self.parent_sides[k][probe].shifted(samples)
+        if probe not in self.product_probes:
+            return
+        ys = chunk.a_shifted[probe]
+        key = (xs.shape[1], ys.shape[1])
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(key, device=self.device)
+        self.products[k][probe].add(xs, ys, out=self.scratch[key])
+
+    def moments(self, anchor, parents) -> list:
+        """Per parent {solve probe: its cross-moments}; a probe read through its
+        input (Q, K, V) gets them derived from the input's (`LinearImage`)."""
+        moments = []
+        for k, parent in enumerate(parents):
+            per_probe = {}
+            for p in self.solve_probes:
+                if p in self.via_input:
+                    w_x, w_y = (m.get_submodule(p.module).weight.detach() for m in (parent, anchor))
+                    per_probe[p] = LinearImage(self.products[k][self.via_input[p]], w_x, w_y,
+                                               self.parent_sides[k][p], self.anchor_sides[p])
+                else:
+                    per_probe[p] = self.products[k][p]
+            moments.append(per_probe)
+        return moments
 
 
 def _shared_inputs(models, probes, example, examples, forward_dtype) -> dict:

@@ -10,6 +10,7 @@ import itertools
 import math
 import platform
 import time
+import types
 import warnings
 from contextlib import contextmanager
 
@@ -127,130 +128,195 @@ def fuse_to_disk(anchor, parents, out, *, max_shard_size="5GB", force=False, fin
 def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
-    (alignment, solver, reg, residual, data, weights, qk, token_filter, cost_norm, max_iter, tol, reg_grid,
-     holdout, activation_dtype, repair, seed, head_alignment, on_unconverged, on_uniform, pooling,
-     trust_remote_code, progress) = (options[k] for k in _OPTIONS)
+    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     t_start = time.perf_counter()
     parents = _as_list(parents)
-    opts = check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents,
-                         repair=repair)
-    _one_of("head alignment", head_alignment, HEAD_ALIGNMENTS)
-    _one_of("on_unconverged", on_unconverged, ("raise", "warn"))
-    _one_of("on_uniform", on_uniform, ("raise", "warn"))
-    _one_of("cost normalisation", cost_norm, COST_NORMS)
-    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code, seed,
-                                    stream=streams(alignment, solver, reg, residual, repair))
-    if alignment == "fold":  # names the width and the parent, before any clustering
+    opts = _check_all(o, parents)
+    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, o.seed,
+                                    stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
+    if o.alignment == "fold":  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     with _eval_mode(anchor_m, *parent_ms):
-        spec = architectures.build_spec(anchor_m, qk=opts["qk"])
-        for k, p in enumerate(parent_ms, 1):
-            p_spec = architectures.build_spec(p, qk=opts["qk"])  # same class, all parameters known
-            if set(p_spec.tied) != set(spec.tied):
-                # A tied anchor has no decoder of its own to carry an untied parent's into.
-                raise IncompatibleModelsError(
-                    f"the anchor {'ties' if spec.tied else 'does not tie'} its output head to the input "
-                    f"embeddings but parent {k} {'does not' if spec.tied else 'does'}: set "
-                    "tie_word_embeddings the same way in both")
-        heads = [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config),
-                            (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)))
-                 for p in parent_ms]
-
+        spec = _checked_spec(anchor_m, parent_ms, opts["qk"])
+        heads = _head_shapes(anchor_m, parent_ms)
         t_acts = time.perf_counter()
-        stats = None
-        if alignment == "activations" or residual != "average":
-            stats = activations.collect(spec, anchor_m, parent_ms, data,
-                                        need_costs=alignment == "activations",
-                                        need_norms=residual != "average",
-                                        token_filter=token_filter, progress=progress,
-                                        forward_dtype=_dtype(activation_dtype))
-        sds = [m.state_dict() for m in (anchor_m, *parent_ms)]
-        data_free = repair and data is None
-        if repair:
-            modules = repair_mod.points(spec)
-            spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec, data_free=data_free)})
-            if data_free:  # parents' row norms are derived during alignment (align._InputCarrier.raw)
-                sds[0] = {**sds[0], **repair_mod.weight_stats(anchor_m, modules)}
-            else:
-                sds = [{**sd, **repair_mod.measure(m, list(modules), data)}
-                       for sd, m in zip(sds, (anchor_m, *parent_ms))]
+        stats = _statistics(o, spec, anchor_m, parent_ms)
+        spec, sds, modules = _repair_inputs(o, spec, anchor_m, parent_ms)
         t_align = time.perf_counter()
-        alpha = None
-        if residual != "average":
-            alpha = {tm: n.alpha(residual) for tm, n in stats["norms"].items()}
-        costs = stats["costs"] if alignment == "activations" else [None] * len(parent_ms)
-        repaired = {}
         writer = None
         if out is not None:
             writer = modelio.ShardWriter(out, _stored_layout(sds[0], spec.tied), max_shard_size)
-        # Straight to disk unless the fused model itself is needed (repair, the reg sweep's losses).
-        done = None
-        if writer is not None and not repair and reg != "auto":
-            def done(name, t):  # a duplicate of a shared tensor is not stored
-                if name in writer:
-                    writer.write(name, t)
-
-        def fuse_at(r):
-            align_opts = AlignOptions(solver=solver, reg=r, cost_norm=cost_norm, max_iter=max_iter,
-                                      tol=tol, seed=seed, head_alignment=head_alignment,
-                                      on_unconverged=on_unconverged, on_uniform=on_uniform)
-            if alignment == "fold":
-                sd, map_stats = _fold_and_fuse(spec, sds, align_opts, opts["weights"], heads, progress, done)
-            else:
-                sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
-                                                   opts["weights"], heads, progress, done)
-            if sd is None:
-                return None, map_stats
-            model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
-            if data_free:
-                repaired[r] = repair_mod.repair_from_weights(model, sd, modules)
-            elif repair:
-                repaired[r] = repair_mod.repair(model, sd, data, modules)
-            return model, map_stats
-
-        sweep = None
-        if solver == "emd":
-            reg = None
-        if reg == "auto":
-            model, map_stats, reg, sweep = _reg_sweep(fuse_at, reg_grid or REG_GRID,
-                                                      holdout if holdout is not None else data, parent_ms,
-                                                      pooling)
-        else:
-            model, map_stats = fuse_at(None if reg is None else float(reg))
+        fuse_at, repaired = _fuser(o, opts["weights"], spec, sds, heads, stats, anchor_m, modules,
+                                   _disk_sink(o, writer))
+        model, map_stats, reg, sweep = _fuse_or_sweep(o, fuse_at, parent_ms)
         if writer is not None:
-            if model is not None:  # built in memory (repair, reg sweep): written now
-                model_sd = model.state_dict()
-                for name in writer.names:
-                    writer.write(name, model_sd[name])
-                model = None
-            writer.close()
-            _write_config(anchor_m, out)
-    mix = opts["weights"]
-    t_end = time.perf_counter()
+            _finish_writing(writer, model, anchor_m, out)
+            model = None
+    times = (t_start, t_acts, t_align, time.perf_counter())
+    return model, _report(anchor, parents, o, opts, reg, stats, sweep, repaired.get(reg), map_stats, times)
+
+
+def _check_all(o, parents) -> dict:
+    """Every option checked before any model is loaded; returns `check_options`'s
+    resolved Q/K mode and mixing weights."""
+    opts = check_options(o.alignment, o.solver, o.reg, o.residual, o.qk, o.token_filter, o.data, o.weights,
+                         parents, repair=o.repair)
+    _one_of("head alignment", o.head_alignment, HEAD_ALIGNMENTS)
+    _one_of("on_unconverged", o.on_unconverged, ("raise", "warn"))
+    _one_of("on_uniform", o.on_uniform, ("raise", "warn"))
+    _one_of("cost normalisation", o.cost_norm, COST_NORMS)
+    return opts
+
+
+def _checked_spec(anchor_m, parent_ms, qk):
+    """The anchor's flow graph, once every parent is known to tie its output
+    head as the anchor does."""
+    spec = architectures.build_spec(anchor_m, qk=qk)
+    for k, p in enumerate(parent_ms, 1):
+        p_spec = architectures.build_spec(p, qk=qk)  # same class, all parameters known
+        if set(p_spec.tied) != set(spec.tied):
+            # A tied anchor has no decoder of its own to carry an untied parent's into.
+            raise IncompatibleModelsError(
+                f"the anchor {'ties' if spec.tied else 'does not tie'} its output head to the input "
+                f"embeddings but parent {k} {'does not' if spec.tied else 'does'}: set "
+                "tie_word_embeddings the same way in both")
+    return spec
+
+
+def _head_shapes(anchor_m, parent_ms) -> list:
+    """Per parent, its and the anchor's head shapes and key/value head counts."""
+    return [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config),
+                       (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)))
+            for p in parent_ms]
+
+
+def _statistics(o, spec, anchor_m, parent_ms):
+    """Activation statistics on `data` where the alignment or the residual
+    policy reads them, else None."""
+    if o.alignment != "activations" and o.residual == "average":
+        return None
+    return activations.collect(spec, anchor_m, parent_ms, o.data,
+                               need_costs=o.alignment == "activations",
+                               need_norms=o.residual != "average",
+                               token_filter=o.token_filter, progress=o.progress,
+                               forward_dtype=_dtype(o.activation_dtype))
+
+
+def _repair_inputs(o, spec, anchor_m, parent_ms):
+    """(spec, state dicts, repair points): with repair, the spec carries the
+    statistics' axes and the state dicts the statistics themselves (None
+    points without repair)."""
+    sds = [m.state_dict() for m in (anchor_m, *parent_ms)]
+    if not o.repair:
+        return spec, sds, None
+    data_free = o.data is None
+    modules = repair_mod.points(spec)
+    spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec, data_free=data_free)})
+    if data_free:  # parents' row norms are derived during alignment (align._InputCarrier.raw)
+        sds[0] = {**sds[0], **repair_mod.weight_stats(anchor_m, modules)}
+    else:
+        sds = [{**sd, **repair_mod.measure(m, list(modules), o.data)}
+               for sd, m in zip(sds, (anchor_m, *parent_ms))]
+    return spec, sds, modules
+
+
+def _disk_sink(o, writer):
+    """`done(name, tensor)` writing each fused tensor to its shard, or None:
+    straight to disk unless the fused model itself is needed (repair, the reg
+    sweep's losses)."""
+    if writer is None or o.repair or o.reg == "auto":
+        return None
+
+    def done(name, t):  # a duplicate of a shared tensor is not stored
+        if name in writer:
+            writer.write(name, t)
+    return done
+
+
+def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
+    """(fuse_at(reg) -> (model, or None when streamed into `done`; map stats),
+    {reg: repair report} filled as fuse_at repairs)."""
+    alpha = None
+    if o.residual != "average":
+        alpha = {tm: n.alpha(o.residual) for tm, n in stats["norms"].items()}
+    costs = stats["costs"] if o.alignment == "activations" else [None] * (len(sds) - 1)
+    repaired = {}
+
+    def fuse_at(r):
+        align_opts = AlignOptions(solver=o.solver, reg=r, cost_norm=o.cost_norm, max_iter=o.max_iter,
+                                  tol=o.tol, seed=o.seed, head_alignment=o.head_alignment,
+                                  on_unconverged=o.on_unconverged, on_uniform=o.on_uniform)
+        if o.alignment == "fold":
+            sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done)
+        else:
+            sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
+                                               mix, heads, o.progress, done)
+        if sd is None:
+            return None, map_stats
+        model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
+        if o.repair:
+            repaired[r] = _repair(model, sd, o.data, modules)
+        return model, map_stats
+    return fuse_at, repaired
+
+
+def _repair(model, sd, data, modules):
+    """REPAIR on `data`; without data, from the weight-row norms carried in `sd`."""
+    if data is None:
+        return repair_mod.repair_from_weights(model, sd, modules)
+    return repair_mod.repair(model, sd, data, modules)
+
+
+def _fuse_or_sweep(o, fuse_at, parent_ms):
+    """(model, map stats, the reg used, the sweep's table): one fusion at `reg`
+    (None for EMD), or reg "auto"'s sweep over the grid."""
+    reg = None if o.solver == "emd" else o.reg
+    if reg == "auto":
+        return _reg_sweep(fuse_at, o.reg_grid or REG_GRID, o.holdout if o.holdout is not None else o.data,
+                          parent_ms, o.pooling)
+    model, map_stats = fuse_at(None if reg is None else float(reg))
+    return model, map_stats, reg, None
+
+
+def _finish_writing(writer, model, anchor_m, out):
+    """Close the shards, writing first a model built in memory (repair, reg
+    sweep), and add the config."""
+    if model is not None:
+        model_sd = model.state_dict()
+        for name in writer.names:
+            writer.write(name, model_sd[name])
+    writer.close()
+    _write_config(anchor_m, out)
+
+
+def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, times) -> dict:
+    """The fusion report; flagged maps are also warned about. `times`: the
+    perf_counter marks at the start, before the statistics, before the
+    alignment and at the end."""
     flagged = _flagged_maps(map_stats)
     for line in flagged:
-        warnings.warn(f"otcompress: {line}", stacklevel=2)
-    report = {
+        warnings.warn(f"otcompress: {line}", stacklevel=3)  # 3: attributed to _fuse's caller
+    t_start, t_acts, t_align, t_end = times
+    return {
         "warnings": flagged,
         "schema": REPORT_SCHEMA,
         "anchor": (modelio.describe(anchor) if hasattr(anchor, "config") or not hasattr(anchor, "to_dict")
                    else f"target {architectures.describe_widths(anchor)}"),
         "parents": [modelio.describe(p) for p in parents],
-        "options": {"alignment": alignment, "solver": solver, "reg": reg,
-                    "residual": residual, "weights": mix, "qk": opts["qk"], "token_filter": token_filter,
-                    "cost_norm": cost_norm, "max_iter": max_iter, "tol": tol,
-                    "activation_dtype": activation_dtype, "repair": bool(repair), "seed": seed,
-                    "head_alignment": head_alignment, "on_unconverged": on_unconverged,
-                    "on_uniform": on_uniform},
+        "options": {"alignment": o.alignment, "solver": o.solver, "reg": reg,
+                    "residual": o.residual, "weights": opts["weights"], "qk": opts["qk"],
+                    "token_filter": o.token_filter, "cost_norm": o.cost_norm, "max_iter": o.max_iter,
+                    "tol": o.tol, "activation_dtype": o.activation_dtype, "repair": bool(o.repair),
+                    "seed": o.seed, "head_alignment": o.head_alignment, "on_unconverged": o.on_unconverged,
+                    "on_uniform": o.on_uniform},
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
-        "repair": repaired.get(reg),
+        "repair": repaired,
         "transport_maps": map_stats,
         "timings": {"load": t_acts - t_start, "activations": t_align - t_acts,
                     "align": t_end - t_align, "total": t_end - t_start},
         "versions": _versions(),
     }
-    return model, report
 
 
 def _stored_layout(anchor_sd, tied) -> dict:
