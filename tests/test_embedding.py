@@ -152,17 +152,20 @@ def st_models(tmp_path_factory):
     return d
 
 
+def _cli(capsys, *args):
+    """(exit code, stdout, stderr) of one otcompress command run in-process."""
+    from otcompress.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
 def test_cli_embedding_models_end_to_end(st_models, tmp_path, capsys):
     """The issue's failing commands on a sentence-transformers checkpoint:
     activations fusion on unlabelled text, reg auto, finetuning, eval."""
-    from otcompress.cli import main
     d = st_models
-
-    def run(*args):
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
+    run = lambda *args: _cli(capsys, *args)  # noqa: E731
 
     out = tmp_path / "fused"
     code, stdout, err = run("fuse", "--anchor", d / "small", "--parents", d / "big1", d / "big2", "--out", out,
@@ -184,16 +187,9 @@ def test_cli_embedding_models_end_to_end(st_models, tmp_path, capsys):
     assert (ft_out / "modules.json").is_file() and (ft_out / "1_Pooling" / "config.json").is_file()
 
 
-
 def test_pooling_option_reaches_scoring_and_is_refused_for_models_with_a_head(st_models, tmp_path, capsys):
-    from otcompress.cli import main
     d = st_models
-
-    def run(*args):
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
+    run = lambda *args: _cli(capsys, *args)  # noqa: E731
 
     scores = {}
     for pooling in ("mean", "cls"):
