@@ -36,11 +36,11 @@ _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens":
 EVAL_BLOCK = 512  # rows of the pairwise similarity matrix computed at once
 
 
-def pooling_mode(config, model_dir=None) -> str:
-    """The pooling a checkpoint's sentence-transformers files ask for, else its family's."""
+def pooling_mode(config) -> str:
+    """The family's pooling, for a checkpoint whose files do not say
+    (`checkpoint_pooling`, which `pipeline.load_task_data` asks first)."""
     from otcompress.architectures import family
-    mode = checkpoint_pooling(model_dir)
-    return mode or getattr(family(config), "EMBEDDING_POOLING", "mean")
+    return getattr(family(config), "EMBEDDING_POOLING", "mean")
 
 
 def checkpoint_pooling(model_dir) -> str | None:
@@ -82,10 +82,10 @@ def embed(model, batch: dict, mode: str) -> torch.Tensor:
     return pool(hidden.float(), inputs.get("attention_mask"), mode)
 
 
-def similarities(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosine similarity of every row of x with every row of y (default x)."""
+def similarities(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of x with every other."""
     x = F.normalize(x.float(), dim=-1)
-    return x @ (x if y is None else F.normalize(y.float(), dim=-1)).T
+    return x @ x.T
 
 
 def similarity_loss(student: torch.Tensor, teachers: list[torch.Tensor]) -> torch.Tensor:
