@@ -219,6 +219,8 @@ Examples:
   otcompress fuse --anchor small/ --parents wide/ --profile vit-soft-acts --data digits --reg auto --out fused/
   # no anchor: fold the parent into target widths
   otcompress fuse --parents wide/ --hidden 256 --heads 4 --intermediate 1024 --out folded/
+  # shallower and narrower: a 12-block parent into 6 blocks of half the width
+  otcompress fuse --parents wide/ --layers 6 --hidden 384 --heads 6 --intermediate 1536 --out small/
 
 \b
 Defaults shown are the recipe's; a --profile replaces them and flags override both."""
@@ -244,6 +246,9 @@ def cli():
 @click.option("--hidden", type=COUNT, help="Fold target hidden size (no --anchor: the first parent's architecture).")
 @click.option("--heads", type=COUNT, help="Fold target number of attention heads.")
 @click.option("--intermediate", type=COUNT, help="Fold target MLP width.")
+@click.option("--kv-heads", type=COUNT, help="Fold target key/value heads (grouped-query attention).")
+@click.option("--layers", type=COUNT, help="Fold target depth: fewer blocks than the parents "
+              "(each parent is depth-mapped: its most influential blocks are kept, in order).")
 @recipe_option("--solver", key="solver", help="sinkhorn: soft maps (--reg); emd: exact OT (takes no --reg).")
 @recipe_option("--reg", key="reg", help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep).")
 @recipe_option("--max-iter", key="max_iter", type=_range("max_iter", int),
@@ -281,18 +286,20 @@ def cli():
 @remote_code_option
 @common
 @click.pass_context
-def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, force, device,
+def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, kv_heads, layers, force, device,
          trust_remote_code, quiet, as_json, **flags):
     """Fuse PARENTS into the ANCHOR's width; write a from_pretrained directory."""
     from otcompress import pipeline
     ui = UI(quiet, as_json)
     recipe = _resolve_recipe(ctx, profile_name, flags)
-    widths = {k: v for k, v in (("hidden", hidden), ("heads", heads), ("intermediate", intermediate))
-              if v is not None}
+    widths = {k: v for k, v in (("hidden", hidden), ("heads", heads), ("intermediate", intermediate),
+                                ("kv_heads", kv_heads), ("layers", layers)) if v is not None}
     if anchor and widths:
-        raise InvalidOptionError("give --anchor or a target width (--hidden/--heads/--intermediate), not both")
+        raise InvalidOptionError("give --anchor or a fold target (--hidden/--heads/--intermediate/--kv-heads/"
+                                 "--layers), not both")
     if not anchor and not widths:
-        raise InvalidOptionError("give --anchor, or a target width to fold into (--hidden, --heads, --intermediate)")
+        raise InvalidOptionError("give --anchor, or a fold target (--hidden, --heads, --intermediate, "
+                                 "--kv-heads, --layers)")
     with ui.progress() as prog:
         model, report = pipeline.run(anchor, list(parents), recipe, out, target=widths or None, force=force,
                                      device=resolve_device(device), trust_remote_code=trust_remote_code,

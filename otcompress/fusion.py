@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from otcompress import activations, architectures, embedding, modelio
+from otcompress import activations, architectures, depth, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
@@ -136,6 +136,11 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
     if o.alignment == "fold":  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
+    # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
+    t_depth = time.perf_counter()
+    parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data,
+                                              anchor_counts=o.alignment != "fold")
+    t_depth = time.perf_counter() - t_depth
     with _eval_mode(anchor_m, *parent_ms):
         spec = _checked_spec(anchor_m, parent_ms, opts["qk"])
         heads = _head_shapes(anchor_m, parent_ms)
@@ -153,7 +158,10 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
             _finish_writing(writer, model, anchor_m, out)
             model = None
     times = (t_start, t_acts, t_align, time.perf_counter())
-    return model, _report(anchor, parents, o, opts, reg, stats, sweep, repaired.get(reg), map_stats, times)
+    report = _report(anchor, parents, o, opts, reg, stats, sweep, repaired.get(reg), map_stats, times)
+    report["depth_maps"] = [m and m.report() for m in depth_maps]
+    report["timings"]["depth_map"] = t_depth  # part of "load"
+    return model, report
 
 
 def _check_all(o, parents) -> dict:
@@ -543,6 +551,11 @@ def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
     parents = _as_list(parents)
     anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code)
     spec = architectures.build_spec(anchor_m)
+    for k, p in enumerate(parent_ms, 1):
+        if depth.depth(p.config) != depth.depth(anchor_m.config):
+            raise IncompatibleModelsError(
+                f"vanilla fusion needs equal depths: the anchor has {depth.depth(anchor_m.config)} blocks, "
+                f"parent {k} {depth.depth(p.config)}; use OT fusion or folding for deeper parents")
     sds = [anchor_m.state_dict()] + [p.state_dict() for p in parent_ms]
     for k, sd in enumerate(sds[1:], 1):
         for name, t in sds[0].items():
@@ -610,6 +623,7 @@ def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
     parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
     fam = architectures.family(anchor_cfg)
     modelio.check_compatible(anchor_cfg, parent_cfgs, fam.MUST_MATCH)
+    depth.check_depths(anchor_cfg, parent_cfgs)
     parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trust_remote_code))
                  or modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
     if target:

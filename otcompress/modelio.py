@@ -229,6 +229,14 @@ class LazyStateDict(Mapping):
         self._key_set = set(names)
         self.reads = 0  # tensors read so far (for tests and benchmarks)
 
+    def renamed(self, names: dict) -> "LazyStateDict":
+        """The same files under other names: {new name: current name}."""
+        view = object.__new__(LazyStateDict)
+        view.path, view._file, view._meta = self.path, self._file, self._meta
+        view._aliases = {new: self._stored(old) for new, old in names.items() if new != self._stored(old)}
+        view._keys, view._key_set, view.reads = list(names), set(names), 0
+        return view
+
     def _stored(self, name):
         name = self._aliases.get(name, name)
         return name if name in self._file else None

@@ -202,6 +202,7 @@ def model_card(report: dict) -> str:
         f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
+    lines += _depth_lines(report.get("depth_maps") or [])
     for ft in [*report.get("finetune_history", []), report.get("finetune")]:
         if ft:
             lines.append(_finetune_line(ft))
@@ -226,6 +227,14 @@ def model_card(report: dict) -> str:
                   f"alignment {t['align']:.1f} s). See `fusion_report.json` for per-map transport "
                   "statistics.", ""]
     return "\n".join(lines)
+
+
+def _depth_lines(depth_maps: list) -> list[str]:
+    """One line per depth-mapped parent: which of its blocks each block came from."""
+    return [f"- depth map of parent {k} ({m['parent_depth']} -> {m['target_depth']} blocks, {m['merge']}, "
+            f"scored from {m['scored_from']}): "
+            + ", ".join(f"block {j} <- {g} (kept {kept})" for j, (g, kept) in enumerate(zip(m["groups"], m["kept"])))
+            for k, m in enumerate(depth_maps, 1) if m]
 
 
 def _finetune_line(ft: dict) -> str:

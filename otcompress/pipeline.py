@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from otcompress import architectures, finetune as ft, modelio, outputs, recipes
+from otcompress import architectures, depth, finetune as ft, modelio, outputs, recipes
 from otcompress.data import is_headless
 from otcompress.errors import InvalidOptionError, ModelLoadError
 
@@ -208,6 +208,7 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     anchor_cfg = (architectures.target_config(parent_cfgs[0], **target) if anchor is None
                   else modelio.load_config(anchor, trust_remote_code=trust_remote_code))
     modelio.check_compatible(anchor_cfg, parent_cfgs, architectures.family(anchor_cfg).MUST_MATCH)
+    depth.check_depths(anchor_cfg, parent_cfgs)
     if r["token_filter"] is not None:  # the models' patch grids agree: MUST_MATCH
         architectures.check_token_filter(anchor_cfg, r["token_filter"])
     if r["alignment"] == "fold" or anchor is None:

@@ -144,7 +144,8 @@ def test_profile_and_export(zoo, tmp_path, capsys):
     ("missing", ["--anchor", "{z}/nope", "--parents", "{z}/wide1"], "no such model directory"),
     ("not a model", ["--anchor", "{z}/not_a_model", "--parents", "{z}/wide1"], "not a model directory"),
     ("corrupt", ["--anchor", "{z}/anchor", "--parents", "{z}/corrupt"], "cannot load weights"),
-    ("depth", ["--anchor", "{z}/anchor", "--parents", "{z}/deep"], "depth mismatch"),
+    ("depth", ["--anchor", "{z}/deep", "--parents", "{z}/anchor"], "the anchor has 3 blocks, parent 1 only 2"),
+    ("kv heads", ["--parents", "{z}/wide1", "--kv-heads", "1"], "no grouped-query attention"),
     ("type", ["--anchor", "{z}/anchor", "--parents", "{z}/bert_p"], "model-type mismatch"),
     ("vocab", ["--anchor", "{z}/bert_a", "--parents", "{z}/bert_vocab"], "vocabulary mismatch"),
     ("image", ["--anchor", "{z}/anchor", "--parents", "{z}/big_image"], "image-size mismatch"),
@@ -345,3 +346,46 @@ def test_short_names_are_unique_suffixes():
     assert short_names(paths) == {"/runs/x/a/model": "x/a/model", "/runs/y/a/model": "y/a/model",
                                   "/runs/b/model": "b/model", "other/": "other",
                                   "/runs/x/a/model2": "model2"}
+
+
+def test_the_mission_command_with_deeper_parents(zoo, tmp_path, capsys):
+    """`fuse --anchor small --parents large1 large2` where the large ones are
+    deeper (as in every real size step of a family), then a fold target with
+    --layers: both write shallow models that load, with the depth maps recorded."""
+    out = tmp_path / "fused"
+    code, stdout, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "deep", zoo / "wide2",
+                            "--out", out, "--data", "digits", "--samples", 64, "--steps", 4, "--batch-size", 32,
+                            "--json")
+    assert code == 0, err
+    model = T.ViTForImageClassification.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    assert json.loads((out / "fusion_report.json").read_text())["race"]["winner"]
+    folded = tmp_path / "folded"
+    code, stdout, err = run(capsys, "fuse", "--parents", zoo / "deep", "--layers", 1, "--hidden", 16, "--heads", 2,
+                            "--out", folded, "--json")
+    assert code == 0, err
+    model = T.ViTForImageClassification.from_pretrained(folded)
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (1, 16)
+    report = json.loads((folded / "fusion_report.json").read_text())
+    assert len(_depth_maps(report)[0]["kept"]) == 1
+    assert len(_depth_maps(report)[0]["influence"]) == 3
+    assert "depth map of parent 1 (3 -> 1 blocks, select" in (folded / "README.md").read_text()
+
+
+def _depth_maps(report):
+    """Depth maps wherever the workflow's report holds the fusion's."""
+    text = json.dumps(report)
+    assert '"depth_maps"' in text
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "depth_maps" in node:
+                found.extend(m for m in node["depth_maps"] if m)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(report)
+    return found

@@ -106,20 +106,65 @@ def kv_heads(config) -> int:
 
 def target_config(parent_config, **widths):
     """A fold target: the parent's config with some widths replaced
-    (hidden=..., heads=..., intermediate=...; None keeps the parent's)."""
+    (hidden=..., heads=..., intermediate=..., kv_heads=..., layers=...; None
+    keeps the parent's). `layers` below the parent's depth makes a shallower
+    target (the parent is depth-mapped onto it, see otcompress/depth.py);
+    per-block config lists (Qwen2's layer_types) follow. Heads must be a
+    multiple of key/value heads; an explicit head width (rotary families'
+    head_dim) is kept, so hidden need not divide by heads there."""
     keys = _width_keys(parent_config)
+    extra = ("kv_heads", "layers")
     cfg = type(parent_config).from_dict(parent_config.to_dict())
     for what, value in widths.items():
-        if what not in keys:
-            raise InvalidOptionError(f"unknown width '{what}' (use {', '.join(keys)})")
-        if value is not None:
-            if not isinstance(value, int) or value < 1:
-                raise InvalidOptionError(f"--{what} must be a positive integer, got {value!r}")
+        if what not in keys and what not in extra:
+            raise InvalidOptionError(f"unknown width '{what}' (use {', '.join((*keys, *extra))})")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidOptionError(f"--{what.replace('_', '-')} must be a positive integer, got {value!r}")
+    for what, value in widths.items():
+        if value is not None and what in keys:
             setattr(cfg, keys[what], value)
+    _set_kv_heads(parent_config, cfg, widths.get("kv_heads"), widths.get("heads") is not None)
+    if widths.get("layers") is not None:
+        _set_depth(parent_config, cfg, widths["layers"])
     hidden, heads = getattr(cfg, keys["hidden"]), getattr(cfg, keys["heads"])
-    if hidden % heads:
+    if getattr(parent_config, "head_dim", None) is None and hidden % heads:
         raise InvalidOptionError(f"hidden size {hidden} is not divisible by {heads} heads")
     return cfg
+
+
+def _set_kv_heads(parent_config, cfg, kv, heads_given: bool) -> None:
+    """Key/value heads of a target: given, or the parent's while they still
+    divide the heads; heads must be a multiple of them."""
+    if not hasattr(parent_config, "num_key_value_heads"):
+        if kv is not None:
+            raise InvalidOptionError(f"--kv-heads: {parent_config.model_type} has no grouped-query attention")
+        return
+    heads = cfg.num_attention_heads
+    if kv is None:
+        kv = kv_heads(parent_config)
+        if heads % kv:
+            raise InvalidOptionError(f"{heads} heads are not a multiple of the parent's {kv} key/value heads: "
+                                     "give --kv-heads (a divisor of --heads)")
+    elif heads % kv:
+        raise InvalidOptionError(f"{heads} heads are not a multiple of {kv} key/value heads")
+    cfg.num_key_value_heads = kv
+
+
+def _set_depth(parent_config, cfg, layers: int) -> None:
+    """A target of `layers` blocks; per-block lists shortened alike: Qwen2's
+    layer_types recomputed from its sliding-window settings for the new depth."""
+    cfg.num_hidden_layers = layers
+    if getattr(parent_config, "max_window_layers", None) is not None:
+        cfg.max_window_layers = min(parent_config.max_window_layers, layers)
+    types = getattr(parent_config, "layer_types", None)
+    if isinstance(types, (list, tuple)):
+        window = getattr(cfg, "sliding_window", None)
+        mwl = getattr(cfg, "max_window_layers", None)
+        if window is not None and mwl is not None:
+            cfg.layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(layers)]
+        else:  # relative depth: block i of the target takes the type at its place in the parent
+            n = len(types)
+            cfg.layer_types = [types[min(n - 1, (2 * i + 1) * n // (2 * layers))] for i in range(layers)]
 
 
 def describe_widths(config) -> str:
@@ -147,6 +192,14 @@ def check_fold_target(target_cfg, parent_cfgs) -> None:
     """Folding clusters parent units into the target's: no target width may
     exceed a parent's (checked on configs, before any weights are read)."""
     from otcompress.errors import IncompatibleModelsError
+    for k, cfg in enumerate(parent_cfgs, 1):
+        if target_cfg.num_hidden_layers > cfg.num_hidden_layers:
+            raise IncompatibleModelsError(f"cannot fold parent {k} ({cfg.num_hidden_layers} blocks) into a "
+                                          f"deeper target ({target_cfg.num_hidden_layers} blocks)")
     for k, what, parent, target in wider_widths(target_cfg, parent_cfgs)[:1]:
         raise IncompatibleModelsError(f"cannot fold parent {k} ({what} {parent}) into a wider target "
                                       f"({what} {target})")
+    for k, cfg in enumerate(parent_cfgs, 1):
+        if hasattr(cfg, "num_key_value_heads") and kv_heads(target_cfg) > kv_heads(cfg):
+            raise IncompatibleModelsError(f"cannot fold parent {k} ({kv_heads(cfg)} key/value heads) into a "
+                                          f"target with more ({kv_heads(target_cfg)})")

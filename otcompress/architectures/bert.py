@@ -12,7 +12,9 @@ from otcompress.flowgraph import (ArchSpec, In, Out, Probe, Share, encoder_block
 
 MODEL_TYPE = "bert"
 MODEL_CLASSES = ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")
-MUST_MATCH = ("num_hidden_layers", "vocab_size", "max_position_embeddings", "type_vocab_size",
+# The module list holding the transformer blocks (depth maps renumber it).
+BLOCKS = "encoder.layer"
+MUST_MATCH = ("vocab_size", "max_position_embeddings", "type_vocab_size",
               "hidden_act")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INPUT_AXES = TEXT_AXES

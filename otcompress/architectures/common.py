@@ -4,7 +4,9 @@ image and text encoders, and the data task a model class takes.
 Every family file defines, besides its flow graph (`build`):
   MODEL_TYPE      the Hugging Face `model_type` it describes
   MODEL_CLASSES   the model classes fusion accepts
-  MUST_MATCH      config values anchor and parents must share
+  MUST_MATCH      config values anchor and parents must share (depth may differ:
+                  a deeper parent is depth-mapped, see otcompress/depth.py)
+  BLOCKS          the module list holding the transformer blocks ("encoder.layer")
   INPUTS          the model's input names, the first one required
   INPUT_AXES      the dynamic axes of every input for ONNX export
   example_inputs(config, batch_size, seq_len, generator) -> dict of tensors

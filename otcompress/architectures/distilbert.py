@@ -21,7 +21,9 @@ from otcompress.flowgraph import ArchSpec, In, Out, Probe, Share, encoder_block,
 
 MODEL_TYPE = "distilbert"
 MODEL_CLASSES = ("DistilBertForMaskedLM", "DistilBertForSequenceClassification", "DistilBertModel")
-MUST_MATCH = ("num_hidden_layers", "vocab_size", "max_position_embeddings", "sinusoidal_pos_embds",
+# The module list holding the transformer blocks (depth maps renumber it).
+BLOCKS = "transformer.layer"
+MUST_MATCH = ("vocab_size", "max_position_embeddings", "sinusoidal_pos_embds",
               "activation")
 INPUTS = ("input_ids", "attention_mask")  # DistilBERT takes no token_type_ids
 INPUT_AXES = TEXT_AXES

@@ -37,7 +37,9 @@ from otcompress.flowgraph import (ArchSpec, Combine, Heads, In, Out, Probe, Shar
 
 MODEL_TYPE = "gpt2"
 MODEL_CLASSES = ("GPT2LMHeadModel", "GPT2Model")
-MUST_MATCH = ("num_hidden_layers", "vocab_size", "n_positions", "activation_function", "tie_word_embeddings",
+# The module list holding the transformer blocks (depth maps renumber it).
+BLOCKS = "h"
+MUST_MATCH = ("vocab_size", "n_positions", "activation_function", "tie_word_embeddings",
               "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
 INPUTS = ("input_ids", "attention_mask")
 INPUT_AXES = common.TEXT_AXES

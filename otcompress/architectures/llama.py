@@ -17,7 +17,9 @@ from otcompress.flowgraph import ArchSpec, In, Out, Probe, norm_weight, rotary_d
 
 MODEL_TYPE = "llama"
 MODEL_CLASSES = ("LlamaForCausalLM", "LlamaModel")
-MUST_MATCH = ("num_hidden_layers", "vocab_size", "hidden_act", "rope_parameters", "max_position_embeddings",
+# The module list holding the transformer blocks (depth maps renumber it).
+BLOCKS = "layers"
+MUST_MATCH = ("vocab_size", "hidden_act", "rope_parameters", "max_position_embeddings",
               "tie_word_embeddings")
 INPUTS = ("input_ids", "attention_mask")
 INPUT_AXES = common.TEXT_AXES

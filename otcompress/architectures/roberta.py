@@ -20,7 +20,9 @@ from otcompress.flowgraph import ArchSpec, In, Probe, Share, layernorm, linear, 
 
 MODEL_TYPE = "roberta"
 MODEL_CLASSES = ("RobertaForMaskedLM", "RobertaForSequenceClassification", "RobertaModel")
-MUST_MATCH = ("num_hidden_layers", "vocab_size", "max_position_embeddings", "type_vocab_size",
+# The module list holding the transformer blocks (depth maps renumber it).
+BLOCKS = "encoder.layer"
+MUST_MATCH = ("vocab_size", "max_position_embeddings", "type_vocab_size",
               "pad_token_id", "hidden_act")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INPUT_AXES = TEXT_AXES

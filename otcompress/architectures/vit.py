@@ -14,7 +14,9 @@ from otcompress.flowgraph import ArchSpec, Out, Probe, encoder_block, layernorm,
 MODEL_TYPE = "vit"
 MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
 # Config values that must be equal between anchor and parents.
-MUST_MATCH = ("num_hidden_layers", "image_size", "patch_size", "num_channels", "hidden_act")
+# The module list holding the transformer blocks (depth maps renumber it).
+BLOCKS = "layers"
+MUST_MATCH = ("image_size", "patch_size", "num_channels", "hidden_act")
 INPUTS = ("pixel_values",)
 INPUT_AXES = IMAGE_AXES
 EMBEDDING_POOLING = "cls"  # a headless ViT's embedding: the class token's final state

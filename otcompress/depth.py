@@ -1,0 +1,326 @@
+"""Heterogeneous depth: a deeper parent seen at the target's depth.
+
+A *depth map* assigns every target block a contiguous, ordered group of the
+parent's blocks (every parent block in exactly one group). The group is
+merged into one block by *selection*: its most useful block is kept, the
+others (the blocks that change the residual stream least) are dropped. The
+result is a parent of the target's depth that the engine fuses or folds like
+any other, so depth works everywhere width does (OT, fold, the race,
+streaming, fuse_to_disk, every family).
+
+Which blocks to keep is chosen by dynamic programming over a block score
+(an order-preserving assignment, as in CLAFusion, Nguyen et al. 2023):
+- with calibration data and forward-capable models: the *block influence*
+  of ShortGPT, 1 - cos(block input, block output) per token, and, when the
+  anchor's weights count (not a fold target), the linear CKA between each
+  anchor block's output and each parent block's output;
+- without data: the Frobenius norm of the block's residual writers (the
+  weights whose output axis is a residual branch's map), which is exactly 0
+  for a block that computes the identity in a pre-norm family.
+Exactness where it can be: a block that does nothing (zero output
+projections) has influence 0 in both scores, so a parent deepened with such
+blocks maps back to its own blocks, wherever they were inserted.
+
+Parallel merging (a group's heads and MLP units side by side, then folded)
+is the other candidate the method notes name; it is not built: it needs
+per-block widths, which Hugging Face configs cannot express.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from otcompress import architectures
+from otcompress.errors import IncompatibleModelsError
+from otcompress.flowgraph import Combine
+
+MAX_TOKENS = 2048  # token samples per block for the activation scores
+SIMILARITY_WEIGHT = 1.0  # anchor-parent CKA against normalised influence (with an anchor)
+POSITION_TIE = 1e-3  # prefers relative depths that agree, only between equal scores
+
+
+@dataclass
+class DepthMap:
+    """Target block j <- parent blocks `groups[j]`, of which `kept[j]` is used."""
+    parent_depth: int
+    groups: list
+    kept: list
+    influence: list
+    source: str  # "activations" or "weights"
+    similarity: list | None = field(default=None, repr=False)  # [target j][parent k] CKA
+    merge: str = "select"
+
+    def report(self) -> dict:
+        out = {"parent_depth": self.parent_depth, "target_depth": len(self.kept), "groups": self.groups,
+               "kept": self.kept, "merge": self.merge, "scored_from": self.source,
+               "influence": [round(float(x), 6) for x in self.influence]}
+        if self.similarity is not None:
+            out["similarity"] = [[round(float(x), 4) for x in row] for row in self.similarity]
+        return out
+
+
+def depth(config) -> int:
+    return config.num_hidden_layers
+
+
+def check_depths(anchor_cfg, parent_cfgs) -> None:
+    """An anchor deeper than a parent cannot be made from it (one line, both depths)."""
+    for k, cfg in enumerate(parent_cfgs, 1):
+        if depth(cfg) < depth(anchor_cfg):
+            raise IncompatibleModelsError(
+                f"depth mismatch: the anchor has {depth(anchor_cfg)} blocks, parent {k} only {depth(cfg)}; "
+                "a parent must be at least as deep as the anchor")
+
+
+# ----------------------------------------------------------------------------- blocks by name
+
+def _pattern(config):
+    blocks = architectures.family(config).BLOCKS
+    return re.compile(rf"^((?:[^.]+\.)*?{re.escape(blocks)})\.(\d+)\.(.+)$")
+
+
+def block_of(config, name: str):
+    """(module-list path, block index) of a parameter name, or None outside the blocks."""
+    m = _pattern(config).match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def renamed_keys(config, keys, kept) -> dict:
+    """{new name: old name}: the kept blocks renumbered 0..len(kept)-1, the
+    other blocks dropped, every other tensor as it is."""
+    pattern, new_index = _pattern(config), {k: j for j, k in enumerate(kept)}
+    out = {}
+    for name in keys:
+        m = pattern.match(name)
+        if m is None:
+            out[name] = name
+        elif int(m.group(2)) in new_index:
+            out[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = name
+    return out
+
+
+def shallower_config(config, kept):
+    """The config of the parent with only the `kept` blocks: depth and the
+    per-block lists (Qwen2's layer_types) follow the blocks."""
+    cfg = type(config).from_dict(config.to_dict())
+    cfg.num_hidden_layers = len(kept)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)):
+        cfg.layer_types = [types[k] for k in kept]
+    if getattr(config, "max_window_layers", None) is not None:
+        cfg.max_window_layers = min(config.max_window_layers, len(kept))
+    return cfg
+
+
+# ----------------------------------------------------------------------------- scores
+
+def weight_influence(spec, state_dict, n_blocks: int) -> list[float]:
+    """Per block, the Frobenius norm of its residual writers (the tensors on
+    a residual join's branch map): 0 for a block that adds nothing."""
+    score = [0.0] * n_blocks
+    for node in spec.nodes:
+        if not isinstance(node, Combine):
+            continue
+        i = int(node.tm.split(".")[0][1:])  # "L3.attn_res" -> 3
+        for name in spec.params_with_out(node.branch):
+            score[i] += float(state_dict[name].double().pow(2).sum())
+    return [s ** 0.5 for s in score]
+
+
+class _BlockRecorder:
+    """Hooks on every block: token samples of its input and output."""
+
+    def __init__(self, model, config, n_blocks):
+        path = next(b for b in (block_of(config, n) for n, _ in model.named_parameters()) if b)[0]
+        self.blocks = list(model.get_submodule(path))[:n_blocks]
+        self.ins, self.outs, self.mask = {}, {}, None
+        self.handles = []
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._post(i)))
+
+    def _pre(self, i):
+        def hook(module, args, kwargs):
+            self.ins[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    def _post(self, i):
+        def hook(module, args, out):
+            self.outs[i] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _tokens(t, mask, budget):
+    x = t[mask.bool()] if mask is not None and t.dim() == 3 and mask.shape == t.shape[:2] \
+        else t.reshape(-1, t.shape[-1])
+    return x[:budget].double()
+
+
+@torch.no_grad()
+def activation_scores(model, config, batches, n_blocks: int):
+    """(influence per block, block-output token samples per block) on `batches`."""
+    from otcompress.activations import _on, model_device
+    rec = _BlockRecorder(model, config, n_blocks)
+    device = model_device(model)
+    cos_sum, count, outs = [0.0] * n_blocks, 0, [[] for _ in range(n_blocks)]
+    try:
+        for batch in batches:
+            budget = MAX_TOKENS - sum(o.shape[0] for o in outs[0])
+            if budget <= 0:
+                break
+            model(**_on(batch, device))
+            mask = batch.get("attention_mask")
+            mask = None if mask is None else mask.to(device)
+            for i in range(n_blocks):
+                x, y = _tokens(rec.ins[i], mask, budget), _tokens(rec.outs[i], mask, budget)
+                cos_sum[i] += float(torch.nn.functional.cosine_similarity(x, y, dim=-1).sum())
+                outs[i].append(y.cpu())
+            count += x.shape[0]
+    finally:
+        rec.close()
+    return [1 - c / max(count, 1) for c in cos_sum], [torch.cat(o) for o in outs]
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two sample-aligned activation matrices (n, d1), (n, d2)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    cross = (y.T @ x).pow(2).sum()
+    norm = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
+    return float(cross / norm) if norm > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- the assignment
+
+def assign(scores: torch.Tensor) -> list[int]:
+    """Kept parent blocks k_0 < k_1 < ... maximising sum_j scores[j, k_j]
+    (dynamic programming over target blocks j and parent blocks k)."""
+    t, n = scores.shape
+    best = torch.full((t, n), -float("inf"), dtype=torch.float64)
+    came = torch.zeros((t, n), dtype=torch.long)
+    best[0, :n - t + 1] = scores[0, :n - t + 1]
+    for j in range(1, t):
+        run, arg = -float("inf"), -1
+        for k in range(j, n - t + j + 1):  # room for j blocks before, t - 1 - j after
+            if best[j - 1, k - 1] > run:
+                run, arg = float(best[j - 1, k - 1]), k - 1
+            best[j, k], came[j, k] = scores[j, k] + run, arg
+    kept = [int(torch.argmax(best[t - 1]))]
+    for j in range(t - 1, 0, -1):
+        kept.append(int(came[j, kept[-1]]))
+    return kept[::-1]
+
+
+def groups_of(kept: list[int], n: int) -> list[list[int]]:
+    """Contiguous groups: each kept block with the dropped blocks before it;
+    blocks after the last kept one join the last group."""
+    groups, start = [], 0
+    for j, k in enumerate(kept):
+        end = n if j == len(kept) - 1 else k + 1
+        groups.append(list(range(start, end)))
+        start = end
+    return groups
+
+
+def _scores(influence, n_target, similarity=None) -> torch.Tensor:
+    infl = torch.tensor(influence, dtype=torch.float64)
+    infl = infl / infl.max() if infl.max() > 0 else infl
+    n = len(influence)
+    pos_t = (torch.arange(n_target, dtype=torch.float64) + 0.5) / n_target
+    pos_p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    scores = infl[None, :] - POSITION_TIE * (pos_t[:, None] - pos_p[None, :]).abs()
+    if similarity is not None:
+        scores = scores * 0.1 + SIMILARITY_WEIGHT * torch.tensor(similarity, dtype=torch.float64)
+    return scores
+
+
+def depth_map(parent, n_target: int, *, batches=None, anchor_outputs=None) -> DepthMap:
+    """The depth map of one parent (a model, or a weightless `LazyModel`):
+    from activations on `batches` when given (and the parent can run), with
+    the anchor's block outputs `anchor_outputs` for similarity when given;
+    else from the weights."""
+    n = depth(parent.config)
+    similarity = None
+    if batches is not None:
+        influence, outs = activation_scores(parent, parent.config, batches, n)
+        if anchor_outputs is not None:
+            similarity = [[linear_cka(a, o[:a.shape[0]]) for o in outs] for a in anchor_outputs]
+        source = "activations"
+    else:
+        spec = architectures.build_spec(parent)
+        influence = weight_influence(spec, parent.state_dict(), n)
+        source = "weights"
+    kept = assign(_scores(influence, n_target, similarity))
+    return DepthMap(n, groups_of(kept, n), kept, influence, source, similarity)
+
+
+# ----------------------------------------------------------------------------- the shallower parent
+
+def apply(parent, dmap: DepthMap):
+    """The parent with only `dmap.kept` blocks, renumbered: a model of the
+    parent's class sharing the parent's tensors (no copy), or, for a
+    `LazyModel`, a `LazyModel` reading the same files under the new names."""
+    from otcompress import modelio
+    cfg = shallower_config(parent.config, dmap.kept)
+    if isinstance(parent, modelio.LazyModel):
+        names = renamed_keys(parent.config, list(parent.tensors), dmap.kept)
+        return modelio.LazyModel(parent.path, cfg, parent.model_class, parent.tensors.renamed(names))
+    sd = parent.state_dict()
+    names = renamed_keys(parent.config, list(sd), dmap.kept)
+    with torch.device("meta"):
+        model = type(parent)(cfg)
+    model.load_state_dict({new: sd[old] for new, old in names.items()}, strict=True, assign=True)
+    _adopt_buffers(model, parent, dmap.kept)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def _adopt_buffers(model, parent, kept) -> None:
+    """Buffers outside the state dict (rotary frequencies) are the parent's
+    own: the model was built on the meta device."""
+    buffers = dict(parent.named_buffers())
+    for new, old in renamed_keys(parent.config, list(buffers), kept).items():
+        owner, _, leaf = new.rpartition(".")
+        module = model.get_submodule(owner)
+        if module._buffers.get(leaf) is not None and module._buffers[leaf].is_meta:
+            module._buffers[leaf] = buffers[old]
+
+
+def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True):
+    """(parents at the anchor's depth, their depth maps or None where the
+    depth already matches). Activation scores need `data` as a re-iterable
+    collection (a one-shot iterator is left for the fusion itself) and
+    forward-capable models; otherwise the weights score the blocks.
+    `anchor_counts`: the anchor's own block outputs take part (not for a fold
+    target, whose weights are a random initialisation)."""
+    from otcompress import activations, modelio
+    n_target = depth(anchor_m.config)
+    check_depths(anchor_m.config, [p.config for p in parent_ms])
+    if all(depth(p.config) == n_target for p in parent_ms):
+        return parent_ms, [None] * len(parent_ms)
+    batches = None
+    if data is not None:
+        batches = activations.iter_batches(data)
+        if iter(batches) is batches:  # one pass only: keep it for the fusion
+            batches = None
+    anchor_outputs = None
+    if batches is not None and anchor_counts and isinstance(anchor_m, torch.nn.Module):
+        anchor_outputs = activation_scores(anchor_m, anchor_m.config, batches, n_target)[1]
+    out, maps = [], []
+    for p in parent_ms:
+        if depth(p.config) == n_target:
+            out.append(p)
+            maps.append(None)
+            continue
+        runnable = batches is not None and not isinstance(p, modelio.LazyModel)
+        dmap = depth_map(p, n_target, batches=batches if runnable else None,
+                         anchor_outputs=anchor_outputs if runnable else None)
+        out.append(apply(p, dmap))
+        maps.append(dmap)
+    return out, maps

@@ -1,0 +1,234 @@
+"""Heterogeneous depth: parents deeper than the anchor (or fold target).
+
+Deep parents are built from a base model by inserting blocks that compute the
+identity (pre-norm: zero residual writers, random everything else) at
+positions no fixed stride finds, then permuted or 2x-widened. The right
+answers are known: OT fusion onto the base-depth anchor (base + noise) gives
+the average of anchor and base, folding gives the base. A depth map that
+keeps every other block fails them (tested). The block layout of each family
+is written here from Hugging Face's names, not from the engine's files."""
+import re
+
+import pytest
+import torch
+import transformers as T
+
+import models as M
+import otcompress
+from otcompress import architectures, depth
+from otcompress.architectures import target_config
+from otcompress.errors import IncompatibleModelsError, InvalidOptionError
+
+import test_decoders as D
+import test_gpt2 as G
+
+TOL = 1e-5
+# parameter-name pattern of block i, and of the residual writers (zeroed in an identity block)
+LAYOUT = {
+    "vit": (r"^(vit\.)?layers\.(\d+)\.", r"(o_proj|fc2)\.(weight|bias)$"),
+    "bert": (r"^(bert\.)?encoder\.layer\.(\d+)\.", r"(attention\.output\.dense|\.output\.dense)\.(weight|bias)$"),
+    "llama": (r"^(model\.)?layers\.(\d+)\.", r"(o_proj|down_proj)\.(weight|bias)$"),
+    "qwen2": (r"^(model\.)?layers\.(\d+)\.", r"(o_proj|down_proj)\.(weight|bias)$"),
+    "gpt2": (r"^(transformer\.)?h\.(\d+)\.", r"c_proj\.(weight|bias)$"),
+}
+DEEP = ["base", "id", "id", "base"]  # every-other-block keeps an identity block either way
+
+
+@torch.no_grad()
+def deepen(model, layout, seed=5):
+    """`model` with identity blocks inserted: layout lists 'base' (the next
+    base block) or 'id' (a block with random weights and zero writers)."""
+    block, writer = LAYOUT[model.config.model_type]
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    new_sd, b = {}, 0
+    for i, kind in enumerate(layout):
+        src = b if kind == "base" else 0
+        for name, t in sd.items():
+            m = re.match(block, name)
+            if m is None or int(m.group(2)) != src:
+                continue
+            new = name[:m.start(2)] + str(i) + name[m.end(2):]
+            if kind == "id":
+                t = torch.zeros_like(t) if re.search(writer, name) else t + 0.3 * torch.randn(t.shape, generator=g)
+            new_sd[new] = t.clone()
+        b += kind == "base"
+    for name, t in sd.items():
+        if re.match(block, name) is None:
+            new_sd[name] = t
+    cfg = type(model.config).from_dict(model.config.to_dict())
+    cfg.num_hidden_layers = len(layout)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [model.config.layer_types[0]] * len(layout)
+    out = type(model)(cfg)
+    out.load_state_dict(new_sd)
+    return out.eval()
+
+
+def _vit():
+    return M.vit(cls=T.ViTForImageClassification)
+
+
+def _bert():
+    return M.bert(cls=T.BertForSequenceClassification)
+
+
+FAMILIES = {
+    "vit": (_vit, lambda m, widen: M.transform(m, widen=widen), M.inputs),
+    "bert": (_bert, lambda m, widen: M.transform(m, widen=widen), M.inputs),
+    "llama-gqa": (lambda: D.decoder(T.LlamaConfig, T.LlamaForCausalLM), D.variant, D._inputs),
+    "qwen2": (lambda: D.decoder(T.Qwen2Config, T.Qwen2ForCausalLM), D.variant, D._inputs),
+    "gpt2": (lambda: G.gpt2("untied"), G.variant, G._inputs),
+}
+
+
+def _err(model, x, ref):
+    a, b = M.outputs(model, x), M.outputs(ref, x)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1))
+
+
+def test_identity_blocks_compute_the_identity():
+    for name, (make, _, inputs) in FAMILIES.items():
+        if name == "bert":
+            continue  # post-norm: no exact identity block
+        base = make()
+        x = inputs(base)
+        assert _err(deepen(base, DEEP), x, base) < TOL, name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("widen", [False, True], ids=["permuted", "widened"])
+def test_ot_onto_a_shallower_anchor_recovers_the_average(family, widen):
+    make, variant, inputs = FAMILIES[family]
+    base = make()
+    anchor, x = M.noisy(base), inputs(base)
+    parent = variant(deepen(base, DEEP), widen=widen)
+    expected = M.average([anchor, base])
+    assert _err(anchor, x, expected) > 100 * TOL  # the test can fail
+    fused = otcompress.fuse(anchor, [parent], solver="emd")
+    assert _err(fused, x, expected) < TOL
+    dmap = fused.fusion_report["depth_maps"][0]
+    assert dmap["kept"] == [0, 3] and dmap["groups"] == [[0], [1, 2, 3]]
+    assert dmap["scored_from"] == "weights"
+
+
+@pytest.mark.parametrize("family", ["vit", "llama-gqa", "gpt2"])
+def test_activation_depth_maps_recover_the_average(family):
+    make, variant, inputs = FAMILIES[family]
+    base = make()
+    anchor, x = M.noisy(base), inputs(base)
+    parent = variant(deepen(base, ["id", "base", "id", "base"]), widen=False)
+    data = [inputs(base)]
+    fused = otcompress.fuse(anchor, [parent], solver="emd", alignment="activations", data=data)
+    assert _err(fused, x, M.average([anchor, base])) < TOL
+    dmap = fused.fusion_report["depth_maps"][0]
+    assert dmap["kept"] == [1, 3] and dmap["scored_from"] == "activations"
+    assert dmap["influence"][0] == pytest.approx(0, abs=1e-9)
+    assert dmap["similarity"][0][1] > 0.99  # anchor block 0 against parent block 1 (the base's)
+
+
+@pytest.mark.parametrize("family", ["vit", "llama-gqa", "qwen2", "gpt2", "bert"])
+def test_fold_of_deeper_parents_returns_the_base(family):
+    make, variant, inputs = FAMILIES[family]
+    base = make()
+    x = inputs(base)
+    parents = [variant(deepen(base, DEEP), widen=True), variant(deepen(base, ["id", "base", "base"]), widen=False)]
+    target = target_config(parents[0].config, hidden=base.config.hidden_size,
+                           heads=base.config.num_attention_heads, layers=base.config.num_hidden_layers,
+                           intermediate=(getattr(base.config, "intermediate_size", None)
+                                         or base.config.n_inner), **_kv(base))
+    fused = otcompress.fuse(target, parents, alignment="fold", solver="emd")
+    assert fused.config.num_hidden_layers == base.config.num_hidden_layers
+    assert _err(fused, x, base) < TOL  # every case has a head: outputs in a fixed order
+    assert [m["kept"] for m in fused.fusion_report["depth_maps"]] == [[0, 3], [1, 2]]
+
+
+def _kv(base):
+    return {"kv_heads": base.config.num_key_value_heads} if hasattr(base.config, "num_key_value_heads") else {}
+
+
+def test_parents_of_different_depths_fuse_together():
+    base = _vit()
+    anchor, x = M.noisy(base), M.inputs(base)
+    parents = [M.transform(deepen(base, DEEP), widen=True), M.transform(deepen(base, ["id", "base", "base"]),
+                                                                      widen=False)]
+    fused = otcompress.fuse(anchor, parents, solver="emd")
+    expected = M.average([anchor, base, base])
+    assert _err(fused, x, expected) < TOL
+
+
+def test_a_fixed_stride_depth_map_fails_the_recovery():
+    """The mutation check: every other block (either phase) keeps an identity block."""
+    base = _vit()
+    anchor, x = M.noisy(base), M.inputs(base)
+    deep = deepen(base, DEEP)
+    expected = M.average([anchor, base])
+    for kept in ([0, 2], [1, 3]):
+        stride = depth.DepthMap(4, depth.groups_of(kept, 4), kept, [0.0] * 4, "weights")
+        fused = otcompress.fuse(anchor, [depth.apply(deep, stride)], solver="emd")
+        assert _err(fused, x, expected) > 100 * TOL
+
+
+def test_streamed_deeper_parents_match_in_memory(tmp_path):
+    base = M.bert(cls=T.BertModel)
+    anchor = M.noisy(base)
+    parent = M.transform(deepen(base, DEEP), widen=True)
+    parent.save_pretrained(tmp_path / "parent")
+    in_memory = otcompress.fuse(anchor, [parent], solver="emd")
+    report = otcompress.fuse_to_disk(anchor, [str(tmp_path / "parent")], tmp_path / "out", solver="emd")
+    assert report["depth_maps"][0]["kept"] == [0, 3]
+    streamed = T.BertModel.from_pretrained(tmp_path / "out")
+    sd = in_memory.state_dict()
+    assert all(torch.equal(t, sd[k]) for k, t in streamed.state_dict().items())
+
+
+def test_an_anchor_deeper_than_a_parent_is_refused():
+    deep, shallow = M.vit(layers=3), M.vit(layers=2, seed=1)
+    with pytest.raises(IncompatibleModelsError, match="anchor has 3 blocks, parent 1 only 2"):
+        otcompress.fuse(deep, [shallow])
+    with pytest.raises(IncompatibleModelsError, match="anchor has 3 blocks, parent 1 only 2"):
+        otcompress.fuse(target_config(shallow.config, layers=3), [shallow], alignment="fold")
+    with pytest.raises(IncompatibleModelsError, match="deeper target"):
+        architectures.check_fold_target(target_config(shallow.config, layers=3), [shallow.config])
+
+
+def test_dynamic_programming_keeps_order_and_the_best_blocks():
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.0], [0.0, 0.2, 0.9, 0.7]], dtype=torch.float64)
+    assert depth.assign(scores) == [0, 2]
+    assert depth.assign(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)) == [2]
+    assert depth.groups_of([0, 2], 4) == [[0], [1, 2, 3]]
+    assert depth.assign(torch.eye(3, dtype=torch.float64)) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- fold targets
+
+def test_target_config_sets_depth_and_key_value_heads():
+    cfg = D.decoder(T.Qwen2Config, T.Qwen2ForCausalLM, layers=4).config
+    small = target_config(cfg, layers=2, heads=2, kv_heads=1)
+    assert (small.num_hidden_layers, small.num_attention_heads, small.num_key_value_heads) == (2, 2, 1)
+    assert len(small.layer_types) == 2
+    T.Qwen2ForCausalLM(small)  # builds
+    gpt = target_config(G.gpt2("untied", layers=4).config, layers=2)
+    assert gpt.n_layer == 2 and T.GPT2LMHeadModel(gpt).config.n_layer == 2
+
+
+def test_impossible_grouped_query_targets_are_refused():
+    cfg = D.decoder(T.LlamaConfig, T.LlamaForCausalLM).config  # 4 heads, 2 KV heads
+    with pytest.raises(InvalidOptionError, match="not a multiple of the parent's 2 key/value heads"):
+        target_config(cfg, heads=1)
+    with pytest.raises(InvalidOptionError, match="not a multiple of 3"):
+        target_config(cfg, kv_heads=3)
+    with pytest.raises(InvalidOptionError, match="no grouped-query attention"):
+        target_config(M.vit().config, kv_heads=1)
+    small = target_config(cfg, heads=2, kv_heads=1)  # a valid GQA target folds and runs
+    parent = D.variant(D.decoder(T.LlamaConfig, T.LlamaForCausalLM), widen=True)
+    folded = otcompress.fuse(small, [parent], alignment="fold")
+    folded(**D._inputs(folded))
+
+
+def test_explicit_head_dim_targets_are_accepted():
+    cfg = D.decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=32, heads=4).config  # head_dim 8
+    small = target_config(cfg, hidden=24, heads=2, kv_heads=1)  # 24 % 2 == 0 but heads x head_dim = 16
+    assert small.head_dim == 8
+    folded = otcompress.fuse(small, [D.decoder(T.LlamaConfig, T.LlamaForCausalLM)], alignment="fold")
+    folded(**D._inputs(folded))

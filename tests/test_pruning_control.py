@@ -1,0 +1,186 @@
+"""The benchmarks' pruning control (benchmarks/pruning_control.py): layer
+dropping and Torch-Pruning width pruning to an exact target config."""
+import os
+import sys
+
+import pytest
+import torch
+import transformers as T
+
+pytest.importorskip("torch_pruning")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import pruning_control as pc  # noqa: E402
+from models import bert, vit  # noqa: E402
+
+# Per family: (q, k, v, attention output, FFN in, FFN out) inside a block.
+NAMES = {"vit": ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                 "mlp.fc1", "mlp.fc2"),
+         "bert": ("attention.self.query", "attention.self.key", "attention.self.value",
+                  "attention.output.dense", "intermediate.dense", "output.dense")}
+
+
+def parent(family, layers=4):
+    if family == "vit":
+        return vit(hidden=64, heads=4, inter=128, layers=layers)
+    return bert(hidden=64, heads=4, inter=128, layers=layers, cls=T.BertForSequenceClassification)
+
+
+def batches(family, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return [{"pixel_values": torch.randn(4, 1, 8, 8, generator=g),
+                 "labels": torch.randint(0, 10, (4,), generator=g)} for _ in range(n)]
+    return [{"input_ids": torch.randint(1, 60, (4, 8), generator=g),
+             "attention_mask": torch.ones(4, 8, dtype=torch.long),
+             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(n)]
+
+
+def target(model, hidden, heads, ffn):
+    cfg = type(model.config).from_dict(model.config.to_dict())
+    cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size = hidden, heads, ffn
+    return cfg
+
+
+@torch.no_grad()
+def logits(model, batch):
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def blocks(model):
+    return model.vit.layers if model.config.model_type == "vit" else model.bert.encoder.layer
+
+
+# ----------------------------------------------------------------------------- depth
+
+def test_every_other():
+    assert pc.every_other(12, 6) == [0, 2, 4, 6, 8, 10]
+    assert pc.every_other(4, 2) == [0, 2]
+    assert pc.every_other(6, 4) == [0, 1, 3, 4]
+    assert pc.every_other(3, 3) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        pc.every_other(2, 3)
+
+
+@torch.no_grad()
+def _silence(block):
+    """A pre-norm ViT block writing nothing to the residual stream: the identity."""
+    for m in (block.attention.o_proj, block.mlp.fc2):
+        m.weight.zero_()
+        m.bias.zero_()
+
+
+@pytest.mark.parametrize("identity", [[1, 3], [0, 1], [2, 3]])
+def test_lowest_influence_drops_identity_blocks(identity):
+    model = parent("vit")
+    for i in identity:
+        _silence(model.vit.layers[i])
+    data = batches("vit")
+    kept = pc.lowest_influence(model, data, 2)
+    assert kept == [i for i in range(4) if i not in identity]
+    assert pc.every_other(4, 2) == [0, 2]
+    shallow = pc.drop_blocks(model, kept)
+    assert shallow.config.num_hidden_layers == 2 and len(shallow.vit.layers) == 2
+    torch.testing.assert_close(logits(shallow, data[0]), logits(model, data[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_blocks_is_an_independent_renumbered_copy():
+    model = parent("bert")
+    before = model.bert.encoder.layer[3].attention.self.query.weight.clone()
+    shallow = pc.drop_blocks(model, [1, 3])
+    assert type(shallow) is type(model) and shallow.config.num_hidden_layers == 2
+    torch.testing.assert_close(shallow.bert.encoder.layer[1].attention.self.query.weight, before, rtol=0, atol=0)
+    with torch.no_grad():
+        shallow.bert.encoder.layer[1].attention.self.query.weight.zero_()
+    torch.testing.assert_close(model.bert.encoder.layer[3].attention.self.query.weight, before, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- width
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_drop_and_prune_to_exact_config(family, importance, tmp_path):
+    model = parent(family)
+    shallow = pc.drop_blocks(model, pc.every_other(4, 2))
+    data = batches(family)
+    small = pc.torch_prune(shallow, target(shallow, 16, 2, 32), importance, data)
+    assert type(small) is type(model)
+    cfg = small.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.num_hidden_layers) == (16, 2, 32, 2)
+    q, _, _, o, up, down = (blocks(small)[1].get_submodule(n) for n in NAMES[family])
+    assert q.weight.shape == (16, 16) and o.weight.shape == (16, 16)
+    assert up.weight.shape == (32, 16) and down.weight.shape == (16, 32)
+    out = logits(small, data[0])
+    assert out.shape == logits(model, data[0]).shape and torch.isfinite(out).all()
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(again, data[0]), out, rtol=0, atol=0)
+    # the parent is untouched
+    assert blocks(shallow)[0].get_submodule(NAMES[family][0]).weight.shape == (64, 64)
+
+
+def test_prune_to_other_head_width():
+    """4 heads of 16 -> 2 heads of 16 (heads only) and hidden 64 -> 32."""
+    model = pc.drop_blocks(parent("vit"), [0, 3])
+    small = pc.torch_prune(model, target(model, 32, 2, 64), "l2")
+    assert small.vit.layers[0].attention.q_proj.weight.shape == (32, 32)
+    assert torch.isfinite(logits(small, batches("vit")[0])).all()
+
+
+@torch.no_grad()
+def _kill(model, heads, units):
+    """Zero `heads` (every q/k/v output and attention-output input of them)
+    and FFN `units` in every block: removing them changes no output."""
+    family = model.config.model_type
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+    for block in blocks(model):
+        q, k, v, o, up, down = (block.get_submodule(n) for n in NAMES[family])
+        for m in (q, k, v):
+            m.weight[rows] = 0
+            m.bias[rows] = 0
+        o.weight[:, rows] = 0
+        up.weight[units] = 0
+        up.bias[units] = 0
+        down.weight[:, units] = 0
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+def test_l2_removes_exactly_the_dead_heads_and_units(family):
+    """L2 importance must keep the two live heads and the 32 live FFN units:
+    then the pruned model computes exactly what the parent does."""
+    model = pc.drop_blocks(parent(family), [0, 2])
+    dead_units = torch.randperm(128, generator=torch.Generator().manual_seed(1))[:96]
+    _kill(model, heads=[0, 2], units=dead_units)
+    small = pc.torch_prune(model, target(model, 64, 2, 32), "l2")
+    assert small.config.num_attention_heads == 2 and small.config.intermediate_size == 32
+    batch = batches(family)[0]
+    torch.testing.assert_close(logits(small, batch), logits(model, batch), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_l2_keeps_the_strongest_residual_units():
+    model = pc.drop_blocks(parent("vit"), [1, 3])
+    strong = [5, 22, 40, 61]
+    conv = model.vit.embeddings.patch_embeddings.projection
+    for name, p in model.named_parameters():
+        if name.endswith(("cls_token", "position_embeddings")):
+            p[..., strong] *= 30
+        elif name == "vit.embeddings.patch_embeddings.projection.weight":
+            p[strong] *= 30
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "fc1.weight")):
+            p[:, strong] *= 30
+    small = pc.torch_prune(model, target(model, 16, 2, 32), "l2")
+    kept = small.vit.embeddings.patch_embeddings.projection.weight
+    for k in strong:
+        assert any(torch.equal(kept[j], conv.weight[k]) for j in range(kept.shape[0])), k
+
+
+def test_rejects_what_it_cannot_do():
+    model = parent("vit", layers=2)
+    with pytest.raises(ValueError, match="drop blocks first"):
+        pc.torch_prune(model, target(pc.drop_blocks(model, [0]), 16, 2, 32))
+    with pytest.raises(ValueError, match="taylor"):
+        pc.torch_prune(model, target(model, 16, 2, 32), "taylor")
+    with pytest.raises(ValueError, match="structured"):
+        pc.torch_prune(model, target(model, 48, 2, 32))  # head width 24 > 16
