@@ -147,16 +147,23 @@ def torch_prune(model, target_config, importance: str = "l2", batches=None):
     import torch_pruning as tp
 
     (hidden, heads, ffn), (t_hidden, t_heads, t_ffn) = _widths(model.config), _widths(target_config)
-    if hidden % heads or t_hidden % t_heads or t_heads > heads or t_hidden // t_heads > hidden // heads:
-        raise ValueError(f"no structured pruning from {hidden}/{heads} heads to {t_hidden}/{t_heads} heads")
+    if hidden % heads or t_hidden % t_heads or t_heads > heads or t_hidden // t_heads > hidden // heads \
+            or t_hidden > hidden or t_ffn > ffn:
+        raise ValueError(f"no structured pruning from hidden {hidden}, {heads} heads, FFN {ffn} "
+                         f"to hidden {t_hidden}, {t_heads} heads, FFN {t_ffn}")
     model = copy.deepcopy(model).eval()
     batches = list(batches) if batches is not None else None
+    # Torch-Pruning prunes nothing in a scope with no width to remove, heads
+    # included: to remove heads only, it is told to leave head dims alone and
+    # given a nonzero (then unused) ratio for the q/k/v group.
+    head_dims = _ratio(hidden // heads, t_hidden // t_heads)
+    prune_head_dims = head_dims > 0 or t_heads == heads
     num_heads, ratios = {}, {}
     for block in _blocks(model):
         for name in _ATTENTION[family]:
             m = block.get_submodule(name)
             num_heads[m] = heads
-            ratios[m] = _ratio(hidden // heads, t_hidden // t_heads)  # within-head dims
+            ratios[m] = head_dims if prune_head_dims else 0.5
         ratios[block.get_submodule(_FFN_IN[family])] = _ratio(ffn, t_ffn)
     ignored = [m for n, m in model.named_modules() if n in _OUTPUT_HEADS]
     if importance == "l2":
@@ -166,12 +173,14 @@ def torch_prune(model, target_config, importance: str = "l2", batches=None):
         _taylor_gradients(model, batches)
     else:
         raise ValueError(f"importance is 'l2' or 'taylor', not {importance!r}")
-    pruner = tp.pruner.MetaPruner(
-        model, _example_inputs(model, batches), importance=imp,
-        pruning_ratio=_ratio(hidden, t_hidden),  # the residual width (and BERT's pooler)
-        pruning_ratio_dict=ratios, num_heads=num_heads, prune_num_heads=True, prune_head_dims=True,
-        head_pruning_ratio=max(heads - t_heads - 0.5, 0) / heads,  # ceil(ratio * heads) = heads - t_heads
-        ignored_layers=ignored, unwrapped_parameters=_unwrapped(model, hidden))
+    with torch.enable_grad():  # Torch-Pruning traces the graph with autograd
+        pruner = tp.pruner.MetaPruner(
+            model, _example_inputs(model, batches), importance=imp,
+            pruning_ratio=_ratio(hidden, t_hidden),  # the residual width (and BERT's pooler)
+            pruning_ratio_dict=ratios, num_heads=num_heads,
+            prune_num_heads=True, prune_head_dims=prune_head_dims,
+            head_pruning_ratio=max(heads - t_heads - 0.5, 0) / heads,  # ceil(ratio * heads) = heads - t_heads
+            ignored_layers=ignored, unwrapped_parameters=_unwrapped(model, hidden))
     names = {m: n for n, m in model.named_modules()}
     for group in pruner.step(interactive=True):
         for dep, idxs in group:

@@ -274,11 +274,31 @@ def apply(parent, dmap: DepthMap):
     names = renamed_keys(parent.config, list(sd), dmap.kept)
     with torch.device("meta"):
         model = type(parent)(cfg)
+    _drop_absent(model, parent)
     model.load_state_dict({new: sd[old] for new, old in names.items()}, strict=True, assign=True)
     _adopt_buffers(model, parent, dmap.kept)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def _drop_absent(model, parent) -> None:
+    """Submodules the parent was built without (a BertModel's pooler with
+    add_pooling_layer=False) are left out of the rebuilt model too."""
+    for name, module in list(model.named_modules()):
+        for leaf in list(module._modules):
+            owner = parent.get_submodule(name) if _has(parent, name) else None
+            if owner is not None and leaf not in owner._modules and getattr(owner, leaf, 0) is None:
+                delattr(module, leaf)
+                setattr(module, leaf, None)
+
+
+def _has(model, name) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _adopt_buffers(model, parent, kept) -> None:

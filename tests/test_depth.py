@@ -35,7 +35,7 @@ DEEP = ["base", "id", "id", "base"]  # every-other-block keeps an identity block
 
 
 @torch.no_grad()
-def deepen(model, layout, seed=5):
+def deepen(model, layout, seed=5, cls_kw=None):
     """`model` with identity blocks inserted: layout lists 'base' (the next
     base block) or 'id' (a block with random weights and zero writers)."""
     block, writer = LAYOUT[model.config.model_type]
@@ -60,7 +60,7 @@ def deepen(model, layout, seed=5):
     cfg.num_hidden_layers = len(layout)
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = [model.config.layer_types[0]] * len(layout)
-    out = type(model)(cfg)
+    out = type(model)(cfg, **(cls_kw or {}))
     out.load_state_dict(new_sd)
     return out.eval()
 
@@ -232,3 +232,16 @@ def test_explicit_head_dim_targets_are_accepted():
     assert small.head_dim == 8
     folded = otcompress.fuse(small, [D.decoder(T.LlamaConfig, T.LlamaForCausalLM)], alignment="fold")
     folded(**D._inputs(folded))
+
+
+def test_a_pooler_less_bert_model_is_depth_mapped():
+    base = M.bert(cls=T.BertModel)
+    headless = T.BertModel(base.config, add_pooling_layer=False)
+    headless.load_state_dict({k: v for k, v in base.state_dict().items() if "pooler" not in k})
+    deep = deepen(headless.eval(), DEEP, cls_kw={"add_pooling_layer": False})
+    assert deep.pooler is None
+    dmap = depth.depth_map(deep, 2)
+    shallow = depth.apply(deep, dmap)
+    assert shallow.pooler is None and dmap.kept == [0, 3]
+    x = M.inputs(base)
+    assert _err(shallow, x, headless) < TOL

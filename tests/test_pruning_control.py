@@ -128,12 +128,13 @@ def test_prune_to_other_head_width():
 
 
 @torch.no_grad()
-def _kill(model, heads, units):
-    """Zero `heads` (every q/k/v output and attention-output input of them)
-    and FFN `units` in every block: removing them changes no output."""
+def _kill(model, heads=(), units=()):
+    """Zero `heads` (their q/k/v outputs and attention-output inputs) and FFN
+    `units` in every block: neither changes any output."""
     family = model.config.model_type
     hd = model.config.hidden_size // model.config.num_attention_heads
-    rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+    rows = torch.tensor([h * hd + d for h in heads for d in range(hd)], dtype=torch.long)
+    units = torch.as_tensor(units, dtype=torch.long)
     for block in blocks(model):
         q, k, v, o, up, down = (block.get_submodule(n) for n in NAMES[family])
         for m in (q, k, v):
@@ -146,16 +147,34 @@ def _kill(model, heads, units):
 
 
 @pytest.mark.parametrize("family", ["vit", "bert"])
-def test_l2_removes_exactly_the_dead_heads_and_units(family):
-    """L2 importance must keep the two live heads and the 32 live FFN units:
-    then the pruned model computes exactly what the parent does."""
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_removes_exactly_the_dead_units(family, importance):
+    """Both importances must keep the 32 live FFN units of 128 (a dead unit
+    has zero weights and zero gradients): then the pruned model computes
+    exactly what the parent does."""
     model = pc.drop_blocks(parent(family), [0, 2])
-    dead_units = torch.randperm(128, generator=torch.Generator().manual_seed(1))[:96]
-    _kill(model, heads=[0, 2], units=dead_units)
-    small = pc.torch_prune(model, target(model, 64, 2, 32), "l2")
-    assert small.config.num_attention_heads == 2 and small.config.intermediate_size == 32
-    batch = batches(family)[0]
+    dead = torch.randperm(128, generator=torch.Generator().manual_seed(1))[:96]
+    _kill(model, units=dead)
+    data = batches(family)
+    small = pc.torch_prune(model, target(model, 64, 4, 32), importance, data)
+    assert small.config.intermediate_size == 32
+    batch = data[0]
     torch.testing.assert_close(logits(small, batch), logits(model, batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+@pytest.mark.parametrize("width", [(32, 2), (16, 2)])  # heads only; heads and head dims
+def test_l2_removes_the_dead_heads(family, width):
+    """Heads 0 and 2 are dead in every block: the two kept heads must be 1 and 3
+    (no q/k/v output left that is zero for every input)."""
+    model = pc.drop_blocks(parent(family), [1, 2])
+    _kill(model, heads=[0, 2])
+    small = pc.torch_prune(model, target(model, width[0], width[1], 64), "l2")
+    for block in blocks(small):
+        for name in NAMES[family][:3]:
+            m = block.get_submodule(name)
+            assert m.weight.shape[0] == width[0]
+            assert (m.weight.abs().sum(1) + m.bias.abs() > 0).all(), name
 
 
 @torch.no_grad()
@@ -183,4 +202,4 @@ def test_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="taylor"):
         pc.torch_prune(model, target(model, 16, 2, 32), "taylor")
     with pytest.raises(ValueError, match="structured"):
-        pc.torch_prune(model, target(model, 48, 2, 32))  # head width 24 > 16
+        pc.torch_prune(model, target(model, 64, 2, 32))  # head width 32 > 16

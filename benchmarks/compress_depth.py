@@ -1,0 +1,192 @@
+"""Shallower and narrower: does the tool's small model beat what a compression
+user does to get one? Digits ViTs (scikit-learn's 1,797 real 8x8 images;
+accuracy on the fixed 450 eval images): parents 4 blocks x hidden 64 (two
+seeds, ~97%), targets 2 blocks x hidden 32 (4 heads, FFN 64) and 2 blocks x
+hidden 16 (2 heads, FFN 32).
+
+Every arm gets the same total budget B = 1.5 N optimizer steps (the default
+recipe's race spends N + N/2: its losing start's steps count), the same
+distillation loop (AdamW, batch 64, 0.5 CE + 0.5 KL to both parents), and its
+learning rate chosen from LRS by the loss on held-out *train* examples (never
+the eval split); 3 seeds (data order and held-out split):
+
+  default recipe     `pipeline.run` with the small model as anchor: races the
+                     depth-mapped fold, OT fusion and the anchor (N steps + race)
+  tool: fold         the parents folded into the target (depth-mapped by block
+                     influence on calibration data), no anchor, then B steps
+  every-other + TP   DistilBERT-style: every other block of parent A, then
+                     Torch-Pruning (L2 magnitude) to the target widths, B steps
+  ShortGPT + TP      the blocks of parent A with the highest block influence,
+                     then Torch-Pruning (L2, or Taylor on 256 labelled images)
+  small + distil     the small model trained from scratch (the anchor), B steps
+  random + distil    a random initialisation of the target, B steps
+
+Threads: 1.
+
+    python benchmarks/compress_depth.py            # full run
+    python benchmarks/compress_depth.py --quick    # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+common.prepare_environment()
+
+LRS = (1e-3, 3e-3)
+TARGETS = {"h32": dict(hidden=32, heads=4, intermediate=64), "h16": dict(hidden=16, heads=2, intermediate=32)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, nargs="+", default=[300])
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS))
+    ap.add_argument("--threads", type=int, default=1)
+    return ap.parse_args(argv)
+
+
+def models(target, quick):
+    """(parents, small model trained from scratch, target config)."""
+    from otcompress.architectures import target_config
+    from otcompress.zoo import digits_vit
+    e = 3 if quick else 1
+    parents = [digits_vit(hidden=64, seed=s, epochs=30 // e)[0] for s in (0, 1)]
+    w = TARGETS[target]
+    small = digits_vit(hidden=w["hidden"], heads=w["heads"], intermediate=w["intermediate"], layers=2, seed=2,
+                       epochs=20 // e)[0]
+    return parents, small, target_config(parents[0].config, layers=2, **w)
+
+
+def starts(parents, small, cfg, train, seed):
+    """{arm: () -> a model to distil for the whole budget}: the controls and
+    the tool's anchor-free fold."""
+    import torch
+    from transformers import ViTForImageClassification
+
+    import otcompress
+    import pruning_control as pc
+    calib = list(train.calibration_batches(256, 64, seed=seed))
+    labelled = [{**b, "labels": b["labels"]} for b in train.calibration_batches(256, 64, seed=seed)
+                if "labels" in b]
+
+    def random_init():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ViTForImageClassification(copy.deepcopy(cfg)).eval()
+
+    def dropped(kept, importance):
+        return lambda: pc.torch_prune(pc.drop_blocks(parents[0], kept), cfg, importance=importance,
+                                      batches=labelled)
+    n = parents[0].config.num_hidden_layers
+    shortgpt = pc.lowest_influence(parents[0], calib, cfg.num_hidden_layers)
+    return {
+        "tool: fold (no anchor)": lambda: otcompress.fuse(cfg, parents, alignment="fold", data=calib, seed=seed),
+        "every-other + TP L2": dropped(pc.every_other(n, cfg.num_hidden_layers), "l2"),
+        "ShortGPT + TP L2": dropped(shortgpt, "l2"),
+        "ShortGPT + TP Taylor": dropped(shortgpt, "taylor"),
+        "small from scratch + distil": lambda: copy.deepcopy(small),
+        "random init + distil": random_init,
+    }
+
+
+def tuned(make, train, holdout, data, budget, seed, parents):
+    """(eval accuracy, lr) of the lr with the lowest held-out train loss."""
+    from otcompress.finetune import evaluate, finetune
+    best = None
+    for lr in LRS:
+        m = make()
+        finetune(m, train, steps=budget, lr=lr, batch_size=64, seed=seed, teachers=parents)
+        loss = evaluate(m, holdout)["loss"]
+        if best is None or loss < best[0]:
+            best = (loss, evaluate(m, data)["accuracy"], lr)
+    return best[1], best[2]
+
+
+def default_recipe(small, parents, train, holdout, data, n, seed):
+    """(eval accuracy, lr, race winner, steps spent) of `pipeline.run`, lr tuned alike."""
+    from otcompress import pipeline
+    from otcompress.finetune import evaluate
+    best = None
+    for lr in LRS:
+        m, rep = pipeline.run(small, parents, {"finetune_steps": n, "seed": seed, "lr": lr}, data=train)
+        loss = evaluate(m, holdout)["loss"]
+        spent = n + rep["race"]["extra_steps"]
+        if best is None or loss < best[0]:
+            best = (loss, evaluate(m, data)["accuracy"], lr, rep["race"]["winner"], spent,
+                    [d for d in rep.get("depth_maps") or [] if d])
+    return best[1:]
+
+
+def run_target(target, args, data):
+    from otcompress import pipeline
+    parents, small, cfg = models(target, args.quick)
+    rows, notes = {}, {"lr": {}, "winner": [], "depth_maps": [], "steps_spent": []}
+    for n in args.steps:
+        budget = n + n // 2
+        for seed in args.seeds:
+            t0 = time.time()
+            train, holdout = pipeline.split_holdout(data, seed)
+            acc, lr, winner, spent, dmaps = default_recipe(small, parents, train, holdout, data, n, seed)
+            rows.setdefault(("default recipe", n), []).append(acc)
+            notes["lr"].setdefault("default recipe", []).append(lr)
+            notes["winner"].append(winner)
+            notes["steps_spent"].append(spent)
+            notes["depth_maps"].append([d["kept"] for d in dmaps])
+            for arm, make in starts(parents, small, cfg, train, seed).items():
+                acc, lr = tuned(make, train, holdout, data, budget, seed, parents)
+                rows.setdefault((arm, n), []).append(acc)
+                notes["lr"].setdefault(arm, []).append(lr)
+            common.log(f"  {target} N={n} seed {seed}: {time.time() - t0:.0f} s")
+    return rows, notes
+
+
+def markdown(results, args, env, seconds):
+    lines = ["# Shallower and narrower: digits ViTs, 4 blocks x 64 -> 2 blocks", "",
+             f"`python benchmarks/compress_depth.py{' --quick' if args.quick else ''}` — {seconds:.0f} s, "
+             f"{args.threads} thread(s), seeds {args.seeds}; accuracy % on the 450 eval images, mean ± std "
+             "[min–max]. Budget: the default recipe N steps plus its race (1.5 N in all); every other "
+             "arm 1.5 N steps. Learning rates chosen per arm and seed from "
+             f"{list(LRS)} on held-out train examples.", "", f"Machine: {env.get('cpu')}, torch {env.get('torch')}.",
+             ""]
+    for target, (rows, notes) in results.items():
+        lines += [f"## target {target}: {TARGETS[target]}, 2 blocks", ""]
+        steps = sorted({n for _, n in rows})
+        arms = list(dict.fromkeys(a for a, _ in rows))
+        table = [[a] + [common.fmt(common.summarize(rows.get((a, n), [])), 100, 2) for n in steps] for a in arms]
+        lines += common.md_table(["arm", *[f"N = {n} (budget {n + n // 2})" for n in steps]], table)
+        lines += ["", f"Race winners: {', '.join(notes['winner'])}; steps the default recipe spent: "
+                  f"{notes['steps_spent']}.", f"Depth maps (kept blocks of each parent): {notes['depth_maps']}.",
+                  "Learning rates chosen: " + "; ".join(f"{a}: {v}" for a, v in notes["lr"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    common.quiet_libraries()
+    env = common.environment(args.threads)
+    if args.quick:
+        args.seeds, args.steps = args.seeds[:1], [30]
+    from otcompress.data import load_data
+    from otcompress.zoo import digits_vit_config
+    data = load_data("digits", digits_vit_config(hidden=16))
+    t0 = time.time()
+    results = {t: run_target(t, args, data) for t in args.targets}
+    stem = "compress_depth.quick" if args.quick else "compress_depth"
+    md = markdown(results, args, env, time.time() - t0)
+    payload = {"environment": env, "results": {t: {"rows": {f"{a} | N={n}": v for (a, n), v in r.items()},
+                                                   "notes": notes} for t, (r, notes) in results.items()}}
+    common.write_results(stem, md, payload)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
