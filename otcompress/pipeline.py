@@ -59,7 +59,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     r = {**recipes.defaults(), **recipes.check_recipe(
         {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
     if out is not None:
-        outputs.check_out(out, force)
+        outputs.check_out(out, force, inputs=[anchor, *parents], log=log)
     parents = list(parents)
     anchor_cfg, parent_cfgs = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
     # The caller's settings that differ from the defaults must all count (flags are checked by the CLI).
@@ -82,8 +82,11 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         data = dataclasses.replace(data, pooling=r["pooling"])
     # Headers are read now: a directory that cannot stream (other weight formats, a broken
     # file) is loaded, which says what is wrong before any work.
-    streamed = _streamed(parents, r, data) and all(
-        modelio.lazy_model(p, trust_remote_code=trust_remote_code) is not None for p in parents)
+    lazy = [modelio.lazy_model(p, trust_remote_code=trust_remote_code) for p in parents] \
+        if _streamed(parents, r, data) else [None]
+    streamed = all(m is not None for m in lazy)
+    for p, m in zip(parents, lazy if streamed else []):  # a loaded model was checked as it loaded
+        modelio.check_finite(p, m.state_dict())
     parent_ms = list(parents) if streamed else [load(p) for p in parents]
     if streamed:
         log("parents are read tensor by tensor from their directories (never loaded whole)")
@@ -105,7 +108,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                     metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference))
     model.fusion_report = report
     if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
-        with outputs.staged_dir(out, force) as tmp:
+        with outputs.staged_dir(out, force, inputs=[anchor, *parents]) as tmp:
             write(model, report, source, tmp, r)
     return model, report
 
