@@ -125,6 +125,9 @@ def resolve_device(device):
     return device
 
 
+FORCE_HELP = ("Replace --out if otcompress wrote it (never a file or directory it did not write, "
+              "nor an input).")
+
 POOLING_HELP = ("Headless (embedding) models: how embeddings are pooled [default: the checkpoint's "
                 "sentence-transformers pooling, else mean (cls for ViT)].")
 
@@ -276,7 +279,7 @@ def cli():
 @recipe_option("--lr", key="lr", type=_range("lr", float), help="Finetuning learning rate.")
 @recipe_option("--batch-size", key="batch_size", type=_range("batch_size", int))
 @recipe_option("--seed", key="seed", type=int)
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
 @remote_code_option
 @common
@@ -433,7 +436,7 @@ Examples:
 @click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @pooling_option
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
 @remote_code_option
 @common
@@ -444,7 +447,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     from otcompress import modelio, outputs
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
-    outputs.check_out(out, force)
+    outputs.check_out(out, force, inputs=[model, *teachers], log=ui.log)
     device = resolve_device(device)
     if teachers:  # configs only: wrong teachers fail before weights are read or training starts
         modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
@@ -472,7 +475,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
               "metrics": {"before": before, "after": after}}
     section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
                "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model}
-    with outputs.staged_dir(out, force) as tmp:
+    with outputs.staged_dir(out, force, inputs=[model, *teachers]) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
         result["sentence_transformers"] = outputs.copy_sentence_transformers(model, tmp, m.config.hidden_size)
@@ -613,28 +616,29 @@ def _profile_row(path, r):
 @click.option("--data", help="Report the int8 accuracy delta on this data (headless models: the embedding "
               "cosine to fp32).")
 @pooling_option
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @remote_code_option
 @common
 def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, quiet, as_json):
     """Export MODEL to ONNX, validated in ONNX Runtime against PyTorch."""
+    from otcompress import export as ex
     from otcompress import modelio, outputs
-    from otcompress.export import export_onnx, int8_agreement
     ui = UI(quiet, as_json)
-    outputs.check_out(out, force)
+    for path in [out, ex.int8_path(out)] if quantize else [out]:  # the int8 copy must be free too
+        outputs.check_out(path, force, inputs=[model], log=ui.log, ours=lambda p: outputs.ours_file(p, ex.marked))
     _check_pooling(pooling, model, trust_remote_code)
     if pooling and not data:
         raise InvalidOptionError("--pooling says how to compare int8 embeddings on --data; give --data")
+    if data and not quantize:
+        raise InvalidOptionError(ex.NEEDS_QUANTIZE)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
     task = _load_data(data, m, model, 0, pooling) if data else None
-    # export_onnx stages its files and moves them into place only after the parity gate.
+    # export_onnx checks --data first, stages its files and moves them into place only after
+    # the parity gate and the int8 comparison: a failure leaves neither file.
     with outputs.writing(out):
-        report = export_onnx(m, out, atol=atol, quantize=quantize)
+        report = ex.export_onnx(m, out, atol=atol, quantize=quantize, int8_data=task)
     if quantize:  # every file written, the int8 copy too
         report["files"] = [*report["files"], report["quantized"]["path"]]
-    if quantize and task is not None:
-        agreement = int8_agreement(out, report["quantized"]["path"], task)
-        report["quantized"]["embedding" if task.task == "feature-extraction" else "accuracy"] = agreement
     ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
     if quantize:
         q = report["quantized"]
@@ -657,12 +661,13 @@ def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, 
 @click.option("--steps", type=STEPS, default=300, show_default=True, help="Finetuning budget N.")
 @click.option("--quick", is_flag=True, help="Tiny models and few steps (smoke run, ~1 min).")
 @click.option("--threads", type=COUNT, default=2, show_default=True)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @common
-def demo(out, steps, quick, threads, quiet, as_json):
+def demo(out, steps, quick, threads, force, quiet, as_json):
     """Train (once, cached) ViTs on digits, fuse, finetune, profile, export."""
     from otcompress.demo import run_demo
     ui = UI(quiet, as_json)
-    result = run_demo(Path(out), steps=steps, quick=quick, threads=threads, log=ui.log,
+    result = run_demo(out, steps=steps, quick=quick, threads=threads, force=force, log=ui.log,
                       progress_factory=ui.progress)
     ui.table("otcompress demo: digits, anchor hidden {a} vs parents hidden {p}".format(**result["widths"]),
              result["columns"], result["rows"])
