@@ -284,7 +284,8 @@ def model_card(report: dict) -> str:
             lines.append(_finetune_line(ft))
     metrics = report.get("metrics") or {}
     if metrics:
-        lines += ["", "## Metrics", "", "| model | " + " | ".join(_metric_names(metrics)) + " |",
+        lines += ["", "## Metrics", "", _measured_on(next(iter(metrics.values()))), "",
+                  "| model | " + " | ".join(_metric_names(metrics)) + " |",
                   "|---|" + "---|" * len(_metric_names(metrics))]
         for name, m in metrics.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in _metric_names(metrics)) + " |")
@@ -342,6 +343,12 @@ def carry_lineage(source, dest: Path, finetune: dict, metrics: dict | None = Non
         (dest / "README.md").write_text(card + "\n\n## Finetuned with otcompress\n\n" + _finetune_line(finetune) + "\n")
         written.append("README.md")
     return written
+
+
+def _measured_on(m: dict) -> str:
+    if m.get("split") == "eval":
+        return f"On the data's held-out eval split ({m.get('examples', '?')} examples), never trained on."
+    return f"On the data's split \"{m.get('split', 'eval')}\"."
 
 
 def _metric_names(metrics: dict) -> list[str]:

@@ -105,7 +105,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                    "teachers": len(trainer.teachers), "holdout_examples": _n(holdout)}
         trained.pop("losses", None)
     report = finish(report, finetune=trained,
-                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference))
+                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference, progress))
     model.fusion_report = report
     if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
         with outputs.staged_dir(out, force, inputs=[anchor, *parents]) as tmp:
@@ -416,19 +416,30 @@ def _n(data):
 
 
 def _evaluate(model, data, device, reference=None):
-    split = data.default_eval_split
-    return {**ft.evaluate(model, data, split=split, device=device, reference=reference), "split": split}
+    """Held-out figures: the data's fixed eval split, never trained on (training
+    and the race's held-out tenth use the train split), as `finetune` reports."""
+    return {**ft.evaluate(model, data, split="eval", device=device, reference=reference), "split": "eval",
+            "examples": data.num_examples("eval")}
 
 
-def _metrics(anchor_m, model, one_shot, data, r, device, reference=None):
-    """Anchor, one-shot and final metrics on the data's evaluation split."""
+def _metrics(anchor_m, model, one_shot, data, r, device, reference=None, progress=None):
+    """Anchor, one-shot and final metrics on the data's eval split; `progress`
+    hears each model scored."""
     if not _trainable(data):
         return {}
-    metrics = {} if anchor_m is None else {"anchor": _evaluate(anchor_m, data, device, reference)}
+    total, done = (anchor_m is not None) + bool(r["finetune_steps"]), []
+
+    def score(m):
+        result = _evaluate(m, data, device, reference)
+        done.append(m)
+        if progress:
+            progress("scoring (eval split)", len(done), total)
+        return result
+    metrics = {} if anchor_m is None else {"anchor": score(anchor_m)}
     if one_shot is not None:
         metrics["fused (one-shot)"] = one_shot
     if r["finetune_steps"]:
-        metrics[f"fused + {r['finetune_steps']} steps"] = _evaluate(model, data, device, reference)
+        metrics[f"fused + {r['finetune_steps']} steps"] = score(model)
     return metrics
 
 
