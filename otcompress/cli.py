@@ -461,14 +461,16 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     task = _load_data(data, m, model, seed, pooling)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     reference = teacher_ms if task.task == "feature-extraction" else None
-    before = ft.evaluate(m, task, device=device, reference=reference)
+    before = _flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(m, task, device=device,
+                                                                          reference=reference))
     with ui.progress() as prog:
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
     if not main_process:
         return
-    after = ft.evaluate(m, task, device=device, reference=reference)
+    after = _flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(m, task, device=device,
+                                                                        reference=reference))
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
@@ -516,11 +518,25 @@ def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_r
     task = _load_data(data, m, model, 0, pooling)
     refs = [modelio.load_model(r, trust_remote_code=trust_remote_code) for r in reference] or None
     split = split or task.default_eval_split
-    metrics = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device, reference=refs)
+    metrics = _flag_non_finite(ui, model, ft.evaluate(m, task, split=split, batch_size=batch_size, device=device,
+                                                       reference=refs))
     examples = task.num_examples(split)
     _metrics_table(ui, {model: metrics}, split=split, examples=examples)
     ui.result({"model": model, "data": data, "split": split, "examples": examples,
                "reference": list(reference), **metrics})
+
+
+def _flag_non_finite(ui, name, metrics: dict) -> dict:
+    """A NaN/Inf loss means the model's outputs are not finite, and its other
+    figures mean nothing (the argmax of NaN logits is class 0): they are
+    blanked, `not_finite` names the culprits and a warning says so."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return metrics
+    ui.log(f"[yellow]warning:[/yellow] {name}: {', '.join(bad)} not finite: the model's outputs are NaN/Inf "
+           "on this data, so no other figure is reported")
+    return {**{k: None if isinstance(v, float) and k not in bad else v for k, v in metrics.items()},
+            "not_finite": bad}
 
 
 def _headless(path, trust_remote_code) -> bool:

@@ -104,3 +104,34 @@ def test_non_finite_teacher_or_model_is_refused(z, tmp_path, capsys):
     refused(code, err, "classifier.weight", "NaN")
     refused(*run(capsys, "export", z / "nan", "--out", tmp_path / "m.onnx")[::2], "classifier.weight")
     assert not list(tmp_path.iterdir())
+
+
+def overflowing(seed=1):
+    """Finite weights whose logits overflow to +-inf (so the loss is NaN): what
+    the load-time check cannot see."""
+    model = M.vit(seed=seed)
+    with torch.no_grad():
+        model.classifier.weight.fill_(3e38)
+        model.classifier.weight[1::2] *= -1
+    return model
+
+
+def test_eval_flags_a_nan_loss_instead_of_printing_accuracy(tmp_path, capsys):
+    overflowing().save_pretrained(tmp_path / "m")
+    code, out, err = run(capsys, "eval", tmp_path / "m", "--data", "digits", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["not_finite"] == ["loss"] and result["accuracy"] is None, err
+    assert "loss not finite" in err and "no other figure is reported" in err
+
+
+def test_a_nan_teacher_is_blamed_not_the_learning_rate():
+    from otcompress.data import load_data
+    from otcompress.errors import InvalidOptionError
+    from otcompress.finetune import finetune
+    student = M.vit(seed=2)
+    data = load_data("digits", student)
+    with pytest.raises(InvalidOptionError, match="teacher 1's outputs are not finite") as e:
+        finetune(student, data, steps=2, teachers=[overflowing()])
+    assert "lr" not in str(e.value)
+    with pytest.raises(InvalidOptionError, match="model's outputs are not finite .* before any training step"):
+        finetune(overflowing(), data, steps=2)
