@@ -7,6 +7,7 @@ on stdout, whose `path` names what was written; logs and progress go to
 stderr."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -168,7 +169,9 @@ def _range(key, kind):
 
 
 COUNT = Bounded(int, lambda v: v >= 1, "an integer >= 1")
-STEPS = _range("finetune_steps", int)
+MAX_STEPS = 10**8  # a hundred million steps: beyond any budget, so a larger number is a typo
+STEPS = Bounded(int, lambda v: recipes.RANGES["finetune_steps"][0](v) and v <= MAX_STEPS,
+                f"an integer in [0, {MAX_STEPS:_}]")
 POSITIVE = Bounded(float, lambda v: v > 0, "a finite number > 0")
 NON_NEGATIVE = Bounded(float, lambda v: v >= 0, "a finite number >= 0")
 
@@ -251,7 +254,10 @@ def cli():
 @recipe_option("--reg", key="reg", help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep).")
 @recipe_option("--max-iter", key="max_iter", type=_range("max_iter", int),
                help="Sinkhorn sweeps per transport map before it counts as unconverged.")
-@recipe_option("--residual", key="residual")
+@recipe_option("--residual", key="residual",
+               help="Residual joins: how the skip path's and the branch's transport maps combine: "
+                    "average them, or weight them by activation norms, one weight per join (scalar) or "
+                    "per unit (matrix); these two need --data.")
 @recipe_option("--weights", key="weights", multiple=True, type=Bounded(float, lambda v: v >= 0, "a finite number >= 0"),
                help="Mixing weights, anchor first [default: uniform].")
 @recipe_option("--qk", key="qk", help="Q/K transport maps (auto: shared with emd, else separate).")
@@ -490,7 +496,40 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     ui.result(result)
 
 
-@cli.command(name="eval")
+EVAL_EXAMPLES = """\b
+Examples:
+  otcompress eval fused/ --data digits
+  otcompress eval fused/ --data reviews.jsonl --split eval --json
+  otcompress eval st-fused/ --data texts.txt --reference st-large1/ st-large2/  # embedding models"""
+
+PROFILE_EXAMPLES = """\b
+Examples:
+  otcompress profile small/ wide1/ fused/ --threads 1
+  otcompress profile fused/ --batch-size 8 --seq-len 64 --no-onnx --json"""
+
+EXPORT_EXAMPLES = """\b
+Examples:
+  otcompress export fused/ --out fused.onnx
+  otcompress export fused/ --out fused.onnx --quantize int8 --data digits  # int8 accuracy delta
+  otcompress export fused/ --out fused.onnx --force  # replace an earlier export"""
+
+DEMO_EXAMPLES = """\b
+Examples:
+  otcompress demo --quick            # tiny models, ~1 min
+  otcompress demo --steps 300 --out runs/demo --force"""
+
+FAMILIES_EXAMPLES = """\b
+Examples:
+  otcompress families
+  otcompress families --json"""
+
+PROFILES_EXAMPLES = """\b
+Examples:
+  otcompress profiles
+  otcompress fuse --anchor small/ --parents wide/ --profile vit-soft-acts --data digits --out fused/"""
+
+
+@cli.command(name="eval", epilog=EVAL_EXAMPLES)
 @click.argument("model")
 @click.option("--data", required=True)
 @click.option("--split", type=click.Choice(["all", "train", "eval"]),
@@ -566,7 +605,7 @@ def _check_reference(model, reference, trust_remote_code):
 SEQ_LEN = 128
 
 
-@cli.command()
+@cli.command(epilog=PROFILE_EXAMPLES)
 @click.argument("models", nargs=-1, required=True)
 @click.option("--batch-size", type=COUNT, default=1, show_default=True)
 @click.option("--seq-len", type=COUNT, help=f"Text models only [default: {SEQ_LEN}, or the model's "
@@ -624,7 +663,7 @@ def _profile_row(path, r):
             ort.get("median_ms"), disk / 1e6 if disk else None]
 
 
-@cli.command()
+@cli.command(epilog=EXPORT_EXAMPLES)
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (parents are created).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised copy.")
@@ -672,7 +711,7 @@ def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, 
 
 # ----------------------------------------------------------------------------- demo
 
-@cli.command()
+@cli.command(epilog=DEMO_EXAMPLES)
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
 @click.option("--steps", type=STEPS, default=300, show_default=True, help="Finetuning budget N.")
 @click.option("--quick", is_flag=True, help="Tiny models and few steps (smoke run, ~1 min).")
@@ -686,13 +725,13 @@ def demo(out, steps, quick, threads, force, quiet, as_json):
     result = run_demo(out, steps=steps, quick=quick, threads=threads, force=force, log=ui.log,
                       progress_factory=ui.progress)
     ui.table("otcompress demo: digits, anchor hidden {a} vs parents hidden {p}".format(**result["widths"]),
-             result["columns"], result["rows"])
+             result["columns"], [[name, f"{acc:.2f}", *rest] for name, acc, *rest in result["rows"]])
     ui.result(result)
 
 
 # ----------------------------------------------------------------------------- families
 
-@cli.command()
+@cli.command(epilog=FAMILIES_EXAMPLES)
 @common
 def families(quiet, as_json):
     """The model classes otcompress fuses, per family (model type)."""
@@ -704,7 +743,7 @@ def families(quiet, as_json):
     ui.result({"families": table})
 
 
-@cli.command()
+@cli.command(epilog=PROFILES_EXAMPLES)
 @common
 def profiles(quiet, as_json):
     """The named recipes for `fuse --profile NAME`, one line each."""
@@ -804,6 +843,7 @@ def main(argv=None):
     argv = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     _quiet_hf()
     debug = bool(os.environ.get("OTCOMPRESS_DEBUG"))
+    fail = _failer("--json" in argv)
     previous = _handle_signals()
     shown = warnings.showwarning
     warnings.showwarning = _warnings_to_ui(shown)
@@ -812,35 +852,51 @@ def main(argv=None):
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except Signalled as e:
-        click.echo("error: interrupted" if e.signum == signal.SIGINT else "error: terminated", err=True)
-        sys.exit(128 + e.signum)
+        fail("error: interrupted" if e.signum == signal.SIGINT else "error: terminated", 128 + e.signum)
     except click.exceptions.Abort as e:
         if isinstance(e.__context__, KeyboardInterrupt):
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        click.echo("error: aborted", err=True)
-        sys.exit(1)
+            fail("error: interrupted", 130)
+        fail("error: aborted", 1)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
+        fail(f"error: {e.format_message()}", 2)
     except OTCompressError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        fail(f"error: {e}", e.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        fail("error: interrupted", 130)
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS:
+            _internal(e, debug, fail)
+        fail(f"error: {e.strerror}{f': {e.filename}' if e.filename else ''}", 2)
     except Exception as e:  # noqa: BLE001 - an internal bug: one line unless debugging
-        if debug:
-            raise
-        click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                   "(set OTCOMPRESS_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
+        _internal(e, debug, fail)
     finally:
         _restore_signals(previous)
         warnings.showwarning = shown
         global _SHOWN_BY
         _SHOWN_BY = None
     sys.exit(0)
+
+
+# The machine's state, not a bug: no space or quota left, a read-only file system.
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _internal(e, debug, fail):
+    if debug:
+        raise e
+    fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+         "(set OTCOMPRESS_DEBUG=1 for a traceback)", 1)
+
+
+def _failer(as_json):
+    """`fail(message, code)`: the one line on stderr, with --json also one JSON
+    object on stdout ({"error", "exit_code"}), then the exit."""
+    def fail(message, code):
+        click.echo(message, err=True)
+        if as_json:
+            click.echo(json.dumps({"error": message.split(": ", 1)[1], "exit_code": code}))
+        sys.exit(code)
+    return fail
 
 
 if __name__ == "__main__":  # python -m otcompress.cli (e.g. under accelerate launch)

@@ -2,6 +2,7 @@
 when complete, so a failure never leaves a half-written `--out`."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -130,7 +131,7 @@ def writing(out):
                 d.rmdir()
             except OSError:
                 break
-        if isinstance(e, OSError) and _about(e, out):
+        if isinstance(e, OSError) and (_about(e, out) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise InvalidOptionError(f"--out {out}: cannot write there ({e.strerror or e})") from None
         raise
 
@@ -259,24 +260,30 @@ def _jsonable(o):
 
 def model_card(report: dict) -> str:
     """A Hub-style model card: YAML front matter, then how the model was made."""
+    o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
+    fold = o["alignment"] == "fold"
+    target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
     front = {
-        "base_model": [report["anchor"], *report["parents"]],
+        "base_model": [*([] if target else [report["anchor"]]), *report["parents"]],
         "library_name": "transformers",
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
-    o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
+    how = ("The parents' units were clustered (folded) through every block into the target widths "
+           "and merged; no anchor's weights were used." if fold else
+           "The parents were aligned to the anchor with transport maps through every block and "
+           "averaged into the anchor's architecture and width.")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         "# OT-fused model", "",
         "Made by [otcompress](https://arxiv.org/abs/2310.05719): heterogeneous Optimal-Transport "
-        "fusion (Imfeld et al., ICLR 2024). The parents were aligned to the anchor with transport "
-        "maps through every block and averaged into the anchor's architecture and width.", "",
+        f"fusion (Imfeld et al., ICLR 2024). {how}", "",
         "## Recipe", "",
-        f"- anchor: `{report['anchor']}`",
+        f"- {'target' if target else 'anchor'}: `{report['anchor']}`",
         f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}",
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",
-        f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
+        f"- mixing weights{'' if fold else ' (anchor first)'}: "
+        f"{', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
     for ft in [*report.get("finetune_history", []), report.get("finetune")]:

@@ -34,7 +34,7 @@ import torch
 
 from otcompress import architectures, finetune as ft, modelio, outputs, recipes
 from otcompress.data import is_headless
-from otcompress.errors import InvalidOptionError, ModelLoadError
+from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
@@ -80,6 +80,9 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         data = load_task_data(r["data"], anchor_m or anchor_cfg, source, r["seed"], r["pooling"])
     elif data is not None and r["pooling"]:
         data = dataclasses.replace(data, pooling=r["pooling"])
+    if r["finetune_steps"] and not _trainable(data):  # before any fusion, not after it
+        raise DataError(f"data spec '{data.spec}' has no labels, needed to finetune {data.task} "
+                        f"(--steps {r['finetune_steps']}); give labelled data, or --steps 0 to calibrate only")
     # Headers are read now: a directory that cannot stream (other weight formats, a broken
     # file) is loaded, which says what is wrong before any work.
     lazy = [modelio.lazy_model(p, trust_remote_code=trust_remote_code) for p in parents] \
@@ -454,7 +457,11 @@ def write_files(report, source, tmp: Path, r, hidden_size: int):
     files, the resolved recipe, the report and a model card."""
     report["copied_preprocessor_files"] = outputs.copy_preprocessor(source, tmp)
     report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, hidden_size)
-    outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
+    recipe = {k: v for k, v in r.items() if k != "profile"}
+    if recipe["alignment"] == "auto" and (report.get("options") or {}).get("alignment") == "fold" \
+            and not report.get("race"):  # "auto" without an anchor folded: say so (same result when rerun)
+        recipe["alignment"] = "fold"
+    outputs.write_yaml(tmp / "otcompress_config.yaml", recipe)
     outputs.write_json(tmp / "fusion_report.json", report)
     (tmp / "README.md").write_text(outputs.model_card(report))
 

@@ -8,14 +8,12 @@ import pytest
 from sklearn.datasets import load_digits
 
 import models as M
-from clirun import run
+from clirun import anchor_and_wide, run
 
 
 @pytest.fixture(scope="module")
 def z(tmp_path_factory):
-    d = tmp_path_factory.mktemp("heldout")
-    M.vit(seed=1).save_pretrained(d / "anchor")
-    M.vit(hidden=48, heads=6, inter=96, seed=2).save_pretrained(d / "wide")
+    d = anchor_and_wide(tmp_path_factory.mktemp("heldout"))
     digits = load_digits()
     for k, (image, label) in enumerate(zip(digits.images[:400], digits.target[:400])):
         (d / "folder" / str(label)).mkdir(parents=True, exist_ok=True)

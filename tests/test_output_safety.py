@@ -9,15 +9,12 @@ import pytest
 
 import models as M
 from otcompress import outputs
-from clirun import refused, run
+from clirun import anchor_and_wide, refused, run
 
 
 @pytest.fixture(scope="module")
 def z(tmp_path_factory):
-    d = tmp_path_factory.mktemp("safety")
-    M.vit(seed=1).save_pretrained(d / "anchor")
-    M.vit(hidden=48, heads=6, inter=96, seed=2).save_pretrained(d / "wide")
-    return d
+    return anchor_and_wide(tmp_path_factory.mktemp("safety"))
 
 
 def fuse(capsys, z, out, *extra, anchor=None, parent=None):
