@@ -7,6 +7,7 @@ on stdout, whose `path` names what was written; logs and progress go to
 stderr."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -125,6 +126,9 @@ def resolve_device(device):
     return device
 
 
+FORCE_HELP = ("Replace --out if otcompress wrote it (never a file or directory it did not write, "
+              "nor an input).")
+
 POOLING_HELP = ("Headless (embedding) models: how embeddings are pooled [default: the checkpoint's "
                 "sentence-transformers pooling, else mean (cls for ViT)].")
 
@@ -165,7 +169,9 @@ def _range(key, kind):
 
 
 COUNT = Bounded(int, lambda v: v >= 1, "an integer >= 1")
-STEPS = _range("finetune_steps", int)
+MAX_STEPS = 10**8  # a hundred million steps: beyond any budget, so a larger number is a typo
+STEPS = Bounded(int, lambda v: recipes.RANGES["finetune_steps"][0](v) and v <= MAX_STEPS,
+                f"an integer in [0, {MAX_STEPS:_}]")
 POSITIVE = Bounded(float, lambda v: v > 0, "a finite number > 0")
 NON_NEGATIVE = Bounded(float, lambda v: v >= 0, "a finite number >= 0")
 
@@ -253,7 +259,10 @@ def cli():
 @recipe_option("--reg", key="reg", help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep).")
 @recipe_option("--max-iter", key="max_iter", type=_range("max_iter", int),
                help="Sinkhorn sweeps per transport map before it counts as unconverged.")
-@recipe_option("--residual", key="residual")
+@recipe_option("--residual", key="residual",
+               help="Residual joins: how the skip path's and the branch's transport maps combine: "
+                    "average them, or weight them by activation norms, one weight per join (scalar) or "
+                    "per unit (matrix); these two need --data.")
 @recipe_option("--weights", key="weights", multiple=True, type=Bounded(float, lambda v: v >= 0, "a finite number >= 0"),
                help="Mixing weights, anchor first [default: uniform].")
 @recipe_option("--qk", key="qk", help="Q/K transport maps (auto: shared with emd, else separate).")
@@ -281,7 +290,7 @@ def cli():
 @recipe_option("--lr", key="lr", type=_range("lr", float), help="Finetuning learning rate.")
 @recipe_option("--batch-size", key="batch_size", type=_range("batch_size", int))
 @recipe_option("--seed", key="seed", type=int)
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
 @remote_code_option
 @common
@@ -440,7 +449,7 @@ Examples:
 @click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @pooling_option
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
 @remote_code_option
 @common
@@ -451,7 +460,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     from otcompress import modelio, outputs
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
-    outputs.check_out(out, force)
+    outputs.check_out(out, force, inputs=[model, *teachers], log=ui.log)
     device = resolve_device(device)
     if teachers:  # configs only: wrong teachers fail before weights are read or training starts
         modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
@@ -465,21 +474,23 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     task = _load_data(data, m, model, seed, pooling)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     reference = teacher_ms if task.task == "feature-extraction" else None
-    before = ft.evaluate(m, task, device=device, reference=reference)
+    before = _flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(m, task, device=device,
+                                                                          reference=reference))
     with ui.progress() as prog:
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
     if not main_process:
         return
-    after = ft.evaluate(m, task, device=device, reference=reference)
+    after = _flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(m, task, device=device,
+                                                                        reference=reference))
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
               "metrics": {"before": before, "after": after}}
     section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
                "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model}
-    with outputs.staged_dir(out, force) as tmp:
+    with outputs.staged_dir(out, force, inputs=[model, *teachers]) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
         result["sentence_transformers"] = outputs.copy_sentence_transformers(model, tmp, m.config.hidden_size)
@@ -492,7 +503,40 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     ui.result(result)
 
 
-@cli.command(name="eval")
+EVAL_EXAMPLES = """\b
+Examples:
+  otcompress eval fused/ --data digits
+  otcompress eval fused/ --data reviews.jsonl --split eval --json
+  otcompress eval st-fused/ --data texts.txt --reference st-large1/ st-large2/  # embedding models"""
+
+PROFILE_EXAMPLES = """\b
+Examples:
+  otcompress profile small/ wide1/ fused/ --threads 1
+  otcompress profile fused/ --batch-size 8 --seq-len 64 --no-onnx --json"""
+
+EXPORT_EXAMPLES = """\b
+Examples:
+  otcompress export fused/ --out fused.onnx
+  otcompress export fused/ --out fused.onnx --quantize int8 --data digits  # int8 accuracy delta
+  otcompress export fused/ --out fused.onnx --force  # replace an earlier export"""
+
+DEMO_EXAMPLES = """\b
+Examples:
+  otcompress demo --quick            # tiny models, ~1 min
+  otcompress demo --steps 300 --out runs/demo --force"""
+
+FAMILIES_EXAMPLES = """\b
+Examples:
+  otcompress families
+  otcompress families --json"""
+
+PROFILES_EXAMPLES = """\b
+Examples:
+  otcompress profiles
+  otcompress fuse --anchor small/ --parents wide/ --profile vit-soft-acts --data digits --out fused/"""
+
+
+@cli.command(name="eval", epilog=EVAL_EXAMPLES)
 @click.argument("model")
 @click.option("--data", required=True)
 @click.option("--split", type=click.Choice(["all", "train", "eval"]),
@@ -520,11 +564,25 @@ def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_r
     task = _load_data(data, m, model, 0, pooling)
     refs = [modelio.load_model(r, trust_remote_code=trust_remote_code) for r in reference] or None
     split = split or task.default_eval_split
-    metrics = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device, reference=refs)
+    metrics = _flag_non_finite(ui, model, ft.evaluate(m, task, split=split, batch_size=batch_size, device=device,
+                                                       reference=refs))
     examples = task.num_examples(split)
     _metrics_table(ui, {model: metrics}, split=split, examples=examples)
     ui.result({"model": model, "data": data, "split": split, "examples": examples,
                "reference": list(reference), **metrics})
+
+
+def _flag_non_finite(ui, name, metrics: dict) -> dict:
+    """A NaN/Inf loss means the model's outputs are not finite, and its other
+    figures mean nothing (the argmax of NaN logits is class 0): they are
+    blanked, `not_finite` names the culprits and a warning says so."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return metrics
+    ui.log(f"[yellow]warning:[/yellow] {name}: {', '.join(bad)} not finite: the model's outputs are NaN/Inf "
+           "on this data, so no other figure is reported")
+    return {**{k: None if isinstance(v, float) and k not in bad else v for k, v in metrics.items()},
+            "not_finite": bad}
 
 
 def _headless(path, trust_remote_code) -> bool:
@@ -554,7 +612,7 @@ def _check_reference(model, reference, trust_remote_code):
 SEQ_LEN = 128
 
 
-@cli.command()
+@cli.command(epilog=PROFILE_EXAMPLES)
 @click.argument("models", nargs=-1, required=True)
 @click.option("--batch-size", type=COUNT, default=1, show_default=True)
 @click.option("--seq-len", type=COUNT, help=f"Text models only [default: {SEQ_LEN}, or the model's "
@@ -612,7 +670,7 @@ def _profile_row(path, r):
             ort.get("median_ms"), disk / 1e6 if disk else None]
 
 
-@cli.command()
+@cli.command(epilog=EXPORT_EXAMPLES)
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (parents are created).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised copy.")
@@ -620,28 +678,29 @@ def _profile_row(path, r):
 @click.option("--data", help="Report the int8 accuracy delta on this data (headless models: the embedding "
               "cosine to fp32).")
 @pooling_option
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @remote_code_option
 @common
 def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, quiet, as_json):
     """Export MODEL to ONNX, validated in ONNX Runtime against PyTorch."""
+    from otcompress import export as ex
     from otcompress import modelio, outputs
-    from otcompress.export import export_onnx, int8_agreement
     ui = UI(quiet, as_json)
-    outputs.check_out(out, force)
+    for path in [out, ex.int8_path(out)] if quantize else [out]:  # the int8 copy must be free too
+        outputs.check_out(path, force, inputs=[model], log=ui.log, ours=lambda p: outputs.ours_file(p, ex.marked))
     _check_pooling(pooling, model, trust_remote_code)
     if pooling and not data:
         raise InvalidOptionError("--pooling says how to compare int8 embeddings on --data; give --data")
+    if data and not quantize:
+        raise InvalidOptionError(ex.NEEDS_QUANTIZE)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
     task = _load_data(data, m, model, 0, pooling) if data else None
-    # export_onnx stages its files and moves them into place only after the parity gate.
+    # export_onnx checks --data first, stages its files and moves them into place only after
+    # the parity gate and the int8 comparison: a failure leaves neither file.
     with outputs.writing(out):
-        report = export_onnx(m, out, atol=atol, quantize=quantize)
+        report = ex.export_onnx(m, out, atol=atol, quantize=quantize, int8_data=task)
     if quantize:  # every file written, the int8 copy too
         report["files"] = [*report["files"], report["quantized"]["path"]]
-    if quantize and task is not None:
-        agreement = int8_agreement(out, report["quantized"]["path"], task)
-        report["quantized"]["embedding" if task.task == "feature-extraction" else "accuracy"] = agreement
     ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
     if quantize:
         q = report["quantized"]
@@ -659,26 +718,27 @@ def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, 
 
 # ----------------------------------------------------------------------------- demo
 
-@cli.command()
+@cli.command(epilog=DEMO_EXAMPLES)
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
 @click.option("--steps", type=STEPS, default=300, show_default=True, help="Finetuning budget N.")
 @click.option("--quick", is_flag=True, help="Tiny models and few steps (smoke run, ~1 min).")
 @click.option("--threads", type=COUNT, default=2, show_default=True)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @common
-def demo(out, steps, quick, threads, quiet, as_json):
+def demo(out, steps, quick, threads, force, quiet, as_json):
     """Train (once, cached) ViTs on digits, fuse, finetune, profile, export."""
     from otcompress.demo import run_demo
     ui = UI(quiet, as_json)
-    result = run_demo(Path(out), steps=steps, quick=quick, threads=threads, log=ui.log,
+    result = run_demo(out, steps=steps, quick=quick, threads=threads, force=force, log=ui.log,
                       progress_factory=ui.progress)
     ui.table("otcompress demo: digits, anchor hidden {a} vs parents hidden {p}".format(**result["widths"]),
-             result["columns"], result["rows"])
+             result["columns"], [[name, f"{acc:.2f}", *rest] for name, acc, *rest in result["rows"]])
     ui.result(result)
 
 
 # ----------------------------------------------------------------------------- families
 
-@cli.command()
+@cli.command(epilog=FAMILIES_EXAMPLES)
 @common
 def families(quiet, as_json):
     """The model classes otcompress fuses, per family (model type)."""
@@ -690,7 +750,7 @@ def families(quiet, as_json):
     ui.result({"families": table})
 
 
-@cli.command()
+@cli.command(epilog=PROFILES_EXAMPLES)
 @common
 def profiles(quiet, as_json):
     """The named recipes for `fuse --profile NAME`, one line each."""
@@ -790,6 +850,7 @@ def main(argv=None):
     argv = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     _quiet_hf()
     debug = bool(os.environ.get("OTCOMPRESS_DEBUG"))
+    fail = _failer("--json" in argv)
     previous = _handle_signals()
     shown = warnings.showwarning
     warnings.showwarning = _warnings_to_ui(shown)
@@ -798,35 +859,51 @@ def main(argv=None):
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except Signalled as e:
-        click.echo("error: interrupted" if e.signum == signal.SIGINT else "error: terminated", err=True)
-        sys.exit(128 + e.signum)
+        fail("error: interrupted" if e.signum == signal.SIGINT else "error: terminated", 128 + e.signum)
     except click.exceptions.Abort as e:
         if isinstance(e.__context__, KeyboardInterrupt):
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        click.echo("error: aborted", err=True)
-        sys.exit(1)
+            fail("error: interrupted", 130)
+        fail("error: aborted", 1)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
+        fail(f"error: {e.format_message()}", 2)
     except OTCompressError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        fail(f"error: {e}", e.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        fail("error: interrupted", 130)
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS:
+            _internal(e, debug, fail)
+        fail(f"error: {e.strerror}{f': {e.filename}' if e.filename else ''}", 2)
     except Exception as e:  # noqa: BLE001 - an internal bug: one line unless debugging
-        if debug:
-            raise
-        click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                   "(set OTCOMPRESS_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
+        _internal(e, debug, fail)
     finally:
         _restore_signals(previous)
         warnings.showwarning = shown
         global _SHOWN_BY
         _SHOWN_BY = None
     sys.exit(0)
+
+
+# The machine's state, not a bug: no space or quota left, a read-only file system.
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _internal(e, debug, fail):
+    if debug:
+        raise e
+    fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+         "(set OTCOMPRESS_DEBUG=1 for a traceback)", 1)
+
+
+def _failer(as_json):
+    """`fail(message, code)`: the one line on stderr, with --json also one JSON
+    object on stdout ({"error", "exit_code"}), then the exit."""
+    def fail(message, code):
+        click.echo(message, err=True)
+        if as_json:
+            click.echo(json.dumps({"error": message.split(": ", 1)[1], "exit_code": code}))
+        sys.exit(code)
+    return fail
 
 
 if __name__ == "__main__":  # python -m otcompress.cli (e.g. under accelerate launch)

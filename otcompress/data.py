@@ -593,7 +593,12 @@ def _tokenize(texts: Sequence[str], tokenizer, max_length: int, keep: Sequence[s
     model's inputs: DistilBERT takes no token types)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
                     padding_side="right", return_tensors="pt")
-    return {k: enc[k].long() for k in keep if k in enc}
+    out = {k: enc[k].long() for k in keep if k in enc}
+    if "token_type_ids" in keep and "token_type_ids" not in out:
+        # Some tokenizers (transformers 5 fast ones) give none; the model and its ONNX graph
+        # take them, and zeros (one segment) are what the model uses when they are left out.
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+    return out
 
 
 def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

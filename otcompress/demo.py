@@ -20,15 +20,18 @@ FULL = {"parent_hidden": 64, "anchor_hidden": 16, "layers": 4, "heads": 4, "epoc
 QUICK = {"parent_hidden": 32, "anchor_hidden": 16, "layers": 2, "heads": 2, "epochs": 5, "anchor_epochs": 5}
 
 
-def run_demo(out: Path, *, steps=300, quick=False, threads=2, log=print, progress_factory=None) -> dict:
+def run_demo(out: Path, *, steps=300, quick=False, threads=2, force=False, log=print,
+             progress_factory=None) -> dict:
     """Compress two wide digits ViTs into a small one with the default recipe
     (race of the starting points, distillation from the parents) and compare
     it with what a user gets without otcompress, for the same N steps.
     `progress_factory()` makes a context whose value takes the library's
-    progress callbacks `(stage, done, total)`."""
+    progress callbacks `(stage, done, total)`. An existing `out` is replaced
+    only with `force`, and only if otcompress wrote it (`outputs.check_out`)."""
+    outputs.check_out(out, force, log=log)  # before minutes of training
     bar = progress_factory() if progress_factory else nullcontext(None)
     with bar as progress:
-        return _run(out, steps, quick, threads, log, progress)
+        return _run(out, steps, quick, threads, force, log, progress)
 
 
 def _stage(progress, name):
@@ -36,11 +39,10 @@ def _stage(progress, name):
     return None if progress is None else (lambda done, total, info=None: progress(name, done, total))
 
 
-def _run(out, steps, quick, threads, log, progress):
+def _run(out, steps, quick, threads, force, log, progress):
     torch.set_num_threads(threads)
     size = QUICK if quick else FULL
     steps = min(steps, 20) if quick else steps
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log(f"training (or loading cached) digits ViTs: parents hidden {size['parent_hidden']}, "
         f"small model hidden {size['anchor_hidden']}")
@@ -50,7 +52,7 @@ def _run(out, steps, quick, threads, log, progress):
     parent_ms = [m for m, _ in parents]
 
     log(f"default recipe: race the starting points, then {steps} steps distilled from the parents")
-    with outputs.staged_dir(out, force=True) as tmp:
+    with outputs.staged_dir(out, force) as tmp:
         fused, report = pipeline.run(anchor, parent_ms, {"finetune_steps": steps, "seed": 0}, tmp / "fused",
                                      data=data, log=log, progress=progress)
         onnx = export_onnx(fused, tmp / "fused.onnx")

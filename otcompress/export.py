@@ -20,6 +20,7 @@ dynamo exporter is tried. The report says which one produced the file.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -147,12 +148,17 @@ def _opset_of(path: Path) -> int | None:
 
 
 def _max_abs_diff(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
-    """Largest elementwise |expected - actual| over all outputs (inf on a shape mismatch)."""
+    """Largest elementwise |expected - actual| over all outputs (inf on a shape
+    mismatch); NaN when either side has a NaN, so that no `<= atol` gate passes
+    it (comparisons with NaN are false, and max() would skip it)."""
     worst = 0.0
     for want, got in zip(expected, actual, strict=True):
         if want.shape != got.shape:
             return float("inf")
-        worst = max(worst, float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))))
+        diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+        if np.isnan(diff).any():
+            return float("nan")
+        worst = max(worst, float(np.max(diff, initial=0.0)))
     return worst
 
 
@@ -216,15 +222,17 @@ def _embedding_cosines(fp32_path, int8_path, task) -> dict:
 
 def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] | None = None,
                 atol: float = 1e-4, quantize: str | None = None, opset: int | None = None,
-                check: bool = True, exporter: str = "auto", quantized_path=None) -> dict:
+                check: bool = True, exporter: str = "auto", quantized_path=None, int8_data=None) -> dict:
     """Export `model` to ONNX at `out_path` with a dynamic batch axis (and
     sequence axis for text models), check it against PyTorch in onnxruntime, and
-    optionally write an int8 dynamically-quantised copy.
+    optionally write an int8 dynamically-quantised copy, compared with the fp32
+    file on `int8_data` (a `TaskData`: `int8_agreement`) before either is kept.
 
     Raises ValidationGateError if the ONNX outputs differ from PyTorch by more
-    than `atol` (nothing is written then), InvalidOptionError on bad options.
-    Returns a report dict (paths, exporter, opset, names, axes, max_abs_diff,
-    sizes, timings, and `quantized` when asked for).
+    than `atol` or are NaN, InvalidOptionError on bad options; nothing is
+    written then. Files carry MARK in their metadata (`--force` replaces only
+    those). Returns a report dict (paths, exporter, opset, names, axes,
+    max_abs_diff, sizes, timings, and `quantized` when asked for).
     """
     if quantize not in (None, *QUANTIZE_MODES):
         raise InvalidOptionError(f"unknown quantize mode {quantize!r} (supported: {', '.join(QUANTIZE_MODES)})")
@@ -234,9 +242,11 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
         raise InvalidOptionError(f"atol must be >= 0 (got {atol})")
     family = family_of(model)
     out_path = Path(out_path)
-    quantized_path = Path(quantized_path) if quantized_path else out_path.with_name(f"{out_path.stem}.int8.onnx")
+    quantized_path = Path(quantized_path) if quantized_path else int8_path(out_path)
     if quantize and quantized_path.resolve() == out_path.resolve():
         raise InvalidOptionError(f"the int8 model cannot overwrite the fp32 model at {out_path}")
+    if int8_data is not None:
+        check_int8_data(int8_data, quantize)
 
     was_training = model.training
     model.eval()
@@ -269,14 +279,24 @@ def export_onnx(model: nn.Module, out_path, *, inputs: dict[str, torch.Tensor] |
             report.update(_export_with_gate(
                 wrapper, model, family, export_inputs, check_inputs, output_names,
                 example_outputs.to_tuple(), staged, opset=opset, atol=atol, check=check, exporter=exporter))
+            _mark(staged)
+            moves = {}
             if quantize:
-                staged_int8 = work_dir / f"int8-{quantized_path.name}"  # never collides with `staged`
+                staged_int8 = work_dir.parent / f"{work_dir.name}-{quantized_path.name}"  # beside, not inside
+                moves[staged_int8] = quantized_path
                 report["quantized"] = _quantize_int8(staged, staged_int8, check_inputs)
-                quantized_path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(staged_int8), str(quantized_path))
-            report["files"] = _move_into_place(work_dir, out_path)
+                _mark(staged_int8)
+                if int8_data is not None:  # judged before either file is in place
+                    agreement = int8_agreement(staged, staged_int8, int8_data)
+                    kind = "embedding" if int8_data.task == "feature-extraction" else "accuracy"
+                    report["quantized"][kind] = agreement
+            moves.update({f: out_path.parent / f.name for f in sorted(work_dir.iterdir())})
+            report["files"] = [str(d) for d in moves.values() if d != quantized_path]
+            _move_all(moves)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+            for staged_int8 in work_dir.parent.glob(f"{work_dir.name}-*"):
+                staged_int8.unlink()
     finally:
         model.train(was_training)
     # With external data the weights live in sidecars: count them too.
@@ -322,13 +342,17 @@ def _raise_export_failure(attempts: list[dict], atol: float, check_inputs) -> No
     if not checked:  # every exporter crashed: a bug or an unsupported model, not a gate
         summary = "; ".join(f"{a['exporter']}: {a['error']}" for a in attempts)
         raise RuntimeError(f"ONNX export failed with every exporter ({summary})")
-    best = min(checked, key=lambda a: a["max_abs_diff"])
+    best = min(checked, key=lambda a: _nan_last(a["max_abs_diff"]))
     shape = ", ".join(f"{key} {value}" for key, value in describe_inputs(check_inputs).items())
     tried = ", ".join(a["exporter"] for a in attempts)
-    raise ValidationGateError(
-        f"ONNX parity check failed: max |onnxruntime - pytorch| = {best['max_abs_diff']:.3g} > atol {atol:g} "
-        f"({shape}; exporters tried: {tried}); no file written"
-    )
+    diff = "NaN outputs" if math.isnan(best["max_abs_diff"]) else \
+        f"max |onnxruntime - pytorch| = {best['max_abs_diff']:.3g} > atol {atol:g}"
+    raise ValidationGateError(f"ONNX parity check failed: {diff} ({shape}; exporters tried: {tried}); "
+                              "no file written")
+
+
+def _nan_last(x: float) -> float:
+    return math.inf if math.isnan(x) else x
 
 
 class _DropQuantizationAdvice(logging.Filter):
@@ -364,13 +388,60 @@ def _quantize_int8(fp32_path: Path, int8_path: Path, check_inputs) -> dict:
     }
 
 
-def _move_into_place(work_dir: Path, out_path: Path) -> list[str]:
-    """Move the checked export from the staging dir beside `out_path`, with any
-    sidecar the exporter wrote (external weight data) under the name the model
-    references it by."""
-    moved = []
-    for staged_file in sorted(work_dir.iterdir()):
-        destination = out_path.parent / staged_file.name
-        shutil.move(str(staged_file), str(destination))
-        moved.append(str(destination))
-    return moved
+def _move_all(moves: dict) -> None:
+    """Move every checked file into place ({staged: destination}: the model,
+    any sidecar under the name the model references it by, the int8 copy);
+    if one move fails, the ones already made are undone."""
+    done = []
+    try:
+        for staged, destination in moves.items():
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(staged), str(destination))
+            done.append(destination)
+    except BaseException:
+        for destination in done:
+            destination.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- what export wrote
+
+NEEDS_QUANTIZE = "--data measures the int8 copy: give --quantize int8 too"
+MARK = "otcompress"  # an ONNX metadata key: this file was written (and checked) by otcompress
+
+
+def int8_path(out_path) -> Path:
+    """Where the int8 copy of `out_path` goes: m.onnx -> m.int8.onnx."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.int8.onnx")
+
+
+def _mark(path: Path) -> None:
+    import onnx
+    from importlib.metadata import version
+
+    proto = onnx.load(str(path), load_external_data=False)  # weights in a sidecar stay where they are
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        MARK: version("otcompress")})
+    onnx.save(proto, str(path))
+
+
+def marked(path) -> bool:
+    """Whether the file at `path` is an ONNX model that otcompress wrote."""
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX at all: not ours
+        return False
+    return any(p.key == MARK for p in proto.metadata_props)
+
+
+def check_int8_data(task, quantize) -> None:
+    """Before any export: --data measures the int8 copy, so it needs one, and
+    a labelled task needs labels (a headless model compares embeddings)."""
+    from otcompress.errors import DataError
+    if not quantize:
+        raise InvalidOptionError(NEEDS_QUANTIZE)
+    if task.task != "feature-extraction" and not task.has_labels:
+        raise DataError(f"data spec '{task.spec}' has no labels, needed to compare int8 with fp32 "
+                        f"{task.task}")

@@ -175,6 +175,13 @@ def _embedding_loss(score, teachers, batch, pooling, autocast=None):
     return loss, loss  # no task loss besides it
 
 
+def _finite_outputs(model, batch, pooling=None) -> bool:
+    """Whether `model`'s logits (or pooled embeddings) on `batch` are all finite."""
+    with torch.no_grad():
+        out = embedding.teacher_embeddings([model], batch, pooling)[0] if pooling else _scored(model, batch)[0]
+    return bool(torch.isfinite(out).all())
+
+
 def _gathered(rows: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     """Every process's rows, in rank order (equal counts: see Trainer)."""
     import torch.distributed as dist
@@ -310,6 +317,18 @@ class Trainer:
         self.seconds += time.perf_counter() - start
         return self
 
+    def _not_finite(self, step, batch) -> str:
+        """Why the loss is NaN/Inf: a teacher's outputs, the model's own before
+        any update (its weights or the data), or only then the learning rate."""
+        for k, t in enumerate(self.teachers, 1):
+            if not _finite_outputs(t, batch, self.pooling):
+                return (f"finetune: teacher {k}'s outputs are not finite (NaN/Inf) on a training batch: "
+                        "the teacher is broken, not the learning rate")
+        if step == 0 and not _finite_outputs(self.model, batch, self.pooling):
+            return ("finetune: the model's outputs are not finite (NaN/Inf) before any training step: "
+                    "its weights or the data are broken, not the learning rate")
+        return f"finetune: loss is not finite at step {step} (lr={self.lr}); try a lower lr"
+
     def _step(self):
         step = self.done
         for group in self.optimizer.param_groups:
@@ -317,7 +336,8 @@ class Trainer:
         batch = next(self.batches)
         if self.world > 1:
             batch, share = _shard(batch, self.rank, self.world)
-        loss, task = _step_loss(self.scorer, self.teachers, _to(batch, self.device), self.alpha,
+        batch = _to(batch, self.device)
+        loss, task = _step_loss(self.scorer, self.teachers, batch, self.alpha,
                                 self.temperature, self.accelerator.autocast, self.pooling)
         if self.world > 1:
             # DDP averages gradients over processes: weighting each process's mean
@@ -331,8 +351,7 @@ class Trainer:
         else:
             loss_value, task_value = loss.item(), task.item()
         if not math.isfinite(loss_value):
-            raise InvalidOptionError(f"finetune: loss is not finite at step {step} "
-                                     f"(lr={self.lr}); try a lower lr")
+            raise InvalidOptionError(self._not_finite(step, batch))
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.optimizer.step()

@@ -29,8 +29,10 @@ def load_config(source, *, trust_remote_code: bool = False):
 
 def load_model(source, *, trust_remote_code: bool = False, device="cpu"):
     """A model object as is, or a model loaded from a local directory with the
-    class its config names."""
+    class its config names. Either must be complete and finite (`check_complete`,
+    `check_finite`)."""
     if not isinstance(source, (str, os.PathLike)):
+        check_finite(describe(source), source.state_dict())
         return source
     import transformers
     config = load_config(source, trust_remote_code=trust_remote_code)
@@ -42,11 +44,42 @@ def load_model(source, *, trust_remote_code: bool = False, device="cpu"):
     if cls is None:
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                    local_files_only=True)
+        model, info = cls.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                          local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - corrupt/truncated weights surface here
         raise ModelLoadError(f"{source}: cannot load weights ({_first_line(e)})") from None
+    check_complete(source, cls.__name__, info)
+    check_finite(source, model.state_dict())
     return model.to(device).eval()
+
+
+def check_complete(source, class_name, info) -> None:
+    """Refuse a checkpoint that lacks a tensor its class has (transformers would
+    initialise it at random, so every run differs) or stores tensors the class
+    does not take. transformers already leaves out tied weights stored once
+    and buffers it does not save or ignores (position_ids)."""
+    for what, keys in (("is missing", info.get("missing_keys")), ("has unexpected", info.get("unexpected_keys"))):
+        if keys:
+            raise ModelLoadError(f"{source}: checkpoint {what} tensor(s) {_names(keys)} for {class_name}; "
+                                 "give a complete checkpoint of the class its config names")
+
+
+def check_finite(source, tensors) -> None:
+    """Refuse NaN or infinite values in any floating tensor of `tensors` (a
+    state dict, or a LazyStateDict read one tensor at a time), naming it."""
+    import torch
+    for name in tensors:
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            raise ModelLoadError(f"{source}: tensor {name} is not finite ({nan} NaN, "
+                                 f"{int((~torch.isfinite(t)).sum()) - nan} infinite of {t.numel()} values)")
+
+
+def _names(keys, shown=3) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def _local_dir(source) -> Path:
@@ -341,7 +374,7 @@ def lazy_model(source, *, trust_remote_code: bool = False):
         found = _stored_names(skeleton, meta, list(stored))
     except Exception:  # noqa: BLE001 - load_model reports what is wrong with the directory
         return None
-    if found is None:
+    if found is None or len(found) < len(stored):  # unexpected tensors: load_model says which
         return None
     partners: dict[int, list[str]] = {}
     for name, t in [*skeleton.named_parameters(remove_duplicate=False),

@@ -2,6 +2,7 @@
 when complete, so a failure never leaves a half-written `--out`."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,19 +19,90 @@ PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "s
                       "preprocessor_config.json", "added_tokens.json")
 
 
-def check_out(out, force: bool) -> Path:
-    """Refuse an `--out` that exists (unless forced) or that cannot be written,
-    before any work. Missing parent directories are fine: `staged_dir` (or
-    `writing`) creates them when the result is written."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise InvalidOptionError(f"--out {out} already exists (pass --force to replace it)")
+# Every directory otcompress writes holds this file. `--force` replaces only a
+# directory that has it (or a report of an older release, below), or an empty
+# one: never what a user put there, never a file, a special file or a link.
+MARKER = ".otcompress"
+_OLD_OUTPUTS = ("fusion_report.json", "finetune_report.json")  # written before the marker existed
+
+
+def check_out(out, force: bool, inputs=(), log=None, ours=None) -> Path:
+    """Refuse an `--out` that exists (unless forced and `ours(out)`: by default
+    a directory with MARKER), that is or holds one of the command's `inputs`
+    (model paths), or that cannot be written, before any work. `log` hears
+    what --force will replace. Missing parent directories are fine:
+    `staged_dir` (or `writing`) creates them when the result is written."""
+    out = _given(out)
+    if os.path.lexists(out):
+        _check_replaceable(out, force, inputs, ours or _ours_dir)
+        if log:
+            log(f"--force: replacing {out}, {_what(out)}")
     base = _existing_ancestor(out.parent)
     if not base.is_dir():
         raise InvalidOptionError(f"--out {out}: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise InvalidOptionError(f"--out {out}: cannot write in {base} (permission denied)")
     return out
+
+
+def _given(out) -> Path:
+    if not str(out).strip():  # Path("") is "." : the current directory
+        raise InvalidOptionError("--out is empty: give the path to write")
+    return Path(out)
+
+
+def _check_replaceable(out: Path, force: bool, inputs, ours) -> None:
+    """An existing `out` may go only with --force, and only when `ours(out)`
+    says otcompress wrote it; never a link, nor an input of this command."""
+    if out.is_symlink():
+        raise InvalidOptionError(f"--out {out} is a symbolic link; otcompress never replaces one "
+                                 "(give the real path or another --out)")
+    held = _held_input(out, inputs)
+    if held is not None:
+        raise InvalidOptionError(f"--out {out} is an input of this command ({held}); choose another --out")
+    if not ours(out):
+        raise InvalidOptionError(f"--out {out} already exists and otcompress did not write it "
+                                 f"({_kind(out)}); --force replaces only otcompress outputs: choose another "
+                                 "--out or move it away")
+    if not force:
+        raise InvalidOptionError(f"--out {out} already exists (pass --force to replace it)")
+
+
+def _held_input(out: Path, inputs):
+    """The first input that is `out` or lies under it."""
+    where = os.path.realpath(out)
+    for path in inputs:
+        if isinstance(path, (str, os.PathLike)) and str(path):
+            real = os.path.realpath(path)
+            if real == where or real.startswith(where.rstrip(os.sep) + os.sep):
+                return str(path)
+    return None
+
+
+def _ours_dir(out: Path) -> bool:
+    if not out.is_dir():
+        return False
+    return (out / MARKER).is_file() or any((out / f).is_file() for f in _OLD_OUTPUTS) or not any(out.iterdir())
+
+
+def _kind(out: Path) -> str:
+    import stat
+    mode = os.lstat(out).st_mode
+    if stat.S_ISDIR(mode):
+        return f"a directory without {MARKER}"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a special file"
+
+
+def _what(out: Path) -> str:
+    return "an empty directory" if out.is_dir() and not any(out.iterdir()) else "an earlier otcompress output"
+
+
+def ours_file(out: Path, marked) -> bool:
+    """A regular file (not a link, FIFO or device) that `marked(path)` says
+    otcompress wrote (export: the ONNX file's metadata)."""
+    return out.is_file() and not out.is_symlink() and marked(out)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -59,7 +131,7 @@ def writing(out):
                 d.rmdir()
             except OSError:
                 break
-        if isinstance(e, OSError) and _about(e, out):
+        if isinstance(e, OSError) and (_about(e, out) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise InvalidOptionError(f"--out {out}: cannot write there ({e.strerror or e})") from None
         raise
 
@@ -73,16 +145,20 @@ def _about(e: OSError, out: Path) -> bool:
 
 
 @contextmanager
-def staged_dir(out, force: bool = False):
+def staged_dir(out, force: bool = False, inputs=()):
     """Yields a temporary directory; on success it replaces `out`, on failure
     (an exception, Ctrl-C or SIGTERM turned into one) it is removed and `out`
     is untouched. Missing parents of `out` are created (and removed again if
-    the write fails). Permissions follow the umask, as `mkdir` and `open` do."""
-    out = check_out(out, force)
+    the write fails). Permissions follow the umask, as `mkdir` and `open` do.
+    The directory gets MARKER: a later `--force` may replace it. An existing
+    `out` is replaced only as `check_out` allows (`inputs`: the command's
+    model paths, never replaced)."""
+    out = check_out(out, force, inputs)
     with writing(out):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             yield tmp
+            (tmp / MARKER).write_text("written by otcompress; `--force` may replace this directory\n")
             apply_umask(tmp)
             _replace(tmp, out)
         except BaseException:
@@ -102,7 +178,9 @@ def apply_umask(root: Path) -> None:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
+    if os.path.lexists(out):
+        if out.is_symlink() or not _ours_dir(out):  # appeared since check_out: never clobber it
+            raise InvalidOptionError(f"--out {out} appeared while writing and otcompress did not write it")
         old = out.with_name(f".{out.name}.old")
         out.rename(old)
         tmp.rename(out)
@@ -182,24 +260,30 @@ def _jsonable(o):
 
 def model_card(report: dict) -> str:
     """A Hub-style model card: YAML front matter, then how the model was made."""
+    o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
+    fold = o["alignment"] == "fold"
+    target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
     front = {
-        "base_model": [report["anchor"], *report["parents"]],
+        "base_model": [*([] if target else [report["anchor"]]), *report["parents"]],
         "library_name": "transformers",
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
-    o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
+    how = ("The parents' units were clustered (folded) through every block into the target widths "
+           "and merged; no anchor's weights were used." if fold else
+           "The parents were aligned to the anchor with transport maps through every block and "
+           "averaged into the anchor's architecture and width.")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         "# OT-fused model", "",
         "Made by [otcompress](https://arxiv.org/abs/2310.05719): heterogeneous Optimal-Transport "
-        "fusion (Imfeld et al., ICLR 2024). The parents were aligned to the anchor with transport "
-        "maps through every block and averaged into the anchor's architecture and width.", "",
+        f"fusion (Imfeld et al., ICLR 2024). {how}", "",
         "## Recipe", "",
-        f"- anchor: `{report['anchor']}`",
+        f"- {'target' if target else 'anchor'}: `{report['anchor']}`",
         f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}",
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",
-        f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
+        f"- mixing weights{'' if fold else ' (anchor first)'}: "
+        f"{', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
     lines += _depth_lines(report.get("depth_maps") or [])
@@ -208,7 +292,8 @@ def model_card(report: dict) -> str:
             lines.append(_finetune_line(ft))
     metrics = report.get("metrics") or {}
     if metrics:
-        lines += ["", "## Metrics", "", "| model | " + " | ".join(_metric_names(metrics)) + " |",
+        lines += ["", "## Metrics", "", _measured_on(next(iter(metrics.values()))), "",
+                  "| model | " + " | ".join(_metric_names(metrics)) + " |",
                   "|---|" + "---|" * len(_metric_names(metrics))]
         for name, m in metrics.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in _metric_names(metrics)) + " |")
@@ -274,6 +359,12 @@ def carry_lineage(source, dest: Path, finetune: dict, metrics: dict | None = Non
         (dest / "README.md").write_text(card + "\n\n## Finetuned with otcompress\n\n" + _finetune_line(finetune) + "\n")
         written.append("README.md")
     return written
+
+
+def _measured_on(m: dict) -> str:
+    if m.get("split") == "eval":
+        return f"On the data's held-out eval split ({m.get('examples', '?')} examples), never trained on."
+    return f"On the data's split \"{m.get('split', 'eval')}\"."
 
 
 def _metric_names(metrics: dict) -> list[str]:

@@ -34,7 +34,7 @@ import torch
 
 from otcompress import architectures, depth, finetune as ft, modelio, outputs, recipes
 from otcompress.data import is_headless
-from otcompress.errors import InvalidOptionError, ModelLoadError
+from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
@@ -59,7 +59,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     r = {**recipes.defaults(), **recipes.check_recipe(
         {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
     if out is not None:
-        outputs.check_out(out, force)
+        outputs.check_out(out, force, inputs=[anchor, *parents], log=log)
     parents = list(parents)
     anchor_cfg, parent_cfgs = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
     # The caller's settings that differ from the defaults must all count (flags are checked by the CLI).
@@ -80,10 +80,16 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         data = load_task_data(r["data"], anchor_m or anchor_cfg, source, r["seed"], r["pooling"])
     elif data is not None and r["pooling"]:
         data = dataclasses.replace(data, pooling=r["pooling"])
+    if r["finetune_steps"] and not _trainable(data):  # before any fusion, not after it
+        raise DataError(f"data spec '{data.spec}' has no labels, needed to finetune {data.task} "
+                        f"(--steps {r['finetune_steps']}); give labelled data, or --steps 0 to calibrate only")
     # Headers are read now: a directory that cannot stream (other weight formats, a broken
     # file) is loaded, which says what is wrong before any work.
-    streamed = _streamed(parents, r, data) and all(
-        modelio.lazy_model(p, trust_remote_code=trust_remote_code) is not None for p in parents)
+    lazy = [modelio.lazy_model(p, trust_remote_code=trust_remote_code) for p in parents] \
+        if _streamed(parents, r, data) else [None]
+    streamed = all(m is not None for m in lazy)
+    for p, m in zip(parents, lazy if streamed else []):  # a loaded model was checked as it loaded
+        modelio.check_finite(p, m.state_dict())
     parent_ms = list(parents) if streamed else [load(p) for p in parents]
     if streamed:
         log("parents are read tensor by tensor from their directories (never loaded whole)")
@@ -102,10 +108,10 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                    "teachers": len(trainer.teachers), "holdout_examples": _n(holdout)}
         trained.pop("losses", None)
     report = finish(report, finetune=trained,
-                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference))
+                    metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference, progress))
     model.fusion_report = report
     if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
-        with outputs.staged_dir(out, force) as tmp:
+        with outputs.staged_dir(out, force, inputs=[anchor, *parents]) as tmp:
             write(model, report, source, tmp, r)
     return model, report
 
@@ -414,19 +420,30 @@ def _n(data):
 
 
 def _evaluate(model, data, device, reference=None):
-    split = data.default_eval_split
-    return {**ft.evaluate(model, data, split=split, device=device, reference=reference), "split": split}
+    """Held-out figures: the data's fixed eval split, never trained on (training
+    and the race's held-out tenth use the train split), as `finetune` reports."""
+    return {**ft.evaluate(model, data, split="eval", device=device, reference=reference), "split": "eval",
+            "examples": data.num_examples("eval")}
 
 
-def _metrics(anchor_m, model, one_shot, data, r, device, reference=None):
-    """Anchor, one-shot and final metrics on the data's evaluation split."""
+def _metrics(anchor_m, model, one_shot, data, r, device, reference=None, progress=None):
+    """Anchor, one-shot and final metrics on the data's eval split; `progress`
+    hears each model scored."""
     if not _trainable(data):
         return {}
-    metrics = {} if anchor_m is None else {"anchor": _evaluate(anchor_m, data, device, reference)}
+    total, done = (anchor_m is not None) + bool(r["finetune_steps"]), []
+
+    def score(m):
+        result = _evaluate(m, data, device, reference)
+        done.append(m)
+        if progress:
+            progress("scoring (eval split)", len(done), total)
+        return result
+    metrics = {} if anchor_m is None else {"anchor": score(anchor_m)}
     if one_shot is not None:
         metrics["fused (one-shot)"] = one_shot
     if r["finetune_steps"]:
-        metrics[f"fused + {r['finetune_steps']} steps"] = _evaluate(model, data, device, reference)
+        metrics[f"fused + {r['finetune_steps']} steps"] = score(model)
     return metrics
 
 
@@ -441,7 +458,11 @@ def write_files(report, source, tmp: Path, r, hidden_size: int):
     files, the resolved recipe, the report and a model card."""
     report["copied_preprocessor_files"] = outputs.copy_preprocessor(source, tmp)
     report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, hidden_size)
-    outputs.write_yaml(tmp / "otcompress_config.yaml", {k: v for k, v in r.items() if k != "profile"})
+    recipe = {k: v for k, v in r.items() if k != "profile"}
+    if recipe["alignment"] == "auto" and (report.get("options") or {}).get("alignment") == "fold" \
+            and not report.get("race"):  # "auto" without an anchor folded: say so (same result when rerun)
+        recipe["alignment"] = "fold"
+    outputs.write_yaml(tmp / "otcompress_config.yaml", recipe)
     outputs.write_json(tmp / "fusion_report.json", report)
     (tmp / "README.md").write_text(outputs.model_card(report))
 

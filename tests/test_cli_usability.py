@@ -89,8 +89,8 @@ def fuse_args(z, out, *extra):
     (["--reg", "-1"], "reg > 0"),
     (["--solver", "emd", "--reg", "0.5"], "--reg has no effect with solver emd"),
     (["--profile", "hard-emd", "--reg", "0.1"], "--reg has no effect with solver emd"),
-    (["--steps", "-5"], "is not an integer >= 0"),
-    (["--finetune-steps", "-5"], "is not an integer >= 0"),
+    (["--steps", "-5"], "is not an integer in [0, 100_000_000]"),
+    (["--finetune-steps", "-5"], "is not an integer in [0, 100_000_000]"),
     (["--samples", "0"], "'--samples': 0 is not an integer >= 1"),
     (["--batch-size", "0"], "'--batch-size': 0 is not an integer >= 1"),
     (["--lr", "0"], "'--lr': 0 is not a finite number > 0"),
@@ -122,7 +122,7 @@ def test_fuse_refuses_bad_values_before_any_work(z, tmp_path, capsys, no_work, e
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--steps", "-1"], "'--steps': -1 is not an integer >= 0"),
+    (["--steps", "-1"], "'--steps': -1 is not an integer in [0, 100_000_000]"),
     (["--steps", "2", "--batch-size", "0"], "'--batch-size'"),
     (["--steps", "2", "--lr", "-1"], "'--lr'"),
     (["--steps", "2", "--lr", "inf"], "'--lr': inf"),

@@ -1,0 +1,75 @@
+"""Issue 18's minor findings: each fails without its fix."""
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForSequenceClassification
+
+import models as M
+from clirun import anchor_and_wide, refused, run
+from otcompress import outputs
+from otcompress.data import pydoc_paragraphs, train_wordpiece_tokenizer
+
+
+@pytest.fixture(scope="module")
+def z(tmp_path_factory):
+    return anchor_and_wide(tmp_path_factory.mktemp("minor"))
+
+
+def test_json_prints_one_error_object(z, tmp_path, capsys):
+    code, out, err = run(capsys, "fuse", "--anchor", z / "anchor", "--parents", z / "wide", "--out", tmp_path / "o",
+                         "--reg", "nan", "--json")
+    assert code == 2 and err.startswith("error:")
+    assert json.loads(out) == {"error": err.strip().removeprefix("error: "), "exit_code": 2}
+
+
+def test_huge_steps_are_refused(z, tmp_path, capsys):
+    refused(*run(capsys, "fuse", "--anchor", z / "anchor", "--parents", z / "wide", "--out", tmp_path / "o",
+                 "--steps", "99999999999999999999")[::2], "is not an integer in [0, 100_000_000]")
+
+
+def test_disk_full_is_a_user_error_naming_out(tmp_path):
+    with pytest.raises(outputs.InvalidOptionError, match="cannot write there .No space left on device"):
+        with outputs.writing(tmp_path / "out"):
+            with open("/dev/full", "w") as f:  # a real ENOSPC, as a full disk gives
+                f.write("x")
+                f.flush()
+
+
+def test_anchor_free_fold_card_and_config_say_fold(z, tmp_path, capsys):
+    out = tmp_path / "folded"
+    assert run(capsys, "fuse", "--parents", z / "wide", "--hidden", "32", "--heads", "4", "--intermediate", "64",
+               "--out", out, "-q")[0] == 0
+    card = (out / "README.md").read_text()
+    assert "clustered (folded)" in card and "aligned to the anchor" not in card and "anchor first" not in card
+    assert "- target: `target hidden 32" in card and "- target hidden" not in card.split("---")[1]
+    assert yaml.safe_load((out / "otcompress_config.yaml").read_text())["alignment"] == "fold"
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "profile", "families", "profiles", "demo", "fuse",
+                                     "finetune"])
+def test_every_command_help_has_examples(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "Examples:" in out and f"otcompress {command}" in out.split("Examples:")[1]
+
+
+def test_residual_has_help(capsys):
+    out = run(capsys, "fuse", "--help")[1]
+    assert "Residual joins" in out
+
+
+def test_unlabelled_text_for_a_classifier_is_refused_before_fusion(tmp_path, capsys):
+    texts = pydoc_paragraphs("train")[:200]
+    tok = train_wordpiece_tokenizer(texts, 300, tmp_path / "anchor")
+    for name, hidden in (("anchor", 32), ("wide", 48)):
+        torch.manual_seed(hidden)
+        BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1,
+                                                 num_attention_heads=4, intermediate_size=2 * hidden,
+                                                 num_labels=2)).save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / "wide")
+    (tmp_path / "texts.txt").write_text("\n".join(texts))
+    code, _, err = run(capsys, "fuse", "--anchor", tmp_path / "anchor", "--parents", tmp_path / "wide",
+                       "--out", tmp_path / "o", "--data", tmp_path / "texts.txt", "--steps", "5")
+    refused(code, err, "has no labels", "--steps 0")
+    assert not (tmp_path / "o").exists()
