@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from otcompress import fold, transport
+from otcompress.repair import is_statistic
 from otcompress.errors import IncompatibleModelsError, SolverError
 from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve, Split, out_slot, part_of
 
@@ -206,6 +207,8 @@ class _Folder:
         members = {tm for tm, r in self.group.items() if r == root}
         feats, width = [], None
         for name, axes in self.spec.axes.items():
+            if is_statistic(name):  # carried, never clustered on
+                continue
             for axis, role in enumerate(axes):
                 for t in (role.tms if role is not None else ()):
                     if t in members:
@@ -497,10 +500,13 @@ def _carry_all(t, axes, maps, *, inputs_only):
 
 def _feature_rows(spec, node: Solve, tensor) -> list:
     """Per-unit feature blocks of a free map: the rows of every parameter on the
-    unit axis (weights with inputs already carried, bias, gains...)."""
+    unit axis (weights with inputs already carried, bias, gains...); never the
+    repair statistics, which only ride along once the map is made."""
     rows = []
     for group, _probe in node.parts:
         for name in spec.params_with_out(group):
+            if is_statistic(name):
+                continue
             axis, part = out_slot(spec.axes[name], group)
             rows.append(_rows(part_of(tensor(name), axis, part), axis))
     return rows

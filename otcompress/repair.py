@@ -24,6 +24,13 @@ from otcompress.flowgraph import In, Out
 MEAN, STD, ROWNORM = "__mean__", "__std__", "__rownorm__"
 
 
+def is_statistic(name: str) -> bool:
+    """Whether a flow-graph entry is a repair statistic (`<module>.__mean__`...):
+    carried through the maps once they are made, never a matching feature, so
+    switching repair on cannot change a transport map."""
+    return name.rsplit(".", 1)[-1] in (MEAN, STD, ROWNORM)
+
+
 def points(spec) -> dict:
     """{module path: (its output map, the weight's output axis)}, in flow-graph
     (parameter) order: 2-D weights with one `Out` and one `In` axis (a Linear
