@@ -54,6 +54,7 @@ class HeadShapes:
     parent: tuple
     anchor: tuple
     kv: tuple | None = None
+    scaled: bool = True  # scores divided by sqrt(head width) (GPT-2's scale_attn_weights=False: not)
 
     @property
     def kv_heads(self) -> tuple:
@@ -61,7 +62,12 @@ class HeadShapes:
 
     @property
     def score_scale(self) -> float:
-        return math.sqrt(self.parent[1] / self.anchor[1])
+        """The factor on carried Q: an anchor unit stands for d_parent/d_anchor
+        parent units, so a score (a sum over a head's units) shrinks by it;
+        where scores are divided by sqrt(head width), that division makes up
+        sqrt of it."""
+        ratio = self.parent[1] / self.anchor[1]
+        return math.sqrt(ratio) if self.scaled else ratio
 
 
 def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from otcompress import activations, architectures, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
-from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
+from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
 from otcompress.recipes import CHOICES
 
 # The option values live with the recipes (one home); "auto" alignment is the workflow's race.
@@ -31,9 +31,20 @@ _OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "
             "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
+DEFAULT_REG = 0.02  # `fuse`'s reg without calibration data
 
 
-def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, residual="average",
+def default_reg(reg, data, solver="sinkhorn", alignment="weights", n_parents=1):
+    """`fuse`'s reg: as given, or for None "auto" where there is data to choose
+    it on and it changes the result (Sinkhorn; a single fold uses no OT), else
+    DEFAULT_REG."""
+    if reg is not None:
+        return reg
+    sweeps = data is not None and solver == "sinkhorn" and not (alignment == "fold" and n_parents < 2)
+    return "auto" if sweeps else DEFAULT_REG
+
+
+def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="gap",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
          repair=False, seed=0, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
@@ -49,8 +60,12 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         the anchor's widths (model folding; the anchor only gives the
         architecture), then OT-fuse the folds with `solver`/`reg` when there
         are several parents (parent weights only).
-    solver, reg: "sinkhorn" (entropic, regulariser `reg` on max-normalised costs)
-        or "emd" (exact). reg="auto" fuses at every value of `reg_grid` and keeps
+    solver, reg: "sinkhorn" (entropic, regulariser `reg` on normalised costs,
+        see `cost_norm`) or "emd" (exact). The default (reg=None) is "auto"
+        when `data` is given and reg matters (Sinkhorn; folding only with
+        several parents), else the fixed DEFAULT_REG = 0.02: on two
+        independently trained digits ViTs, activations-based with data, 0.02
+        gave 53% one-shot and "auto" 70%. reg="auto" fuses at every value of `reg_grid` and keeps
         the one with the lowest loss on `holdout` batches (default: `data`): the
         task loss where batches carry labels, else the KL divergence to the
         parents' mean prediction; for headless models the similarity loss of
@@ -128,9 +143,12 @@ def fuse_to_disk(anchor, parents, out, *, max_shard_size="5GB", force=False, fin
 def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
-    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     t_start = time.perf_counter()
+    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     parents = _as_list(parents)
+    o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
+    # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
+    o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
     opts = _check_all(o, parents)
     anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, o.seed,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
@@ -184,9 +202,13 @@ def _checked_spec(anchor_m, parent_ms, qk):
 
 
 def _head_shapes(anchor_m, parent_ms) -> list:
-    """Per parent, its and the anchor's head shapes and key/value head counts."""
+    """Per parent, its and the anchor's head shapes and key/value head counts,
+    and whether the family divides scores by sqrt(head width) (its
+    `scores_scaled(config)`; yes where it has none)."""
+    scaled = getattr(architectures.family(anchor_m.config), "scores_scaled", lambda config: True)
     return [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config),
-                       (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)))
+                       (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)),
+                       scaled=bool(scaled(anchor_m.config)))
             for p in parent_ms]
 
 
@@ -462,6 +484,8 @@ def _finish_sum(fused, anchor_sd, tied) -> dict:
 def _reg_sweep(fuse_at, grid, holdout, parent_ms, pooling=None):
     """Fuse at every reg of the grid; keep the lowest held-out loss."""
     batches = list(activations.iter_batches(holdout))
+    if not batches:
+        raise DataError("reg auto: the held-out data has no batches")
     targets = None
     if not all("labels" in b for b in batches):
         pooling = pooling or embedding.pooling_mode(parent_ms[0].config)
@@ -535,7 +559,9 @@ def _holdout_loss(model, batches, targets) -> float:
                                               reduction="batchmean")
         total += float(loss)
         n += 1
-    return total / max(n, 1)
+    if n == 0:  # a loss of 0 would win every comparison
+        raise DataError("held-out loss: no batches")
+    return total / n
 
 
 def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):

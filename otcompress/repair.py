@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from otcompress.activations import iter_batches, token_samples
+from otcompress.activations import iter_batches, reiterable, token_samples
 from otcompress.errors import DataError
 from otcompress.flowgraph import In, Out
 
@@ -121,6 +121,7 @@ def repair(model, targets: dict, data, modules: dict) -> dict:
     """Rescale and shift each module's output units to `targets`, one module at
     a time (later modules are measured after earlier ones are repaired).
     `modules` is `points(spec)`. Returns a summary of the corrections."""
+    data = reiterable(data)  # measured once per module: a generator would be empty after the first
     named = dict(model.named_modules())
     ratios = []
     for m, (_, out_axis) in modules.items():

@@ -46,3 +46,98 @@ def test_repair_leaves_the_transport_maps_unchanged(alignment, data_free):
     assert a and a == b
     ua, ub = _untouched_by_repair(plain), _untouched_by_repair(fixed)
     assert ua and all(torch.equal(ua[n], ub[n]) for n in ua)
+
+
+def _vit_pair():
+    return M.vit(seed=1), M.vit(hidden=48, heads=6, inter=96, seed=2)
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_generator_data_gives_what_a_list_gives(repair):
+    """A generator is read once: the statistics, repair and the reg sweep see
+    the same batches as from a list (before, the sweep saw none, every loss
+    was 0.0 and the smallest reg won)."""
+    anchor, parent = _vit_pair()
+    batches = [M.inputs(anchor, batch=8, seed=s) for s in range(3)]
+    kw = dict(alignment="activations", reg="auto", reg_grid=[0.005, 0.05, 0.5], repair=repair)
+    from_list = otcompress.fuse(anchor, [parent], data=batches, **kw).fusion_report
+    from_gen = otcompress.fuse(anchor, [parent], data=(b for b in batches), **kw).fusion_report
+    assert from_gen["reg_sweep"] == from_list["reg_sweep"]
+    assert from_gen["options"]["reg"] == from_list["options"]["reg"]
+    assert all(s["loss"] > 0 for s in from_gen["reg_sweep"])
+    assert from_gen["calibration_samples"] == from_list["calibration_samples"] > 0
+
+
+def test_reg_auto_refuses_empty_holdout():
+    from otcompress.errors import DataError
+    anchor, parent = _vit_pair()
+    with pytest.raises(DataError, match="no batches"):
+        otcompress.fuse(anchor, [parent], reg="auto", data=M.inputs(anchor), holdout=iter([]))
+
+
+def test_default_reg_is_auto_with_data_and_fixed_without():
+    """fuse's default reg: chosen on the data when there is data (the sweep is
+    in the report), 0.02 without; an explicit reg is kept."""
+    anchor, parent = _vit_pair()
+    data = M.inputs(anchor, batch=8)
+    with_data = otcompress.fuse(anchor, [parent], alignment="activations", data=data).fusion_report
+    assert with_data["reg_sweep"] and with_data["options"]["reg"] in [s["reg"] for s in with_data["reg_sweep"]]
+    without = otcompress.fuse(anchor, [parent]).fusion_report
+    assert without["reg_sweep"] is None and without["options"]["reg"] == 0.02
+    fixed = otcompress.fuse(anchor, [parent], alignment="activations", data=data, reg=0.05).fusion_report
+    assert fixed["reg_sweep"] is None and fixed["options"]["reg"] == 0.05
+
+
+@torch.no_grad()
+def _gpt2_wide_heads(model):
+    """A functionally identical GPT-2 with heads twice as wide (same number of
+    heads, hidden and MLP doubled): every unit twice, inputs halved, and Q
+    divided by sqrt(2) (scores scaled by 1/sqrt(head width)) or by 2 (unscaled)."""
+    from test_gpt2 import _roles
+    cfg = model.config
+    n, h, inner = cfg.n_embd, cfg.n_head, cfg.n_inner
+    d = n // h
+    tile = lambda k: torch.arange(k).repeat(2)  # noqa: E731
+    # new head j, slot s (of 2d) is old head j's unit s mod d
+    per_head = torch.cat([j * d + torch.arange(2 * d) % d for j in range(h)])
+    idx = {"res": tile(n), "v": per_head, "mlp": tile(inner), "qkv": torch.cat([per_head, n + per_head, 2 * n + per_head])}
+    q_factor = 2 ** -0.5 if cfg.scale_attn_weights else 0.5
+    new = T.GPT2Config.from_dict({**cfg.to_dict(), "n_embd": 2 * n, "n_inner": 2 * inner})
+    sd = {}
+    for name, t in model.state_dict().items():
+        for axis, role in enumerate(_roles(name)):
+            if role is not None:
+                t = t.index_select(axis, idx[role[0]])
+                if role[1] == "in":
+                    t = t / 2
+        if name.endswith("c_attn.weight"):
+            t[:, :2 * n] *= q_factor
+        elif name.endswith("c_attn.bias"):
+            t[:2 * n] *= q_factor
+        sd[name] = t
+    out = type(model)(new)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_gpt2_with_wider_heads_recovers_the_average(scaled):
+    """A parent whose heads are twice as wide (head width 16 vs 8) fused back
+    with EMD gives exactly the average of anchor and base: carried Q is
+    rescaled by sqrt(2) where scores are divided by sqrt(head width), by 2
+    where GPT-2's scale_attn_weights=False."""
+    from test_gpt2 import _err, _inputs, gpt2
+    base = gpt2("bare", hidden=32, heads=4, inner=48)
+    base.config.scale_attn_weights = scaled
+    base = type(base)(base.config).eval()
+    base.load_state_dict(gpt2("bare", hidden=32, heads=4, inner=48).state_dict())
+    x = _inputs(base)
+    wide = _gpt2_wide_heads(base)
+    assert wide.config.n_embd // wide.config.n_head == 16
+    ref, got = M.outputs(base, x), M.outputs(wide, x)[..., :32]
+    assert float((got - ref).abs().max()) < 1e-4  # the same function
+    anchor = M.noisy(base)
+    expected = M.average([anchor, base])
+    assert _err(anchor, x, expected) > 1e-3
+    fused = otcompress.fuse(anchor, [wide], solver="emd")
+    assert _err(fused, x, expected) < 1e-5
