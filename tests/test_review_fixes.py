@@ -141,3 +141,44 @@ def test_gpt2_with_wider_heads_recovers_the_average(scaled):
     assert _err(anchor, x, expected) > 1e-3
     fused = otcompress.fuse(anchor, [wide], solver="emd")
     assert _err(fused, x, expected) < 1e-5
+
+
+# --------------------------------------------------------------------------- "gap" on 2-column costs
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_gap_normalisation_makes_plans_scale_free(n):
+    """"gap" divides by the median row gap (with two columns, where that median
+    is 0, by the median positive gap: each row's margin): a cost and the same
+    cost x 100 give the same normalised cost and plan."""
+    cost = torch.rand(6, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    a, b = transport.normalise_cost(cost, "gap"), transport.normalise_cost(100 * cost, "gap")
+    assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    margins = (cost - cost.min(1, keepdim=True).values)
+    assert float(a.max()) == pytest.approx(float(margins.max() / margins[margins > 0].median())
+                                           if n == 2 else float(margins.max() / margins.median()))
+    mu, nu = transport.uniform(6), transport.uniform(n)
+    pa, pb = (transport.sinkhorn(mu, nu, c, 0.1).plan for c in (a, b))
+    assert torch.allclose(pa, pb, atol=1e-9)
+
+
+def _llama(heads, kv, seed):
+    from test_decoders import decoder
+    return decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=32, heads=heads, kv=kv, inter=24, seed=seed)
+
+
+@pytest.mark.parametrize("case", ["2 heads, aware", "2 KV heads, 2 query heads each"])
+def test_gap_normalised_two_head_plans_follow_reg(case):
+    """The 2x2 head plans (2 heads, head-aware; 2 KV groups) are normalised
+    like every other map, so reg 0.1 (a tenth of a typical margin) gives a
+    decisive head assignment (relative entropy ~0.5, a hard map). Before, the
+    2-column cost was left unscaled (its median gap is 0): the same plans had
+    relative entropy 0.88-0.995, nearly the flat map, heads averaged."""
+    if case.startswith("2 heads"):
+        anchor, parent = M.vit(hidden=16, heads=2, inter=32, seed=1), M.vit(hidden=32, heads=2, inter=64, seed=2)
+        kw, key = dict(head_alignment="aware", reg=0.1), "heads"
+    else:
+        anchor, parent = _llama(4, 2, 1), _llama(4, 2, 2)
+        kw, key = dict(reg=0.1), "kv_heads"
+    maps = otcompress.fuse(anchor, [parent], **kw).fusion_report["transport_maps"][0]
+    plans = [st[key] for st in maps.values() if isinstance(st.get(key), dict)]
+    assert len(plans) == 2 and all(p["shape"] == [2, 2] for p in plans)
+    assert max(p["relative_entropy"] for p in plans) < 0.6
