@@ -439,10 +439,10 @@ def row_stochastic(plan: torch.Tensor) -> torch.Tensor:
     """R = diag(1/mu) T: rows sum to 1. Carries a map on a layer's *input* side:
     parent input i ~= sum_j R[i, j] anchor input j, so inputs that land on one
     anchor unit have their weights summed."""
-    return plan / plan.sum(1, keepdim=True).clamp_min(1e-300)
+    return plan / plan.sum(1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)  # an empty row stays 0
 
 
 def column_stochastic(plan: torch.Tensor) -> torch.Tensor:
     """C = T diag(1/nu): columns sum to 1. Applies a map on an *output* side:
     every anchor unit becomes a convex combination of parent units."""
-    return plan / plan.sum(0, keepdim=True).clamp_min(1e-300)
+    return plan / plan.sum(0, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)

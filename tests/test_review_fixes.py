@@ -182,3 +182,48 @@ def test_gap_normalised_two_head_plans_follow_reg(case):
     plans = [st[key] for st in maps.values() if isinstance(st.get(key), dict)]
     assert len(plans) == 2 and all(p["shape"] == [2, 2] for p in plans)
     assert max(p["relative_entropy"] for p in plans) < 0.6
+
+
+# --------------------------------------------------------------------------- item 7
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_stochastic_rescalings_leave_empty_rows_and_columns_zero(dtype):
+    """An empty row or column (a unit no mass reaches) stays 0: the clamp is the
+    dtype's smallest normal number (1e-300 is 0 in float32: 0/0 = NaN)."""
+    plan = torch.tensor([[0.2, 0.0, 0.1], [0.0, 0.0, 0.0], [0.3, 0.0, 0.4]], dtype=dtype)
+    r, c = transport.row_stochastic(plan), transport.column_stochastic(plan)
+    assert torch.isfinite(r).all() and torch.isfinite(c).all()
+    assert (r[1] == 0).all() and (c[:, 1] == 0).all()
+    assert torch.allclose(r.sum(1).float(), torch.tensor([1.0, 0.0, 1.0]), atol=1e-2)
+
+
+def test_lazy_model_says_why_it_does_not_stream(tmp_path):
+    """The documented fallbacks (no safetensors) stay quiet; anything else that
+    stops streaming is named in a warning instead of hidden."""
+    from otcompress import modelio
+    bert = T.BertModel(T.BertConfig(**M.TINY_BERT))
+    bert.save_pretrained(tmp_path / "ok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert modelio.lazy_model(tmp_path / "ok") is not None
+        (tmp_path / "none").mkdir()
+        (tmp_path / "none" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+        assert modelio.lazy_model(tmp_path / "none") is None  # no safetensors: load_model's business
+    cfg = (tmp_path / "ok" / "config.json").read_text().replace('"BertModel"', '"ViTModel"')
+    (tmp_path / "ok" / "config.json").write_text(cfg)  # a class that cannot lay out this config
+    with pytest.warns(UserWarning, match="loaded whole, not streamed.*ViTModel"):
+        assert modelio.lazy_model(tmp_path / "ok") is None
+
+
+@CUDA
+def test_measure_latency_and_evaluate_on_cuda_leave_the_model_where_it_was():
+    from otcompress.data import load_data
+    from otcompress.finetune import evaluate
+    from otcompress.profiling import example_inputs, measure_latency
+    model = M.vit().cuda()
+    assert measure_latency(model, example_inputs(model), repeats=2, warmup=1)["device"].startswith("cuda")
+    cpu_model = M.vit()
+    evaluate(cpu_model, load_data("digits", cpu_model), device="cuda")
+    assert next(cpu_model.parameters()).device.type == "cpu"
