@@ -41,6 +41,7 @@ class AlignOptions:
     head_alignment: str = "cross"  # "cross": one map over all Q (K, V) units; "aware": heads first
     on_unconverged: str = "raise"  # or "warn": keep the plan, flag it in the report
     on_uniform: str = "warn"  # a near-uniform map (all information lost): "warn" or "raise"
+    device: object = None  # where maps are computed; None: where the anchor lives (a fold target may be meta)
 
 
 NEAR_UNIFORM = 0.9  # relative entropy (entropy / log(m n)); a hard map is ~0.5
@@ -106,7 +107,7 @@ def _steps(spec, anchor_sd, parent_sd, opts, stats, heads, activation_costs, res
     maps = _MapStore(spec)
     emit = _scaled_q(spec, heads, sink)
     # Everything is computed where the anchor lives; parent tensors move there one by one.
-    device = next(iter(anchor_sd.values())).device
+    device = opts.device or next(iter(anchor_sd.values())).device
     carried = _InputCarrier(spec, parent_sd, maps, device)
     folder = _Folder(spec, carried, heads, opts.seed) if opts.mode == "fold" else None
     pending = {}  # Q/K/V maps made together at a Heads marker, taken by their Solve nodes

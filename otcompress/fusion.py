@@ -150,7 +150,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
     o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
     opts = _check_all(o, parents)
-    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, o.seed,
+    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
     if o.alignment == "fold":  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
@@ -163,7 +163,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
         t_align = time.perf_counter()
         writer = None
         if out is not None:
-            writer = modelio.ShardWriter(out, _stored_layout(sds[0], spec.tied), max_shard_size)
+            writer = modelio.ShardWriter(out, _stored_layout(anchor_m, sds[0], spec.tied), max_shard_size)
         fuse_at, repaired = _fuser(o, opts["weights"], spec, sds, heads, stats, anchor_m, modules,
                                    _disk_sink(o, writer))
         model, map_stats, reg, sweep = _fuse_or_sweep(o, fuse_at, parent_ms)
@@ -236,8 +236,9 @@ def _repair_inputs(o, spec, anchor_m, parent_ms):
     spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec, data_free=data_free)})
     if data_free:  # parents' row norms are derived during alignment (align._InputCarrier.raw)
         sds[0] = {**sds[0], **repair_mod.weight_stats(anchor_m, modules)}
-    else:
-        sds = [{**sd, **repair_mod.measure(m, list(modules), o.data)}
+    else:  # a fold target (no weights: its share is 0) gets placeholders of the right shapes
+        sds = [{**sd, **(repair_mod.placeholders(m, modules) if _weightless(m)
+                         else repair_mod.measure(m, list(modules), o.data))}
                for sd, m in zip(sds, (anchor_m, *parent_ms))]
     return spec, sds, modules
 
@@ -267,7 +268,8 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
     def fuse_at(r):
         align_opts = AlignOptions(solver=o.solver, reg=r, cost_norm=o.cost_norm, max_iter=o.max_iter,
                                   tol=o.tol, seed=o.seed, head_alignment=o.head_alignment,
-                                  on_unconverged=o.on_unconverged, on_uniform=o.on_uniform)
+                                  on_unconverged=o.on_unconverged, on_uniform=o.on_uniform,
+                                  device=_work_device(anchor_m, sds))
         if o.alignment == "fold":
             sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done)
         else:
@@ -280,6 +282,20 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
             repaired[r] = _repair(model, sd, o.data, modules)
         return model, map_stats
     return fuse_at, repaired
+
+
+def _weightless(model) -> bool:
+    """A fold target: parameters on the meta device."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def _work_device(anchor_m, sds):
+    """Where the maps are computed: where the anchor lives, or for a fold
+    target (parameters on the meta device) where its buffers were put, the
+    first loaded parent's device (the CPU for streamed parents)."""
+    devices = [t.device for t in sds[0].values() if not t.is_meta]
+    devices += [b.device for b in anchor_m.buffers() if not b.is_meta]
+    return devices[0] if devices else torch.device("cpu")
 
 
 def _repair(model, sd, data, modules):
@@ -341,14 +357,20 @@ def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, ti
     }
 
 
-def _stored_layout(anchor_sd, tied) -> dict:
+def _stored_layout(anchor_m, anchor_sd, tied) -> dict:
     """{name: (shape, dtype)} of the tensors a fused model's files hold: as
     `save_pretrained` stores them, one name per tensor the anchor shares
-    between parameters (MLM decoder bias) and none for a tied parameter
-    (`from_pretrained` ties it again); no repair statistics."""
+    between parameters (MLM decoder bias: one Parameter under two names) and
+    none for a tied parameter (`from_pretrained` ties it again); no repair
+    statistics. Sharing is read from the module tree, not from storage
+    addresses (every tensor of a fold target is on the meta device, at 0)."""
+    owner = {}
+    for n, t in [*anchor_m.named_parameters(remove_duplicate=False),
+                 *anchor_m.named_buffers(remove_duplicate=False)]:
+        owner.setdefault(n, id(t))
     layout, seen = {}, set()
     for name, t in anchor_sd.items():
-        shared = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
+        shared = owner.get(name, ("storage", t.data_ptr(), tuple(t.shape)) if t.numel() and not t.is_meta else name)
         if name in tied or "__" in name or shared in seen:
             continue
         seen.add(shared)
@@ -420,7 +442,14 @@ class _RunningSum:
         if name in self.tied:
             return
         if name not in self.sums:
-            self.sums[name] = [self.anchor_sd[name].detach().float() * self.mix[0], 0, {}]
+            a = self.anchor_sd[name]
+            if a.is_meta:  # a fold target: shapes and dtypes only, never a part of the sum
+                if self.mix[0] != 0:
+                    raise RuntimeError(f"{name}: an anchor without weights cannot be mixed in")
+                start = torch.zeros(a.shape, dtype=torch.float32, device=t.device)
+            else:
+                start = a.detach().float() * self.mix[0]
+            self.sums[name] = [start, 0, {}]
         entry = self.sums[name]
         entry[2][k] = t
         while entry[1] in entry[2]:
@@ -621,9 +650,10 @@ def streams(alignment, solver, reg, residual, repair) -> bool:
             and not (solver == "sinkhorn" and reg == "auto"))
 
 
-def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
+def _load_all(anchor, parents, trust_remote_code, *, stream=False):
     """Models from objects or directories; an anchor given as a config (a
-    target width for folding) becomes a fresh model of the parents' class.
+    target width for folding) becomes a weightless model of the parents'
+    class (`_fold_target`).
     With `stream`, a parent directory of safetensors weights becomes a
     weightless `modelio.LazyModel`: its tensors are read one at a time as the
     flow graph needs them, so the parent is never in memory whole (falls back
@@ -639,12 +669,7 @@ def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
     parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trust_remote_code))
                  or modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
     if target:
-        first = parent_ms[0]
-        lazy = isinstance(first, modelio.LazyModel)
-        device = torch.device("cpu") if lazy else next(first.parameters()).device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            anchor_m = (first.model_class if lazy else type(first))(copy.deepcopy(anchor)).to(device)
+        anchor_m = _fold_target(anchor, parent_ms[0])
     else:
         anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
     for k, p in enumerate(parent_ms, 1):
@@ -653,6 +678,51 @@ def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
             raise IncompatibleModelsError(
                 f"class mismatch: anchor is {type(anchor_m).__name__}, parent {k} is {cls.__name__}")
     return anchor_m, parent_ms
+
+
+def _fold_target(config, parent):
+    """The fold target: a model of the parent's class at `config`'s widths whose
+    parameters are on the meta device in the parent's dtypes (nothing is
+    allocated or initialised: the fold writes every one; the fused model is
+    written in those dtypes), its buffers real, where the parent lives (the
+    CPU for a streamed parent). Optional parts the parent was built without
+    (a BertModel's pooler with add_pooling_layer=False) are left out too."""
+    from accelerate import init_empty_weights
+    lazy = isinstance(parent, modelio.LazyModel)
+    with init_empty_weights(include_buffers=False):
+        model = (parent.model_class if lazy else type(parent))(copy.deepcopy(config))
+    if not lazy:
+        _drop_absent_parts(model, parent)
+    psd = parent.state_dict()
+    fallback = next((psd.dtype(n) if lazy else psd[n].dtype for n in psd), torch.float32)
+    device = torch.device("cpu") if lazy else next(parent.parameters()).device
+    replaced = {}  # one meta parameter per shared (tied) parameter
+    for prefix, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            name = f"{prefix}.{pname}" if prefix else pname
+            if id(p) not in replaced:
+                dtype = (psd.dtype(name) if lazy else psd[name].dtype) if name in psd else fallback
+                replaced[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"),
+                                                     requires_grad=p.requires_grad)
+            module._parameters[pname] = replaced[id(p)]
+        for bname, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[bname] = b.to(device)
+    return model
+
+
+def _drop_absent_parts(model, parent):
+    """Set to None every submodule the parent has as None (a pooler-less BertModel)."""
+    for path, _ in list(model.named_modules()):
+        owner, _, attr = path.rpartition(".")
+        try:
+            parent_owner, owner_m = parent.get_submodule(owner), model.get_submodule(owner)
+        except AttributeError:  # absent in the parent, or inside a part already dropped
+            continue
+        if attr and getattr(parent_owner, attr, owner_m) is None:  # HF keeps `self.pooler = None` as a plain attribute
+            setattr(owner_m, attr, None)
 
 
 def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents, *,

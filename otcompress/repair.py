@@ -80,6 +80,14 @@ def repair_from_weights(model, targets: dict, modules: dict) -> dict:
             "norm_ratio": {"min": float(r.min()), "median": float(r.median()), "max": float(r.max())}}
 
 
+def placeholders(model, modules: dict) -> dict:
+    """measure()'s entries for a model without weights (a fold target, whose
+    share of the fused statistics is 0): meta tensors of the right shapes."""
+    named = dict(model.named_modules())
+    return {f"{m}.{kind}": torch.empty(named[m].weight.shape[axis], device="meta")
+            for m, (_, axis) in modules.items() for kind in (MEAN, STD)}
+
+
 @torch.inference_mode()
 def measure(model, modules, data) -> dict:
     """{f"{module}.__mean__": (units,), f"{module}.__std__": (units,)} of each

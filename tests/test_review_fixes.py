@@ -227,3 +227,65 @@ def test_measure_latency_and_evaluate_on_cuda_leave_the_model_where_it_was():
     cpu_model = M.vit()
     evaluate(cpu_model, load_data("digits", cpu_model), device="cuda")
     assert next(cpu_model.parameters()).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- items 5 and 6
+def _no_pooler(model):
+    out = T.BertModel(model.config, add_pooling_layer=False)
+    out.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")})
+    return out.eval()
+
+
+def _sorted_err(model, x, base):
+    a, b = M.outputs(model, x).sort(-1).values, M.outputs(base, x).sort(-1).values
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1))
+
+
+def test_a_bert_without_its_pooler_folds_and_fuses():
+    """BertModel(add_pooling_layer=False): the fold target is built without a
+    pooler too (was KeyError 'pooler.dense.weight'); folding its widened copy
+    gives the original back, and OT fusion of a permuted copy the average."""
+    base = _no_pooler(M.bert(cls=T.BertModel))
+    x = M.inputs(base)
+    wide = _no_pooler(M.transform(M.bert(cls=T.BertModel), widen=True))
+    folded = otcompress.fuse(base.config, [wide], alignment="fold")
+    assert folded.pooler is None and not any(k.startswith("pooler") for k in folded.state_dict())
+    assert _sorted_err(folded, x, base) < 1e-5
+    full = M.bert(cls=T.BertModel)
+    anchor, parent = _no_pooler(M.noisy(full)), _no_pooler(M.transform(full, widen=False))
+    expected = _no_pooler(M.average([M.noisy(full), full]))
+    assert float((M.outputs(anchor, x) - M.outputs(expected, x)).abs().max()) > 1e-2
+    fused = otcompress.fuse(anchor, [parent], solver="emd")
+    assert fused.pooler is None
+    assert float((M.outputs(fused, x) - M.outputs(expected, x)).abs().max()) < 1e-4
+
+
+def _bf16_llama():
+    from test_decoders import decoder
+    model = decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=32, heads=4, kv=2, inter=48, seed=3)
+    model.config.dtype = torch.bfloat16  # as from_pretrained(dtype=torch.bfloat16) records it
+    return model.to(torch.bfloat16)
+
+
+def test_folding_bfloat16_parents_writes_bfloat16(tmp_path):
+    """A bfloat16 parent folds into a bfloat16 model (the config says so too),
+    in memory and streamed from its directory to disk; its values are the
+    float32 fold's, rounded."""
+    parent = _bf16_llama()
+    assert parent.config.dtype == torch.bfloat16
+    target = architectures.target_config(parent.config, hidden=16, intermediate=24)
+    folded = otcompress.fuse(target, [parent], alignment="fold")
+    assert {p.dtype for p in folded.parameters()} == {torch.bfloat16}
+    assert folded.config.dtype == torch.bfloat16
+    ref = otcompress.fuse(target, [parent.float()], alignment="fold")
+    for (n, a), b in zip(folded.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a.float(), b, rtol=1e-2, atol=1e-2), n
+    parent = _bf16_llama()
+    parent.save_pretrained(tmp_path / "p")
+    otcompress.fuse_to_disk(target, [str(tmp_path / "p")], tmp_path / "out", alignment="fold")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    back = T.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back.model.layers[0].mlp.up_proj.weight, folded.model.layers[0].mlp.up_proj.weight)
