@@ -79,7 +79,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
     token_filter: ViT only, "window_n" or "only_cls" for activation statistics.
     activation_dtype: "float32" or "bfloat16": autocast for the forward passes
         and per-chunk cross-moment products of the activation statistics (~2x
-        faster on CPUs with BF16 units; correlations then carry ~1e-3 error;
+        faster on CPUs with BF16 units; activation costs then carry ~1e-3 error
+        on average, ~1e-2 at most (tiny 2-layer BERT);
         the running sums stay float64).
     repair: restore every unit's mean and std on `data` to the parents' (and
         the anchor's, by its weight) statistics carried through the same maps

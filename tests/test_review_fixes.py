@@ -289,3 +289,66 @@ def test_folding_bfloat16_parents_writes_bfloat16(tmp_path):
     back = T.LlamaForCausalLM.from_pretrained(tmp_path / "out")
     assert back.dtype == torch.bfloat16
     assert torch.equal(back.model.layers[0].mlp.up_proj.weight, folded.model.layers[0].mlp.up_proj.weight)
+
+
+# --------------------------------------------------------------------------- exact recovery tests that were missing
+@pytest.mark.parametrize("make,cls", [(M.vit, T.ViTForImageClassification), (M.bert, T.BertForSequenceClassification)],
+                         ids=["vit", "bert"])
+@pytest.mark.parametrize("widen", [False, True], ids=["permuted", "widened"])
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+def test_head_aware_alignment_recovers_the_average(make, cls, widen, alignment):
+    """head_alignment="aware" (heads matched first, then units inside matched
+    heads) recovers the average of anchor and base from a permuted or 2x
+    widened copy, like the cross-head map."""
+    base = make(cls=cls)
+    anchor, parent, x = M.noisy(base), M.transform(base, widen=widen), M.inputs(base)
+    expected = M.outputs(M.average([anchor, base]), x)
+    assert float((M.outputs(anchor, x) - expected).abs().max()) > 1e-3  # the test can fail
+    fused = otcompress.fuse(anchor, [parent], solver="emd", head_alignment="aware", alignment=alignment,
+                            data=M.inputs(base, batch=16, seed=3))
+    methods = [st.get("method") for tm, st in fused.fusion_report["transport_maps"][0].items()
+               if tm.endswith(".heads")]
+    assert methods == ["head-aware"] * base.config.num_hidden_layers
+    assert float((M.outputs(fused, x) - expected).abs().max()) < 1e-5
+
+
+@torch.no_grad()
+def _more_query_heads(model):
+    """A functionally identical LLaMA/Qwen2 with twice the query heads per
+    key/value group (each query head twice inside its group, O's columns
+    halved); same head width, same KV heads."""
+    cfg = model.config
+    h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rp = h // kv
+    heads = [g * rp + (i % rp) for g in range(kv) for i in range(2 * rp)]  # new group g: its old heads, twice
+    units = torch.cat([torch.arange(j * d, (j + 1) * d) for j in heads])
+    new = type(cfg).from_dict({**cfg.to_dict(), "num_attention_heads": 2 * h})
+    sd = {}
+    for name, t in model.state_dict().items():
+        if "q_proj" in name:
+            t = t.index_select(0, units)
+        elif "o_proj.weight" in name:
+            t = t.index_select(1, units) / 2
+        sd[name] = t
+    out = type(model)(new)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+@pytest.mark.parametrize("cfg_cls,cls", [(T.LlamaConfig, T.LlamaForCausalLM), (T.Qwen2Config, T.Qwen2ForCausalLM)],
+                         ids=["llama", "qwen2"])
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+def test_gqa_with_more_query_heads_per_group_recovers_the_average(cfg_cls, cls, alignment):
+    """A parent with 4 query heads per key/value group against an anchor with 2
+    (2 KV groups both): the query-head plans inside each group pair are 4x2,
+    and the fused model is exactly the average of anchor and base."""
+    from test_decoders import _err, _inputs, decoder
+    base = decoder(cfg_cls, cls)
+    parent, x = _more_query_heads(base), _inputs(base)
+    assert parent.config.num_attention_heads == 8 and parent.config.num_key_value_heads == 2
+    assert float((M.outputs(parent, x) - M.outputs(base, x)).abs().max()) < 1e-5  # the same function
+    anchor = M.noisy(base)
+    expected = M.average([anchor, base])
+    assert _err(anchor, x, expected) > 1e-3  # the test can fail
+    fused = otcompress.fuse(anchor, [parent], solver="emd", alignment=alignment, data=_inputs(base))
+    assert _err(fused, x, expected) < 1e-5
