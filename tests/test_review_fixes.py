@@ -352,3 +352,40 @@ def test_gqa_with_more_query_heads_per_group_recovers_the_average(cfg_cls, cls, 
     assert _err(anchor, x, expected) > 1e-3  # the test can fail
     fused = otcompress.fuse(anchor, [parent], solver="emd", alignment=alignment, data=_inputs(base))
     assert _err(fused, x, expected) < 1e-5
+
+
+def _gpt2_pair():
+    from test_gpt2 import gpt2, variant
+    base = gpt2("bare")
+    return base, variant(base, widen=True)
+
+
+def _qwen2_pair():
+    from test_decoders import decoder, variant
+    base = decoder(T.Qwen2Config, T.Qwen2ForCausalLM)
+    return base, variant(base, widen=True)
+
+
+@pytest.mark.parametrize("pair", [_gpt2_pair, _qwen2_pair], ids=["gpt2", "qwen2"])
+def test_repair_on_decoders_restores_the_target_statistics(pair):
+    """Repair on GPT-2 (Conv1D, (in, out) weights) and Qwen2 (Q/K/V biases,
+    grouped-query attention): after repair every repair point's units have
+    the mean and std of the average of the anchor's and the base's (a 2x
+    widened copy's, carried through the recovered maps)."""
+    from otcompress import repair
+    from test_fold import _unit_stats
+    base, wide = pair()
+    anchor = M.noisy(base, scale=0.3)
+    g = torch.Generator().manual_seed(3)
+    calib = [{"input_ids": torch.randint(0, base.config.vocab_size, (8, 12), generator=g)} for _ in range(2)]
+    modules = list(repair.points(architectures.build_spec(anchor)))
+    assert len(modules) >= 2 * base.config.num_hidden_layers
+    target = {m: [(a + b) / 2 for a, b in zip(sa, sb)] for (m, sa), sb in
+              zip(_unit_stats(anchor, modules, calib).items(), _unit_stats(base, modules, calib).values())}
+
+    def worst(model):
+        got = _unit_stats(model, modules, calib)
+        return max(float((g - t).abs().max() / t.abs().max()) for m in modules for g, t in zip(got[m], target[m]))
+    assert worst(otcompress.fuse(anchor, [wide], solver="emd")) > 1e-2  # repair has work to do
+    fused = otcompress.fuse(anchor, [wide], solver="emd", repair=True, data=calib)
+    assert worst(fused) < 1e-4
