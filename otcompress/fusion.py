@@ -28,7 +28,7 @@ SOLVERS, RESIDUALS, QK_MAPS = CHOICES["solver"], CHOICES["residual"], CHOICES["q
 HEAD_ALIGNMENTS, COST_NORMS = CHOICES["head_alignment"], CHOICES["cost_norm"]
 _OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
             "max_iter", "tol", "reg_grid", "holdout", "activation_dtype", "repair", "seed", "head_alignment",
-            "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress")
+            "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress", "device")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
 DEFAULT_REG = 0.02  # `fuse`'s reg without calibration data
@@ -48,7 +48,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="gap",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
          repair=False, seed=0, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
-         pooling=None, trust_remote_code=False, progress=None):
+         pooling=None, trust_remote_code=False, progress=None, device=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
@@ -105,6 +105,10 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
         0.125), "max" (divide by the maximum: 9 points better one-shot on
         independently trained digits ViT pairs at reg 0.02), "mean" or "none".
     progress: optional callback(stage: str, done: int, total: int | None).
+    device: where the maps are computed and the fused model is built when the
+        anchor has no weights of its own (a fold target): None = where the
+        first parent lives, the CPU for a parent streamed from its directory.
+        With a real anchor, fusion runs where the anchor lives.
 
     Returns a `transformers` model; its `fusion_report` attribute holds the
     per-map transport statistics, options and timings. The caller's models
@@ -151,8 +155,9 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
     o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
     opts = _check_all(o, parents)
-    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code,
+    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, device=o.device,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
+    o.device = _work_device(o.device, anchor_m, parent_ms)
     if o.alignment == "fold":  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     with _eval_mode(anchor_m, *parent_ms):
@@ -270,7 +275,7 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
         align_opts = AlignOptions(solver=o.solver, reg=r, cost_norm=o.cost_norm, max_iter=o.max_iter,
                                   tol=o.tol, seed=o.seed, head_alignment=o.head_alignment,
                                   on_unconverged=o.on_unconverged, on_uniform=o.on_uniform,
-                                  device=_work_device(anchor_m, sds))
+                                  device=o.device)
         if o.alignment == "fold":
             sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done)
         else:
@@ -290,13 +295,16 @@ def _weightless(model) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _work_device(anchor_m, sds):
-    """Where the maps are computed: where the anchor lives, or for a fold
-    target (parameters on the meta device) where its buffers were put, the
-    first loaded parent's device (the CPU for streamed parents)."""
-    devices = [t.device for t in sds[0].values() if not t.is_meta]
-    devices += [b.device for b in anchor_m.buffers() if not b.is_meta]
-    return devices[0] if devices else torch.device("cpu")
+def _work_device(device, anchor_m, parent_ms):
+    """Where the maps are computed: None (where the anchor lives) for an anchor
+    with weights; for a fold target `device`, else the first parent's (the CPU
+    for a streamed parent)."""
+    if not _weightless(anchor_m):
+        return None
+    if device is not None:
+        return torch.device(device)
+    loaded = [p for p in parent_ms if not isinstance(p, modelio.LazyModel)]
+    return next(loaded[0].parameters()).device if loaded else torch.device("cpu")
 
 
 def _repair(model, sd, data, modules):
@@ -651,7 +659,7 @@ def streams(alignment, solver, reg, residual, repair) -> bool:
             and not (solver == "sinkhorn" and reg == "auto"))
 
 
-def _load_all(anchor, parents, trust_remote_code, *, stream=False):
+def _load_all(anchor, parents, trust_remote_code, *, stream=False, device=None):
     """Models from objects or directories; an anchor given as a config (a
     target width for folding) becomes a weightless model of the parents'
     class (`_fold_target`).
@@ -670,7 +678,7 @@ def _load_all(anchor, parents, trust_remote_code, *, stream=False):
     parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trust_remote_code))
                  or modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
     if target:
-        anchor_m = _fold_target(anchor, parent_ms[0])
+        anchor_m = _fold_target(anchor, parent_ms[0], device)
     else:
         anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
     for k, p in enumerate(parent_ms, 1):
@@ -681,12 +689,12 @@ def _load_all(anchor, parents, trust_remote_code, *, stream=False):
     return anchor_m, parent_ms
 
 
-def _fold_target(config, parent):
+def _fold_target(config, parent, device=None):
     """The fold target: a model of the parent's class at `config`'s widths whose
     parameters are on the meta device in the parent's dtypes (nothing is
     allocated or initialised: the fold writes every one; the fused model is
-    written in those dtypes), its buffers real, where the parent lives (the
-    CPU for a streamed parent). Optional parts the parent was built without
+    written in those dtypes), its buffers real on `device` (None: where the
+    parent lives, the CPU for a streamed parent). Optional parts the parent was built without
     (a BertModel's pooler with add_pooling_layer=False) are left out too."""
     from accelerate import init_empty_weights
     lazy = isinstance(parent, modelio.LazyModel)
@@ -696,7 +704,8 @@ def _fold_target(config, parent):
         _drop_absent_parts(model, parent)
     psd = parent.state_dict()
     fallback = next((psd.dtype(n) if lazy else psd[n].dtype for n in psd), torch.float32)
-    device = torch.device("cpu") if lazy else next(parent.parameters()).device
+    if device is None:
+        device = torch.device("cpu") if lazy else next(parent.parameters()).device
     replaced = {}  # one meta parameter per shared (tied) parameter
     for prefix, module in model.named_modules():
         for pname, p in list(module._parameters.items()):

@@ -389,3 +389,18 @@ def test_repair_on_decoders_restores_the_target_statistics(pair):
     assert worst(otcompress.fuse(anchor, [wide], solver="emd")) > 1e-2  # repair has work to do
     fused = otcompress.fuse(anchor, [wide], solver="emd", repair=True, data=calib)
     assert worst(fused) < 1e-4
+
+
+@CUDA
+def test_streamed_fold_runs_on_the_device_asked_for(tmp_path):
+    """A fold target has no weights to say where to work: `device` does (the
+    CLI's --device), also for parents streamed from their directories."""
+    parent = M.vit(hidden=32, heads=4, inter=64, seed=2)
+    parent.save_pretrained(tmp_path / "p")
+    target = architectures.target_config(parent.config, hidden=16, heads=2, intermediate=32)
+    on_gpu = otcompress.fuse(target, [str(tmp_path / "p")], alignment="fold", device="cuda")
+    assert next(on_gpu.parameters()).is_cuda
+    on_cpu = otcompress.fuse(target, [str(tmp_path / "p")], alignment="fold")
+    x = M.inputs(on_cpu)
+    assert torch.allclose(M.outputs(on_gpu, {k: v.cuda() for k, v in x.items()}).cpu(), M.outputs(on_cpu, x),
+                          atol=1e-4)
