@@ -230,6 +230,18 @@ def iter_batches(data) -> Iterable[Mapping]:
     return data
 
 
+def reiterable(data):
+    """`data` (one batch, an iterable of batches, or None) in a form every pass
+    can iterate again: a one-shot iterator (a generator) is materialised into
+    a list once, so the statistics, repair and the reg sweep all see the same
+    batches. Lists, datasets and data loaders are returned as they are."""
+    if data is None or isinstance(data, Mapping):
+        return data
+    if iter(data) is data:  # an iterator: a second pass would see nothing
+        return list(data)
+    return data
+
+
 def token_samples(t: torch.Tensor, token_mask, keep_tokens, dtype=torch.float32) -> torch.Tensor:
     """(batch, seq, units) -> (samples, units): every kept token is a sample
     (converted to `dtype`; None keeps the tensor's own)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from otcompress import fold, transport
+from otcompress.repair import is_statistic
 from otcompress.errors import IncompatibleModelsError, SolverError
 from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve, Split, out_slot, part_of
 
@@ -40,6 +41,7 @@ class AlignOptions:
     head_alignment: str = "cross"  # "cross": one map over all Q (K, V) units; "aware": heads first
     on_unconverged: str = "raise"  # or "warn": keep the plan, flag it in the report
     on_uniform: str = "warn"  # a near-uniform map (all information lost): "warn" or "raise"
+    device: object = None  # where maps are computed; None: where the anchor lives (a fold target may be meta)
 
 
 NEAR_UNIFORM = 0.9  # relative entropy (entropy / log(m n)); a hard map is ~0.5
@@ -53,6 +55,7 @@ class HeadShapes:
     parent: tuple
     anchor: tuple
     kv: tuple | None = None
+    scaled: bool = True  # scores divided by sqrt(head width) (GPT-2's scale_attn_weights=False: not)
 
     @property
     def kv_heads(self) -> tuple:
@@ -60,7 +63,12 @@ class HeadShapes:
 
     @property
     def score_scale(self) -> float:
-        return math.sqrt(self.parent[1] / self.anchor[1])
+        """The factor on carried Q: an anchor unit stands for d_parent/d_anchor
+        parent units, so a score (a sum over a head's units) shrinks by it;
+        where scores are divided by sqrt(head width), that division makes up
+        sqrt of it."""
+        ratio = self.parent[1] / self.anchor[1]
+        return math.sqrt(ratio) if self.scaled else ratio
 
 
 def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -99,7 +107,7 @@ def _steps(spec, anchor_sd, parent_sd, opts, stats, heads, activation_costs, res
     maps = _MapStore(spec)
     emit = _scaled_q(spec, heads, sink)
     # Everything is computed where the anchor lives; parent tensors move there one by one.
-    device = next(iter(anchor_sd.values())).device
+    device = opts.device or next(iter(anchor_sd.values())).device
     carried = _InputCarrier(spec, parent_sd, maps, device)
     folder = _Folder(spec, carried, heads, opts.seed) if opts.mode == "fold" else None
     pending = {}  # Q/K/V maps made together at a Heads marker, taken by their Solve nodes
@@ -206,6 +214,8 @@ class _Folder:
         members = {tm for tm, r in self.group.items() if r == root}
         feats, width = [], None
         for name, axes in self.spec.axes.items():
+            if is_statistic(name):  # carried, never clustered on
+                continue
             for axis, role in enumerate(axes):
                 for t in (role.tms if role is not None else ()):
                     if t in members:
@@ -497,10 +507,13 @@ def _carry_all(t, axes, maps, *, inputs_only):
 
 def _feature_rows(spec, node: Solve, tensor) -> list:
     """Per-unit feature blocks of a free map: the rows of every parameter on the
-    unit axis (weights with inputs already carried, bias, gains...)."""
+    unit axis (weights with inputs already carried, bias, gains...); never the
+    repair statistics, which only ride along once the map is made."""
     rows = []
     for group, _probe in node.parts:
         for name in spec.params_with_out(group):
+            if is_statistic(name):
+                continue
             axis, part = out_slot(spec.axes[name], group)
             rows.append(_rows(part_of(tensor(name), axis, part), axis))
     return rows

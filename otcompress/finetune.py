@@ -24,6 +24,7 @@ the device it is given and trains exactly as it always has.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -441,6 +442,24 @@ def _set_rng_state(device, state):
         torch.set_rng_state(state)
 
 
+@contextlib.contextmanager
+def _moved(device, *models):
+    """The models on `device` in eval mode for the block, then back on their own
+    device and in their own mode. Moved outside inference mode: a model moved
+    inside it gets inference-tensor parameters, which training can no longer
+    use (CUDA finetune after eval)."""
+    before = [(m, m.training, {p.device for p in m.parameters()}) for m in models]
+    for m in models:
+        m.to(device).eval()
+    try:
+        yield
+    finally:
+        for m, was_training, devices in before:
+            if len(devices) == 1:  # a model spread over devices (device_map) is left where it is
+                m.to(next(iter(devices)))
+            m.train(was_training)
+
+
 def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
              device="cpu", reference=None) -> dict:
     """Classification: accuracy and mean cross-entropy over examples.
@@ -451,28 +470,18 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     next-token accuracy and the number of predicted tokens.
     Feature extraction (a headless model): its embeddings against the
     `reference` models' (`embedding.score`: loss, similarity_pearson).
-    The model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    # Moved outside inference mode: a model moved inside it gets inference-tensor
-    # parameters, which training can no longer use (CUDA finetune after eval).
-    model.to(device).eval()
-    if data.task == "feature-extraction":
-        for r in reference or []:
-            r.to(device).eval()
-        try:
+    The models (and references) get their train/eval mode and device back
+    afterwards: the caller's models are not left on `device`."""
+    with _moved(device, model, *(reference or [])):
+        if data.task == "feature-extraction":
             return embedding.score(model, data.batches(split, batch_size), reference, data.pooling, device)
-        finally:
-            model.train(was_training)
-    total_loss, correct, count = 0.0, 0, 0
-    try:
+        total_loss, correct, count = 0.0, 0, 0
         with torch.inference_mode():
             for batch in data.batches(split, batch_size):
                 logits, labels = _scored(model, _to(batch, device))
                 total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
                 correct += (logits.argmax(-1) == labels).sum().item()
                 count += labels.numel()
-    finally:
-        model.train(was_training)
     loss = total_loss / max(count, 1)
     if data.task in ("masked-lm", "causal-lm"):
         return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1),

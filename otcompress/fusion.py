@@ -19,7 +19,7 @@ import torch
 from otcompress import activations, architectures, depth, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
-from otcompress.errors import IncompatibleModelsError, InvalidOptionError, SolverError
+from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
 from otcompress.recipes import CHOICES
 
 # The option values live with the recipes (one home); "auto" alignment is the workflow's race.
@@ -28,16 +28,27 @@ SOLVERS, RESIDUALS, QK_MAPS = CHOICES["solver"], CHOICES["residual"], CHOICES["q
 HEAD_ALIGNMENTS, COST_NORMS = CHOICES["head_alignment"], CHOICES["cost_norm"]
 _OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
             "max_iter", "tol", "reg_grid", "holdout", "activation_dtype", "repair", "seed", "head_alignment",
-            "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress")
+            "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress", "device")
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
+DEFAULT_REG = 0.02  # `fuse`'s reg without calibration data
 
 
-def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, residual="average",
+def default_reg(reg, data, solver="sinkhorn", alignment="weights", n_parents=1):
+    """`fuse`'s reg: as given, or for None "auto" where there is data to choose
+    it on and it changes the result (Sinkhorn; a single fold uses no OT), else
+    DEFAULT_REG."""
+    if reg is not None:
+        return reg
+    sweeps = data is not None and solver == "sinkhorn" and not (alignment == "fold" and n_parents < 2)
+    return "auto" if sweeps else DEFAULT_REG
+
+
+def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="gap",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
          repair=False, seed=0, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
-         pooling=None, trust_remote_code=False, progress=None):
+         pooling=None, trust_remote_code=False, progress=None, device=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
@@ -49,8 +60,12 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         the anchor's widths (model folding; the anchor only gives the
         architecture), then OT-fuse the folds with `solver`/`reg` when there
         are several parents (parent weights only).
-    solver, reg: "sinkhorn" (entropic, regulariser `reg` on max-normalised costs)
-        or "emd" (exact). reg="auto" fuses at every value of `reg_grid` and keeps
+    solver, reg: "sinkhorn" (entropic, regulariser `reg` on normalised costs,
+        see `cost_norm`) or "emd" (exact). The default (reg=None) is "auto"
+        when `data` is given and reg matters (Sinkhorn; folding only with
+        several parents), else the fixed DEFAULT_REG = 0.02: on two
+        independently trained digits ViTs, activations-based with data, 0.02
+        gave 53% one-shot and "auto" 70%. reg="auto" fuses at every value of `reg_grid` and keeps
         the one with the lowest loss on `holdout` batches (default: `data`): the
         task loss where batches carry labels, else the KL divergence to the
         parents' mean prediction; for headless models the similarity loss of
@@ -64,7 +79,8 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
     token_filter: ViT only, "window_n" or "only_cls" for activation statistics.
     activation_dtype: "float32" or "bfloat16": autocast for the forward passes
         and per-chunk cross-moment products of the activation statistics (~2x
-        faster on CPUs with BF16 units; correlations then carry ~1e-3 error;
+        faster on CPUs with BF16 units; activation costs then carry ~1e-3 error
+        on average, ~1e-2 at most (tiny 2-layer BERT);
         the running sums stay float64).
     repair: restore every unit's mean and std on `data` to the parents' (and
         the anchor's, by its weight) statistics carried through the same maps
@@ -89,6 +105,10 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=0.02, r
         0.125), "max" (divide by the maximum: 9 points better one-shot on
         independently trained digits ViT pairs at reg 0.02), "mean" or "none".
     progress: optional callback(stage: str, done: int, total: int | None).
+    device: where the maps are computed and the fused model is built when the
+        anchor has no weights of its own (a fold target): None = where the
+        first parent lives, the CPU for a parent streamed from its directory.
+        With a real anchor, fusion runs where the anchor lives.
 
     Returns a `transformers` model; its `fusion_report` attribute holds the
     per-map transport statistics, options and timings. The caller's models
@@ -128,12 +148,16 @@ def fuse_to_disk(anchor, parents, out, *, max_shard_size="5GB", force=False, fin
 def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
-    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     t_start = time.perf_counter()
+    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     parents = _as_list(parents)
+    o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
+    # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
+    o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
     opts = _check_all(o, parents)
-    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, o.seed,
+    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, device=o.device,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
+    o.device = _work_device(o.device, anchor_m, parent_ms)
     if o.alignment == "fold":  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
@@ -150,7 +174,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
         t_align = time.perf_counter()
         writer = None
         if out is not None:
-            writer = modelio.ShardWriter(out, _stored_layout(sds[0], spec.tied), max_shard_size)
+            writer = modelio.ShardWriter(out, _stored_layout(anchor_m, sds[0], spec.tied), max_shard_size)
         fuse_at, repaired = _fuser(o, opts["weights"], spec, sds, heads, stats, anchor_m, modules,
                                    _disk_sink(o, writer))
         model, map_stats, reg, sweep = _fuse_or_sweep(o, fuse_at, parent_ms)
@@ -192,9 +216,13 @@ def _checked_spec(anchor_m, parent_ms, qk):
 
 
 def _head_shapes(anchor_m, parent_ms) -> list:
-    """Per parent, its and the anchor's head shapes and key/value head counts."""
+    """Per parent, its and the anchor's head shapes and key/value head counts,
+    and whether the family divides scores by sqrt(head width) (its
+    `scores_scaled(config)`; yes where it has none)."""
+    scaled = getattr(architectures.family(anchor_m.config), "scores_scaled", lambda config: True)
     return [HeadShapes(architectures.head_shape(p.config), architectures.head_shape(anchor_m.config),
-                       (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)))
+                       (architectures.kv_heads(p.config), architectures.kv_heads(anchor_m.config)),
+                       scaled=bool(scaled(anchor_m.config)))
             for p in parent_ms]
 
 
@@ -222,8 +250,9 @@ def _repair_inputs(o, spec, anchor_m, parent_ms):
     spec = dataclasses.replace(spec, axes={**spec.axes, **repair_mod.stat_axes(spec, data_free=data_free)})
     if data_free:  # parents' row norms are derived during alignment (align._InputCarrier.raw)
         sds[0] = {**sds[0], **repair_mod.weight_stats(anchor_m, modules)}
-    else:
-        sds = [{**sd, **repair_mod.measure(m, list(modules), o.data)}
+    else:  # a fold target (no weights: its share is 0) gets placeholders of the right shapes
+        sds = [{**sd, **(repair_mod.placeholders(m, modules) if _weightless(m)
+                         else repair_mod.measure(m, list(modules), o.data))}
                for sd, m in zip(sds, (anchor_m, *parent_ms))]
     return spec, sds, modules
 
@@ -253,7 +282,8 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
     def fuse_at(r):
         align_opts = AlignOptions(solver=o.solver, reg=r, cost_norm=o.cost_norm, max_iter=o.max_iter,
                                   tol=o.tol, seed=o.seed, head_alignment=o.head_alignment,
-                                  on_unconverged=o.on_unconverged, on_uniform=o.on_uniform)
+                                  on_unconverged=o.on_unconverged, on_uniform=o.on_uniform,
+                                  device=o.device)
         if o.alignment == "fold":
             sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done)
         else:
@@ -266,6 +296,23 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
             repaired[r] = _repair(model, sd, o.data, modules)
         return model, map_stats
     return fuse_at, repaired
+
+
+def _weightless(model) -> bool:
+    """A fold target: parameters on the meta device."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def _work_device(device, anchor_m, parent_ms):
+    """Where the maps are computed: None (where the anchor lives) for an anchor
+    with weights; for a fold target `device`, else the first parent's (the CPU
+    for a streamed parent)."""
+    if not _weightless(anchor_m):
+        return None
+    if device is not None:
+        return torch.device(device)
+    loaded = [p for p in parent_ms if not isinstance(p, modelio.LazyModel)]
+    return next(loaded[0].parameters()).device if loaded else torch.device("cpu")
 
 
 def _repair(model, sd, data, modules):
@@ -327,14 +374,20 @@ def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, ti
     }
 
 
-def _stored_layout(anchor_sd, tied) -> dict:
+def _stored_layout(anchor_m, anchor_sd, tied) -> dict:
     """{name: (shape, dtype)} of the tensors a fused model's files hold: as
     `save_pretrained` stores them, one name per tensor the anchor shares
-    between parameters (MLM decoder bias) and none for a tied parameter
-    (`from_pretrained` ties it again); no repair statistics."""
+    between parameters (MLM decoder bias: one Parameter under two names) and
+    none for a tied parameter (`from_pretrained` ties it again); no repair
+    statistics. Sharing is read from the module tree, not from storage
+    addresses (every tensor of a fold target is on the meta device, at 0)."""
+    owner = {}
+    for n, t in [*anchor_m.named_parameters(remove_duplicate=False),
+                 *anchor_m.named_buffers(remove_duplicate=False)]:
+        owner.setdefault(n, id(t))
     layout, seen = {}, set()
     for name, t in anchor_sd.items():
-        shared = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
+        shared = owner.get(name, ("storage", t.data_ptr(), tuple(t.shape)) if t.numel() and not t.is_meta else name)
         if name in tied or "__" in name or shared in seen:
             continue
         seen.add(shared)
@@ -406,7 +459,14 @@ class _RunningSum:
         if name in self.tied:
             return
         if name not in self.sums:
-            self.sums[name] = [self.anchor_sd[name].detach().float() * self.mix[0], 0, {}]
+            a = self.anchor_sd[name]
+            if a.is_meta:  # a fold target: shapes and dtypes only, never a part of the sum
+                if self.mix[0] != 0:
+                    raise RuntimeError(f"{name}: an anchor without weights cannot be mixed in")
+                start = torch.zeros(a.shape, dtype=torch.float32, device=t.device)
+            else:
+                start = a.detach().float() * self.mix[0]
+            self.sums[name] = [start, 0, {}]
         entry = self.sums[name]
         entry[2][k] = t
         while entry[1] in entry[2]:
@@ -470,6 +530,8 @@ def _finish_sum(fused, anchor_sd, tied) -> dict:
 def _reg_sweep(fuse_at, grid, holdout, parent_ms, pooling=None):
     """Fuse at every reg of the grid; keep the lowest held-out loss."""
     batches = list(activations.iter_batches(holdout))
+    if not batches:
+        raise DataError("reg auto: the held-out data has no batches")
     targets = None
     if not all("labels" in b for b in batches):
         pooling = pooling or embedding.pooling_mode(parent_ms[0].config)
@@ -543,7 +605,9 @@ def _holdout_loss(model, batches, targets) -> float:
                                               reduction="batchmean")
         total += float(loss)
         n += 1
-    return total / max(n, 1)
+    if n == 0:  # a loss of 0 would win every comparison
+        raise DataError("held-out loss: no batches")
+    return total / n
 
 
 def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
@@ -608,9 +672,10 @@ def streams(alignment, solver, reg, residual, repair) -> bool:
             and not (solver == "sinkhorn" and reg == "auto"))
 
 
-def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
+def _load_all(anchor, parents, trust_remote_code, *, stream=False, device=None):
     """Models from objects or directories; an anchor given as a config (a
-    target width for folding) becomes a fresh model of the parents' class.
+    target width for folding) becomes a weightless model of the parents'
+    class (`_fold_target`).
     With `stream`, a parent directory of safetensors weights becomes a
     weightless `modelio.LazyModel`: its tensors are read one at a time as the
     flow graph needs them, so the parent is never in memory whole (falls back
@@ -627,12 +692,7 @@ def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
     parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trust_remote_code))
                  or modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
     if target:
-        first = parent_ms[0]
-        lazy = isinstance(first, modelio.LazyModel)
-        device = torch.device("cpu") if lazy else next(first.parameters()).device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            anchor_m = (first.model_class if lazy else type(first))(copy.deepcopy(anchor)).to(device)
+        anchor_m = _fold_target(anchor, parent_ms[0], device)
     else:
         anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
     for k, p in enumerate(parent_ms, 1):
@@ -641,6 +701,52 @@ def _load_all(anchor, parents, trust_remote_code, seed=0, *, stream=False):
             raise IncompatibleModelsError(
                 f"class mismatch: anchor is {type(anchor_m).__name__}, parent {k} is {cls.__name__}")
     return anchor_m, parent_ms
+
+
+def _fold_target(config, parent, device=None):
+    """The fold target: a model of the parent's class at `config`'s widths whose
+    parameters are on the meta device in the parent's dtypes (nothing is
+    allocated or initialised: the fold writes every one; the fused model is
+    written in those dtypes), its buffers real on `device` (None: where the
+    parent lives, the CPU for a streamed parent). Optional parts the parent was built without
+    (a BertModel's pooler with add_pooling_layer=False) are left out too."""
+    from accelerate import init_empty_weights
+    lazy = isinstance(parent, modelio.LazyModel)
+    with init_empty_weights(include_buffers=False):
+        model = (parent.model_class if lazy else type(parent))(copy.deepcopy(config))
+    if not lazy:
+        _drop_absent_parts(model, parent)
+    psd = parent.state_dict()
+    fallback = next((psd.dtype(n) if lazy else psd[n].dtype for n in psd), torch.float32)
+    if device is None:
+        device = torch.device("cpu") if lazy else next(parent.parameters()).device
+    replaced = {}  # one meta parameter per shared (tied) parameter
+    for prefix, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            name = f"{prefix}.{pname}" if prefix else pname
+            if id(p) not in replaced:
+                dtype = (psd.dtype(name) if lazy else psd[name].dtype) if name in psd else fallback
+                replaced[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"),
+                                                     requires_grad=p.requires_grad)
+            module._parameters[pname] = replaced[id(p)]
+        for bname, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[bname] = b.to(device)
+    return model
+
+
+def _drop_absent_parts(model, parent):
+    """Set to None every submodule the parent has as None (a pooler-less BertModel)."""
+    for path, _ in list(model.named_modules()):
+        owner, _, attr = path.rpartition(".")
+        try:
+            parent_owner, owner_m = parent.get_submodule(owner), model.get_submodule(owner)
+        except AttributeError:  # absent in the parent, or inside a part already dropped
+            continue
+        if attr and getattr(parent_owner, attr, owner_m) is None:  # HF keeps `self.pooler = None` as a plain attribute
+            setattr(owner_m, attr, None)
 
 
 def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents, *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -368,11 +369,16 @@ def lazy_model(source, *, trust_remote_code: bool = False):
         return None
     try:
         stored = LazyStateDict(path)
+    except ModelLoadError:  # no or unreadable safetensors: load_model reports what is wrong
+        return None
+    try:
         with torch.device("meta"):  # the class's names, shapes and ties, no memory
             skeleton = cls(config)
         meta = skeleton.state_dict()
         found = _stored_names(skeleton, meta, list(stored))
-    except Exception:  # noqa: BLE001 - load_model reports what is wrong with the directory
+    except Exception as e:  # noqa: BLE001 - not a documented reason: say why it is not streamed
+        warnings.warn(f"otcompress: {path} is loaded whole, not streamed: its {arch} could not be laid out "
+                      f"without memory ({type(e).__name__}: {_first_line(e)})", stacklevel=2)
         return None
     if found is None or len(found) < len(stored):  # unexpected tensors: load_model says which
         return None

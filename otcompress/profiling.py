@@ -289,8 +289,14 @@ def torch_threads(threads: int | None):
 
 def measure_latency(model: nn.Module, inputs: dict[str, torch.Tensor], *, repeats: int = 20,
                     warmup: int = 3, threads: int | None = None) -> dict:
-    """PyTorch CPU latency of one forward pass: median and p90 over `repeats` runs."""
+    """PyTorch latency of one forward pass where the model lives: median and p90
+    over `repeats` runs. The inputs are moved to the model's device first (not
+    timed); on CUDA every run is bracketed by synchronisations, so the time is
+    the kernels', not their launch."""
     _check_repeats(repeats, warmup)
+    first_parameter = next(model.parameters())
+    inputs = {k: v.to(first_parameter.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    sync = (lambda: torch.cuda.synchronize(first_parameter.device)) if first_parameter.is_cuda else (lambda: None)
     was_training = model.training
     model.eval()
     options = forward_options(model)
@@ -300,12 +306,13 @@ def measure_latency(model: nn.Module, inputs: dict[str, torch.Tensor], *, repeat
             for _ in range(warmup):
                 model(**inputs, **options)
             for _ in range(repeats):
+                sync()
                 start = time.perf_counter()
                 model(**inputs, **options)
+                sync()
                 times_s.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
-    first_parameter = next(model.parameters())
     return {
         "backend": "pytorch",
         **_latency_summary(times_s),

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from otcompress.activations import iter_batches, token_samples
+from otcompress.activations import iter_batches, reiterable, token_samples
 from otcompress.errors import DataError
 from otcompress.flowgraph import In, Out
 
 MEAN, STD, ROWNORM = "__mean__", "__std__", "__rownorm__"
+
+
+def is_statistic(name: str) -> bool:
+    """Whether a flow-graph entry is a repair statistic (`<module>.__mean__`...):
+    carried through the maps once they are made, never a matching feature, so
+    switching repair on cannot change a transport map."""
+    return name.rsplit(".", 1)[-1] in (MEAN, STD, ROWNORM)
 
 
 def points(spec) -> dict:
@@ -73,6 +80,14 @@ def repair_from_weights(model, targets: dict, modules: dict) -> dict:
             "norm_ratio": {"min": float(r.min()), "median": float(r.median()), "max": float(r.max())}}
 
 
+def placeholders(model, modules: dict) -> dict:
+    """measure()'s entries for a model without weights (a fold target, whose
+    share of the fused statistics is 0): meta tensors of the right shapes."""
+    named = dict(model.named_modules())
+    return {f"{m}.{kind}": torch.empty(named[m].weight.shape[axis], device="meta")
+            for m, (_, axis) in modules.items() for kind in (MEAN, STD)}
+
+
 @torch.inference_mode()
 def measure(model, modules, data) -> dict:
     """{f"{module}.__mean__": (units,), f"{module}.__std__": (units,)} of each
@@ -114,6 +129,7 @@ def repair(model, targets: dict, data, modules: dict) -> dict:
     """Rescale and shift each module's output units to `targets`, one module at
     a time (later modules are measured after earlier ones are repaired).
     `modules` is `points(spec)`. Returns a summary of the corrections."""
+    data = reiterable(data)  # measured once per module: a generator would be empty after the first
     named = dict(model.named_modules())
     ratios = []
     for m, (_, out_axis) in modules.items():

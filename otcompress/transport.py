@@ -112,7 +112,11 @@ def normalise_cost(cost: torch.Tensor, how: str = "max", *, inplace: bool = Fals
     (paper App. D.3.1). "gap" subtracts each row's minimum (which leaves the
     plan unchanged) and divides by the median: reg is then relative to how far
     a typical unit is from its best match, not to the largest distance, which
-    drifts with depth and with the blur of the maps before it.
+    drifts with depth and with the blur of the maps before it. Where that
+    median is 0 (every cost with two columns: half the gaps are the row
+    minima themselves; or mostly tied rows) it is the median of the positive
+    gaps, with two columns each row's margin between its best and its other
+    match; only an all-zero cost is left as it is.
     `inplace`: overwrite `cost` (same values, no m x n copies: for callers
     that built the cost and need only the normalised one)."""
     if how not in CHOICES["cost_norm"]:
@@ -124,6 +128,8 @@ def normalise_cost(cost: torch.Tensor, how: str = "max", *, inplace: bool = Fals
         cost = cost.sub_(row_min) if inplace else cost - row_min
         inplace = True  # a fresh copy now, or the caller's by request
     s = float({"max": cost.max, "mean": cost.mean, "gap": lambda: _median(cost)}[how]())
+    if how == "gap" and s == 0 and bool((cost > 0).any()):
+        s = float(_median(cost[cost > 0]))
     if not s > 0:
         return cost
     return cost.div_(s) if inplace else cost / s
@@ -433,10 +439,10 @@ def row_stochastic(plan: torch.Tensor) -> torch.Tensor:
     """R = diag(1/mu) T: rows sum to 1. Carries a map on a layer's *input* side:
     parent input i ~= sum_j R[i, j] anchor input j, so inputs that land on one
     anchor unit have their weights summed."""
-    return plan / plan.sum(1, keepdim=True).clamp_min(1e-300)
+    return plan / plan.sum(1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)  # an empty row stays 0
 
 
 def column_stochastic(plan: torch.Tensor) -> torch.Tensor:
     """C = T diag(1/nu): columns sum to 1. Applies a map on an *output* side:
     every anchor unit becomes a convex combination of parent units."""
-    return plan / plan.sum(0, keepdim=True).clamp_min(1e-300)
+    return plan / plan.sum(0, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)

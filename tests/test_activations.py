@@ -112,7 +112,10 @@ def test_bfloat16_forward_on_cpu_stays_close(berts):
     clean, _ = padded_batches()
     a = stats(spec, anchor, parent, clean)
     b = stats(spec, anchor, parent, clean, forward_dtype=torch.bfloat16)
-    assert a["samples"] == b["samples"] and max_cost_diff(a, b) < 0.05
+    assert a["samples"] == b["samples"]
+    # As fuse's docstring says: ~1e-3 on average (measured 4e-4..1.7e-3 per map), 1e-2 at most (0.011)
+    mean = max(float((a["costs"][0][tm] - b["costs"][0][tm]).abs().mean()) for tm in a["costs"][0])
+    assert mean < 2.5e-3 and max_cost_diff(a, b) < 0.02
 
 
 @CUDA

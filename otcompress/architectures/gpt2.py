@@ -48,6 +48,13 @@ WIDTHS = {"hidden": "n_embd", "heads": "n_head", "intermediate": "n_inner"}
 UNSET_WIDTHS = {"n_inner": lambda config: 4 * config.n_embd}
 
 
+def scores_scaled(config) -> bool:
+    """Whether attention scores are divided by sqrt(head width): GPT-2 can turn
+    it off (scale_attn_weights=False), and the engine's rescaling of carried Q
+    for other head widths depends on it (align.HeadShapes.score_scale)."""
+    return bool(getattr(config, "scale_attn_weights", True))
+
+
 def max_seq_len(config):
     return config.n_positions
 
