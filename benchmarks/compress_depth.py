@@ -74,8 +74,7 @@ def starts(parents, small, cfg, train, seed):
     import otcompress
     import pruning_control as pc
     calib = list(train.calibration_batches(256, 64, seed=seed))
-    labelled = [{**b, "labels": b["labels"]} for b in train.calibration_batches(256, 64, seed=seed)
-                if "labels" in b]
+    labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
 
     def random_init():
         with torch.random.fork_rng(devices=[]):

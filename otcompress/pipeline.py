@@ -98,7 +98,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         # Nothing to evaluate or train: the fused model goes to disk tensor by tensor, never built.
         return None, _fuse_to_disk(fuse_anchor, parent_ms, r, out, force, progress, log,
                                    lambda stage, report: write_files(report, source, stage, r, anchor_cfg.hidden_size),
-                                   finish, alignment=_resolve_alignment(r["alignment"], anchor_m))
+                                   finish, alignment=_resolve_alignment(r["alignment"], anchor_m), device=device)
     reference = parent_ms if data is not None and data.task == "feature-extraction" else None
     model, report, trainer, holdout, one_shot = _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device,
                                                                   progress, log, reference)
@@ -116,7 +116,8 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     return model, report
 
 
-def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest, finish, alignment):
+def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest, finish, alignment,
+                  device=None):
     """The fusion written to `out` shard by shard (`fusion.fuse_to_disk`), the
     workflow's files added before the move; returns the finished report."""
     log(f"fusing {len(parents)} parent(s) ({alignment}), writing {out} as it goes")
@@ -125,7 +126,7 @@ def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest
     def add_files(stage, report):
         done["report"] = finish(report)
         write_rest(stage, done["report"])
-    _fuse(fuse_anchor, parents, alignment, None, {k: r[k] for k in FUSE_KEYS}, r, progress,
+    _fuse(fuse_anchor, parents, alignment, None, {**{k: r[k] for k in FUSE_KEYS}, "device": device}, r, progress,
           weights=r["weights"], out=out, force=force, finish=add_files)
     return done["report"]
 
@@ -142,6 +143,7 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
                       teachers=teachers, distill_alpha=r["distill_alpha"], device=device,
                       progress=(lambda d, t, i=None: progress("finetune", d, t)) if progress else None)
     fuse_kw = {k: r[k] for k in FUSE_KEYS}
+    fuse_kw["device"] = device  # where a streamed fold computes (models already loaded stay where they are)
     fuse_kw["pooling"] = data.pooling if data is not None else None  # headless models' reg auto
     if r["alignment"] == "auto" and holdout is not None:
         race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
