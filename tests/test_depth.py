@@ -30,6 +30,8 @@ LAYOUT = {
     "llama": (r"^(model\.)?layers\.(\d+)\.", r"(o_proj|down_proj)\.(weight|bias)$"),
     "qwen2": (r"^(model\.)?layers\.(\d+)\.", r"(o_proj|down_proj)\.(weight|bias)$"),
     "gpt2": (r"^(transformer\.)?h\.(\d+)\.", r"c_proj\.(weight|bias)$"),
+    "roberta": (r"^(roberta\.)?encoder\.layer\.(\d+)\.", r"(attention\.output\.dense|\.output\.dense)\.(weight|bias)$"),
+    "distilbert": (r"^(distilbert\.)?transformer\.layer\.(\d+)\.", r"(out_lin|lin2)\.(weight|bias)$"),
 }
 DEEP = ["base", "id", "id", "base"]  # every-other-block keeps an identity block either way
 
@@ -79,6 +81,10 @@ FAMILIES = {
     "llama-gqa": (lambda: D.decoder(T.LlamaConfig, T.LlamaForCausalLM), D.variant, D._inputs),
     "qwen2": (lambda: D.decoder(T.Qwen2Config, T.Qwen2ForCausalLM), D.variant, D._inputs),
     "gpt2": (lambda: G.gpt2("untied"), G.variant, G._inputs),
+    "roberta": (lambda: M.roberta(cls=T.RobertaForSequenceClassification),
+                lambda m, widen: M.transform_family(m, widen=widen), M.family_inputs),
+    "distilbert": (lambda: M.distilbert(cls=T.DistilBertForSequenceClassification),
+                   lambda m, widen: M.transform_family(m, widen=widen), M.family_inputs),
 }
 
 
@@ -89,7 +95,7 @@ def _err(model, x, ref):
 
 def test_identity_blocks_compute_the_identity():
     for name, (make, _, inputs) in FAMILIES.items():
-        if name == "bert":
+        if name in ("bert", "roberta", "distilbert"):
             continue  # post-norm: no exact identity block
         base = make()
         x = inputs(base)
