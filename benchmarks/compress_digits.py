@@ -17,6 +17,12 @@ Arms, each for N in {30, 100, 300} finetuning steps (AdamW 1e-3, batch 64):
   fold + distil + N          alignment "fold" (parents folded, folds OT-fused)
   default recipe + N         `pipeline.run` with the default recipe: race of the
                              starting points on held-out train examples, distilled
+                             (N + N/2 steps in all: the race's losing start counts)
+  ..., lr tuned, 1.5 N       at the largest N, the controls at equal compute: the
+                             anchor, and each parent pruned to the anchor's shape
+                             by Torch-Pruning (L2; Taylor on 256 labelled images),
+                             distilled 1.5 N steps at the lr of LRS with the lowest
+                             held-out train loss
 and one-shot: anchor, fold, OT fusion with anchor weight 0.8, default (N = 0).
 Seeds change the finetuning data order (and the held-out split); the zoo
 models are fixed. Threads: 1.
@@ -48,6 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--settings", nargs="+", default=["weak-anchor", "good-anchor", "low-data", "split-parents"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    ap.add_argument("--stem", default=None, help="Results file name (default compress_digits[.quick]).")
     return ap.parse_args(argv)
 
 
@@ -156,6 +164,10 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
                     if best is None or loss < best[0]:
                         best = (loss, metric(a, data))
                 put(n, "anchor distilled, lr tuned + N", best[1])
+                # Equal compute: the default recipe spends N + N/2 (its race); so do these.
+                for arm, make in equal_compute_starts(anchor, parents, train, seed).items():
+                    put(n, arm, lr_tuned(make, train, holdout, data, parents, metric,
+                                         {**ft, "steps": n + n // 2}))
             f = copy.deepcopy(fold)
             finetune(f, data, teachers=parents, **ft)
             put(n, "fold + distil + N", metric(f, data))
@@ -164,6 +176,35 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
             put(n, "default recipe: winner", rep["race"]["winner"])
         common.log(f"  seed {seed}: {time.time() - t0:.0f} s")
     return rows
+
+
+def equal_compute_starts(anchor, parents, train, seed):
+    """{arm: () -> start} of the controls that get the recipe's whole budget:
+    the anchor, and each parent pruned to the anchor's shape by Torch-Pruning
+    (L2 magnitude; Taylor importance on 256 labelled train images)."""
+    import pruning_control as pc
+    labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
+    arms = {"anchor distilled, lr tuned, 1.5 N": lambda: copy.deepcopy(anchor)}
+    if anchor.config.model_type != "vit":
+        return arms  # pruning_control is checked on ViT and BERT classifiers, not the MLM of compress_text
+    for k, p in enumerate(parents):
+        for imp in ("l2", "taylor"):
+            arms[f"TP {imp} of parent {'ab'[k]}, lr tuned, 1.5 N"] = (
+                lambda p=p, imp=imp: pc.torch_prune(p, anchor.config, importance=imp, batches=labelled))
+    return arms
+
+
+def lr_tuned(make, train, holdout, data, parents, metric, ft):
+    """`metric` of the start distilled at the lr of LRS with the lowest held-out train loss."""
+    from otcompress.finetune import evaluate, finetune
+    best = None
+    for lr in LRS:
+        m = make()
+        finetune(m, train, teachers=parents, **{**ft, "lr": lr})
+        loss = evaluate(m, holdout)["loss"]
+        if best is None or loss < best[0]:
+            best = (loss, metric(m, data))
+    return best[1]
 
 
 def _probe():
@@ -198,14 +239,14 @@ def main(argv=None):
     common.set_threads(args.threads)
     common.quiet_libraries()
     env = common.environment(args.threads)
-    steps = (10, 30) if args.quick else STEPS
+    steps = (10, 30) if args.quick else tuple(args.steps)
     seeds = args.seeds[:1] if args.quick else args.seeds
     t0 = time.time()
     results = {}
     for name in args.settings:
         common.log(f"setting {name}")
         results[name] = run_setting(name, seeds, steps, args.quick)
-    stem = "compress_digits.quick" if args.quick else "compress_digits"
+    stem = args.stem or ("compress_digits.quick" if args.quick else "compress_digits")
     md = markdown(results, args, env, time.time() - t0)
     common.write_results(stem, md, {"environment": env, "results": results, "seeds": seeds})
     print(md)
