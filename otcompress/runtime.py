@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from otcompress.architectures import FAMILIES
+from otcompress.architectures import FAMILIES, is_causal_lm
 from otcompress.errors import InvalidOptionError
 
 
@@ -53,8 +53,7 @@ def forward_options(model: nn.Module) -> dict:
     """Keyword options every measured forward pass of `model` gets: causal LMs
     build no KV cache (a DynamicCache output cannot be traced or exported, and
     a prompt pass does not need one)."""
-    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
-    if family is not None and family.task(type(model).__name__) == "causal-lm":
+    if is_causal_lm(model):
         return {"use_cache": False}
     return {}
 
