@@ -1,4 +1,4 @@
-"""Speed and peak memory of `otcompress.fuse` itself (benchmarks.md, "Speed and
+"""Speed and peak memory of `otcompress.fuse` itself (docs/benchmarks.md, "Speed and
 memory of the tool itself").
 
 Cases (each in a fresh subprocess, so that peak RSS belongs to that case alone):

@@ -1,6 +1,6 @@
 """The transport solver alone: otcompress's Sinkhorn against POT's on the same
 cost matrices, at equal marginal error, plus exact EMD timings
-(benchmarks.md, "Speed and memory of the tool itself").
+(docs/benchmarks.md, "Speed and memory of the tool itself").
 
 Costs: normalised (max = 1) Euclidean distances between the rows of two point
 sets, square and rectangular, up to 3072 x 3072:
