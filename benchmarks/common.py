@@ -20,6 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -65,21 +67,10 @@ def environment(threads: int) -> dict:
 
     return {"threads": threads, "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "cores": os.cpu_count(), "cpu": _cpu_name(), "loadavg_start": os.getloadavg(),
+            "cores": os.cpu_count(), "cpu": cpu_name(), "loadavg_start": os.getloadavg(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 class Clock:
