@@ -461,6 +461,31 @@ def _moved(device, *models):
             m.train(was_training)
 
 
+def evaluate_ensemble(models, data: TaskData, *, split: str = "eval", batch_size: int = 256,
+                      device="cpu") -> dict:
+    """The ensemble of `models`, the mean of their predicted distributions (K
+    forward passes a batch): the reference a fused model is set against.
+    Scored as `evaluate` scores one model, with the same keys (loss = mean
+    cross-entropy of the averaged distribution, probabilities clamped at
+    1e-12). Headless models have no distributions to average."""
+    if data.task == "feature-extraction":
+        raise InvalidOptionError("an ensemble of headless models has no predictions to average")
+    nll, correct, count = 0.0, 0, 0
+    with _moved(device, *models), torch.inference_mode():
+        for batch in data.batches(split, batch_size):
+            batch = _to(batch, device)
+            probs, labels = None, None
+            for model in models:
+                logits, labels = _scored(model, batch)
+                p = torch.softmax(logits.float(), -1)
+                probs = p if probs is None else probs + p
+            probs = probs / len(models)
+            nll += float(-torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum())
+            correct += int((probs.argmax(-1) == labels).sum())
+            count += labels.numel()
+    return _metrics(data.task, nll, correct, count)
+
+
 def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
              device="cpu", reference=None) -> dict:
     """Classification: accuracy and mean cross-entropy over examples.
@@ -483,8 +508,14 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
                 total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
                 correct += (logits.argmax(-1) == labels).sum().item()
                 count += labels.numel()
+    return _metrics(data.task, total_loss, correct, count)
+
+
+def _metrics(task: str, total_loss: float, correct: int, count: int) -> dict:
+    """`evaluate`'s figures from the summed cross-entropy, the hits and the
+    number of scored examples (or tokens)."""
     loss = total_loss / max(count, 1)
-    if data.task in ("masked-lm", "causal-lm"):
+    if task in ("masked-lm", "causal-lm"):
         return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1),
                 "tokens": count}
     return {"accuracy": correct / max(count, 1), "loss": loss, "examples": count}
