@@ -10,7 +10,6 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from otcompress.architectures import head_of, recorded_class, teacher_must_match
 from otcompress.errors import IncompatibleModelsError, ModelLoadError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -128,6 +127,8 @@ def check_compatible(anchor_cfg, parent_cfgs, must_match, *, roles=("anchor", "p
 
 
 def _check_labels(anchor_cfg, cfg, k, roles=("anchor", "parent")):
+    from otcompress.architectures import head_of  # imports torch: this module does not
+
     a = getattr(anchor_cfg, "num_labels", None)
     b = getattr(cfg, "num_labels", None)
     if "Classification" in (head_of(anchor_cfg) or "") and a != b:
@@ -142,6 +143,8 @@ def check_teachers(student_cfg, teacher_cfgs) -> None:
     own); no task head, or another head than the student's; another output
     space (num_labels, or vocab_size for masked LM). A headless student learns
     the teachers' embedding similarities, which any head class of the family has."""
+    from otcompress.architectures import head_of, recorded_class, teacher_must_match  # imports torch
+
     # Family, input-fixing values and (classifiers) labels first, as `fuse` checks parents.
     check_compatible(student_cfg, teacher_cfgs, teacher_must_match(student_cfg), roles=("student", "teacher"))
     student_head = head_of(student_cfg)
