@@ -20,6 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
+from machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -65,21 +67,10 @@ def environment(threads: int) -> dict:
 
     return {"threads": threads, "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "cores": os.cpu_count(), "cpu": _cpu_name(), "loadavg_start": os.getloadavg(),
+            "cores": os.cpu_count(), "cpu": cpu_name(), "loadavg_start": os.getloadavg(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 class Clock:
@@ -103,42 +94,16 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _scored_logits(model, data, split="eval", batch_size=256):
-    """(logits, labels) at every labelled position of `split`: one row per
-    image, or per masked token (eval masks are fixed by TaskData)."""
-    import torch
-
-    out_logits, out_labels = [], []
-    with torch.inference_mode():
-        for batch in data.batches(split, batch_size):
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            if labels.dim() == 2:  # masked LM
-                keep = labels != -100
-                logits, labels = logits[keep], labels[keep]
-            out_logits.append(logits.float())
-            out_labels.append(labels)
-    return torch.cat(out_logits), torch.cat(out_labels)
-
-
 def evaluate_ensemble(models, data) -> dict:
     """The ensemble of `models` (mean of their softmax outputs): the upper
-    bound that costs K forward passes. Same metrics as `evaluate`."""
-    import torch
+    bound that costs K forward passes (`otcompress.finetune.evaluate_ensemble`).
+    Same metrics as `evaluate_model`."""
+    from otcompress.finetune import evaluate_ensemble as ensemble
 
-    probs, labels = None, None
     for m in models:
-        m.eval()
-        logits, labels = _scored_logits(m, data)
-        p = torch.softmax(logits, -1)
-        probs = p if probs is None else probs + p
-    probs = probs / len(models)
-    loss = float(-torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).mean())
-    acc = float((probs.argmax(-1) == labels).float().mean())
-    out = {"accuracy": acc, "loss": loss}
-    if data.task == "masked-lm":
-        out["perplexity"] = math.exp(loss)
-    return out
+        m.eval()  # left in eval mode, as before
+    out = ensemble(models, data)
+    return {k: float(out[k]) for k in ("accuracy", "loss", "perplexity") if k in out}
 
 
 def evaluate_model(model, data) -> dict:
@@ -150,14 +115,14 @@ def evaluate_model(model, data) -> dict:
 
 def holdout_loss(model, batches) -> float:
     """Mean task loss over held-out labelled batches: what `fuse(reg="auto")`
-    minimises (the engine's _holdout_loss, reproduced to keep every point)."""
+    minimises, by the engine's own function (private in fusion.py until it
+    is exposed; called here so the sweep's every point is scored alike)."""
     import torch
 
-    total = 0.0
+    from otcompress.fusion import _holdout_loss
+
     with torch.inference_mode():
-        for b in batches:
-            total += float(model(**b).loss)
-    return total / max(len(batches), 1)
+        return _holdout_loss(model, batches, None)
 
 
 # --------------------------------------------------------------------------- training arms

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -129,24 +128,12 @@ def lm_metrics(model, data) -> dict:
 
 def ensemble_metrics(models, data) -> dict:
     """Mean of the models' next-token distributions (K forward passes)."""
-    import torch
+    from otcompress.finetune import evaluate_ensemble
 
-    from otcompress.finetune import _scored
-
-    nll, hits, count = 0.0, 0, 0
-    with torch.inference_mode():
-        for batch in data.batches("eval", 256):
-            probs, labels = None, None
-            for m in models:
-                logits, labels = _scored(m.eval(), batch)
-                p = torch.softmax(logits.float(), -1)
-                probs = p if probs is None else probs + p
-            probs = probs / len(models)
-            nll += float(-torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum())
-            hits += int((probs.argmax(-1) == labels).sum())
-            count += labels.numel()
-    loss = nll / count
-    return {"loss": loss, "perplexity": math.exp(loss), "accuracy": hits / count, "tokens": count}
+    for m in models:
+        m.eval()  # left in eval mode, as before
+    out = evaluate_ensemble(models, data)
+    return {k: out[k] for k in ("loss", "perplexity", "accuracy", "tokens")}
 
 
 def finetuned(model, data, args, seed, teachers=None):

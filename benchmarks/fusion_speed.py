@@ -1,4 +1,4 @@
-"""Speed and peak memory of `otcompress.fuse` itself (benchmarks.md, "Speed and
+"""Speed and peak memory of `otcompress.fuse` itself (docs/benchmarks.md, "Speed and
 memory of the tool itself").
 
 Cases (each in a fresh subprocess, so that peak RSS belongs to that case alone):
@@ -58,6 +58,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from machine import cpu_name, gemm_gflops  # noqa: E402
 
 # --------------------------------------------------------------------------- cases
 
@@ -281,18 +283,6 @@ class Timers:
         for owner, attr, fn in reversed(self._undo):
             setattr(owner, attr, fn)
         self._undo.clear()
-
-
-def gemm_gflops(n=1536, reps=4) -> float:
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
 
 
 # --------------------------------------------------------------------------- worker
@@ -594,7 +584,7 @@ def streaming_main(args) -> int:
             r.setdefault("mode", mode)
             rows.append(r)
     meta = {"threads": args.threads, "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "total_s": time.perf_counter() - t0,
+            "cpu": cpu_name(), "cores": os.cpu_count(), "total_s": time.perf_counter() - t0,
             "loadavg_end": os.getloadavg(), "parent_file_bytes": parent_bytes, "parent_shards": shards}
     text = render_streaming(plan, rows, meta)
     print(text)
@@ -974,7 +964,7 @@ def main(argv=None):
     import transformers
     meta = {"quick": args.quick, "only": args.only, "repeat": args.repeat, "threads": args.threads,
             "omp_wait_policy": args.omp_wait_policy,
-            "loadavg_end": os.getloadavg(), "cores": os.cpu_count(), "cpu": _cpu_name(),
+            "loadavg_end": os.getloadavg(), "cores": os.cpu_count(), "cpu": cpu_name(),
             "torch": torch.__version__, "transformers": transformers.__version__, "pot": ot.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "total_s": time.perf_counter() - t0}
@@ -988,16 +978,6 @@ def main(argv=None):
     (RESULTS / f"{stem}.md").write_text(render(results, meta))
     print(f"\nwrote {RESULTS / stem}.md and .json")
     return 0
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The transport solver alone: otcompress's Sinkhorn against POT's on the same
 cost matrices, at equal marginal error, plus exact EMD timings
-(benchmarks.md, "Speed and memory of the tool itself").
+(docs/benchmarks.md, "Speed and memory of the tool itself").
 
 Costs: normalised (max = 1) Euclidean distances between the rows of two point
 sets, square and rectangular, up to 3072 x 3072:
@@ -83,6 +83,8 @@ import torch  # noqa: E402
 
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from machine import cpu_name, gemm_gflops  # noqa: E402
 from otcompress import transport  # noqa: E402
 
 
@@ -380,19 +382,6 @@ def render(rows, emd_rows, meta):
     return "\n".join(L) + "\n"
 
 
-def gemm_gflops(n=1536, reps=3):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_t(lambda: a @ b) for _ in range(reps))
-    return 2 * n ** 3 / best / 1e9
-
-
-def _t(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main(args):
     import ot
     torch.set_num_threads(args.threads)
@@ -409,7 +398,7 @@ def main(args):
     dup_regs = [float(r) for r in args.dup_regs.split(",")]
     shapes = [(256, 128), (512, 512)] if args.quick else [(768, 384), (768, 768), (3072, 1536), (3072, 3072)]
     rows, emd_rows = [], []
-    gflops = gemm_gflops()
+    gflops = gemm_gflops(reps=3)
     for si, (m, n) in enumerate(shapes):
         kinds = ("random", "clusters") + (("duplicates",) if m == 2 * n else ())
         for ki, kind in enumerate(kinds):
@@ -439,7 +428,7 @@ def main(args):
     for r in rows:  # plans are not serialisable; nothing else is dropped
         for v in r["solvers"].values():
             v.pop("plan", None)
-    meta = {"quick": args.quick, "threads": args.threads, "cores": os.cpu_count(), "cpu": _cpu_name(),
+    meta = {"quick": args.quick, "threads": args.threads, "cores": os.cpu_count(), "cpu": cpu_name(),
             "torch": torch.__version__, "pot": ot.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "cap": args.cap,
@@ -455,16 +444,6 @@ def main(args):
     print(md)
     print(f"wrote {RESULTS / stem}.md and .json")
     return 0
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":

@@ -587,7 +587,7 @@ def _flag_non_finite(ui, name, metrics: dict) -> dict:
 
 def _headless(path, trust_remote_code) -> bool:
     from otcompress import modelio
-    from otcompress.data import is_headless
+    from otcompress.architectures import is_headless
     return is_headless(modelio.load_config(path, trust_remote_code=trust_remote_code))
 
 

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from otcompress.architectures import FAMILIES, family_or_none, is_headless
 from otcompress.errors import DataError, InvalidOptionError, UnsupportedArchitectureError
 
 SPLIT_SEED = 0
@@ -645,18 +646,6 @@ def _masker(tokenizer, config, mlm_probability: float) -> _Masker:
 # --------------------------------------------------------------------------- load_data
 
 
-def is_headless(model) -> bool:
-    """True for a bare encoder or decoder (ViTModel, BertModel, LlamaModel,
-    GPT2Model): no task head, so no classifier whose labels data could be
-    checked against. `model` is a model or a config (then its `architectures`
-    decide; none recorded = not headless; GPT2LMHeadModel has a head)."""
-    config = getattr(model, "config", model)
-    if model is config:
-        name = (getattr(config, "architectures", None) or [""])[0]
-        return bool(name) and "For" not in name and not name.endswith("LMHeadModel")
-    return getattr(model, "base_model", None) is model
-
-
 def _model_task(model) -> tuple[object, str, str]:
     from transformers import PretrainedConfig
 
@@ -672,9 +661,7 @@ def _model_task(model) -> tuple[object, str, str]:
 
 
 def _family(config):
-    from otcompress.architectures import FAMILIES
-
-    fam = FAMILIES.get(getattr(config, "model_type", None))
+    fam = family_or_none(config)
     if fam is None:
         raise UnsupportedArchitectureError(f"load_data: no data pipeline for model type "
                                            f"'{config.model_type}' (supported: {', '.join(FAMILIES)})")

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from otcompress.errors import InvalidOptionError, ValidationGateError
-from otcompress.profiling import (
-    quiet,
+from otcompress.embedding import pool
+from otcompress.errors import DataError, InvalidOptionError, ValidationGateError
+from otcompress.runtime import (
     TupleOutput,
     describe_inputs,
     example_inputs,
@@ -40,6 +40,7 @@ from otcompress.profiling import (
     forward_options,
     ort_feed,
     ort_session,
+    quiet,
 )
 
 QUANTIZE_MODES = ("int8",)
@@ -208,7 +209,6 @@ def int8_agreement(fp32_path, int8_path, task) -> dict:
 
 
 def _embedding_cosines(fp32_path, int8_path, task) -> dict:
-    from otcompress.embedding import pool
     cosines = []
     for batch in task.batches("eval", 256):
         mask = batch.get("attention_mask")
@@ -439,7 +439,6 @@ def marked(path) -> bool:
 def check_int8_data(task, quantize) -> None:
     """Before any export: --data measures the int8 copy, so it needs one, and
     a labelled task needs labels (a headless model compares embeddings)."""
-    from otcompress.errors import DataError
     if not quantize:
         raise InvalidOptionError(NEEDS_QUANTIZE)
     if task.task != "feature-extraction" and not task.has_labels:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from otcompress import embedding
+from otcompress.architectures import family_or_none, is_causal_lm
 from otcompress.data import TaskData
 from otcompress.errors import InvalidOptionError
 
@@ -108,12 +109,12 @@ def _logits(model, batch: dict, **options) -> torch.Tensor:
     return logits
 
 
-def is_causal_lm(model) -> bool:
-    """True for a model its family trains as a causal LM (LLaMA, Qwen2, GPT-2)."""
-    from otcompress.architectures import FAMILIES
-
-    fam = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
-    return fam is not None and fam.task(type(model).__name__) == "causal-lm"
+def _masked_lm_head(model):
+    """The vocabulary head its family names for `model`'s class (its
+    MASKED_LM_HEAD, e.g. BertForMaskedLM's `cls`), None where it names none."""
+    fam = family_or_none(getattr(model, "config", None))
+    attribute = getattr(fam, "MASKED_LM_HEAD", {}).get(type(model).__name__)
+    return getattr(model, attribute, None) if attribute else None
 
 
 def _scored(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +128,10 @@ def _scored(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         keep = labels != IGNORE
         return logits[keep], labels[keep]
     keep = labels != IGNORE
-    head = getattr(model, "cls", None)
-    if labels.dim() == 2 and head is not None and type(model).__name__.endswith("ForMaskedLM"):
-        # BERT-style MLM: the vocabulary head dominates a small model's step;
-        # applying it only where a label is made pydoc steps 35% faster.
+    head = _masked_lm_head(model)
+    if labels.dim() == 2 and head is not None:
+        # The vocabulary head dominates a small model's step: apply it only
+        # where a label is (the family names the head; pydoc steps 35% faster).
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return head(model.base_model(**inputs).last_hidden_state[keep]), labels[keep]
     logits = _logits(model, batch)
@@ -460,6 +461,31 @@ def _moved(device, *models):
             m.train(was_training)
 
 
+def evaluate_ensemble(models, data: TaskData, *, split: str = "eval", batch_size: int = 256,
+                      device="cpu") -> dict:
+    """The ensemble of `models`, the mean of their predicted distributions (K
+    forward passes a batch): the reference a fused model is set against.
+    Scored as `evaluate` scores one model, with the same keys (loss = mean
+    cross-entropy of the averaged distribution, probabilities clamped at
+    1e-12). Headless models have no distributions to average."""
+    if data.task == "feature-extraction":
+        raise InvalidOptionError("an ensemble of headless models has no predictions to average")
+    nll, correct, count = 0.0, 0, 0
+    with _moved(device, *models), torch.inference_mode():
+        for batch in data.batches(split, batch_size):
+            batch = _to(batch, device)
+            probs, labels = None, None
+            for model in models:
+                logits, labels = _scored(model, batch)
+                p = torch.softmax(logits.float(), -1)
+                probs = p if probs is None else probs + p
+            probs = probs / len(models)
+            nll += float(-torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum())
+            correct += int((probs.argmax(-1) == labels).sum())
+            count += labels.numel()
+    return _metrics(data.task, nll, correct, count)
+
+
 def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
              device="cpu", reference=None) -> dict:
     """Classification: accuracy and mean cross-entropy over examples.
@@ -482,8 +508,14 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
                 total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
                 correct += (logits.argmax(-1) == labels).sum().item()
                 count += labels.numel()
+    return _metrics(data.task, total_loss, correct, count)
+
+
+def _metrics(task: str, total_loss: float, correct: int, count: int) -> dict:
+    """`evaluate`'s figures from the summed cross-entropy, the hits and the
+    number of scored examples (or tokens)."""
     loss = total_loss / max(count, 1)
-    if data.task in ("masked-lm", "causal-lm"):
+    if task in ("masked-lm", "causal-lm"):
         return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1),
                 "tokens": count}
     return {"accuracy": correct / max(count, 1), "loss": loss, "examples": count}

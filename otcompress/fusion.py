@@ -561,7 +561,7 @@ def _inputs(model, batch):
 @torch.inference_mode()
 def _parent_targets(parent_ms, batch, pooling="mean"):
     """The parents' mean prediction; headless parents: their pooled embeddings."""
-    from otcompress.data import is_headless
+    from otcompress.architectures import is_headless
     if is_headless(parent_ms[0]):
         return _Embeddings([embedding.embed(p, _inputs(p, batch), pooling) for p in parent_ms], pooling)
     probs = [torch.softmax(_logits(p(**_inputs(p, batch))), -1) for p in parent_ms]

@@ -127,48 +127,38 @@ def check_compatible(anchor_cfg, parent_cfgs, must_match, *, roles=("anchor", "p
 
 
 def _check_labels(anchor_cfg, cfg, k, roles=("anchor", "parent")):
+    from otcompress.architectures import head_of  # imports torch: this module does not
+
     a = getattr(anchor_cfg, "num_labels", None)
     b = getattr(cfg, "num_labels", None)
-    arch_a = _arch(anchor_cfg)
-    if arch_a and "Classification" in arch_a and a != b:
+    if "Classification" in (head_of(anchor_cfg) or "") and a != b:
         raise IncompatibleModelsError(f"label mismatch: {roles[0]} has {a} labels, {roles[1]} {k} has {b}")
-
-
-# Teachers only need the student's inputs and outputs: depth, patching, widths
-# and activations are the teacher's own business (a deeper teacher is the usual case).
-TEACHER_FREE = ("num_hidden_layers", "patch_size", "hidden_size", "num_attention_heads",
-                "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "tie_word_embeddings")
 
 
 def check_teachers(student_cfg, teacher_cfgs) -> None:
     """Fail fast, from configs alone, on teachers `finetune` cannot distil from:
-    another model type; any of the family's MUST_MATCH values that fix the
-    inputs (image size and channels, vocabulary, positions, token types), the
-    teacher's internals (TEACHER_FREE: depth, patch size, widths) excepted; no
-    task head, or another head than the student's; another output space
-    (num_labels, or vocab_size for masked LM). A headless student learns the
-    teachers' embedding similarities, which any head class of the family has."""
-    from otcompress.architectures import family
-    from otcompress.errors import UnsupportedArchitectureError
+    another model type; any of the family's TEACHER_MUST_MATCH values (those
+    that fix the inputs and outputs: image size and channels, vocabulary,
+    positions, token types; depth, patch size and widths are the teacher's
+    own); no task head, or another head than the student's; another output
+    space (num_labels, or vocab_size for masked LM). A headless student learns
+    the teachers' embedding similarities, which any head class of the family has."""
+    from otcompress.architectures import head_of, recorded_class, teacher_must_match  # imports torch
 
-    try:
-        must_match = family(student_cfg).MUST_MATCH
-    except UnsupportedArchitectureError:
-        must_match = ("image_size", "num_channels", "vocab_size")  # an unknown family: inputs at least
-    must_match = tuple(k for k in must_match if k not in TEACHER_FREE)
     # Family, input-fixing values and (classifiers) labels first, as `fuse` checks parents.
-    check_compatible(student_cfg, teacher_cfgs, must_match, roles=("student", "teacher"))
-    student_head = _head(student_cfg)
-    if student_head is None and _arch(student_cfg):
+    check_compatible(student_cfg, teacher_cfgs, teacher_must_match(student_cfg), roles=("student", "teacher"))
+    student_head = head_of(student_cfg)
+    if student_head is None and recorded_class(student_cfg):
         return  # a headless student distils embeddings: any teacher's encoder gives them
     for k, cfg in enumerate(teacher_cfgs, 1):
-        head = _head(cfg)
+        head = head_of(cfg)
         if head is None:
             raise IncompatibleModelsError(
-                f"teacher {k} ({_arch(cfg) or cfg.model_type}) has no task head to distil from")
+                f"teacher {k} ({recorded_class(cfg) or cfg.model_type}) has no task head to distil from")
         if student_head is not None and head != student_head:
             raise IncompatibleModelsError(
-                f"head mismatch: student is {_arch(student_cfg)}, teacher {k} is {_arch(cfg)}")
+                f"head mismatch: student is {recorded_class(student_cfg)}, "
+                f"teacher {k} is {recorded_class(cfg)}")
         if head == "ForMaskedLM" and cfg.vocab_size != student_cfg.vocab_size:
             raise IncompatibleModelsError(
                 f"vocabulary mismatch: student has vocab_size={student_cfg.vocab_size}, "
@@ -177,21 +167,6 @@ def check_teachers(student_cfg, teacher_cfgs) -> None:
             raise IncompatibleModelsError(
                 f"label mismatch: student has {student_cfg.num_labels} labels, "
                 f"teacher {k} has {cfg.num_labels}")
-
-
-def _arch(cfg):
-    return (getattr(cfg, "architectures", None) or [None])[0]
-
-
-def _head(cfg):
-    """The task-head part of a config's class name ("ForMaskedLM"), None when
-    headless ("BertModel") or unrecorded."""
-    arch = _arch(cfg)
-    if arch and arch.endswith("LMHeadModel"):  # GPT2LMHeadModel: a causal-LM head without "For"
-        return "LMHeadModel"
-    if not arch or "For" not in arch:
-        return None
-    return arch[arch.index("For"):]
 
 
 def describe(source) -> str:

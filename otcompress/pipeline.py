@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from otcompress import architectures, depth, finetune as ft, modelio, outputs, recipes
-from otcompress.data import is_headless
+from otcompress.architectures import is_headless
 from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64

@@ -1,5 +1,6 @@
 """Transport on rectangular (m, n) costs: cost matrices, EMD, Sinkhorn, and the
-row/column rescalings of method.md. Pure tensor functions, no model knowledge.
+row/column rescalings of docs/method.md ("Aligning one linear layer"). Pure
+tensor functions, no model knowledge.
 
 Conventions: a transport map `T` has shape (m, n): m parent units (rows,
 marginal `mu`) and n anchor units (columns, marginal `nu`).

@@ -262,8 +262,10 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys, args, message):
 def test_gpt2_lm_head_counts_as_a_head():
     """GPT2LMHeadModel has no "For" in its name; it must still pass as a teacher."""
     from otcompress import modelio
+    from otcompress.architectures import head_of, is_headless
     cfg = T.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
     cfg.architectures = ["GPT2LMHeadModel"]
     bare = T.GPT2Config.from_dict({**cfg.to_dict(), "architectures": ["GPT2Model"]})
-    assert modelio._head(cfg) == "LMHeadModel" and modelio._head(bare) is None
+    assert head_of(cfg) == "LMHeadModel" and head_of(bare) is None
+    assert not is_headless(cfg) and is_headless(bare)
     modelio.check_teachers(cfg, [cfg])

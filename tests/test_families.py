@@ -164,10 +164,13 @@ def test_example_inputs_fit_every_class(make, cls):
 @pytest.mark.parametrize("family", sorted(architectures.FAMILIES))
 def test_every_family_defines_the_interface(family):
     fam = architectures.FAMILIES[family]
-    for name in ("MODEL_TYPE", "MODEL_CLASSES", "MUST_MATCH", "INPUTS", "INPUT_AXES", "build",
-                 "example_inputs", "max_seq_len", "task"):
+    for name in ("MODEL_TYPE", "MODEL_CLASSES", "MUST_MATCH", "TEACHER_MUST_MATCH", "INPUTS", "INPUT_AXES",
+                 "build", "example_inputs", "max_seq_len", "task"):
         assert hasattr(fam, name), f"{family} lacks {name}"
     assert fam.INPUT_AXES[0] == "batch"
+    assert set(fam.TEACHER_MUST_MATCH) <= set(fam.MUST_MATCH)  # a teacher is held to less than a parent
+    for cls, attribute in getattr(fam, "MASKED_LM_HEAD", {}).items():
+        assert cls in fam.MODEL_CLASSES and isinstance(attribute, str)
     # The MLP activation must match: averaging a GELU unit into a ReLU one is meaningless.
     assert {"hidden_act", "activation", "activation_function"} & set(fam.MUST_MATCH)  # GPT-2: activation_function
 

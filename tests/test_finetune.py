@@ -9,7 +9,7 @@ from transformers import (BertConfig, BertForMaskedLM, ViTConfig,
 
 from otcompress.data import load_data, pydoc_paragraphs, train_wordpiece_tokenizer
 from otcompress.errors import InvalidOptionError
-from otcompress.finetune import evaluate, finetune, lr_at
+from otcompress.finetune import evaluate, evaluate_ensemble, finetune, lr_at
 from otcompress.zoo import cache_root, digits_vit, pydoc_bert, zoo_info
 
 
@@ -105,6 +105,19 @@ def test_bad_options(digits):
                             ({"steps": 1, "temperature": 0}, "temperature")]:
         with pytest.raises(InvalidOptionError, match=message):
             finetune(tiny_vit(), digits, **kwargs)
+
+
+def test_ensemble_averages_the_members_distributions(digits):
+    """An ensemble of one scores as the model does; two average their
+    distributions (whose cross-entropy is at most the members' mean: -log is
+    convex). The models keep their mode."""
+    a, b = tiny_vit(seed=0).eval(), tiny_vit(seed=1).train()
+    alone, one = evaluate(a, digits), evaluate_ensemble([a], digits)
+    assert (one["accuracy"], one["examples"]) == (alone["accuracy"], alone["examples"])
+    assert one["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    both = evaluate_ensemble([a, b], digits)
+    assert both["loss"] <= (alone["loss"] + evaluate(b, digits)["loss"]) / 2 + 1e-6
+    assert b.training and not a.training
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """One small data file per model family; the engine, profiling, export and
 data look them up by model type (what a family file defines: see `common`)."""
-from otcompress.architectures import bert, distilbert, gpt2, llama, qwen2, roberta, vit
+from otcompress.architectures import bert, common, distilbert, gpt2, llama, qwen2, roberta, vit
 from otcompress.errors import InvalidOptionError, UnsupportedArchitectureError
 
 FAMILIES = {m.MODEL_TYPE: m for m in (vit, bert, roberta, distilbert, llama, qwen2, gpt2)}
@@ -11,8 +11,13 @@ def supported() -> dict:
     return {t: list(m.MODEL_CLASSES) for t, m in FAMILIES.items()}
 
 
+def family_or_none(config):
+    """The family of `config`'s model type, None where no family describes it."""
+    return FAMILIES.get(getattr(config, "model_type", None))
+
+
 def family(config):
-    fam = FAMILIES.get(getattr(config, "model_type", None))
+    fam = family_or_none(config)
     if fam is None:
         raise UnsupportedArchitectureError(
             f"model type '{getattr(config, 'model_type', '?')}' is not supported "
@@ -70,6 +75,49 @@ def _checked_spec(fam, config, name, keys, qk):
 
 def name_of(model):
     return type(model).__name__
+
+
+def recorded_class(config):
+    """The model class a config records (`architectures`), None if none."""
+    return (getattr(config, "architectures", None) or [None])[0]
+
+
+def head_of(config):
+    """The task-head part of the class a config records ("ForMaskedLM",
+    "LMHeadModel"), by its family's naming (`common.class_head` unless the
+    family defines its own); None when headless ("BertModel") or unrecorded."""
+    rule = getattr(family_or_none(config), "class_head", common.class_head)
+    return rule(recorded_class(config))
+
+
+def is_causal_lm(model) -> bool:
+    """True for a model its family trains as a causal LM (LLaMA, Qwen2, GPT-2)."""
+    fam = family_or_none(getattr(model, "config", None))
+    return fam is not None and fam.task(type(model).__name__) == "causal-lm"
+
+
+def is_headless(model) -> bool:
+    """True for a bare encoder or decoder (ViTModel, BertModel, LlamaModel,
+    GPT2Model): no task head, so no classifier whose labels data could be
+    checked against. `model` is a model or a config (then its `architectures`
+    decide; none recorded = not headless; GPT2LMHeadModel has a head)."""
+    config = getattr(model, "config", model)
+    if model is config:
+        return bool(recorded_class(config)) and head_of(config) is None
+    return getattr(model, "base_model", None) is model
+
+
+# What a teacher of a model type no family describes must share with its
+# student: its inputs at least.
+UNKNOWN_TEACHER_MUST_MATCH = ("image_size", "num_channels", "vocab_size")
+
+
+def teacher_must_match(config) -> tuple:
+    """Config values a distillation teacher must share with a student of this
+    config: its family's TEACHER_MUST_MATCH (the inputs and outputs; depth,
+    widths and the like are the teacher's own business)."""
+    fam = family_or_none(config)
+    return fam.TEACHER_MUST_MATCH if fam is not None else UNKNOWN_TEACHER_MUST_MATCH
 
 
 # Config keys of the widths a user may set for a fold target; a family file

@@ -16,6 +16,10 @@ MODEL_CLASSES = ("BertForMaskedLM", "BertForSequenceClassification", "BertModel"
 BLOCKS = "encoder.layer"
 MUST_MATCH = ("vocab_size", "max_position_embeddings", "type_vocab_size",
               "hidden_act")
+TEACHER_MUST_MATCH = ("vocab_size", "max_position_embeddings", "type_vocab_size")
+# finetune applies BertForMaskedLM's vocabulary head (`cls`) to the masked
+# positions only: it dominates a small model's step (35% faster on pydoc).
+MASKED_LM_HEAD = {"BertForMaskedLM": "cls"}
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INPUT_AXES = TEXT_AXES
 

@@ -1,11 +1,15 @@
 """What the per-family files share: the dynamic axes and dummy inputs of
-image and text encoders, and the data task a model class takes.
+image and text encoders, the data task a model class takes, and the task head
+a model class name says it has.
 
 Every family file defines, besides its flow graph (`build`):
   MODEL_TYPE      the Hugging Face `model_type` it describes
   MODEL_CLASSES   the model classes fusion accepts
   MUST_MATCH      config values anchor and parents must share (depth may differ:
                   a deeper parent is depth-mapped, see otcompress/depth.py)
+  TEACHER_MUST_MATCH  the part of MUST_MATCH a distillation teacher must share
+                  with its student: the values that fix inputs and outputs
+                  (depth, widths, patching and the like are the teacher's own)
   BLOCKS          the module list holding the transformer blocks ("encoder.layer")
   INPUTS          the model's input names, the first one required
   INPUT_AXES      the dynamic axes of every input for ONNX export
@@ -18,6 +22,18 @@ and may define
                      checkpoint does not say ("mean" over real tokens if absent)
   token_filter_for(config) -> select(name, seq_len): the token positions that
                      count as activation samples (vision families only)
+  WIDTHS          {"hidden", "heads", "intermediate": config key}, where the
+                  config names its widths otherwise than hidden_size /
+                  num_attention_heads / intermediate_size (fold targets)
+  UNSET_WIDTHS    {config key: config -> value} for a width key whose value may
+                  be None (GPT-2's n_inner: None means 4 x n_embd)
+  MASKED_LM_HEAD  {masked-LM class name: attribute}: the model's vocabulary
+                  head, a module mapping the encoder's last hidden state to
+                  logits, that finetune applies to the masked positions only
+                  (a class not listed is scored on its full logits)
+  class_head(class_name) -> the task-head part of a class name, where the
+                  family's names break Hugging Face's convention (`class_head`
+                  below)
 """
 from __future__ import annotations
 
@@ -45,6 +61,18 @@ def text_example_inputs(config, names, batch_size: int, seq_len: int, max_len: i
         "token_type_ids": lambda: torch.zeros(shape, dtype=torch.long),
     }
     return {name: make[name]() for name in names}
+
+
+def class_head(class_name: str | None) -> str | None:
+    """The task-head part of a Hugging Face model class name, by the library's
+    naming convention: "ForMaskedLM" of BertForMaskedLM, "LMHeadModel" of
+    GPT2LMHeadModel (a causal-LM head without "For"); None for a bare model
+    (BertModel, ViTModel) or no name."""
+    if class_name and class_name.endswith("LMHeadModel"):
+        return "LMHeadModel"
+    if not class_name or "For" not in class_name:
+        return None
+    return class_name[class_name.index("For"):]
 
 
 def encoder_text_task(class_name: str) -> str:

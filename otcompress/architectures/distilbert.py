@@ -25,6 +25,9 @@ MODEL_CLASSES = ("DistilBertForMaskedLM", "DistilBertForSequenceClassification",
 BLOCKS = "transformer.layer"
 MUST_MATCH = ("vocab_size", "max_position_embeddings", "sinusoidal_pos_embds",
               "activation")
+# As before the move: `activation` (DistilBERT's name for hidden_act, which the
+# other families leave to the teacher) is still required of a teacher.
+TEACHER_MUST_MATCH = MUST_MATCH
 INPUTS = ("input_ids", "attention_mask")  # DistilBERT takes no token_type_ids
 INPUT_AXES = TEXT_AXES
 # The config keys of the widths (hidden, heads, MLP), for fold targets.

@@ -41,6 +41,10 @@ MODEL_CLASSES = ("GPT2LMHeadModel", "GPT2Model")
 BLOCKS = "h"
 MUST_MATCH = ("vocab_size", "n_positions", "activation_function", "tie_word_embeddings",
               "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
+# A teacher may tie its head or not; `activation_function` (GPT-2's name for
+# hidden_act, which the other families leave to the teacher) is still required.
+TEACHER_MUST_MATCH = ("vocab_size", "n_positions", "activation_function",
+                      "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
 INPUTS = ("input_ids", "attention_mask")
 INPUT_AXES = common.TEXT_AXES
 # Fold-target widths (GPT2Config's own names); n_inner may be unset, meaning 4 x n_embd.

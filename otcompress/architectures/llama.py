@@ -21,6 +21,7 @@ MODEL_CLASSES = ("LlamaForCausalLM", "LlamaModel")
 BLOCKS = "layers"
 MUST_MATCH = ("vocab_size", "hidden_act", "rope_parameters", "max_position_embeddings",
               "tie_word_embeddings")
+TEACHER_MUST_MATCH = ("vocab_size", "rope_parameters", "max_position_embeddings")
 INPUTS = ("input_ids", "attention_mask")
 INPUT_AXES = common.TEXT_AXES
 

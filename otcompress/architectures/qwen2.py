@@ -7,7 +7,7 @@ from otcompress.flowgraph import ArchSpec
 
 MODEL_TYPE = "qwen2"
 MODEL_CLASSES = ("Qwen2ForCausalLM", "Qwen2Model")
-MUST_MATCH, BLOCKS = llama.MUST_MATCH, llama.BLOCKS
+MUST_MATCH, TEACHER_MUST_MATCH, BLOCKS = llama.MUST_MATCH, llama.TEACHER_MUST_MATCH, llama.BLOCKS
 
 
 def build(config, keys, *, qk="separate") -> ArchSpec:

@@ -24,6 +24,7 @@ MODEL_CLASSES = ("RobertaForMaskedLM", "RobertaForSequenceClassification", "Robe
 BLOCKS = "encoder.layer"
 MUST_MATCH = ("vocab_size", "max_position_embeddings", "type_vocab_size",
               "pad_token_id", "hidden_act")
+TEACHER_MUST_MATCH = ("vocab_size", "max_position_embeddings", "type_vocab_size", "pad_token_id")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INPUT_AXES = TEXT_AXES
 

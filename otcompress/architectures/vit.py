@@ -17,6 +17,7 @@ MODEL_CLASSES = ("ViTForImageClassification", "ViTModel")
 # The module list holding the transformer blocks (depth maps renumber it).
 BLOCKS = "layers"
 MUST_MATCH = ("image_size", "patch_size", "num_channels", "hidden_act")
+TEACHER_MUST_MATCH = ("image_size", "num_channels")  # a teacher may patch and activate otherwise
 INPUTS = ("pixel_values",)
 INPUT_AXES = IMAGE_AXES
 EMBEDDING_POOLING = "cls"  # a headless ViT's embedding: the class token's final state
