@@ -144,3 +144,42 @@ def test_prune_inside_heads_rescales_q_for_the_narrower_head(make, cls):
     assert _err(parent, x, base) < TOL
     pruned = otcompress.fuse(M.noisy(base, scale=0.5), [parent], alignment="prune")
     assert _err(pruned, x, base) < TOL
+
+
+def _family_models():
+    """(parent, target config) per family: ViT, BERT, LLaMA with grouped-query
+    attention (tied head), GPT-2 (tied head)."""
+    from test_decoders import decoder
+    from test_gpt2 import gpt2
+    from otcompress import architectures as A
+    return {
+        "vit": (M.vit(hidden=32, heads=4, inter=64), dict(hidden=16, heads=2, intermediate=24)),
+        "bert": (M.bert(cls=T.BertForMaskedLM), dict(hidden=16, heads=4, intermediate=24)),
+        "llama-gqa": (decoder(T.LlamaConfig, T.LlamaForCausalLM, hidden=32, heads=4, kv=2, inter=48, tie=True),
+                      dict(hidden=16, heads=2, intermediate=24)),
+        "gpt2": (gpt2("tied"), dict(hidden=16, heads=2, intermediate=24)),
+    }, A
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "llama-gqa", "gpt2"])
+def test_pruned_model_saves_loads_and_exports(tmp_path, family):
+    from otcompress.export import export_onnx
+    models, A = _family_models()
+    parent, widths = models[family]
+    target = A.target_config(parent.config, **widths)
+    if family == "llama-gqa":
+        target.num_key_value_heads = 1
+    pruned = otcompress.fuse(target, [parent], alignment="prune")
+    parent.save_pretrained(tmp_path / "parent")  # streamed: read tensor by tensor, written as it goes
+    report = otcompress.fusion.fuse_to_disk(target, [tmp_path / "parent"], tmp_path / "disk", alignment="prune")
+    assert report["options"]["alignment"] == "prune"
+    pruned.save_pretrained(tmp_path / "mem")
+    back = type(parent).from_pretrained(tmp_path / "mem")
+    streamed = type(parent).from_pretrained(tmp_path / "disk")
+    for name, t in back.state_dict().items():  # every tensor has the target's shape
+        assert t.shape == type(parent)(target).state_dict()[name].shape, name
+        assert torch.equal(t, streamed.state_dict()[name]), name
+    assert A.resolved_widths(back.config) == A.resolved_widths(target)
+    x = M.inputs(back) if family in ("vit", "bert") else {"input_ids": torch.randint(0, 60, (2, 7))}
+    assert torch.isfinite(M.outputs(back, x)).all()
+    assert export_onnx(back, tmp_path / "pruned.onnx")["max_abs_diff"] < 1e-4
