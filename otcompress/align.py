@@ -64,8 +64,19 @@ class HeadShapes:
 
 
 def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    """Contract `axis` of t (size m) with an (m, n) matrix: the axis becomes size n."""
-    out = torch.tensordot(t, matrix.to(t.dtype), dims=([axis], [0]))
+    """Contract `axis` of t (size m) with an (m, n) matrix: the axis becomes size n.
+    A hard map (at most one entry per row: fold and prune maps) is applied as
+    a scaled scatter-add, O(t) instead of O(t n): Qwen2.5-0.5B's fold spent
+    most of its carrying time multiplying by zeros."""
+    matrix = matrix.to(t.dtype)
+    if int(matrix.count_nonzero()) <= matrix.shape[0] and int((matrix != 0).sum(1).max()) <= 1:
+        value, target = matrix.abs().max(1)
+        rows = (value > 0).nonzero().flatten()
+        along = [-1 if a == axis else 1 for a in range(t.dim())]
+        src = t.index_select(axis, rows) * matrix[rows, target[rows]].view(along)
+        shape = [matrix.shape[1] if a == axis else size for a, size in enumerate(t.shape)]
+        return torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(axis, target[rows], src)
+    out = torch.tensordot(t, matrix, dims=([axis], [0]))
     return out.movedim(-1, axis)
 
 
@@ -217,20 +228,26 @@ class _Folder:
                 for axis, a in enumerate(axes) if isinstance(a, In) and a.tm in tms]
 
     def _stream_plan(self, root, anchor_sd):
+        """One map for the residual stream from every tensor that reads or
+        writes it, each taken as it is (tensor, unit axis): the features are
+        never copied into rows (`fold.slot_gram`, `fold.slot_shares`)."""
         members = {tm for tm, r in self.group.items() if r == root}
-        feats, writes, reads, width = [], [], [], None
+        writes, reads, width = [], [], None
         for name, axes in self.spec.axes.items():
             for axis, role in enumerate(axes):
                 for t in (role.tms if role is not None else ()):
                     if t in members:
                         part = (role.parts.index(t), len(role.parts)) if isinstance(role, Split) else None
-                        feats.append(_rows(part_of(self.carried.raw(name), axis, part), axis))
-                        (reads if isinstance(role, In) else writes).append(feats[-1])
+                        slot = (part_of(self.carried.raw(name), axis, part), axis)
+                        (reads if isinstance(role, In) else writes).append(slot)
                         if not isinstance(role, In) and width is None:
                             width = part_of(anchor_sd[name], axis, part).shape[axis]
+        out = fold.slot_shares(reads)
         if self.mode == "prune":
-            return fold.prune_plan(writes, reads, width)
-        return fold.cluster_plan(fold.blocks(feats), width, self.seed, fold.outgoing_weights(reads))
+            scores = fold.slot_shares(writes).sqrt() * (1 if out is None else out.sqrt())
+            return fold.select_plan(fold.select(scores, width), scores.shape[0])
+        labels = fold.kmeans(None, width, seed=self.seed, weights=out, gram=fold.slot_gram(writes + reads))
+        return fold.plan(labels, width, weights=out)
 
     def heads(self, node: Heads):
         if self.head_shapes is None:

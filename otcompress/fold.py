@@ -19,8 +19,8 @@ import torch
 from otcompress.errors import IncompatibleModelsError
 
 
-def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, restarts: int = 4, max_iter: int = 100,
-           weights: torch.Tensor | None = None) -> torch.Tensor:
+def kmeans(x: torch.Tensor | None, k: int, *, seed: int = 0, restarts: int = 4, max_iter: int = 100,
+           weights: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Cluster labels (m,) of the rows of x (m, d) into exactly k non-empty
     clusters: k-means++ seeding, Lloyd iterations, the best of `restarts`.
     In torch on x's device (a few lines; scikit-learn would force a float64
@@ -29,25 +29,28 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, restarts: int = 4, max_ite
     weights (m,): importance of each row (>= 0). The objective becomes
     sum_i w_i |x_i - c|^2: seeds are drawn with probability w * d^2 and
     centroids are weighted means, so a row of weight 0 never pulls a centroid
-    (it is still assigned to the nearest one). None: all rows alike."""
-    m = x.shape[0]
+    (it is still assigned to the nearest one). None: all rows alike.
+    gram: the rows' (centred) Gram matrix instead of x (see `slot_gram`)."""
+    m = x.shape[0] if gram is None else gram.shape[0]
     if k > m:
         raise IncompatibleModelsError(f"cannot fold {m} units into {k}: the target is wider")
-    # Distances from the Gram matrix in float32 (a float32 Gram is 2-9x faster
-    # to build and to sum per cluster; distances carry ~1e-6 relative error,
-    # far below any gap k-means acts on); in float64 from the features when
-    # the pairwise matrix would not fit.
-    x = x.float()
-    x = x - x.mean(0, keepdim=True)
-    rows = _Distances(x)
-    if rows.gram is None:  # rows one at a time: in at most m columns
-        x = _compress(x.double())
+    if gram is not None:
+        rows = _Distances(None, gram.float())
+    else:
+        # Distances from the Gram matrix in float32 (a float32 Gram is 2-9x faster
+        # to build and to sum per cluster; distances carry ~1e-6 relative error,
+        # far below any gap k-means acts on); in float64 from the features when
+        # the pairwise matrix would not fit.
+        x = x.float()
+        x = x - x.mean(0, keepdim=True)
         rows = _Distances(x)
-    w = None if weights is None else weights.to(x.device, torch.float64)
+        if rows.gram is None:  # rows one at a time: in at most m columns
+            rows = _Distances(_compress(x.double()))
+    w = None if weights is None else weights.to(rows.sq.device, torch.float64)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     best, best_inertia = None, float("inf")
     for _ in range(restarts if k < m else 1):
-        labels, inertia = _lloyd(x, _kmeans_pp(x, k, gen, rows, w), max_iter, w, rows)
+        labels, inertia = _lloyd(rows, _kmeans_pp(rows, k, gen, w), max_iter, w)
         if inertia < best_inertia - 1e-12:
             best, best_inertia = labels, inertia
     return best
@@ -76,19 +79,20 @@ class _Distances:
     one matrix product when it fits in PAIRWISE_MAX entries (k-means++ reads
     one row per seed instead of a matrix-vector product over all features;
     nothing else needs the features, however many columns they have), else
-    one row at a time."""
+    one row at a time. `gram`: the Gram matrix itself, x then unused."""
     PAIRWISE_MAX = 1 << 26  # 256 MB of float32 each for the two matrices
 
-    def __init__(self, x):
-        m = x.shape[0]
-        self.x, self.gram, self.pair, self.rows = x, None, None, None
-        if m * m > self.PAIRWISE_MAX:
+    def __init__(self, x, gram=None):
+        self.x, self.gram, self.pair, self.rows = x, gram, None, None
+        self.m = x.shape[0] if gram is None else gram.shape[0]
+        if gram is None and self.m * self.m > self.PAIRWISE_MAX:
             self.sq = (x * x).sum(1)
-        else:
+            return
+        if gram is None:
             self.gram = x @ x.T
-            self.sq = self.gram.diagonal().clone()
-            self.pair = (self.sq[:, None] - 2 * self.gram + self.sq[None, :]).clamp_min_(0)
-            self.rows = self.pair.cpu().numpy()
+        self.sq = self.gram.diagonal().clone()
+        self.pair = (self.sq[:, None] - 2 * self.gram + self.sq[None, :]).clamp_min_(0)
+        self.rows = self.pair.cpu().numpy()
 
     def __getitem__(self, i):
         if self.rows is not None:
@@ -96,16 +100,15 @@ class _Distances:
         return (self.sq - 2 * self.x @ self.x[i] + self.sq[i]).clamp_min_(0).cpu().numpy()
 
 
-def _kmeans_pp(x, k, gen, rows=None, weights=None):
+def _kmeans_pp(rows, k, gen, weights=None):
     """k-means++ seeds: each next seed drawn with probability proportional to
     (weight x) squared distance to the nearest seed so far, by inverse CDF
     from one uniform number per seed (all drawn at once); the loop itself is
     a few numpy operations on length-m vectors. Returns the seeds' row
-    indices. (Sampling each seed with
-    `torch.multinomial`, as before, draws m exponentials per seed: 1.1 s of
-    all-MiniLM-L6-v2's fold at 1 thread, more than half the time budget.)"""
-    m = x.shape[0]
-    rows = _Distances(x) if rows is None else rows
+    indices. (Sampling each seed with `torch.multinomial`, as before, draws m
+    exponentials per seed: 1.1 s of all-MiniLM-L6-v2's fold at 1 thread,
+    more than half the time budget.)"""
+    m = rows.m
     first = int(torch.randint(m, (1,), generator=gen))
     idx = [first]
     u = torch.rand(max(k - 1, 0), generator=gen, dtype=torch.float64).tolist()
@@ -125,31 +128,36 @@ def _kmeans_pp(x, k, gen, rows=None, weights=None):
     return idx
 
 
-def _lloyd(x, seeds, max_iter, weights=None, rows=None):
+def _lloyd(rows, seeds, max_iter, weights=None):
     """Lloyd's iterations from the seed rows `seeds` (indices); with the Gram
     matrix at hand, distances to the (weighted) cluster means come from it:
     |x_i - c_j|^2 = |x_i|^2 - 2 <x_i, c_j> + |c_j|^2, the inner products by
-    summing the Gram matrix's columns per cluster, O(m^2) a step instead of
-    O(m k d)."""
-    m, k = x.shape[0], len(seeds)
-    rows = _Distances(x) if rows is None else rows
-    w = torch.ones(m, dtype=torch.float64, device=x.device) if weights is None else weights
+    summing the Gram matrix's rows per cluster, O(m^2) a step instead of
+    O(m k d); |x_i|^2, the same for every cluster, is added only where a
+    distance itself is needed."""
+    m, k, x = rows.m, len(seeds), rows.x
+    w = torch.ones(m, dtype=torch.float64, device=rows.sq.device) if weights is None else weights
     if rows.gram is None:
         centres = x[seeds]
-        dist = lambda labels: _sq_dist(x, centres if labels is None else _centres(x, labels, k, weights))  # noqa: E731
+        dist = lambda labels: (_sq_dist(x, centres if labels is None  # noqa: E731
+                                        else _centres(x, labels, k, weights)), None)
     else:
-        dist = lambda labels: (rows.pair[seeds].T if labels is None  # noqa: E731
-                               else _gram_dist(rows, labels, k, w, weights is None))
+        dist = lambda labels: ((rows.pair[seeds].T, None) if labels is None  # noqa: E731
+                               else (_gram_scores(rows, labels, k, w, weights is None), rows.sq))
     labels = None
     for _ in range(max_iter):
-        d2 = dist(labels)
-        new = _argmin_rows(d2)
-        new = _fill_empty(new, d2, k)
+        d, shift = dist(labels)
+        new = _argmin_rows(d)
+        if int(torch.bincount(new, minlength=k).min()) == 0:
+            new = _fill_empty(new, d if shift is None else d + shift[:, None], k)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-    d_own = dist(labels).gather(1, labels[:, None]).squeeze(1)
-    return labels, float((w * d_own.double()).sum())
+    d, shift = dist(labels)
+    d_own = d.gather(1, labels[:, None]).squeeze(1).double()
+    if shift is not None:
+        d_own = (d_own + shift.double()).clamp_min(0)
+    return labels, float((w * d_own).sum())
 
 
 def _argmin_rows(d2):
@@ -160,10 +168,11 @@ def _argmin_rows(d2):
     return torch.from_numpy(d2.contiguous().numpy().argmin(1))
 
 
-def _gram_dist(rows, labels, k, w, uniform):
-    """Squared distances (m, k) to the clusters' means, weighted by w (a
-    cluster whose rows all weigh 0 takes their plain mean). The Gram matrix
-    is symmetric: its rows are summed per cluster (contiguous adds)."""
+def _gram_scores(rows, labels, k, w, uniform):
+    """(m, k): squared distances to the clusters' means (weighted by w; a
+    cluster whose rows all weigh 0 takes their plain mean) less |x_i|^2.
+    The Gram matrix is symmetric: its rows are summed per cluster
+    (contiguous adds), in two passes over the (k, m) sums."""
     g, m, w = rows.gram, labels.shape[0], w.to(rows.gram.dtype)
     mass = torch.zeros(k, dtype=g.dtype, device=g.device).index_add_(0, labels, w)
     if not uniform:
@@ -171,11 +180,10 @@ def _gram_dist(rows, labels, k, w, uniform):
         if bool(empty.any()):
             w = torch.where(empty[labels], torch.ones_like(w), w)
             mass = torch.zeros_like(mass).index_add_(0, labels, w)
-    inner = torch.zeros(k, m, dtype=g.dtype, device=g.device).index_add_(0, labels, g if uniform else g * w[:, None])
-    inner /= mass[:, None]  # (k, m): <c_j, x_i>
-    own = inner[labels, torch.arange(m, device=g.device)]
-    norms = torch.zeros_like(mass).index_add_(0, labels, w * own) / mass
-    return inner.mul_(-2).add_(rows.sq[None, :]).add_(norms[:, None]).clamp_min_(0).T
+    sums = torch.zeros(k, m, dtype=g.dtype, device=g.device).index_add_(0, labels, g if uniform else g * w[:, None])
+    own = sums[labels, torch.arange(m, device=g.device)]  # sum over i's cluster of w_l <x_l, x_i>
+    norms = torch.zeros_like(mass).index_add_(0, labels, w * own) / (mass * mass)  # |c_j|^2
+    return sums.mul_((-2 / mass)[:, None]).add_(norms[:, None]).T
 
 
 def _centres(x, labels, k, weights):
@@ -241,6 +249,37 @@ def norms(features: list) -> torch.Tensor | None:
         return None
     sq = sum(((f.double() / f.norm().double().clamp_min(1e-12)) ** 2).sum(1) for f in features)
     return sq.sqrt()
+
+
+def _unit_rows(t, axis):
+    """(m, -1) rows of the units on `axis` (a 2-D tensor is used as it is)."""
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+def slot_shares(slots) -> torch.Tensor | None:
+    """`norms(...)^2` for blocks given as (tensor, unit axis) slots, without
+    copying them into rows: each unit's squared norm over each tensor's."""
+    total = None
+    for t, axis in slots:
+        sq = t.float().pow(2).sum([a for a in range(t.dim()) if a != axis]).double()
+        share = sq / sq.sum().clamp_min(1e-300)
+        total = share if total is None else total + share
+    return total
+
+
+def slot_gram(slots) -> torch.Tensor:
+    """The centred Gram matrix (float32) of `blocks` of the slots' unit rows,
+    summed tensor by tensor (t^T t for a unit axis 1): no concatenation of
+    features that reach hundreds of thousands of columns (a vocabulary
+    table, every layer's inputs) is ever made."""
+    g = None
+    for t, axis in slots:
+        t = t.float()
+        part = (t.T @ t if axis == 1 else t @ t.T) if t.dim() == 2 else _unit_rows(t, axis) @ _unit_rows(t, axis).T
+        part /= part.trace().clamp_min(1e-24)
+        g = part if g is None else g.add_(part)
+    mean = g.mean(0)
+    return g - mean[None, :] - mean[:, None] + mean.mean()
 
 
 def outgoing_weights(out_rows: list) -> torch.Tensor | None:
