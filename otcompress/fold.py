@@ -151,9 +151,10 @@ def _lloyd(rows, seeds, max_iter, weights=None):
         if int(torch.bincount(new, minlength=k).min()) == 0:
             new = _fill_empty(new, d if shift is None else d + shift[:, None], k)
         if labels is not None and torch.equal(new, labels):
-            break
+            break  # d holds the distances to these labels' centres
         labels = new
-    d, shift = dist(labels)
+    else:
+        d, shift = dist(labels)
     d_own = d.gather(1, labels[:, None]).squeeze(1).double()
     if shift is not None:
         d_own = (d_own + shift.double()).clamp_min(0)

@@ -183,3 +183,13 @@ def test_pruned_model_saves_loads_and_exports(tmp_path, family):
     x = M.inputs(back) if family in ("vit", "bert") else {"input_ids": torch.randint(0, 60, (2, 7))}
     assert torch.isfinite(M.outputs(back, x)).all()
     assert export_onnx(back, tmp_path / "pruned.onnx")["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("alignment", ["prune", "fold"])
+def test_prune_and_weighted_fold_on_cuda(alignment):
+    base = M.bert(cls=T.BertForSequenceClassification)
+    parent = widen_dead(base) if alignment == "prune" else M.transform(base, widen=True)
+    fused = otcompress.fuse(M.noisy(base, scale=0.5).cuda(), [parent.cuda()], alignment=alignment)
+    assert next(fused.parameters()).is_cuda
+    assert _err(fused.cpu(), M.inputs(base), base) < TOL
