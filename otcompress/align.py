@@ -26,7 +26,7 @@ from otcompress.repair import is_statistic
 from otcompress.errors import IncompatibleModelsError, SolverError
 from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve, Split, out_slot, part_of
 
-MODES = ("ot", "fold")
+MODES = ("ot", "fold", "prune")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class AlignOptions:
     cost_norm: str = "gap"
     max_iter: int = 5000
     tol: float = 1e-6
-    mode: str = "ot"
+    mode: str = "ot"  # or "fold" / "prune": maps from the parent alone (_Folder)
     seed: int = 0  # k-means seeding in fold mode
     head_alignment: str = "cross"  # "cross": one map over all Q (K, V) units; "aware": heads first
     on_unconverged: str = "raise"  # or "warn": keep the plan, flag it in the report
@@ -72,8 +72,19 @@ class HeadShapes:
 
 
 def carry(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    """Contract `axis` of t (size m) with an (m, n) matrix: the axis becomes size n."""
-    out = torch.tensordot(t, matrix.to(t.dtype), dims=([axis], [0]))
+    """Contract `axis` of t (size m) with an (m, n) matrix: the axis becomes size n.
+    A hard map (at most one entry per row: fold and prune maps) is applied as
+    a scaled scatter-add, O(t) instead of O(t n): Qwen2.5-0.5B's fold spent
+    most of its carrying time multiplying by zeros."""
+    matrix = matrix.to(t.dtype)
+    if int(matrix.count_nonzero()) <= matrix.shape[0] and int((matrix != 0).sum(1).max()) <= 1:
+        value, target = matrix.abs().max(1)
+        rows = (value > 0).nonzero().flatten()
+        along = [-1 if a == axis else 1 for a in range(t.dim())]
+        src = t.index_select(axis, rows) * matrix[rows, target[rows]].view(along)
+        shape = [matrix.shape[1] if a == axis else size for a, size in enumerate(t.shape)]
+        return torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(axis, target[rows], src)
+    out = torch.tensordot(t, matrix, dims=([axis], [0]))
     return out.movedim(-1, axis)
 
 
@@ -105,11 +116,11 @@ def align_parent(spec: ArchSpec, anchor_sd: dict, parent_sd: dict, opts: AlignOp
 
 def _steps(spec, anchor_sd, parent_sd, opts, stats, heads, activation_costs, residual_alpha, sink, progress):
     maps = _MapStore(spec)
-    emit = _scaled_q(spec, heads, sink)
+    emit = _scaled_q(spec, heads, sink, kept=opts.mode == "prune")
     # Everything is computed where the anchor lives; parent tensors move there one by one.
     device = opts.device or next(iter(anchor_sd.values())).device
     carried = _InputCarrier(spec, parent_sd, maps, device)
-    folder = _Folder(spec, carried, heads, opts.seed) if opts.mode == "fold" else None
+    folder = _Folder(spec, carried, heads, opts.seed, opts.mode) if opts.mode in ("fold", "prune") else None
     pending = {}  # Q/K/V maps made together at a Heads marker, taken by their Solve nodes
     waiting = {name: {t for a in axes if a is not None for t in a.tms} for name, axes in spec.axes.items()}
     _finalise_ready(spec, waiting, carried, maps, emit)
@@ -153,7 +164,7 @@ def _steps(spec, anchor_sd, parent_sd, opts, stats, heads, activation_costs, res
         _finalise_ready(spec, waiting, carried, maps, emit, solved=node.tm)
         stats[node.tm]["seconds"] = time.perf_counter() - t0
         if progress:
-            progress("fold" if folder else "align", i + 1, len(spec.nodes))
+            progress(opts.mode if folder else "align", i + 1, len(spec.nodes))
         yield node.tm
 
 
@@ -168,9 +179,11 @@ def _check_uniform(tm, stats, opts):
     return stats
 
 
-def _scaled_q(spec, heads, emit):
-    """Wrap `emit` so that carried Q rows (and bias) get the softmax-scale factor."""
-    scale = 1.0 if heads is None else heads.score_scale
+def _scaled_q(spec, heads, emit, kept=False):
+    """Wrap `emit` so that carried Q rows (and bias) get the softmax-scale factor.
+    kept: units are kept, not merged (pruning): a score then sums d_anchor of
+    the parent's d_parent products, and the factor is sqrt(d_anchor / d_parent)."""
+    scale = 1.0 if heads is None else heads.score_scale ** (-1 if kept else 1)
     if scale == 1.0:
         return emit
     q_maps = {h.q for h in spec.attention}
@@ -186,13 +199,16 @@ def _scaled_q(spec, heads, emit):
 
 
 class _Folder:
-    """Fold maps for one parent (mode "fold"): the residual stream is clustered
-    once over every tensor that reads or writes it; attention is clustered
-    head-aware at its `Heads` marker; every other free map clusters the rows
-    that its weights cost would compare."""
+    """Maps for one parent from its own units (mode "fold": clustering; mode
+    "prune": keeping the most important units, `fold.importance`): the
+    residual stream is clustered (pruned) once over every tensor that reads
+    or writes it; attention is handled head-aware at its `Heads` marker;
+    every other free map uses the rows that its weights cost would compare.
+    Folding weighs each unit by its squared outgoing norm
+    (`fold.outgoing_weights`): a unit that nothing reads pulls no centroid."""
 
-    def __init__(self, spec, carried, heads, seed):
-        self.spec, self.carried, self.seed = spec, carried, seed
+    def __init__(self, spec, carried, heads, seed, mode="fold"):
+        self.spec, self.carried, self.seed, self.mode = spec, carried, seed, mode
         self.head_shapes = heads
         self.group = _residual_groups(spec)
         self.group_plans = {}
@@ -204,15 +220,27 @@ class _Folder:
                 self.group_plans[root] = self._stream_plan(root, anchor_sd)
             plan = self.group_plans[root]
         else:
-            rows = torch.cat(_feature_rows(self.spec, node, lambda name: self.carried(name)), 1)
-            plan = fold.cluster_plan(rows, _width(self.spec, node, anchor_sd), self.seed)
+            rows = _feature_rows(self.spec, node, lambda name: self.carried(name))
+            out = self._outgoing({group for group, _ in node.parts})
+            width = _width(self.spec, node, anchor_sd)
+            plan = (fold.prune_plan(rows, out, width) if self.mode == "prune" else
+                    fold.cluster_plan(torch.cat(rows, 1), width, self.seed, fold.outgoing_weights(out)))
         sizes = (plan > 0).sum(0)
-        return plan, {"shape": list(plan.shape), "method": "fold",
+        return plan, {"shape": list(plan.shape), "method": self.mode,
                       "cluster_size": {"min": int(sizes.min()), "max": int(sizes.max())}}
 
+    def _outgoing(self, tms) -> list:
+        """Per-unit rows of every axis that reads one of `tms` (`In`): the
+        columns of the layers fed by these units, as the parent has them."""
+        return [_rows(self.carried.raw(name), axis) for name, axes in self.spec.axes.items()
+                for axis, a in enumerate(axes) if isinstance(a, In) and a.tm in tms]
+
     def _stream_plan(self, root, anchor_sd):
+        """One map for the residual stream from every tensor that reads or
+        writes it, each taken as it is (tensor, unit axis): the features are
+        never copied into rows (`fold.slot_gram`, `fold.slot_shares`)."""
         members = {tm for tm, r in self.group.items() if r == root}
-        feats, width = [], None
+        writes, reads, width = [], [], None
         for name, axes in self.spec.axes.items():
             if is_statistic(name):  # carried, never clustered on
                 continue
@@ -220,10 +248,16 @@ class _Folder:
                 for t in (role.tms if role is not None else ()):
                     if t in members:
                         part = (role.parts.index(t), len(role.parts)) if isinstance(role, Split) else None
-                        feats.append(_rows(part_of(self.carried.raw(name), axis, part), axis))
+                        slot = (part_of(self.carried.raw(name), axis, part), axis)
+                        (reads if isinstance(role, In) else writes).append(slot)
                         if not isinstance(role, In) and width is None:
                             width = part_of(anchor_sd[name], axis, part).shape[axis]
-        return fold.cluster_plan(fold.blocks(feats), width, self.seed)
+        out = fold.slot_shares(reads)
+        if self.mode == "prune":
+            scores = fold.slot_shares(writes).sqrt() * (1 if out is None else out.sqrt())
+            return fold.select_plan(fold.select(scores, width), scores.shape[0])
+        labels = fold.kmeans(None, width, seed=self.seed, weights=out, gram=fold.slot_gram(writes + reads))
+        return fold.plan(labels, width, weights=out)
 
     def heads(self, node: Heads):
         if self.head_shapes is None:
@@ -231,21 +265,28 @@ class _Folder:
         (hp, dp), (ha, da) = self.head_shapes.parent, self.head_shapes.anchor
         rows = {tm: torch.cat(_feature_rows(self.spec, Solve(tm, ((tm, None),)), self.carried), 1)
                 for tm in (node.q, node.k, node.v)}
+        read_by_o = node.attn if node.rotary and node.attn is not None else node.v
+        o_cols = torch.cat(self._outgoing({read_by_o}), 1)
         if node.rotary:
             if dp != da:
                 raise IncompatibleModelsError(f"rotary attention needs equal head widths (parent {dp}, "
                                               f"target {da})")
-            t_q, t_kv = fold.rotary_head_plans(rows[node.q], rows[node.k], rows[node.v], hp,
-                                               self.head_shapes.kv_heads, ha, dp, self.seed)
+            if self.mode == "prune":
+                t_q, t_kv = fold.prune_rotary_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp,
+                                                    self.head_shapes.kv_heads, ha, dp)
+            else:
+                t_q, t_kv = fold.rotary_head_plans(rows[node.q], rows[node.k], rows[node.v], hp,
+                                                   self.head_shapes.kv_heads, ha, dp, self.seed)
             made = {node.q: t_q, node.k: t_kv, node.v: t_kv}
             if node.attn is not None:  # whole heads: the output blocks follow the query heads
                 made[node.attn] = t_q
-            return made, {"method": "fold", "heads": [hp, ha]}
-        o_cols = torch.cat([_rows(self.carried.raw(name), axis)
-                            for name, axes in self.spec.axes.items()
-                            for axis, a in enumerate(axes) if isinstance(a, In) and a.tm == node.v], 1)
-        t_qk, t_v = fold.head_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp, ha, da, self.seed)
-        return {node.q: t_qk, node.k: t_qk, node.v: t_v}, {"method": "fold", "heads": [hp, ha]}
+            return made, {"method": self.mode, "heads": [hp, ha]}
+        if self.mode == "prune":
+            t_qk, t_v = fold.prune_head_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp, ha, da)
+        else:
+            t_qk, t_v = fold.head_plans(rows[node.q], rows[node.k], rows[node.v], o_cols, hp, ha, da, self.seed,
+                                        weights_v=fold.outgoing_weights([o_cols]))
+        return {node.q: t_qk, node.k: t_qk, node.v: t_v}, {"method": self.mode, "heads": [hp, ha]}
 
 
 def _head_aware_maps(node: Heads, costs: dict, heads: HeadShapes, opts):
@@ -424,7 +465,8 @@ class _MapStore:
     def rescaled(self, tm, rescale):
         key = (tm, rescale.__name__)
         if key not in self.rescaled_cache:
-            self.rescaled_cache[key] = rescale(self.plans[tm])
+            # A pruned unit has an empty row (0/0 in float32): it carries as zeros.
+            self.rescaled_cache[key] = rescale(self.plans[tm]).nan_to_num_(0.0)
         return self.rescaled_cache[key]
 
     def done_with(self, axes):

@@ -24,6 +24,7 @@ from otcompress.recipes import CHOICES
 
 # The option values live with the recipes (one home); "auto" alignment is the workflow's race.
 ALIGNMENTS = tuple(a for a in CHOICES["alignment"] if a != "auto")
+FROM_PARENTS = ("fold", "prune")  # maps from each parent alone; the anchor gives only the widths
 SOLVERS, RESIDUALS, QK_MAPS = CHOICES["solver"], CHOICES["residual"], CHOICES["qk"]
 HEAD_ALIGNMENTS, COST_NORMS = CHOICES["head_alignment"], CHOICES["cost_norm"]
 _OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
@@ -40,7 +41,7 @@ def default_reg(reg, data, solver="sinkhorn", alignment="weights", n_parents=1):
     DEFAULT_REG."""
     if reg is not None:
         return reg
-    sweeps = data is not None and solver == "sinkhorn" and not (alignment == "fold" and n_parents < 2)
+    sweeps = data is not None and solver == "sinkhorn" and not (alignment in FROM_PARENTS and n_parents < 2)
     return "auto" if sweeps else DEFAULT_REG
 
 
@@ -52,14 +53,18 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
     """Fuse `parents` into the `anchor`'s architecture and width.
 
     anchor, parents: model objects or local model directories; same model type
-        and depth, any widths (heterogeneous fusion). With alignment="fold" the
-        anchor may also be a config (a target width, e.g. from
+        and depth, any widths (heterogeneous fusion). With alignment="fold"
+        or "prune" the anchor may also be a config (a target width, e.g. from
         `architectures.target_config`): its weights are never read.
     alignment: "weights" or "activations" (needs `data`): OT of each parent's
         units onto the anchor's. "fold": cluster each parent's own units into
         the anchor's widths (model folding; the anchor only gives the
-        architecture), then OT-fuse the folds with `solver`/`reg` when there
-        are several parents (parent weights only).
+        architecture; units weighted by their outgoing norms), then OT-fuse
+        the folds with `solver`/`reg` when there are several parents (parent
+        weights only). "prune": the same, keeping each parent's most
+        important units (weight magnitude: the norm of what feeds a unit
+        times the norm of what reads it; whole heads, then units inside
+        them; rotary attention whole heads only).
     solver, reg: "sinkhorn" (entropic, regulariser `reg` on normalised costs,
         see `cost_norm`) or "emd" (exact). The default (reg=None) is "auto"
         when `data` is given and reg matters (Sinkhorn; folding only with
@@ -158,12 +163,12 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, device=o.device,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
     o.device = _work_device(o.device, anchor_m, parent_ms)
-    if o.alignment == "fold":  # names the width and the parent, before any clustering
+    if o.alignment in FROM_PARENTS:  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
     parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data,
-                                              anchor_counts=o.alignment != "fold")
+                                              anchor_counts=o.alignment not in FROM_PARENTS)
     t_depth = time.perf_counter() - t_depth
     with _eval_mode(anchor_m, *parent_ms):
         spec = _checked_spec(anchor_m, parent_ms, opts["qk"])
@@ -284,8 +289,8 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
                                   tol=o.tol, seed=o.seed, head_alignment=o.head_alignment,
                                   on_unconverged=o.on_unconverged, on_uniform=o.on_uniform,
                                   device=o.device)
-        if o.alignment == "fold":
-            sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done)
+        if o.alignment in FROM_PARENTS:
+            sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done, o.alignment)
         else:
             sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
                                                mix, heads, o.progress, done)
@@ -484,12 +489,12 @@ class _RunningSum:
                                f"unfinished: {sorted(self.sums)[:3]}")
 
 
-def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None):
-    """Fold every parent into the anchor's widths, then OT-fuse the folds onto
-    the first one with the parents' weights (the anchor's weights are unused).
-    With several parents the folds are held in memory (one anchor each);
-    only the last stage streams into `done`."""
-    fold_opts = dataclasses.replace(align_opts, mode="fold")
+def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None, mode="fold"):
+    """Fold (or prune: `mode`) every parent into the anchor's widths, then
+    OT-fuse the folds onto the first one with the parents' weights (the
+    anchor's weights are unused). With several parents the folds are held in
+    memory (one anchor each); only the last stage streams into `done`."""
+    fold_opts = dataclasses.replace(align_opts, mode=mode)
     if len(sds) == 2:
         return _align_and_average(spec, sds[0], sds[1:], fold_opts, [None], None, [0.0, 1.0], heads,
                                   _parent_progress(progress, 0), done)
@@ -668,7 +673,7 @@ def streams(alignment, solver, reg, residual, repair) -> bool:
     """Whether parents given as directories can be streamed: the engine then
     needs only their tensors (weights or fold alignment, averaged residuals,
     no repair, no reg sweep), never a forward pass."""
-    return (alignment in ("weights", "fold") and residual == "average" and not repair
+    return (alignment in ("weights", *FROM_PARENTS) and residual == "average" and not repair
             and not (solver == "sinkhorn" and reg == "auto"))
 
 
@@ -770,8 +775,9 @@ def check_options(alignment, solver, reg, residual, qk, token_filter, data, weig
     if (alignment == "activations" or residual != "average") and data is None:
         need = "activations-based alignment" if alignment == "activations" else f"residual policy '{residual}'"
         raise InvalidOptionError(f"{need} needs calibration data (data=...)")
-    if alignment == "fold" and residual != "average":
-        raise InvalidOptionError("folding clusters the residual stream once: use residual 'average'")
+    if alignment in FROM_PARENTS and residual != "average":
+        raise InvalidOptionError(f"{'folding' if alignment == 'fold' else 'pruning'} maps the residual stream "
+                                 "once: use residual 'average'")
     if token_filter is not None and not _valid_filter(token_filter):
         raise InvalidOptionError(f"token filter '{token_filter}': use only_cls or window_N (e.g. window_6)")
     if qk == "auto":

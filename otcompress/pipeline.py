@@ -206,9 +206,9 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     if needs_data and not (r["data"] or given_data):
         raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
                                  "or finetuning)")
-    if anchor is None and r["alignment"] not in ("auto", "fold"):
+    if anchor is None and r["alignment"] not in ("auto", "fold", "prune"):
         raise InvalidOptionError(f"alignment '{r['alignment']}' needs an anchor's weights; "
-                                 "a target width can only be folded into")
+                                 "a target width can only be folded or pruned into")
     alignment = "weights" if r["alignment"] == "auto" else r["alignment"]
     check_options(alignment, r["solver"], r["reg"], r["residual"], r["qk"], r["token_filter"],
                   r["data"] or given_data, r["weights"], parents, repair=r["repair"])
@@ -219,7 +219,7 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     depth.check_depths(anchor_cfg, parent_cfgs)
     if r["token_filter"] is not None:  # the models' patch grids agree: MUST_MATCH
         architectures.check_token_filter(anchor_cfg, r["token_filter"])
-    if r["alignment"] == "fold" or anchor is None:
+    if r["alignment"] in ("fold", "prune") or anchor is None:
         architectures.check_fold_target(anchor_cfg, parent_cfgs)
     if isinstance(anchor, (str, os.PathLike)):
         _check_tokenizers(anchor, parents)
@@ -308,9 +308,12 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
     with finetuning only the one with the lowest one-shot held-out loss trains."""
     out = []
     if _foldable(fuse_anchor, parent_ms):
-        out.append(("fold" if len(parent_ms) == 1 else "fold: all parents",
-                    lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress, holdout=holdout),
-                    "fold"))
+        # Folding and pruning (the maps a pruning tool would make) are one group:
+        # both are built and scored one-shot, only the better one trains.
+        for how in ("fold", "prune"):
+            out.append((how if len(parent_ms) == 1 else f"{how}: all parents",
+                        lambda how=how: _fuse(fuse_anchor, parent_ms, how, calib, fuse_kw, r, progress,
+                                              holdout=holdout), "fold"))
     if anchor_m is not None:
         out.append((f"OT fusion, anchor weight {ANCHOR_WEIGHT}",
                     lambda: _fuse(anchor_m, parent_ms, "weights", calib, fuse_kw, r, progress,

@@ -42,7 +42,7 @@ RECIPE_KEYS = {
 
 # The values a choice key takes (the CLI's click.Choice lists come from here).
 CHOICES = {
-    "alignment": ("auto", "weights", "activations", "fold"),
+    "alignment": ("auto", "weights", "activations", "fold", "prune"),
     "solver": ("sinkhorn", "emd"),
     "residual": ("average", "scalar", "matrix"),
     "qk": ("auto", "separate", "shared"),

@@ -251,3 +251,14 @@ def test_a_pooler_less_bert_model_is_depth_mapped():
     assert shallow.pooler is None and dmap.kept == [0, 3]
     x = M.inputs(base)
     assert _err(shallow, x, headless) < TOL
+
+
+@pytest.mark.parametrize("family", ["vit", "llama-gqa", "gpt2"])
+def test_prune_of_a_deeper_permuted_parent_returns_the_base(family):
+    make, variant, inputs = FAMILIES[family]
+    base = make()
+    parent = variant(deepen(base, DEEP), widen=False)
+    target = target_config(parent.config, layers=base.config.num_hidden_layers)
+    pruned = otcompress.fuse(target, [parent], alignment="prune")
+    assert _err(pruned, inputs(base), base) < TOL
+    assert pruned.fusion_report["depth_maps"][0]["kept"] == [0, 3]

@@ -56,13 +56,15 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path):
     model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
-    assert list(rows) == ["fold: all parents", "OT fusion, anchor weight 0.8", "anchor"]
-    # Of the two anchor-side starts only the one better one-shot trains in the race.
-    side = [rows["OT fusion, anchor weight 0.8"], rows["anchor"]]
-    trained = [c for c in side if "holdout_loss" in c]
-    assert trained == [min(side, key=lambda c: c["one_shot_holdout_loss"])]
+    assert list(rows) == ["fold: all parents", "prune: all parents", "OT fusion, anchor weight 0.8", "anchor"]
+    # Of the two starts of each group only the one better one-shot trains in the race.
+    trained = []
+    for side in ([rows["fold: all parents"], rows["prune: all parents"]],
+                 [rows["OT fusion, anchor weight 0.8"], rows["anchor"]]):
+        trained += [c for c in side if "holdout_loss" in c]
+        assert trained[-1:] == [min(side, key=lambda c: c["one_shot_holdout_loss"])]
     losses = {n: c["holdout_loss"] for n, c in rows.items() if "holdout_loss" in c}
-    assert set(losses) == {"fold: all parents", trained[0]["candidate"]}
+    assert set(losses) == {c["candidate"] for c in trained}
     assert race["winner"] == min(losses, key=losses.get)
     assert race["steps_each"] == 5 and race["extra_steps"] == 5
     assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == 2

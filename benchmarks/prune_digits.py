@@ -1,0 +1,78 @@
+"""Engine-native pruning against folding as a start (issue 16): the digits
+ViT parents (hidden 64, 4 layers, the zoo's seeds 0 = parent_a and 1 =
+parent_b) brought to the weak anchor's shape (hidden 16, 2 heads, FFN 32)
+with no anchor weights, then distilled from both parents for N steps (AdamW
+1e-3, batch 64, the finetune module's default 0.5 CE + 0.5 KL), 3 data
+orders. Every arm gets the same N. Accuracy % on the 450 eval images.
+"unweighted fold" is the ablation of issue 16's item 2: the same fold with
+every unit weighing alike in the k-means (fold.outgoing_weights patched to
+None), as folding was before.
+
+    python benchmarks/prune_digits.py [--steps 300] [--seeds 0 1 2]
+
+Writes benchmarks/results/prune_digits.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+common.prepare_environment()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    common.set_threads(args.threads)
+    common.quiet_libraries()
+    env = common.environment(args.threads)
+    import otcompress
+    from otcompress import architectures, fold
+    from otcompress.data import load_data
+    from otcompress.finetune import evaluate, finetune
+    from otcompress.zoo import digits_vit, digits_vit_config
+
+    data = load_data("digits", digits_vit_config(hidden=16))
+    parents = [digits_vit(hidden=64, seed=s, epochs=30)[0] for s in (0, 1)]
+    target = architectures.target_config(parents[0].config, hidden=16, heads=2, intermediate=32)
+    arms = {"fold of parent_b": ("fold", [parents[1]]), "unweighted fold of parent_b": ("unweighted", [parents[1]]),
+            "prune of parent_b": ("prune", [parents[1]]),
+            "prune of parent_a": ("prune", [parents[0]]), "fold of both": ("fold", parents)}
+    rows = {arm: {"one-shot": [], f"+ {args.steps}": []} for arm in arms}
+    t0 = time.time()
+    for seed in args.seeds:
+        for arm, (how, ps) in arms.items():
+            with mock.patch.object(fold, "outgoing_weights", lambda rows: None) if how == "unweighted" \
+                    else contextlib.nullcontext():
+                model = otcompress.fuse(target, ps, alignment="fold" if how == "unweighted" else how, seed=seed)
+            rows[arm]["one-shot"].append(evaluate(model, data)["accuracy"])
+            model = copy.deepcopy(model)
+            finetune(model, data, steps=args.steps, lr=1e-3, batch_size=64, seed=seed, teachers=parents)
+            rows[arm][f"+ {args.steps}"].append(evaluate(model, data)["accuracy"])
+            common.log(f"seed {seed} {arm}: {rows[arm]['one-shot'][-1]:.3f} -> {rows[arm][f'+ {args.steps}'][-1]:.3f}")
+    fmt = lambda v: common.fmt(common.summarize(v), 100, 2)  # noqa: E731
+    lines = ["# Pruning vs folding as a start: digits ViTs, weak-anchor shape", "",
+             f"`python benchmarks/prune_digits.py` — {time.time() - t0:.0f} s, {args.threads} thread(s), seeds "
+             f"{args.seeds} (fold seeding and data order), accuracy % on the 450 eval images, mean ± std "
+             f"[min–max]; target hidden 16, 2 heads, FFN 32; every arm distilled {args.steps} steps from "
+             "both parents.", "", f"Machine: {env.get('cpu')}, torch {env.get('torch')}.", ""]
+    lines += common.md_table(["start", "one-shot", f"+ {args.steps} steps"],
+                             [[arm, fmt(r["one-shot"]), fmt(r[f"+ {args.steps}"])] for arm, r in rows.items()])
+    md = "\n".join(lines) + "\n"
+    common.write_results("prune_digits", md, {"environment": env, "rows": rows, "seeds": args.seeds})
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
