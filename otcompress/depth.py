@@ -37,7 +37,7 @@ from otcompress.errors import IncompatibleModelsError
 from otcompress.flowgraph import Combine
 
 MAX_TOKENS = 2048  # token samples per block for the activation scores
-SIMILARITY_WEIGHT = 1.0  # anchor-parent CKA against normalised influence (with an anchor)
+INFLUENCE_WEIGHT = 0.1  # with an anchor: its CKA decides, influence breaks near-ties
 POSITION_TIE = 1e-3  # prefers relative depths that agree, only between equal scores
 
 
@@ -228,6 +228,10 @@ def groups_of(kept: list[int], n: int) -> list[list[int]]:
 
 
 def _scores(influence, n_target, similarity=None) -> torch.Tensor:
+    """scores[j, k] of keeping parent block k as target block j: its
+    influence (relative to the largest), or with the anchor's similarities
+    CKA(anchor block j, parent block k) + INFLUENCE_WEIGHT x influence;
+    agreeing relative depths break exact ties only."""
     infl = torch.tensor(influence, dtype=torch.float64)
     infl = infl / infl.max() if infl.max() > 0 else infl
     n = len(influence)
@@ -235,7 +239,7 @@ def _scores(influence, n_target, similarity=None) -> torch.Tensor:
     pos_p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     scores = infl[None, :] - POSITION_TIE * (pos_t[:, None] - pos_p[None, :]).abs()
     if similarity is not None:
-        scores = scores * 0.1 + SIMILARITY_WEIGHT * torch.tensor(similarity, dtype=torch.float64)
+        scores = INFLUENCE_WEIGHT * scores + torch.tensor(similarity, dtype=torch.float64)
     return scores
 
 
