@@ -338,8 +338,10 @@ def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> l
     from otcompress import architectures, modelio
     o = report.get("options") or {}
     race = report.get("race")
-    how = f"start {race['winner']} (race, by {race['chosen_by'].replace('_', ' ')})" if race else \
-        f"alignment {o.get('alignment')}"
+    how = f"alignment {o.get('alignment')}"
+    if race:
+        how = f"start {race['winner']} " + ("(not raced: the only one to train)" if race.get("note") else
+                                            f"(race, by {race['chosen_by'].replace('_', ' ')})")
     if o.get("alignment") in ("weights", "activations", "fold") and o.get("solver"):
         reg = o.get("reg")
         if o["solver"] == "emd":

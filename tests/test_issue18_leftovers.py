@@ -170,3 +170,16 @@ def test_cli_reports_the_probe_and_shows_scoring_progress(english, tmp_path, cap
     result = json.loads(stdout)
     assert -1 <= result["probe_similarity_pearson"] <= 1 and result["probe_examples"] == len(probe_sentences())
     assert heard[-1][0] == "evaluate (all split)" and heard[-1][1] == heard[-1][2] > 1
+
+
+def test_cli_says_a_single_start_was_not_raced(tmp_path, capsys):
+    for s in (2, 3):
+        M.vit(hidden=32, heads=4, inter=64, seed=s).save_pretrained(tmp_path / f"p{s}")
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in ("fuse", "--parents", tmp_path / "p2", tmp_path / "p3", "--hidden", 16, "--heads", 2,
+                               "--intermediate", 32, "--data", "digits", "--steps", 3, "--samples", 64,
+                               "--out", tmp_path / "small")])
+    err = capsys.readouterr().err
+    assert e.value.code == 0, err
+    assert "not raced" in err and "no race: fold: all parents is the only start possible; it trained all 3 " \
+        "steps" in err and "starting-point race" not in err
