@@ -103,8 +103,11 @@ def test_progress_labels_name_each_parent_once():
 
 # --------------------------------------------------------------------------- the probe set
 
-def test_probe_sentences_are_ordinary_english():
+def test_probe_sentences_are_ordinary_english_and_ship_with_the_package():
+    from pathlib import Path
     lines = probe_sentences()
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert '"probe_sentences.txt"]' in pyproject  # package-data: an installed wheel has them too
     assert 60 <= len(lines) <= 100 and len(set(lines)) == len(lines)
     assert all(3 <= len(s.split()) <= 20 and s[0].isupper() for s in lines)
 
