@@ -462,6 +462,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     """Brief recovery training of MODEL (optionally distilled from --teachers)."""
     from otcompress import finetune as ft
     from otcompress import modelio, outputs
+    from otcompress.pipeline import relabelled
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
     outputs.check_out(out, force, inputs=[model, *teachers], log=ui.log)
@@ -480,14 +481,14 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     reference = teacher_ms if task.task == "feature-extraction" else None
     with ui.progress() as prog:
         before = _flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(
-            m, task, device=device, reference=reference, progress=_stage(prog, "scoring before (eval split)")))
+            m, task, device=device, reference=reference, progress=relabelled(prog, "scoring before (eval split)")))
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
         if not main_process:
             return
         after = _flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(
-            m, task, device=device, reference=reference, progress=_stage(prog, "scoring after (eval split)")))
+            m, task, device=device, reference=reference, progress=relabelled(prog, "scoring after (eval split)")))
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
@@ -576,11 +577,6 @@ def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_r
     _metrics_table(ui, {model: metrics}, split=split, examples=examples)
     ui.result({"model": model, "data": data, "split": split, "examples": examples,
                "reference": list(reference), **metrics})
-
-
-def _stage(prog, stage):
-    """A progress callback that shows under `stage` whatever stage it is given."""
-    return lambda _stage, done, total: prog(stage, done, total)
 
 
 def _flag_non_finite(ui, name, metrics: dict) -> dict:

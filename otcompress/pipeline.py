@@ -151,7 +151,7 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
     if r["alignment"] == "auto" and holdout is not None:
         race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
                     one_shot=lambda m, name: _evaluate(m, data, device, reference,
-                                                       _labelled(progress, f"scoring {name} (eval split)")),
+                                                       relabelled(progress, f"scoring {name} (eval split)")),
                     reference=reference, progress=progress)
         model, trainer, report, one_shot = race.run(
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout), log)
@@ -166,7 +166,7 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
                   weights=r["weights"], holdout=holdout)
     one_shot = None
     if _trainable(data):
-        one_shot = _evaluate(model, data, device, reference, _labelled(progress, "scoring one-shot (eval split)"))
+        one_shot = _evaluate(model, data, device, reference, relabelled(progress, "scoring one-shot (eval split)"))
     # Held-out examples only chose reg (reg auto): training uses every example.
     trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
     return model, model.fusion_report, trainer, holdout, one_shot
@@ -356,7 +356,7 @@ class Race:
     def _loss(self, model, name):
         # The probe set is no held-out loss: it never chooses, so it is not scored here.
         return ft.evaluate(model, self.holdout, device=self.kw["device"], reference=self.reference, probe=False,
-                           progress=_labelled(self.progress, f"race: scoring {name} (held out)"))["loss"]
+                           progress=relabelled(self.progress, f"race: scoring {name} (held out)"))["loss"]
 
     def run(self, entries, log=lambda msg: None):
         entries = list(entries)
@@ -405,15 +405,15 @@ class Race:
                           "steps_each": self.steps if steps is None else steps,
                           "holdout_examples": _n(self.holdout), "extra_steps": extra,
                           "candidates": self.rows}
-        if steps == 0 and self.kw["steps"]:
+        if steps == 0 and (key == "only candidate" or self.kw["steps"]):
             why = "the only start possible" if key == "only candidate" else \
                 "the only kind of start (chosen one-shot on the held-out examples)"
-            report["race"]["note"] = (f"no race: {row['candidate']} is {why}; it trained all "
-                                      f"{self.kw['steps']} steps")
+            trained = f"; it trained all {self.kw['steps']} steps" if self.kw["steps"] else ""
+            report["race"]["note"] = f"no race: {row['candidate']} is {why}{trained}"
         return model, trainer, report, row["one_shot"]
 
 
-def _labelled(progress, stage):
+def relabelled(progress, stage):
     """`progress` under a stage of the caller's naming (None stays None)."""
     return None if progress is None else (lambda _stage, done, total: progress(stage, done, total))
 
@@ -469,7 +469,7 @@ def _metrics(anchor_m, model, one_shot, data, r, device, reference=None, progres
     if not _trainable(data):
         return {}
     score = lambda m, name: _evaluate(m, data, device, reference,  # noqa: E731
-                                      _labelled(progress, f"scoring {name} (eval split)"))
+                                      relabelled(progress, f"scoring {name} (eval split)"))
     metrics = {} if anchor_m is None else {"anchor": score(anchor_m, "anchor")}
     if one_shot is not None:
         metrics["fused (one-shot)"] = one_shot

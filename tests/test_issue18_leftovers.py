@@ -47,6 +47,8 @@ def test_a_single_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
     assert race["candidates"][0]["one_shot_holdout_loss"] is None
     fold, _ = pipeline.run(None, parents, {**recipe, "alignment": "fold"}, target=target, data=digits)
     assert torch.equal(_params(model), _params(fold))
+    _, report = pipeline.run(None, parents, {**recipe, "finetune_steps": 0}, target=target, data=digits)
+    assert report["race"]["note"] == "no race: fold: all parents is the only start possible"
 
 
 def test_one_kind_of_start_is_chosen_one_shot_and_trains_all_steps(digits, monkeypatch, tmp_path):
