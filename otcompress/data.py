@@ -47,7 +47,8 @@ and are scored on their pooled embeddings against reference models
 (otcompress.embedding), pooled as `TaskData.pooling` says. Headless text
 models' data also carries the built-in probe set (`probe_sentences`: short
 ordinary English sentences on many topics) tokenised by the same tokenizer,
-so a compressed model is also scored on text unlike the user's.
+so a compressed model is also scored on text unlike the user's (none where
+most of the probe's tokens are unknown to the tokenizer).
 
 Images are scaled to [0, 1], resized with bilinear `torch.nn.functional.
 interpolate` to the config's image_size, converted to its num_channels
@@ -87,6 +88,7 @@ SPLITS = ("train", "eval")
 EVAL_SPLITS = (*SPLITS, "all")
 BUILT_IN = ("digits", "pydoc")
 PROBE_FILE = Path(__file__).with_name("probe_sentences.txt")
+PROBE_MAX_UNKNOWN = 0.5  # share of unknown tokens beyond which a tokenizer gets no probe set
 
 Tensors = dict[str, torch.Tensor]
 
@@ -313,6 +315,17 @@ def probe_sentences() -> list[str]:
     `#` comments skipped."""
     lines = (line.strip() for line in PROBE_FILE.read_text(encoding="utf-8").splitlines())
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def _probe_inputs(tokenizer, max_length: int, keep: Sequence[str]) -> Tensors | None:
+    """The probe sentences tokenised, or None for a tokenizer that does not
+    know English (most real tokens unknown): its figure would say nothing."""
+    probe = _tokenize(probe_sentences(), tokenizer, max_length, keep)
+    unk = tokenizer.unk_token_id
+    real = probe.get("attention_mask", torch.ones_like(probe["input_ids"])).bool()
+    if unk is not None and (probe["input_ids"][real] == unk).float().mean() > PROBE_MAX_UNKNOWN:
+        return None
+    return probe
 
 
 def _text_source(texts: list[str], labels: list | None, spec: str) -> _Source:
@@ -766,7 +779,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
         from otcompress.embedding import pooling_mode
         pooling = pooling or pooling_mode(config)
         if kind == "text":  # tokenised now, while the tokenizer is at hand
-            probe = _tokenize(probe_sentences(), tokenizer, length, fam.INPUTS)
+            probe = _probe_inputs(tokenizer, length, fam.INPUTS)
     return TaskData(task, splits, num_labels=num_labels,
                     class_names=src.class_names if use_labels else None, spec=spec, masker=masker,
                     default_eval_split="eval" if own_split else "all",

@@ -486,9 +486,10 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
             result = embedding.score(model, counted(data.batches(split, batch_size)), reference, data.pooling,
                                      device)
             if probe_data is not None:
-                result["probe_similarity_pearson"] = embedding.score(
-                    model, counted(probe_data.batches("eval", batch_size)), reference, data.pooling,
-                    device)["similarity_pearson"]
+                pearson = embedding.score(model, counted(probe_data.batches("eval", batch_size)), reference,
+                                          data.pooling, device)["similarity_pearson"]
+                # NaN here is no broken model (the loss above says that): all similarities were equal.
+                result["probe_similarity_pearson"] = pearson if math.isfinite(pearson) else None
                 result["probe_examples"] = probe_data.num_examples("eval")
             return result
         total_loss, correct, count = 0.0, 0, 0

@@ -188,3 +188,15 @@ def test_cli_says_a_single_start_was_not_raced(tmp_path, capsys):
     assert e.value.code == 0, err
     assert "not raced" in err and "no race: fold: all parents is the only start possible; it trained all 3 " \
         "steps" in err and "starting-point race" not in err
+
+
+def test_no_probe_for_a_tokenizer_that_does_not_know_english(tmp_path):
+    """Every probe word unknown: a figure on [UNK]s would say nothing."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
+    T.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(tmp_path / "m")
+    model = M.bert(cls=T.BertModel)
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "texts.txt").write_text("".join(f"w{i} w{i + 1} w{i + 2}\n" for i in range(40)))
+    data = pipeline.load_task_data(str(tmp_path / "texts.txt"), model, tmp_path / "m", seed=0)
+    assert data.probe_data() is None
+    assert "probe_similarity_pearson" not in ft.evaluate(model, data, reference=[M.transform(model, widen=True)])
