@@ -297,6 +297,9 @@ def model_card(report: dict) -> str:
                   "|---|" + "---|" * len(_metric_names(metrics))]
         for name, m in metrics.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in _metric_names(metrics)) + " |")
+        if "probe_similarity_pearson" in _metric_names(metrics):
+            lines += ["", "`probe_similarity_pearson` is measured on otcompress's built-in probe set instead: "
+                      "short everyday English sentences, unlike the training text."]
     race = report.get("race")
     if race and race.get("note"):  # one start possible: nothing was raced
         lines += ["", "## Starting point", "", race["note"][0].upper() + race["note"][1:] + "."]

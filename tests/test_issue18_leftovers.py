@@ -167,6 +167,7 @@ def test_cli_reports_the_probe_and_shows_scoring_progress(english, tmp_path, cap
     metrics = json.loads(stdout)["report"]["metrics"]
     assert set(metrics) == {"anchor", "fused (one-shot)", "fused + 4 steps"}
     assert all(-1 <= m["probe_similarity_pearson"] <= 1 for m in metrics.values())
+    assert "built-in probe set" in (tmp_path / "fused" / "README.md").read_text()
     stages = {s for s, _, _ in heard}
     assert {"scoring anchor (eval split)", "scoring fused + 4 steps (eval split)"} <= stages, stages
     assert all(d <= t for s, d, t in heard if s.startswith("scoring"))
