@@ -318,7 +318,9 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, k
         ui.log(line)
     ui.log(f"[green]wrote[/green] {out}  ({report['wall_seconds']:.1f} s)")
     race = report.get("race")
-    if race:
+    if race and race.get("note"):  # one start possible: nothing was raced
+        ui.log(race["note"])
+    elif race:
         ui.table(f"starting-point race ({race['steps_each']} steps each, {race['holdout_examples']} "
                  "held-out examples)", ["candidate", "held-out loss, one-shot", "after the race steps"],
                  [[c["candidate"], c["one_shot_holdout_loss"], c.get("holdout_loss")] for c in race["candidates"]])
@@ -336,8 +338,10 @@ def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> l
     from otcompress import architectures, modelio
     o = report.get("options") or {}
     race = report.get("race")
-    how = f"start {race['winner']} (race, by {race['chosen_by'].replace('_', ' ')})" if race else \
-        f"alignment {o.get('alignment')}"
+    how = f"alignment {o.get('alignment')}"
+    if race:
+        how = f"start {race['winner']} " + ("(not raced: the only one to train)" if race.get("note") else
+                                            f"(race, by {race['chosen_by'].replace('_', ' ')})")
     if o.get("alignment") in ("weights", "activations", "fold") and o.get("solver"):
         reg = o.get("reg")
         if o["solver"] == "emd":
@@ -458,6 +462,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     """Brief recovery training of MODEL (optionally distilled from --teachers)."""
     from otcompress import finetune as ft
     from otcompress import modelio, outputs
+    from otcompress.pipeline import relabelled
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
     outputs.check_out(out, force, inputs=[model, *teachers], log=ui.log)
@@ -474,16 +479,16 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     task = _load_data(data, m, model, seed, pooling)
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     reference = teacher_ms if task.task == "feature-extraction" else None
-    before = _flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(m, task, device=device,
-                                                                          reference=reference))
     with ui.progress() as prog:
+        before = _flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(
+            m, task, device=device, reference=reference, progress=relabelled(prog, "scoring before (eval split)")))
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
-    if not main_process:
-        return
-    after = _flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(m, task, device=device,
-                                                                        reference=reference))
+        if not main_process:
+            return
+        after = _flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(
+            m, task, device=device, reference=reference, progress=relabelled(prog, "scoring after (eval split)")))
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
@@ -564,8 +569,10 @@ def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_r
     task = _load_data(data, m, model, 0, pooling)
     refs = [modelio.load_model(r, trust_remote_code=trust_remote_code) for r in reference] or None
     split = split or task.default_eval_split
-    metrics = _flag_non_finite(ui, model, ft.evaluate(m, task, split=split, batch_size=batch_size, device=device,
-                                                       reference=refs))
+    with ui.progress() as prog:
+        scored = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device, reference=refs,
+                             progress=prog)
+    metrics = _flag_non_finite(ui, model, scored)
     examples = task.num_examples(split)
     _metrics_table(ui, {model: metrics}, split=split, examples=examples)
     ui.result({"model": model, "data": data, "split": split, "examples": examples,

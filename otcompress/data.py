@@ -44,7 +44,11 @@ Headless models (ViTModel, BertModel: no task head) get no labels and no MLM
 masks: class labels in the data are ignored, as there is no classifier to
 check them against or to train. Their batches are inputs only; they train
 and are scored on their pooled embeddings against reference models
-(otcompress.embedding), pooled as `TaskData.pooling` says.
+(otcompress.embedding), pooled as `TaskData.pooling` says. Headless text
+models' data also carries the built-in probe set (`probe_sentences`: short
+ordinary English sentences on many topics) tokenised by the same tokenizer,
+so a compressed model is also scored on text unlike the user's (none where
+most of the probe's tokens are unknown to the tokenizer).
 
 Images are scaled to [0, 1], resized with bilinear `torch.nn.functional.
 interpolate` to the config's image_size, converted to its num_channels
@@ -84,6 +88,8 @@ LM_TASKS = ("masked-lm", "causal-lm")  # token-level tasks: labels come from the
 SPLITS = ("train", "eval")
 EVAL_SPLITS = (*SPLITS, "all")
 BUILT_IN = ("digits", "pydoc")
+PROBE_FILE = Path(__file__).with_name("probe_sentences.txt")
+PROBE_MAX_UNKNOWN = 0.5  # share of unknown tokens beyond which a tokenizer gets no probe set
 
 Tensors = dict[str, torch.Tensor]
 
@@ -135,6 +141,7 @@ class TaskData:
     masker: _Masker | None = None
     default_eval_split: str = "eval"
     pooling: str | None = None  # feature-extraction: how embeddings are pooled
+    probe: Tensors | None = field(default=None, repr=False)  # headless text: the probe set's inputs
     _eval_mlm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -181,6 +188,15 @@ class TaskData:
             if self.masker is not None:
                 batch["input_ids"], batch["labels"] = self._mlm(split, idx, batch, gen)
             yield batch
+
+    def probe_data(self) -> "TaskData | None":
+        """The built-in probe sentences as a TaskData of their own (both
+        splits), or None where this data has none (images, labelled tasks,
+        tensors built without a tokenizer)."""
+        if self.probe is None:
+            return None
+        return TaskData(self.task, {"train": self.probe, "eval": self.probe}, spec="probe sentences",
+                        pooling=self.pooling)
 
     def calibration_batches(self, samples: int, batch_size: int = 64,
                             seed: int = 0) -> Iterator[Tensors]:
@@ -292,6 +308,25 @@ def pydoc_paragraphs(split: str | None = None) -> list[str]:
         raise InvalidOptionError(f"split must be 'train' or 'eval', got {split!r}")
     idx = _split_indices(_text_source(paragraphs, None, "pydoc"), "pydoc")[SPLITS.index(split)]
     return [paragraphs[i] for i in idx]
+
+
+def probe_sentences() -> list[str]:
+    """The built-in probe set: one sentence per line of PROBE_FILE (ordinary
+    English on everyday topics, written for otcompress), blank lines and
+    `#` comments skipped."""
+    lines = (line.strip() for line in PROBE_FILE.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _probe_inputs(tokenizer, max_length: int, keep: Sequence[str]) -> Tensors | None:
+    """The probe sentences tokenised, or None for a tokenizer that does not
+    know English (most real tokens unknown): its figure would say nothing."""
+    probe = _tokenize(probe_sentences(), tokenizer, max_length, keep)
+    unk = tokenizer.unk_token_id
+    real = probe.get("attention_mask", torch.ones_like(probe["input_ids"])).bool()
+    if unk is not None and (probe["input_ids"][real] == unk).float().mean() > PROBE_MAX_UNKNOWN:
+        return None
+    return probe
 
 
 def _text_source(texts: list[str], labels: list | None, spec: str) -> _Source:
@@ -726,13 +761,16 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
         elif task == "causal-lm":
             splits[name]["labels"] = causal_labels(splits[name]["input_ids"], splits[name]["attention_mask"])
     own_split = spec in BUILT_IN or src.split is not None
+    probe = None
     if task == "feature-extraction":
         from otcompress.embedding import pooling_mode
         pooling = pooling or pooling_mode(config)
+        if kind == "text":  # tokenised now, while the tokenizer is at hand
+            probe = _probe_inputs(tokenizer, length, fam.INPUTS)
     return TaskData(task, splits, num_labels=num_labels,
                     class_names=src.class_names if use_labels else None, spec=spec, masker=masker,
                     default_eval_split="eval" if own_split else "all",
-                    pooling=pooling if task == "feature-extraction" else None)
+                    pooling=pooling if task == "feature-extraction" else None, probe=probe)
 
 
 # --------------------------------------------------------------------------- tokenizer

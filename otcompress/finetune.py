@@ -487,7 +487,7 @@ def evaluate_ensemble(models, data: TaskData, *, split: str = "eval", batch_size
 
 
 def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 256,
-             device="cpu", reference=None) -> dict:
+             device="cpu", reference=None, progress=None, probe: bool = True) -> dict:
     """Classification: accuracy and mean cross-entropy over examples.
     Masked LM: mean cross-entropy over masked tokens, its perplexity and the
     masked-token accuracy (eval masks are fixed, so this is deterministic).
@@ -495,15 +495,32 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     but each text's first, padding excluded), its perplexity, the top-1
     next-token accuracy and the number of predicted tokens.
     Feature extraction (a headless model): its embeddings against the
-    `reference` models' (`embedding.score`: loss, similarity_pearson).
+    `reference` models' (`embedding.score`: loss, similarity_pearson); with
+    `probe` and text data that carries the built-in probe sentences, also
+    `probe_similarity_pearson`: the same agreement on general English, unlike
+    the user's text (a model distilled on narrow text can agree with its
+    parents there and not elsewhere).
+    `progress(stage, done, total)` hears every batch scored.
     The models (and references) get their train/eval mode and device back
     afterwards: the caller's models are not left on `device`."""
+    probe_data = data.probe_data() if probe and data.task == "feature-extraction" else None
+    total = _batch_count(data, split, batch_size) + (_batch_count(probe_data, "eval", batch_size)
+                                                     if probe_data is not None else 0)
+    counted = _Counted(progress, f"evaluate ({split} split)", total)
     with _moved(device, model, *(reference or [])):
         if data.task == "feature-extraction":
-            return embedding.score(model, data.batches(split, batch_size), reference, data.pooling, device)
+            result = embedding.score(model, counted(data.batches(split, batch_size)), reference, data.pooling,
+                                     device)
+            if probe_data is not None:
+                pearson = embedding.score(model, counted(probe_data.batches("eval", batch_size)), reference,
+                                          data.pooling, device)["similarity_pearson"]
+                # NaN here is no broken model (the loss above says that): all similarities were equal.
+                result["probe_similarity_pearson"] = pearson if math.isfinite(pearson) else None
+                result["probe_examples"] = probe_data.num_examples("eval")
+            return result
         total_loss, correct, count = 0.0, 0, 0
         with torch.inference_mode():
-            for batch in data.batches(split, batch_size):
+            for batch in counted(data.batches(split, batch_size)):
                 logits, labels = _scored(model, _to(batch, device))
                 total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
                 correct += (logits.argmax(-1) == labels).sum().item()
@@ -519,3 +536,24 @@ def _metrics(task: str, total_loss: float, correct: int, count: int) -> dict:
         return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1),
                 "tokens": count}
     return {"accuracy": correct / max(count, 1), "loss": loss, "examples": count}
+
+
+def _batch_count(data: TaskData, split: str, batch_size: int) -> int:
+    """How many batches `data.batches(split, batch_size)` yields ("all": each split's own)."""
+    splits = ("train", "eval") if split == "all" else (split,)
+    return sum(math.ceil(data.num_examples(s) / batch_size) for s in splits)
+
+
+class _Counted:
+    """Wraps batch iterators so that `progress(stage, done, total)` hears each
+    batch, counted across every iterator wrapped (scored data, then probe)."""
+
+    def __init__(self, progress, stage, total):
+        self.progress, self.stage, self.total, self.done = progress, stage, total, 0
+
+    def __call__(self, batches):
+        for batch in batches:
+            yield batch
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.stage, self.done, self.total)

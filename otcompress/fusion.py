@@ -438,7 +438,7 @@ def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mi
         steps, st = align_parent(spec, anchor_sd, parent_sd, align_opts, heads=heads[k],
                                  activation_costs=costs[k], residual_alpha=alpha,
                                  sink=functools.partial(total.add, k),
-                                 progress=_parent_progress(progress, k), stepwise=True)
+                                 progress=_parent_progress(progress, k, len(parent_sds)), stepwise=True)
         walks.append(steps)
         map_stats.append(st)
     for _ in itertools.zip_longest(*walks):
@@ -497,18 +497,18 @@ def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None, mode=
     fold_opts = dataclasses.replace(align_opts, mode=mode)
     if len(sds) == 2:
         return _align_and_average(spec, sds[0], sds[1:], fold_opts, [None], None, [0.0, 1.0], heads,
-                                  _parent_progress(progress, 0), done)
+                                  progress, done)
     folds, map_stats = [], []
     for k, parent_sd in enumerate(sds[1:]):
         sd, st = _align_and_average(spec, sds[0], [parent_sd], fold_opts, [None], None, [0.0, 1.0],
-                                    [heads[k]], _parent_progress(progress, k))
+                                    [heads[k]], _parent_progress(progress, k, len(sds) - 1))
         folds.append(sd)
         map_stats += st
     w = [x / sum(mix[1:]) for x in mix[1:]]
     a = heads[0]
     same = [HeadShapes(a.anchor, a.anchor, (a.kv_heads[1], a.kv_heads[1]))] * (len(folds) - 1)
     sd, st = _align_and_average(spec, folds[0], folds[1:], align_opts, [None] * (len(folds) - 1), None,
-                                w, same, progress, done)
+                                w, same, _parent_progress(progress, 0, 1, "fold: merge the folds"), done)
     return sd, map_stats + st
 
 
@@ -814,10 +814,19 @@ def _mixing_weights(weights, n_parents):
     return [w / s for w in weights]
 
 
-def _parent_progress(progress, k):
-    if progress is None:
-        return None
-    return lambda stage, done, total: progress(f"{stage} parent {k + 1}", done, total)
+def _parent_progress(progress, k, n, stage=None):
+    """`progress` with its stage naming parent k of n ("fold: parent 2/3");
+    one parent needs no name. A progress already labelled keeps its label:
+    a fold aligns each parent alone, inside its own labelling. With `stage`,
+    every parent reports under that one stage (the merge of the folds walks
+    them in lockstep, so one bar shows them all)."""
+    if progress is None or getattr(progress, "labelled", False) or (n == 1 and stage is None):
+        return progress
+
+    def labelled(s, done, total):
+        progress(stage or f"{s}: parent {k + 1}/{n}", done, total)
+    labelled.labelled = True
+    return labelled
 
 
 def _versions():

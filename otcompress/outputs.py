@@ -297,14 +297,19 @@ def model_card(report: dict) -> str:
                   "|---|" + "---|" * len(_metric_names(metrics))]
         for name, m in metrics.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in _metric_names(metrics)) + " |")
+        if "probe_similarity_pearson" in _metric_names(metrics):
+            lines += ["", "`probe_similarity_pearson` is measured on otcompress's built-in probe set instead: "
+                      "short everyday English sentences, unlike the training text."]
     race = report.get("race")
-    if race:
+    if race and race.get("note"):  # one start possible: nothing was raced
+        lines += ["", "## Starting point", "", race["note"][0].upper() + race["note"][1:] + "."]
+    elif race:
         lines += ["", "## Starting-point race", "",
                   f"Every candidate was scored one-shot on {race['holdout_examples']} held-out training "
                   f"examples; the best of each kind then trained the first {race['steps_each']} steps "
                   f"of the run (distilled from the parents); **{race['winner']}** won and continued.", "",
                   "| candidate | held-out loss, one-shot | after the race steps |", "|---|---|---|"]
-        lines += [f"| {c['candidate']} | {c['one_shot_holdout_loss']:.4f} | "
+        lines += [f"| {c['candidate']} | {_fmt(c['one_shot_holdout_loss'])} | "
                   f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]
     t = report.get("timings")
     if t:

@@ -15,7 +15,10 @@ never the eval split); with N finetuning steps the better of the two anchor-
 side starts and the fold train the first `race_fraction * N` steps (0.5) of
 the *same* N-step run (schedule, batches, teachers) and the lower held-out
 loss continues to N, on every training example. With N = 0 the lowest one-
-shot held-out loss wins. Teachers are the parents by default.
+shot held-out loss wins. With only one start to train (no anchor: the fold;
+an anchor the parents cannot be folded into: the better anchor-side start)
+nothing is raced: it trains all N steps on every example, and the report's
+race says so. Teachers are the parents by default.
 
 Headless models (embedding models: BertModel, a sentence-transformers
 checkpoint) have no task loss: every loss above is then the similarity
@@ -147,17 +150,23 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
     fuse_kw["pooling"] = data.pooling if data is not None else None  # headless models' reg auto
     if r["alignment"] == "auto" and holdout is not None:
         race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
-                    one_shot=lambda m: _evaluate(m, data, device, reference), reference=reference)
+                    one_shot=lambda m, name: _evaluate(m, data, device, reference,
+                                                       relabelled(progress, f"scoring {name} (eval split)")),
+                    reference=reference, progress=progress)
         model, trainer, report, one_shot = race.run(
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout), log)
         if trainer is not None:  # the winner continues on every training example
             trainer.use_data(data).run(r["finetune_steps"])
+        elif r["finetune_steps"]:  # nothing was raced: the one start trains all N steps, on every example
+            trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"])
         return model, report, trainer, holdout, one_shot
     alignment = _resolve_alignment(r["alignment"], anchor_m)
     log(f"fusing {len(parent_ms)} parent(s) ({alignment})")
     model = _fuse(fuse_anchor, parent_ms, alignment, calib, fuse_kw, r, progress,
                   weights=r["weights"], holdout=holdout)
-    one_shot = _evaluate(model, data, device, reference) if _trainable(data) else None
+    one_shot = None
+    if _trainable(data):
+        one_shot = _evaluate(model, data, device, reference, relabelled(progress, "scoring one-shot (eval split)"))
     # Held-out examples only chose reg (reg auto): training uses every example.
     trainer = ft.Trainer(model, data, **trainer_kw).run(r["finetune_steps"]) if r["finetune_steps"] else None
     return model, model.fusion_report, trainer, holdout, one_shot
@@ -336,30 +345,38 @@ class Race:
     """Every candidate start is built and scored one-shot on the held-out
     examples (task loss); with finetuning, the best of each group trains the
     first `steps` steps of its N-step run and is scored again. The lowest
-    held-out loss wins."""
+    held-out loss wins. With only one start to train (a fold target without an
+    anchor, or only the anchor-side starts) there is nothing to race: it is
+    returned untrained (trainer None) and the caller trains it all N steps."""
 
-    def __init__(self, train, holdout, trainer_kw, steps, one_shot=None, reference=None):
+    def __init__(self, train, holdout, trainer_kw, steps, one_shot=None, reference=None, progress=None):
         self.train, self.holdout, self.kw, self.steps = train, holdout, trainer_kw, steps
         self.one_shot = one_shot  # reported only (on the eval split), never used to choose
         self.reference = reference  # headless models: scored against these models' embeddings
+        self.progress = progress
         self.rows = []
 
-    def _loss(self, model):
-        return ft.evaluate(model, self.holdout, device=self.kw["device"], reference=self.reference)["loss"]
+    def _loss(self, model, name):
+        # The probe set is no held-out loss: it never chooses, so it is not scored here.
+        return ft.evaluate(model, self.holdout, device=self.kw["device"], reference=self.reference, probe=False,
+                           progress=relabelled(self.progress, f"race: scoring {name} (held out)"))["loss"]
 
     def run(self, entries, log=lambda msg: None):
-        device = self.kw["device"]
+        entries = list(entries)
         built = []
         for name, make, group in entries:
-            log(f"race: {name}")
+            log(f"race: {name}" if len(entries) > 1 else f"start: {name} (the only one possible)")
             t0 = time.perf_counter()
             model = make()
+            # A single start is chosen by nothing: no held-out scoring.
             row = {"candidate": name, "group": group,
-                   "one_shot_holdout_loss": self._loss(model),
-                   "one_shot": self.one_shot(model) if self.one_shot else None,
+                   "one_shot_holdout_loss": self._loss(model, name) if len(entries) > 1 else None,
+                   "one_shot": self.one_shot(model, name) if self.one_shot else None,
                    "seconds": time.perf_counter() - t0}
             self.rows.append(row)
             built.append((row, model))
+        if len(built) == 1:
+            return self._result(*built[0], None, "only candidate", steps=0)
         if self.kw["steps"] == 0:
             row, model = min(built, key=lambda b: b[0]["one_shot_holdout_loss"])
             return self._result(row, model, None, "one_shot_holdout_loss")
@@ -368,23 +385,40 @@ class Race:
             g = row["group"]
             if g not in best or row["one_shot_holdout_loss"] < best[g][0]["one_shot_holdout_loss"]:
                 best[g] = (row, model)
+        if len(best) == 1:  # one group: the one-shot loss chose; racing it alone would choose nothing
+            return self._result(*next(iter(best.values())), None, "one_shot_holdout_loss", steps=0)
         trained = []
         for row, model in best.values():
             t0 = time.perf_counter()
             trainer = ft.Trainer(model, self.train, **self.kw).run(self.steps)
-            row["holdout_loss"] = self._loss(model)
+            row["holdout_loss"] = self._loss(model, row["candidate"])
             row["seconds"] += time.perf_counter() - t0
             trained.append((row, model, trainer))
         row, model, trainer = min(trained, key=lambda b: b[0]["holdout_loss"])
-        return self._result(row, model, trainer, "holdout_loss", extra=self.steps * (len(trained) - 1))
+        # The steps the losers trained (the winner's race steps are part of its N).
+        extra = sum(t.done for r, _, t in trained if r is not row)
+        return self._result(row, model, trainer, "holdout_loss", extra=extra)
 
-    def _result(self, row, model, trainer, key, extra=0):
+    def _result(self, row, model, trainer, key, extra=0, steps=None):
+        """(model, trainer or None, report, one-shot metrics). `steps` 0: no
+        start trained in the race; the one returned trains all N steps."""
         fusion = getattr(model, "fusion_report", None)
         report = dict(fusion) if fusion else {"schema": _schema(), "options": {"alignment": "anchor"}}
-        report["race"] = {"winner": row["candidate"], "chosen_by": key, "steps_each": self.steps,
+        report["race"] = {"winner": row["candidate"], "chosen_by": key,
+                          "steps_each": self.steps if steps is None else steps,
                           "holdout_examples": _n(self.holdout), "extra_steps": extra,
                           "candidates": self.rows}
+        if steps == 0 and (key == "only candidate" or self.kw["steps"]):
+            why = "the only start possible" if key == "only candidate" else \
+                "the only kind of start (chosen one-shot on the held-out examples)"
+            trained = f"; it trained all {self.kw['steps']} steps" if self.kw["steps"] else ""
+            report["race"]["note"] = f"no race: {row['candidate']} is {why}{trained}"
         return model, trainer, report, row["one_shot"]
+
+
+def relabelled(progress, stage):
+    """`progress` under a stage of the caller's naming (None stays None)."""
+    return None if progress is None else (lambda _stage, done, total: progress(stage, done, total))
 
 
 def _schema():
@@ -424,31 +458,27 @@ def _n(data):
     return None if data is None else data.num_examples("eval")
 
 
-def _evaluate(model, data, device, reference=None):
+def _evaluate(model, data, device, reference=None, progress=None):
     """Held-out figures: the data's fixed eval split, never trained on (training
-    and the race's held-out tenth use the train split), as `finetune` reports."""
-    return {**ft.evaluate(model, data, split="eval", device=device, reference=reference), "split": "eval",
-            "examples": data.num_examples("eval")}
+    and the race's held-out tenth use the train split), as `finetune` reports.
+    `progress(stage, done, total)` hears every batch scored."""
+    return {**ft.evaluate(model, data, split="eval", device=device, reference=reference, progress=progress),
+            "split": "eval", "examples": data.num_examples("eval")}
 
 
 def _metrics(anchor_m, model, one_shot, data, r, device, reference=None, progress=None):
     """Anchor, one-shot and final metrics on the data's eval split; `progress`
-    hears each model scored."""
+    hears every batch scored, under the model's name."""
     if not _trainable(data):
         return {}
-    total, done = (anchor_m is not None) + bool(r["finetune_steps"]), []
-
-    def score(m):
-        result = _evaluate(m, data, device, reference)
-        done.append(m)
-        if progress:
-            progress("scoring (eval split)", len(done), total)
-        return result
-    metrics = {} if anchor_m is None else {"anchor": score(anchor_m)}
+    score = lambda m, name: _evaluate(m, data, device, reference,  # noqa: E731
+                                      relabelled(progress, f"scoring {name} (eval split)"))
+    metrics = {} if anchor_m is None else {"anchor": score(anchor_m, "anchor")}
     if one_shot is not None:
         metrics["fused (one-shot)"] = one_shot
     if r["finetune_steps"]:
-        metrics[f"fused + {r['finetune_steps']} steps"] = score(model)
+        name = f"fused + {r['finetune_steps']} steps"
+        metrics[name] = score(model, name)
     return metrics
 
 
