@@ -32,9 +32,10 @@ def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_a_single_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
-    """No anchor: the fold is the only start. It trains N steps on every
-    example, exactly as an explicit fold does, and nothing is held-out scored."""
+def test_a_single_kind_of_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
+    """No anchor: the fold and the prune of the parents are the only starts, one
+    kind. The one-shot held-out loss chooses; the choice trains N steps on every
+    example, exactly as an explicit run of that alignment does."""
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     target = {"hidden": 16, "heads": 2, "intermediate": 32}
     recipe = {"finetune_steps": 6, "batch_size": 32, "samples": 64}
@@ -42,13 +43,12 @@ def test_a_single_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
     model, report = pipeline.run(None, parents, recipe, target=target, data=digits)
     race = report["race"]
     assert len(steps) == 6 and report["finetune"]["steps"] == 6
-    assert race["steps_each"] == 0 and race["extra_steps"] == 0 and race["chosen_by"] == "only candidate"
-    assert race["note"].startswith("no race: fold: all parents is the only start possible")
-    assert race["candidates"][0]["one_shot_holdout_loss"] is None
-    fold, _ = pipeline.run(None, parents, {**recipe, "alignment": "fold"}, target=target, data=digits)
-    assert torch.equal(_params(model), _params(fold))
-    _, report = pipeline.run(None, parents, {**recipe, "finetune_steps": 0}, target=target, data=digits)
-    assert report["race"]["note"] == "no race: fold: all parents is the only start possible"
+    assert race["steps_each"] == 0 and race["extra_steps"] == 0 and race["chosen_by"] == "one_shot_holdout_loss"
+    assert "only kind of start" in race["note"] and "trained all 6 steps" in race["note"]
+    assert {c["candidate"] for c in race["candidates"]} == {"fold: all parents", "prune: all parents"}
+    chosen = race["winner"].split(":")[0]
+    explicit, _ = pipeline.run(None, parents, {**recipe, "alignment": chosen}, target=target, data=digits)
+    assert torch.equal(_params(model), _params(explicit))
 
 
 def test_one_kind_of_start_is_chosen_one_shot_and_trains_all_steps(digits, monkeypatch, tmp_path):
@@ -187,8 +187,8 @@ def test_cli_says_a_single_start_was_not_raced(tmp_path, capsys):
                                "--out", tmp_path / "small")])
     err = capsys.readouterr().err
     assert e.value.code == 0, err
-    assert "not raced" in err and "no race: fold: all parents is the only start possible; it trained all 3 " \
-        "steps" in err and "starting-point race" not in err
+    assert "not raced" in err and "only kind of start" in err and "it trained all 3 steps" in err
+    assert "starting-point race" not in err
 
 
 def test_no_probe_for_a_tokenizer_that_does_not_know_english(tmp_path):
