@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from otcompress import recipes
+from otcompress.options import BY_NAME as OPTIONS
 from otcompress.errors import InvalidOptionError, OTCompressError
 
 # Options that take several values after one flag (`--parents a b c`).
@@ -129,12 +130,8 @@ def resolve_device(device):
 FORCE_HELP = ("Replace --out if otcompress wrote it (never a file or directory it did not write, "
               "nor an input).")
 
-POOLING_HELP = ("Headless (embedding) models: how embeddings are pooled [default: the checkpoint's "
-                "sentence-transformers pooling, else mean (cls for ViT)].")
-
-
 def pooling_option(f):
-    return click.option("--pooling", type=click.Choice(recipes.CHOICES["pooling"]), help=POOLING_HELP)(f)
+    return click.option("--pooling", type=click.Choice(OPTIONS["pooling"].choices), help=OPTIONS["pooling"].help)(f)
 
 
 def remote_code_option(f):
@@ -163,14 +160,15 @@ class Bounded(click.ParamType):
         return v
 
 
-def _range(key, kind):
-    test, wanted = recipes.RANGES[key]
-    return Bounded(kind, test, wanted)
+def _range(key):
+    """The click type of a numeric option's values, from its declaration."""
+    opt = OPTIONS[key]
+    return Bounded(opt.type, opt.check, opt.wanted)
 
 
 COUNT = Bounded(int, lambda v: v >= 1, "an integer >= 1")
 MAX_STEPS = 10**8  # a hundred million steps: beyond any budget, so a larger number is a typo
-STEPS = Bounded(int, lambda v: recipes.RANGES["finetune_steps"][0](v) and v <= MAX_STEPS,
+STEPS = Bounded(int, lambda v: OPTIONS["finetune_steps"].check(v) and v <= MAX_STEPS,
                 f"an integer in [0, {MAX_STEPS:_}]")
 POSITIVE = Bounded(float, lambda v: v > 0, "a finite number > 0")
 NON_NEGATIVE = Bounded(float, lambda v: v >= 0, "a finite number >= 0")
@@ -190,14 +188,18 @@ class OneName(click.Option):
 
 
 def recipe_option(*decls, key, **kw):
-    """A fuse option for recipe key `key`: its choices or range, and the recipe
-    default shown in --help (the flag itself defaults to None, so a profile's
-    value is only replaced by a flag the user gives)."""
-    default = recipes.defaults()[key]
-    if key in recipes.CHOICES and "type" not in kw:
-        kw["type"] = click.Choice(recipes.CHOICES[key])
-    if default is not None:  # click would put a string show_default in parentheses
-        shown = ("on" if default else "off") if isinstance(default, bool) else default
+    """A fuse option for recipe key `key`: its choices or range, help text and
+    the recipe default shown in --help, all from `options.OPTIONS` (the flag
+    itself defaults to None, so a profile's value is only replaced by a flag
+    the user gives)."""
+    opt = OPTIONS[key]
+    if opt.choices and "type" not in kw:
+        kw["type"] = click.Choice(opt.choices)
+    if opt.check and opt.type in (int, float) and "type" not in kw:
+        kw["type"] = _range(key)
+    kw.setdefault("help", opt.help)
+    if opt.default is not None:  # click would put a string show_default in parentheses
+        shown = ("on" if opt.default else "off") if isinstance(opt.default, bool) else opt.default
         kw["help"] = f"{kw.get('help', '')}  [default: {shown}]".strip()
     return click.option(*decls, key, **kw)
 
@@ -246,49 +248,34 @@ def cli():
 @click.option("--parents", multiple=True, required=True, help="One or more wider parent models.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--profile", "profile_name", help="A recipe: a name from `otcompress profiles` or a YAML file.")
-@recipe_option("--alignment", key="alignment",
-               help="auto: race the starting points on held-out data; fold: cluster "
-                    "the parents into the anchor's widths.")
+@recipe_option("--alignment", key="alignment")
 @click.option("--hidden", type=COUNT, help="Fold target hidden size (no --anchor: the first parent's architecture).")
 @click.option("--heads", type=COUNT, help="Fold target number of attention heads.")
 @click.option("--intermediate", type=COUNT, help="Fold target MLP width.")
 @click.option("--kv-heads", type=COUNT, help="Fold target key/value heads (grouped-query attention).")
 @click.option("--layers", type=COUNT, help="Fold target depth: fewer blocks than the parents "
               "(each parent is depth-mapped: its most influential blocks are kept, in order).")
-@recipe_option("--solver", key="solver", help="sinkhorn: soft maps (--reg); emd: exact OT (takes no --reg).")
-@recipe_option("--reg", key="reg", help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep).")
-@recipe_option("--max-iter", key="max_iter", type=_range("max_iter", int),
-               help="Sinkhorn sweeps per transport map before it counts as unconverged.")
-@recipe_option("--residual", key="residual",
-               help="Residual joins: how the skip path's and the branch's transport maps combine: "
-                    "average them, or weight them by activation norms, one weight per join (scalar) or "
-                    "per unit (matrix); these two need --data.")
-@recipe_option("--weights", key="weights", multiple=True, type=Bounded(float, lambda v: v >= 0, "a finite number >= 0"),
-               help="Mixing weights, anchor first [default: uniform].")
-@recipe_option("--qk", key="qk", help="Q/K transport maps (auto: shared with emd, else separate).")
-@recipe_option("--token-filter", key="token_filter", help="ViT activations: window_N or only_cls [default: every token].")
-@recipe_option("--activation-dtype", key="activation_dtype",
-               help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs).")
-@recipe_option("--head-alignment", key="head_alignment",
-               help="cross: one map over all Q/K/V units; aware: heads matched first, then units.")
-@recipe_option("--on-unconverged", key="on_unconverged",
-               help="A Sinkhorn map that misses its tolerance: fail, or keep it, flagged.")
-@recipe_option("--on-uniform", key="on_uniform", help="A map that went nearly uniform (reg too large).")
-@recipe_option("--cost-norm", key="cost_norm",
-               help="Cost normalisation: gap (reg relative to a unit's best-match gap) or max.")
-@recipe_option("--repair/--no-repair", key="repair", default=None,
-               help="Restore unit statistics (REPAIR) after fusing.")
-@recipe_option("--distill/--no-distill", key="distill", default=None, help="Distil from the parents while finetuning.")
-@recipe_option("--race-fraction", key="race_fraction", type=_range("race_fraction", float),
-               help="Share of the finetuning steps each raced start gets.")
-@recipe_option("--data", key="data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
-@recipe_option("--samples", key="samples", type=_range("samples", int),
-               help="Calibration examples for activation statistics.")
-@recipe_option("--pooling", key="pooling", help=POOLING_HELP)
-@recipe_option("--steps", "--finetune-steps", key="finetune_steps", cls=OneName, type=STEPS,
-               help="Brief recovery training steps (0 = none; --finetune-steps is an old name).")
-@recipe_option("--lr", key="lr", type=_range("lr", float), help="Finetuning learning rate.")
-@recipe_option("--batch-size", key="batch_size", type=_range("batch_size", int))
+@recipe_option("--solver", key="solver")
+@recipe_option("--reg", key="reg")
+@recipe_option("--max-iter", key="max_iter")
+@recipe_option("--residual", key="residual")
+@recipe_option("--weights", key="weights", multiple=True, type=NON_NEGATIVE)
+@recipe_option("--qk", key="qk")
+@recipe_option("--token-filter", key="token_filter")
+@recipe_option("--activation-dtype", key="activation_dtype")
+@recipe_option("--head-alignment", key="head_alignment")
+@recipe_option("--on-unconverged", key="on_unconverged")
+@recipe_option("--on-uniform", key="on_uniform")
+@recipe_option("--cost-norm", key="cost_norm")
+@recipe_option("--repair/--no-repair", key="repair", default=None)
+@recipe_option("--distill/--no-distill", key="distill", default=None)
+@recipe_option("--race-fraction", key="race_fraction")
+@recipe_option("--data", key="data")
+@recipe_option("--samples", key="samples")
+@recipe_option("--pooling", key="pooling")
+@recipe_option("--steps", "--finetune-steps", key="finetune_steps", cls=OneName, type=STEPS)
+@recipe_option("--lr", key="lr")
+@recipe_option("--batch-size", key="batch_size")
 @recipe_option("--seed", key="seed", type=int)
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
@@ -443,11 +430,12 @@ Examples:
 @click.option("--steps", type=STEPS, required=True, help="Training steps.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--teachers", multiple=True, help="Distil from these models (same output space).")
-@click.option("--distill-alpha", type=_range("distill_alpha", float), default=0.5, show_default=True)
+@click.option("--distill-alpha", type=_range("distill_alpha"), default=OPTIONS["distill_alpha"].default,
+              show_default=True)
 @click.option("--temperature", type=POSITIVE, default=2.0, show_default=True)
-@click.option("--lr", type=_range("lr", float), default=1e-3, show_default=True)
-@click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=_range("lr"), default=OPTIONS["lr"].default, show_default=True)
+@click.option("--batch-size", type=_range("batch_size"), default=OPTIONS["batch_size"].default, show_default=True)
+@click.option("--seed", type=int, default=OPTIONS["seed"].default, show_default=True)
 @pooling_option
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
