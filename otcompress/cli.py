@@ -16,8 +16,8 @@ import sys
 import click
 
 from otcompress import recipes
-from otcompress.cli_types import (COUNT, FORCE_HELP, NON_NEGATIVE, POSITIVE, STEPS, OneName, bounded, common,
-                                  device_option, expand_multi_value, pooling_option, recipe_option,
+from otcompress.cli_types import (COUNT, FORCE_HELP, NON_NEGATIVE, POSITIVE, STEPS, bounded, common,
+                                  device_option, expand_multi_value, pooling_option, recipe_options,
                                   remote_code_option, resolve_device, resolve_recipe)
 from otcompress.cli_ui import (UI, USER_ERRNOS, Signalled, failer, flag_non_finite, handle_signals, internal_error,
                                metrics_table, passive_openmp, profile_row, quiet_hf, restore_signals,
@@ -73,35 +73,13 @@ def cli():
 @click.option("--parents", multiple=True, required=True, help="One or more wider parent models.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--profile", "profile_name", help="A recipe: a name from `otcompress profiles` or a YAML file.")
-@recipe_option("--alignment", key="alignment")
 @click.option("--hidden", type=COUNT, help="Fold target hidden size (no --anchor: the first parent's architecture).")
 @click.option("--heads", type=COUNT, help="Fold target number of attention heads.")
 @click.option("--intermediate", type=COUNT, help="Fold target MLP width.")
 @click.option("--kv-heads", type=COUNT, help="Fold target key/value heads (grouped-query attention).")
 @click.option("--layers", type=COUNT, help="Fold target depth: fewer blocks than the parents "
               "(each parent is depth-mapped: its most influential blocks are kept, in order).")
-@recipe_option("--solver", key="solver")
-@recipe_option("--reg", key="reg")
-@recipe_option("--max-iter", key="max_iter")
-@recipe_option("--residual", key="residual")
-@recipe_option("--weights", key="weights", multiple=True, type=NON_NEGATIVE)
-@recipe_option("--qk", key="qk")
-@recipe_option("--token-filter", key="token_filter")
-@recipe_option("--activation-dtype", key="activation_dtype")
-@recipe_option("--head-alignment", key="head_alignment")
-@recipe_option("--on-unconverged", key="on_unconverged")
-@recipe_option("--on-uniform", key="on_uniform")
-@recipe_option("--cost-norm", key="cost_norm")
-@recipe_option("--repair/--no-repair", key="repair", default=None)
-@recipe_option("--distill/--no-distill", key="distill", default=None)
-@recipe_option("--race-fraction", key="race_fraction")
-@recipe_option("--data", key="data")
-@recipe_option("--samples", key="samples")
-@recipe_option("--pooling", key="pooling")
-@recipe_option("--steps", "--finetune-steps", key="finetune_steps", cls=OneName, type=STEPS)
-@recipe_option("--lr", key="lr")
-@recipe_option("--batch-size", key="batch_size")
-@recipe_option("--seed", key="seed", type=int)
+@recipe_options
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
 @remote_code_option

@@ -96,12 +96,28 @@ class OneName(click.Option):
             self.opts = names
 
 
+# What click needs beyond a recipe key's declaration (`options.OPTIONS`).
+_CLICK = {"weights": dict(multiple=True, type=NON_NEGATIVE),
+          "finetune_steps": dict(cls=OneName, type=STEPS),  # --finetune-steps: an old name, not shown
+          "seed": dict(type=int)}
+
+
+def recipe_options(f):
+    """Every recipe key's `fuse` flag (`Option.cli_flags`), in the table's
+    order: its choices or range, help text and the recipe default shown in
+    --help, all from `options.OPTIONS`. A flag itself defaults to None, so a
+    profile's value is only replaced by a flag the user gives."""
+    for opt in reversed([o for o in OPTIONS.values() if o.cli_flags]):  # click lists the last decorator last
+        f = recipe_option(*opt.cli_flags, key=opt.name, **_CLICK.get(opt.name, {}))(f)
+    return f
+
+
 def recipe_option(*decls, key, **kw):
-    """A fuse option for recipe key `key`: its choices or range, help text and
-    the recipe default shown in --help, all from `options.OPTIONS` (the flag
-    itself defaults to None, so a profile's value is only replaced by a flag
-    the user gives)."""
+    """The flag `decls` of recipe key `key` (see `recipe_options`)."""
     opt = OPTIONS[key]
+    if opt.type is bool and "/" not in decls[0]:  # --repair/--no-repair
+        decls = (f"{decls[0]}/--no-{decls[0][2:]}", *decls[1:])
+        kw.setdefault("default", None)
     if opt.choices and "type" not in kw:
         kw["type"] = click.Choice(opt.choices)
     if opt.check and opt.type in (int, float) and "type" not in kw:

@@ -27,7 +27,8 @@ class Option:
     a range test and what it asks for (said in errors). `recipe`: a YAML
     recipe key; `fuse`: a keyword of `fusion.fuse`; `passed`: the workflow
     hands the recipe's value to `fuse` unchanged; `report`: listed in the
-    fusion report's options."""
+    fusion report's options. `flags`: a recipe key's `otcompress fuse`
+    flags (empty: `--name-with-dashes`; None: no flag)."""
     name: str
     type: object = object
     default: object = None
@@ -40,6 +41,14 @@ class Option:
     passed: bool = False
     report: bool = False
     fuse_default: object = _SAME
+    flags: tuple | None = ()
+
+    @property
+    def cli_flags(self) -> tuple:
+        """The `otcompress fuse` flags of a recipe key (none for other options)."""
+        if not self.recipe or self.flags is None:
+            return ()
+        return self.flags or ("--" + self.name.replace("_", "-"),)
 
     @property
     def fuse_value(self):
@@ -106,13 +115,13 @@ OPTIONS = (
     _api("trust_remote_code", False),
     _api("progress"),
     _api("device"),
-    _run("finetune_steps", int, 0, check=lambda v: v >= 0, wanted="an integer >= 0",
+    _run("finetune_steps", int, 0, flags=("--steps", "--finetune-steps"), check=lambda v: v >= 0, wanted="an integer >= 0",
          help="Brief recovery training steps (0 = none; --finetune-steps is an old name)."),
     _run("lr", float, 1e-3, check=lambda v: _finite(v) and v > 0, wanted="a finite number > 0",
          help="Finetuning learning rate."),
     _run("batch_size", int, 64, check=lambda v: v >= 1, wanted="an integer >= 1"),
     _run("distill", bool, True, help="Distil from the parents while finetuning."),  # teachers = the parents
-    _run("distill_alpha", float, 0.5, check=lambda v: _finite(v) and 0 <= v <= 1, wanted="a number in [0, 1]"),
+    _run("distill_alpha", float, 0.5, flags=None, check=lambda v: _finite(v) and 0 <= v <= 1, wanted="a number in [0, 1]"),
     _run("race_fraction", float, 0.5, check=lambda v: _finite(v) and 0 < v <= 1, wanted="a number in (0, 1]",
          help="Share of the finetuning steps each raced start gets."),
 )

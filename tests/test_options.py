@@ -39,3 +39,13 @@ def test_transport_needs_no_yaml():
         {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"yaml", "otcompress.recipes"}
     assert "yaml" not in pathlib.Path(options.__file__).read_text()
+
+
+def test_fuse_flags_are_generated_from_the_recipe_keys():
+    from otcompress.cli import cli
+    params = {p.name: p for p in cli.commands["fuse"].params}
+    assert set(options.RECIPE_KEYS) - set(params) == {"distill_alpha"}  # declared without a flag
+    for o in options.OPTIONS:
+        if o.cli_flags:
+            assert params[o.name].opts[0] == o.cli_flags[0], o.name
+            assert o.help in (params[o.name].help or ""), o.name
