@@ -10,7 +10,6 @@ import itertools
 import math
 import platform
 import time
-import types
 import warnings
 from contextlib import contextmanager
 
@@ -20,7 +19,7 @@ from otcompress import activations, architectures, depth, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
-from otcompress.options import BY_NAME, CHOICES, FUSE_OPTIONS, REPORTED
+from otcompress.options import BY_NAME, CHOICES, FUSE_OPTIONS, REPORTED, FuseOptions
 
 # The options are declared once, in `options` (`fuse`'s signature is tested against it);
 # "auto" alignment is the workflow's race.
@@ -153,7 +152,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
     t_start = time.perf_counter()
-    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
+    o = FuseOptions(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     parents = _as_list(parents)
     o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.

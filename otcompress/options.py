@@ -8,7 +8,7 @@ module (no YAML, no torch): the engine's tensor code may import it."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Callable
 
 from otcompress.errors import InvalidOptionError
@@ -135,6 +135,12 @@ FUSE_OPTIONS = tuple(o.name for o in OPTIONS if o.fuse)  # fusion.fuse's keyword
 FUSE_DEFAULTS = {o.name: o.fuse_value for o in OPTIONS if o.fuse}
 PASSED = tuple(o.name for o in OPTIONS if o.passed)  # recipe values the workflow gives fuse as they are
 REPORTED = tuple(o.name for o in OPTIONS if o.report)  # the fusion report's options
+
+# `fusion.fuse`'s options as one object (`o.reg`, `o.data`, ...): its fields are the `fuse` options
+# with `fuse`'s defaults; the engine resolves some in place (reg None -> a value, data -> reiterable).
+FuseOptions = make_dataclass(
+    "FuseOptions", [(n, object, field(default=FUSE_DEFAULTS[n])) for n in FUSE_OPTIONS])
+FuseOptions.__module__ = __name__
 
 
 def defaults() -> dict:

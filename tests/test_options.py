@@ -49,3 +49,8 @@ def test_fuse_flags_are_generated_from_the_recipe_keys():
         if o.cli_flags:
             assert params[o.name].opts[0] == o.cli_flags[0], o.name
             assert o.help in (params[o.name].help or ""), o.name
+
+
+def test_fuse_options_type_has_fuses_defaults():
+    o = options.FuseOptions()
+    assert {f.name: getattr(o, f.name) for f in dataclasses.fields(o)} == options.FUSE_DEFAULTS
