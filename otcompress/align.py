@@ -24,6 +24,7 @@ import torch
 from otcompress import fold, transport
 from otcompress.repair import is_statistic
 from otcompress.errors import IncompatibleModelsError, SolverError
+from otcompress.options import BY_NAME as _D
 from otcompress.flowgraph import ArchSpec, Combine, Heads, In, Out, Share, Solve, Split, out_slot, part_of
 
 MODES = ("ot", "fold", "prune")
@@ -31,16 +32,18 @@ MODES = ("ot", "fold", "prune")
 
 @dataclass
 class AlignOptions:
-    solver: str = "sinkhorn"
-    reg: float = 0.02
-    cost_norm: str = "gap"
-    max_iter: int = 5000
-    tol: float = 1e-6
+    """The engine's share of the fusion options; defaults from `options`
+    (reg: the recipes' fixed default, `fuse` resolves None before this)."""
+    solver: str = _D["solver"].default
+    reg: float = _D["reg"].default
+    cost_norm: str = _D["cost_norm"].default
+    max_iter: int = _D["max_iter"].default
+    tol: float = _D["tol"].default
     mode: str = "ot"  # or "fold" / "prune": maps from the parent alone (_Folder)
-    seed: int = 0  # k-means seeding in fold mode
-    head_alignment: str = "cross"  # "cross": one map over all Q (K, V) units; "aware": heads first
-    on_unconverged: str = "raise"  # or "warn": keep the plan, flag it in the report
-    on_uniform: str = "warn"  # a near-uniform map (all information lost): "warn" or "raise"
+    seed: int = _D["seed"].default  # k-means seeding in fold mode
+    head_alignment: str = _D["head_alignment"].default  # "cross": one map over all Q (K, V) units; "aware": heads first
+    on_unconverged: str = _D["on_unconverged"].default  # or "warn": keep the plan, flag it in the report
+    on_uniform: str = _D["on_uniform"].default  # a near-uniform map (all information lost): "warn" or "raise"
     device: object = None  # where maps are computed; None: where the anchor lives (a fold target may be meta)
 
 

@@ -1,4 +1,6 @@
-"""The otcompress command line: a thin shell over the Python API.
+"""The otcompress command line: a thin shell over the Python API (the
+commands here; their click pieces in `cli_types`, what they show and the
+process's signals in `cli_ui`, the fusion summary in `summary`).
 
 Exit codes: 0 success; 2 a user error (bad input, bad option, incompatible
 models); 3 a validation gate failed; 1 an internal error; 130 interrupted
@@ -7,199 +9,24 @@ on stdout, whose `path` names what was written; logs and progress go to
 stderr."""
 from __future__ import annotations
 
-import errno
-import json
-import math
 import os
 import signal
 import sys
-import threading
-import warnings
-from pathlib import Path
 
 import click
 
 from otcompress import recipes
+from otcompress.cli_types import (COUNT, FORCE_HELP, NON_NEGATIVE, POSITIVE, STEPS, bounded, common,
+                                  device_option, expand_multi_value, pooling_option, recipe_options,
+                                  remote_code_option, resolve_device, resolve_recipe)
+from otcompress.cli_ui import (UI, USER_ERRNOS, Signalled, failer, flag_non_finite, handle_signals, internal_error,
+                               metrics_table, passive_openmp, profile_row, quiet_hf, restore_signals,
+                               route_warnings, short_names, unroute_warnings)
 from otcompress.errors import InvalidOptionError, OTCompressError
+from otcompress.options import BY_NAME as OPTIONS
+from otcompress.summary import fusion_summary
 
-# Options that take several values after one flag (`--parents a b c`).
-MULTI_VALUE = ("--parents", "--teachers", "--weights", "--reference")
-
-
-class UI:
-    """Everything the CLI shows: rich on stderr (plain text when not a terminal),
-    tables or exactly one JSON object on stdout."""
-
-    def __init__(self, quiet=False, as_json=False):
-        from rich.console import Console
-        self.quiet, self.as_json = quiet, as_json
-        # soft_wrap: a log line is one line, also in a pipe (rich's width is 80 there).
-        self.err = Console(stderr=True, quiet=quiet, soft_wrap=True)
-        self.out = Console(stderr=as_json)  # with --json, tables go to stderr too
-        global _SHOWN_BY
-        _SHOWN_BY = self  # `main` routes the library's warnings here: one line each, silenced by -q
-
-    def log(self, msg):
-        self.err.print(msg, highlight=False)
-
-    def _warning(self, message, category, *_args, **_kw):
-        self.err.print(f"[yellow]warning:[/yellow] {str(message).removeprefix('otcompress: ')}",
-                       highlight=False)
-
-    def progress(self):
-        return _Progress(self.err, self.quiet)
-
-    def table(self, title, columns, rows, left=1):
-        """The result: on stdout even with -q (which silences logs and progress);
-        with --json on stderr, where -q silences it. The first `left` columns
-        are text (left-aligned), the others numbers."""
-        from rich.table import Table
-        t = Table(title=title)
-        # The first column names the rows: fold it onto more lines rather than cut it.
-        for i, c in enumerate(columns):
-            t.add_column(c, justify="left" if i < left else "right", overflow="fold" if i == 0 else "ellipsis")
-        for r in rows:
-            t.add_row(*[_cell(v) for v in r])
-        (self.err if self.as_json else self.out).print(t)
-
-    def result(self, obj):
-        if self.as_json:
-            click.echo(json.dumps(obj, default=str))
-
-
-class _Progress:
-    """Renders the library's progress callbacks (stage, done, total)."""
-
-    def __init__(self, console, quiet):
-        self.console, self.quiet, self.tasks, self.bar = console, quiet, {}, None
-
-    def __enter__(self):
-        # Not a terminal (a pipe, a log file): no bar, whose redraws would only be noise there.
-        if not self.quiet and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=self.console, transient=True)
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-    def __call__(self, stage, done, total=None, *_):
-        if not self.bar:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(str(stage), total=total)
-        self.bar.update(self.tasks[stage], completed=done, total=total)
-
-    def finetune(self, done, total, info=None):
-        self("finetune", done, total)
-
-
-def _cell(v):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def common(f):
-    f = click.option("--quiet", "-q", is_flag=True, help="No logs or progress on stderr (errors and the "
-                     "result still print).")(f)
-    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
-    return f
-
-
-def device_option(f):
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                        show_default=True, help="Where to run (auto picks CUDA when present).")(f)
-
-
-def resolve_device(device):
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidOptionError("--device cuda: no CUDA device available")
-    return device
-
-
-FORCE_HELP = ("Replace --out if otcompress wrote it (never a file or directory it did not write, "
-              "nor an input).")
-
-POOLING_HELP = ("Headless (embedding) models: how embeddings are pooled [default: the checkpoint's "
-                "sentence-transformers pooling, else mean (cls for ViT)].")
-
-
-def pooling_option(f):
-    return click.option("--pooling", type=click.Choice(recipes.CHOICES["pooling"]), help=POOLING_HELP)(f)
-
-
-def remote_code_option(f):
-    return click.option("--trust-remote-code", is_flag=True,
-                        help="DANGEROUS: run model code shipped with a model directory.")(f)
-
-
-class Bounded(click.ParamType):
-    """A finite int or float that passes `test`; `wanted` says what in errors
-    ("an integer >= 0"). NaN and infinity are never accepted."""
-
-    def __init__(self, kind, test, wanted):
-        self.kind, self.test, self.wanted = kind, test, wanted
-        self.name = "integer" if kind is int else "float"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, self.kind) and not isinstance(value, bool):
-            v = value
-        else:
-            try:
-                v = self.kind(value)
-            except (TypeError, ValueError):
-                self.fail(f"{value!r} is not {self.wanted}", param, ctx)
-        if not (math.isfinite(v) and self.test(v)):
-            self.fail(f"{value} is not {self.wanted}", param, ctx)
-        return v
-
-
-def _range(key, kind):
-    test, wanted = recipes.RANGES[key]
-    return Bounded(kind, test, wanted)
-
-
-COUNT = Bounded(int, lambda v: v >= 1, "an integer >= 1")
-MAX_STEPS = 10**8  # a hundred million steps: beyond any budget, so a larger number is a typo
-STEPS = Bounded(int, lambda v: recipes.RANGES["finetune_steps"][0](v) and v <= MAX_STEPS,
-                f"an integer in [0, {MAX_STEPS:_}]")
-POSITIVE = Bounded(float, lambda v: v > 0, "a finite number > 0")
-NON_NEGATIVE = Bounded(float, lambda v: v >= 0, "a finite number >= 0")
-
-
-class OneName(click.Option):
-    """An option whose help shows its first name only; the other names still
-    work (old spellings kept for compatibility)."""
-
-    def get_help_record(self, ctx):
-        names = self.opts
-        self.opts = names[:1]
-        try:
-            return super().get_help_record(ctx)
-        finally:
-            self.opts = names
-
-
-def recipe_option(*decls, key, **kw):
-    """A fuse option for recipe key `key`: its choices or range, and the recipe
-    default shown in --help (the flag itself defaults to None, so a profile's
-    value is only replaced by a flag the user gives)."""
-    default = recipes.defaults()[key]
-    if key in recipes.CHOICES and "type" not in kw:
-        kw["type"] = click.Choice(recipes.CHOICES[key])
-    if default is not None:  # click would put a string show_default in parentheses
-        shown = ("on" if default else "off") if isinstance(default, bool) else default
-        kw["help"] = f"{kw.get('help', '')}  [default: {shown}]".strip()
-    return click.option(*decls, key, **kw)
+__all__ = ["cli", "main", "expand_multi_value", "short_names", "UI"]  # what callers and tests import from here
 
 
 GROUP_EXAMPLES = """\b
@@ -246,50 +73,13 @@ def cli():
 @click.option("--parents", multiple=True, required=True, help="One or more wider parent models.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--profile", "profile_name", help="A recipe: a name from `otcompress profiles` or a YAML file.")
-@recipe_option("--alignment", key="alignment",
-               help="auto: race the starting points on held-out data; fold: cluster "
-                    "the parents into the anchor's widths.")
 @click.option("--hidden", type=COUNT, help="Fold target hidden size (no --anchor: the first parent's architecture).")
 @click.option("--heads", type=COUNT, help="Fold target number of attention heads.")
 @click.option("--intermediate", type=COUNT, help="Fold target MLP width.")
 @click.option("--kv-heads", type=COUNT, help="Fold target key/value heads (grouped-query attention).")
 @click.option("--layers", type=COUNT, help="Fold target depth: fewer blocks than the parents "
               "(each parent is depth-mapped: its most influential blocks are kept, in order).")
-@recipe_option("--solver", key="solver", help="sinkhorn: soft maps (--reg); emd: exact OT (takes no --reg).")
-@recipe_option("--reg", key="reg", help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep).")
-@recipe_option("--max-iter", key="max_iter", type=_range("max_iter", int),
-               help="Sinkhorn sweeps per transport map before it counts as unconverged.")
-@recipe_option("--residual", key="residual",
-               help="Residual joins: how the skip path's and the branch's transport maps combine: "
-                    "average them, or weight them by activation norms, one weight per join (scalar) or "
-                    "per unit (matrix); these two need --data.")
-@recipe_option("--weights", key="weights", multiple=True, type=Bounded(float, lambda v: v >= 0, "a finite number >= 0"),
-               help="Mixing weights, anchor first [default: uniform].")
-@recipe_option("--qk", key="qk", help="Q/K transport maps (auto: shared with emd, else separate).")
-@recipe_option("--token-filter", key="token_filter", help="ViT activations: window_N or only_cls [default: every token].")
-@recipe_option("--activation-dtype", key="activation_dtype",
-               help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs).")
-@recipe_option("--head-alignment", key="head_alignment",
-               help="cross: one map over all Q/K/V units; aware: heads matched first, then units.")
-@recipe_option("--on-unconverged", key="on_unconverged",
-               help="A Sinkhorn map that misses its tolerance: fail, or keep it, flagged.")
-@recipe_option("--on-uniform", key="on_uniform", help="A map that went nearly uniform (reg too large).")
-@recipe_option("--cost-norm", key="cost_norm",
-               help="Cost normalisation: gap (reg relative to a unit's best-match gap) or max.")
-@recipe_option("--repair/--no-repair", key="repair", default=None,
-               help="Restore unit statistics (REPAIR) after fusing.")
-@recipe_option("--distill/--no-distill", key="distill", default=None, help="Distil from the parents while finetuning.")
-@recipe_option("--race-fraction", key="race_fraction", type=_range("race_fraction", float),
-               help="Share of the finetuning steps each raced start gets.")
-@recipe_option("--data", key="data", help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir.")
-@recipe_option("--samples", key="samples", type=_range("samples", int),
-               help="Calibration examples for activation statistics.")
-@recipe_option("--pooling", key="pooling", help=POOLING_HELP)
-@recipe_option("--steps", "--finetune-steps", key="finetune_steps", cls=OneName, type=STEPS,
-               help="Brief recovery training steps (0 = none; --finetune-steps is an old name).")
-@recipe_option("--lr", key="lr", type=_range("lr", float), help="Finetuning learning rate.")
-@recipe_option("--batch-size", key="batch_size", type=_range("batch_size", int))
-@recipe_option("--seed", key="seed", type=int)
+@recipe_options
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
 @remote_code_option
@@ -300,7 +90,7 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, k
     """Fuse PARENTS into the ANCHOR's width; write a from_pretrained directory."""
     from otcompress import pipeline
     ui = UI(quiet, as_json)
-    recipe = _resolve_recipe(ctx, profile_name, flags)
+    recipe = resolve_recipe(ctx, profile_name, flags)
     widths = {k: v for k, v in (("hidden", hidden), ("heads", heads), ("intermediate", intermediate),
                                 ("kv_heads", kv_heads), ("layers", layers)) if v is not None}
     if anchor and widths:
@@ -326,89 +116,9 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, k
                  [[c["candidate"], c["one_shot_holdout_loss"], c.get("holdout_loss")] for c in race["candidates"]])
     metrics = report.get("metrics") or {}
     first = next(iter(metrics.values()), {})
-    _metrics_table(ui, metrics, first.get("split"), first.get("examples"))
+    metrics_table(ui, metrics, first.get("split"), first.get("examples"))
     # "path" names the written output in every command's JSON; "out" is kept for one release.
     ui.result({"path": str(out), "out": str(out), "report": report})
-
-
-def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> list[str]:
-    """What fusion did, in two lines: the start that won (or the alignment)
-    and its regulariser, then widths and parameters against the parents'.
-    `model`: the fused model, or the directory it was written to."""
-    from otcompress import architectures, modelio
-    o = report.get("options") or {}
-    race = report.get("race")
-    how = f"alignment {o.get('alignment')}"
-    if race:
-        how = f"start {race['winner']} " + ("(not raced: the only one to train)" if race.get("note") else
-                                            f"(race, by {race['chosen_by'].replace('_', ' ')})")
-    if o.get("alignment") in ("weights", "activations", "fold") and o.get("solver"):
-        reg = o.get("reg")
-        if o["solver"] == "emd":
-            how += ", solver emd (exact)"
-        elif report.get("reg_sweep"):
-            tried = [s["reg"] for s in report["reg_sweep"]]
-            how += f", solver sinkhorn, reg auto picked {reg:g} of {', '.join(f'{r:g}' for r in tried)}"
-        elif reg is not None:
-            how += f", solver sinkhorn, reg {reg:g}"
-    maps = sum(len(m) for m in report.get("transport_maps") or [])
-    if maps:
-        how += f"; {maps} transport maps"
-    if report.get("warnings"):
-        how += f", {len(report['warnings'])} warning(s)"
-    lines = [f"fused: {how}"]
-    parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
-    from otcompress.profiling import count_parameters
-    config = model.config if hasattr(model, "config") else modelio.load_config(model)
-    mine = count_parameters(model) if hasattr(model, "config") else _parameters_of(config)
-    theirs = [_parameters_of(c) for c in parent_cfgs]
-    widths = f"widths {architectures.describe_widths(config)} (parents: " + \
-        "; ".join(architectures.describe_widths(c) for c in parent_cfgs) + ")"
-    if mine and all(theirs):
-        ratio = ", ".join(f"{mine / t:.2f}x" for t in theirs)
-        widths += f", {mine:,} parameters = {ratio} the parent{'s' + chr(39) if len(theirs) > 1 else chr(39) + 's'}"
-    lines.append(widths)
-    return lines
-
-
-def _parameters_of(config):
-    """A model's parameter count from its config alone: the class its config
-    names, built on the meta device (nothing is allocated); None if unknown."""
-    try:
-        import torch
-        import transformers
-        from otcompress.profiling import count_parameters
-        cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
-        if cls is None:
-            return None
-        with torch.device("meta"):
-            return count_parameters(cls(config))
-    except Exception:  # noqa: BLE001 - a summary line only: no count rather than a failed run
-        return None
-
-
-def _resolve_recipe(ctx, profile_name, flags):
-    recipe = recipes.defaults()
-    if profile_name:
-        recipe.update(recipes.load_recipe(profile_name))
-    given = {k: v for k, v in flags.items()
-             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    if "weights" in given:
-        given["weights"] = list(given["weights"])
-    if "reg" in given and given["reg"] != "auto":
-        try:
-            given["reg"] = float(given["reg"])
-        except ValueError:
-            given["reg"] = None
-        if recipes.problem("reg", given["reg"]) or given["reg"] is None:
-            raise InvalidOptionError(f"--reg {flags['reg']}: use a finite regulariser reg > 0, or 'auto'")
-    recipe.update({k: v for k, v in given.items() if v is not None})
-    unused = recipes.ineffective(recipe, given)
-    if unused:
-        raise InvalidOptionError(f"--{unused[0].replace('_', '-')} {unused[1]}: drop it")
-    recipes.check_recipe(recipe, "options")
-    recipe["profile"] = profile_name
-    return recipe
 
 
 def _load_data(spec, model, model_path, seed, pooling=None):
@@ -420,18 +130,6 @@ def _check_pooling(pooling, model, trust_remote_code):
     """Before any weights are read: --pooling is for headless models only."""
     if pooling and not _headless(model, trust_remote_code):
         raise InvalidOptionError(f"--pooling applies to headless (embedding) models; {model} has a task head")
-
-
-def _metrics_table(ui, metrics, split=None, examples=None):
-    """`split` and `examples` (the data the metrics were measured on) add columns."""
-    if not metrics:
-        return
-    names = sorted({k for m in metrics.values() for k, v in m.items() if isinstance(v, float)})
-    given = [("split", split), ("examples", examples)]
-    extra = [c for c, v in given if v is not None]
-    values = [v for _, v in given if v is not None]
-    ui.table("metrics", ["model", *extra, *names],
-             [[n, *values, *(m.get(k) for k in names)] for n, m in metrics.items()])
 
 
 # ----------------------------------------------------------------------------- finetune / eval
@@ -447,11 +145,12 @@ Examples:
 @click.option("--steps", type=STEPS, required=True, help="Training steps.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory (parents are created).")
 @click.option("--teachers", multiple=True, help="Distil from these models (same output space).")
-@click.option("--distill-alpha", type=_range("distill_alpha", float), default=0.5, show_default=True)
+@click.option("--distill-alpha", type=bounded("distill_alpha"), default=OPTIONS["distill_alpha"].default,
+              show_default=True)
 @click.option("--temperature", type=POSITIVE, default=2.0, show_default=True)
-@click.option("--lr", type=_range("lr", float), default=1e-3, show_default=True)
-@click.option("--batch-size", type=_range("batch_size", int), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=bounded("lr"), default=OPTIONS["lr"].default, show_default=True)
+@click.option("--batch-size", type=bounded("batch_size"), default=OPTIONS["batch_size"].default, show_default=True)
+@click.option("--seed", type=int, default=OPTIONS["seed"].default, show_default=True)
 @pooling_option
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @device_option
@@ -480,14 +179,14 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     reference = teacher_ms if task.task == "feature-extraction" else None
     with ui.progress() as prog:
-        before = _flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(
+        before = flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(
             m, task, device=device, reference=reference, progress=relabelled(prog, "scoring before (eval split)")))
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
         if not main_process:
             return
-        after = _flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(
+        after = flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(
             m, task, device=device, reference=reference, progress=relabelled(prog, "scoring after (eval split)")))
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
@@ -503,7 +202,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         result["carried"] = outputs.carry_lineage(model, tmp, section, {
             f"before finetune ({data})": before, f"finetuned {summary['steps']} steps ({data})": after})
         outputs.write_json(tmp / "finetune_report.json", result)
-    _metrics_table(ui, result["metrics"], split="eval", examples=result["examples"])
+    metrics_table(ui, result["metrics"], split="eval", examples=result["examples"])
     ui.log(f"[green]wrote[/green] {out}")
     ui.result(result)
 
@@ -572,24 +271,11 @@ def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_r
     with ui.progress() as prog:
         scored = ft.evaluate(m, task, split=split, batch_size=batch_size, device=device, reference=refs,
                              progress=prog)
-    metrics = _flag_non_finite(ui, model, scored)
+    metrics = flag_non_finite(ui, model, scored)
     examples = task.num_examples(split)
-    _metrics_table(ui, {model: metrics}, split=split, examples=examples)
+    metrics_table(ui, {model: metrics}, split=split, examples=examples)
     ui.result({"model": model, "data": data, "split": split, "examples": examples,
                "reference": list(reference), **metrics})
-
-
-def _flag_non_finite(ui, name, metrics: dict) -> dict:
-    """A NaN/Inf loss means the model's outputs are not finite, and its other
-    figures mean nothing (the argmax of NaN logits is class 0): they are
-    blanked, `not_finite` names the culprits and a warning says so."""
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not bad:
-        return metrics
-    ui.log(f"[yellow]warning:[/yellow] {name}: {', '.join(bad)} not finite: the model's outputs are NaN/Inf "
-           "on this data, so no other figure is reported")
-    return {**{k: None if isinstance(v, float) and k not in bad else v for k, v in metrics.items()},
-            "not_finite": bad}
 
 
 def _headless(path, trust_remote_code) -> bool:
@@ -650,31 +336,8 @@ def profile(models, batch_size, seq_len, repeats, threads, no_onnx, trust_remote
     names = short_names(list(results))
     ui.table(f"profile (batch {batch_size}, {threads} thread(s), median of {repeats})",
              ["model", "params", "MFLOPs", "torch ms", "ORT ms", "disk MB"],
-             [_profile_row(names[p], r) for p, r in results.items()])
+             [profile_row(names[p], r) for p, r in results.items()])
     ui.result({"models": results})
-
-
-def short_names(paths: list[str]) -> dict[str, str]:
-    """Each path's shortest trailing run of components that no other path
-    shares (`runs/a/model`, `runs/b/model` -> `a/model`, `b/model`)."""
-    parts = {p: Path(p).parts or (str(p),) for p in paths}
-    names = {}
-    for p, own in parts.items():
-        for k in range(1, len(own) + 1):
-            tail = own[-k:]
-            if not any(q != p and parts[q][-k:] == tail for q in parts):
-                names[p] = str(Path(*tail))
-                break
-        else:
-            names[p] = str(p)
-    return names
-
-
-def _profile_row(path, r):
-    ort = r.get("latency_onnx") or {}
-    disk = r.get("size_on_disk_bytes")
-    return [path, r["parameters"], r["flops"]["flops"] / 1e6, r["latency_pytorch"]["median_ms"],
-            ort.get("median_ms"), disk / 1e6 if disk else None]
 
 
 @cli.command(epilog=EXPORT_EXAMPLES)
@@ -770,97 +433,14 @@ def profiles(quiet, as_json):
 
 # ----------------------------------------------------------------------------- entry point
 
-def expand_multi_value(argv: list[str]) -> list[str]:
-    """`--parents a b c` -> `--parents a --parents b --parents c`: Click's
-    options take one value per flag."""
-    out, current = [], None
-    for arg in argv:
-        if arg.startswith("-") and not _is_number(arg):
-            name = arg.split("=", 1)[0]
-            current = name if name in MULTI_VALUE and "=" not in arg else None
-            out.append(arg)
-        elif current is not None and out[-1] != current:
-            out += [current, arg]
-        else:
-            out.append(arg)
-    return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _passive_openmp():
-    # Spinning OpenMP workers wait for a core another process holds: on a shared
-    # 2-core machine that made fusion 3x slower. Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def _quiet_hf():
-    # Hugging Face's own progress bars would interleave with ours on stderr.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if "transformers" in sys.modules:  # already imported: the env vars came too late
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-
-
-class Signalled(BaseException):
-    """SIGINT or SIGTERM arrived: unwinds like Ctrl-C (staged outputs are
-    removed on the way out), then the process exits 128 + the signal number.
-    A BaseException of its own, so that neither `except Exception` in the
-    library nor click (which turns KeyboardInterrupt into Abort) swallows it."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_signalled(signum, frame):
-    raise Signalled(signum)
-
-
-def _handle_signals():
-    """Install the SIGINT/SIGTERM handlers (main thread only); returns the
-    previous handlers, for `_restore_signals`."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, _raise_signalled) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signals(previous):
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-_SHOWN_BY = None  # the UI of the command that runs (main routes warnings to it)
-
-
-def _warnings_to_ui(previous):
-    """A `warnings.showwarning` that prints through the running command's UI
-    (before one exists, as `previous` did)."""
-    def show(message, category, filename, lineno, file=None, line=None):
-        if _SHOWN_BY is None:
-            return previous(message, category, filename, lineno, file, line)
-        _SHOWN_BY._warning(message, category)
-    return show
-
-
 def main(argv=None):
-    _passive_openmp()
+    passive_openmp()
     argv = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
-    _quiet_hf()
+    quiet_hf()
     debug = bool(os.environ.get("OTCOMPRESS_DEBUG"))
-    fail = _failer("--json" in argv)
-    previous = _handle_signals()
-    shown = warnings.showwarning
-    warnings.showwarning = _warnings_to_ui(shown)
+    fail = failer("--json" in argv)
+    previous = handle_signals()
+    shown = route_warnings()
     try:
         cli.main(args=argv, prog_name="otcompress", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -878,39 +458,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail("error: interrupted", 130)
     except OSError as e:
-        if e.errno not in _USER_ERRNOS:
-            _internal(e, debug, fail)
+        if e.errno not in USER_ERRNOS:
+            internal_error(e, debug, fail)
         fail(f"error: {e.strerror}{f': {e.filename}' if e.filename else ''}", 2)
     except Exception as e:  # noqa: BLE001 - an internal bug: one line unless debugging
-        _internal(e, debug, fail)
+        internal_error(e, debug, fail)
     finally:
-        _restore_signals(previous)
-        warnings.showwarning = shown
-        global _SHOWN_BY
-        _SHOWN_BY = None
+        restore_signals(previous)
+        unroute_warnings(shown)
     sys.exit(0)
-
-
-# The machine's state, not a bug: no space or quota left, a read-only file system.
-_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def _internal(e, debug, fail):
-    if debug:
-        raise e
-    fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-         "(set OTCOMPRESS_DEBUG=1 for a traceback)", 1)
-
-
-def _failer(as_json):
-    """`fail(message, code)`: the one line on stderr, with --json also one JSON
-    object on stdout ({"error", "exit_code"}), then the exit."""
-    def fail(message, code):
-        click.echo(message, err=True)
-        if as_json:
-            click.echo(json.dumps({"error": message.split(": ", 1)[1], "exit_code": code}))
-        sys.exit(code)
-    return fail
 
 
 if __name__ == "__main__":  # python -m otcompress.cli (e.g. under accelerate launch)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from otcompress.errors import InvalidOptionError
-from otcompress.recipes import CHOICES
+from otcompress.options import CHOICES
 
 POOLINGS = CHOICES["pooling"]
 # sentence-transformers' Pooling config keys, in the order it applies them.

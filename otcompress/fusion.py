@@ -10,7 +10,6 @@ import itertools
 import math
 import platform
 import time
-import types
 import warnings
 from contextlib import contextmanager
 
@@ -20,19 +19,18 @@ from otcompress import activations, architectures, depth, embedding, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
-from otcompress.recipes import CHOICES
+from otcompress.options import BY_NAME, CHOICES, FUSE_OPTIONS, REPORTED, FuseOptions
 
-# The option values live with the recipes (one home); "auto" alignment is the workflow's race.
+# The options are declared once, in `options` (`fuse`'s signature is tested against it);
+# "auto" alignment is the workflow's race.
 ALIGNMENTS = tuple(a for a in CHOICES["alignment"] if a != "auto")
 FROM_PARENTS = ("fold", "prune")  # maps from each parent alone; the anchor gives only the widths
 SOLVERS, RESIDUALS, QK_MAPS = CHOICES["solver"], CHOICES["residual"], CHOICES["qk"]
 HEAD_ALIGNMENTS, COST_NORMS = CHOICES["head_alignment"], CHOICES["cost_norm"]
-_OPTIONS = ("alignment", "solver", "reg", "residual", "data", "weights", "qk", "token_filter", "cost_norm",
-            "max_iter", "tol", "reg_grid", "holdout", "activation_dtype", "repair", "seed", "head_alignment",
-            "on_unconverged", "on_uniform", "pooling", "trust_remote_code", "progress", "device")
+_OPTIONS = FUSE_OPTIONS
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
-DEFAULT_REG = 0.02  # `fuse`'s reg without calibration data
+DEFAULT_REG = BY_NAME["reg"].default  # `fuse`'s reg without calibration data (the recipes' default)
 
 
 def default_reg(reg, data, solver="sinkhorn", alignment="weights", n_parents=1):
@@ -154,7 +152,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
     t_start = time.perf_counter()
-    o = types.SimpleNamespace(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
+    o = FuseOptions(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     parents = _as_list(parents)
     o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
@@ -199,8 +197,8 @@ def _check_all(o, parents) -> dict:
     opts = check_options(o.alignment, o.solver, o.reg, o.residual, o.qk, o.token_filter, o.data, o.weights,
                          parents, repair=o.repair)
     _one_of("head alignment", o.head_alignment, HEAD_ALIGNMENTS)
-    _one_of("on_unconverged", o.on_unconverged, ("raise", "warn"))
-    _one_of("on_uniform", o.on_uniform, ("raise", "warn"))
+    _one_of("on_unconverged", o.on_unconverged, CHOICES["on_unconverged"])
+    _one_of("on_uniform", o.on_uniform, CHOICES["on_uniform"])
     _one_of("cost normalisation", o.cost_norm, COST_NORMS)
     return opts
 
@@ -363,12 +361,7 @@ def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, ti
         "anchor": (modelio.describe(anchor) if hasattr(anchor, "config") or not hasattr(anchor, "to_dict")
                    else f"target {architectures.describe_widths(anchor)}"),
         "parents": [modelio.describe(p) for p in parents],
-        "options": {"alignment": o.alignment, "solver": o.solver, "reg": reg,
-                    "residual": o.residual, "weights": opts["weights"], "qk": opts["qk"],
-                    "token_filter": o.token_filter, "cost_norm": o.cost_norm, "max_iter": o.max_iter,
-                    "tol": o.tol, "activation_dtype": o.activation_dtype, "repair": bool(o.repair),
-                    "seed": o.seed, "head_alignment": o.head_alignment, "on_unconverged": o.on_unconverged,
-                    "on_uniform": o.on_uniform},
+        "options": _reported(o, reg=reg, weights=opts["weights"], qk=opts["qk"], repair=bool(o.repair)),
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
         "repair": repaired,
@@ -377,6 +370,12 @@ def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, ti
                     "align": t_end - t_align, "total": t_end - t_start},
         "versions": _versions(),
     }
+
+
+def _reported(o, **resolved) -> dict:
+    """The report's options (`options.REPORTED`): as given in `o`, or as
+    resolved (the reg used, normalised weights, the Q/K mode)."""
+    return {k: resolved[k] if k in resolved else getattr(o, k) for k in REPORTED}
 
 
 def _stored_layout(anchor_m, anchor_sd, tied) -> dict:

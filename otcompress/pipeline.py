@@ -38,11 +38,11 @@ import torch
 from otcompress import architectures, depth, finetune as ft, modelio, outputs, recipes
 from otcompress.architectures import is_headless
 from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
+from otcompress.options import PASSED
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
-FUSE_KEYS = ("solver", "reg", "residual", "qk", "token_filter", "cost_norm", "activation_dtype", "repair", "max_iter",
-             "head_alignment", "on_unconverged", "on_uniform")
+FUSE_KEYS = PASSED  # recipe values handed to `fusion.fuse` as they are (declared in `options`)
 
 
 def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, force=False, device="cpu",

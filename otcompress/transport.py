@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from otcompress.errors import InvalidOptionError, SolverError
-from otcompress.recipes import CHOICES
+from otcompress.options import CHOICES
 
 # Plain (scaling) Sinkhorn is 5-30x faster than the log domain here, and exact in
 # float64 while exp(-M/reg) stays far from underflow (1e-308 ~ exp(-709)); the

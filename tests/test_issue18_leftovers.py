@@ -148,9 +148,9 @@ def test_probe_scores_a_widened_copy_perfectly_and_another_model_lower(english):
 
 def _cli(capsys, monkeypatch, *args):
     """(exit code, stdout, stages the progress display heard) of one command."""
-    from otcompress import cli
+    from otcompress import cli_ui
     heard = []
-    monkeypatch.setattr(cli._Progress, "__call__", lambda self, stage, done, total=None, *_: heard.append(
+    monkeypatch.setattr(cli_ui._Progress, "__call__", lambda self, stage, done, total=None, *_: heard.append(
         (stage, done, total)))
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
