@@ -50,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=32, help="Tokens per paragraph (CPU budget).")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--arms", nargs="+", default=None, help="Only these arms (names as in the table).")
+    ap.add_argument("--stem", default=None, help="Results file name.")
     ap.add_argument("--quick", action="store_true")
     return ap.parse_args(argv)
 
@@ -154,6 +156,8 @@ def main(argv=None):
         t = time.time()
         train, holdout = pipeline.split_holdout(data, seed)
         for arm, make in starts(parent, cfg, train, seed).items():
+            if args.arms and arm not in args.arms:
+                continue
             score, lr = tuned(make, parent, train, holdout, data, budget, seed, args.lrs, args.batch_size)
             rows.setdefault(arm, []).append(score)
             lrs.setdefault(arm, []).append(lr)
@@ -171,7 +175,7 @@ def main(argv=None):
         *common.md_table(["arm", "similarity Pearson r"],
                          [[a, common.fmt(common.summarize(v), 1, 4)] for a, v in rows.items()]),
         "", "Learning rates chosen: " + "; ".join(f"{a}: {v}" for a, v in lrs.items()), ""]) + "\n"
-    stem = "compress_minilm_depth.quick" if args.quick else "compress_minilm_depth"
+    stem = args.stem or ("compress_minilm_depth.quick" if args.quick else "compress_minilm_depth")
     common.write_results(stem, md, {"environment": env, "rows": rows, "lrs": lrs, "budget": budget})
     print(md)
 
