@@ -45,9 +45,11 @@ def test_a_single_kind_of_start_is_not_raced_and_trains_all_steps(digits, monkey
     assert len(steps) == 6 and report["finetune"]["steps"] == 6
     assert race["steps_each"] == 0 and race["extra_steps"] == 0 and race["chosen_by"] == "one_shot_holdout_loss"
     assert "only kind of start" in race["note"] and "trained all 6 steps" in race["note"]
-    assert {c["candidate"] for c in race["candidates"]} == {"fold: all parents", "prune: all parents"}
-    chosen = race["winner"].split(":")[0]
-    explicit, _ = pipeline.run(None, parents, {**recipe, "alignment": chosen}, target=target, data=digits)
+    assert {c["candidate"] for c in race["candidates"]} == {"fold: all parents", "prune: parent 1",
+                                                             "prune: parent 2"}
+    chosen, _, which = race["winner"].partition(": ")
+    from_parents = parents if which == "all parents" else [parents[int(which.split()[-1]) - 1]]
+    explicit, _ = pipeline.run(None, from_parents, {**recipe, "alignment": chosen}, target=target, data=digits)
     assert torch.equal(_params(model), _params(explicit))
 
 
