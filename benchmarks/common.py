@@ -140,6 +140,24 @@ def finetuned(model, data, *, steps, lr, batch_size, seed, teachers=None, distil
     return m, rep["seconds"]
 
 
+def lr_tuned(make, train, holdout, lrs, score, *, reference=None, **finetune_kw):
+    """(score(model), lr) of `make()` finetuned on `train` at the lr of `lrs`
+    whose model has the lowest loss on `holdout` (held-out *training*
+    examples, never the eval split: as the race chooses). `reference`: the
+    models a headless model's loss is measured against. Only the best so far
+    is scored."""
+    from otcompress.finetune import evaluate, finetune
+
+    best = None
+    for lr in lrs:
+        m = make()
+        finetune(m, train, lr=lr, **finetune_kw)
+        loss = evaluate(m, holdout, reference=reference)["loss"]
+        if best is None or loss < best[0]:
+            best = (loss, score(m), lr)
+    return best[1], best[2]
+
+
 # --------------------------------------------------------------------------- fusion
 
 

@@ -98,15 +98,9 @@ def starts(parents, small, cfg, train, seed):
 
 def tuned(make, train, holdout, data, budget, seed, parents):
     """(eval accuracy, lr) of the lr with the lowest held-out train loss."""
-    from otcompress.finetune import evaluate, finetune
-    best = None
-    for lr in LRS:
-        m = make()
-        finetune(m, train, steps=budget, lr=lr, batch_size=64, seed=seed, teachers=parents)
-        loss = evaluate(m, holdout)["loss"]
-        if best is None or loss < best[0]:
-            best = (loss, evaluate(m, data)["accuracy"], lr)
-    return best[1], best[2]
+    from otcompress.finetune import evaluate
+    return common.lr_tuned(make, train, holdout, LRS, lambda m: evaluate(m, data)["accuracy"],
+                           steps=budget, batch_size=64, seed=seed, teachers=parents)
 
 
 def default_recipe(small, parents, train, holdout, data, n, seed):

@@ -128,7 +128,7 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
     what the tables report (accuracy here, held-out MLM loss for text)."""
     import otcompress
     from otcompress import pipeline
-    from otcompress.finetune import evaluate, finetune
+    from otcompress.finetune import finetune
 
     rows = {"one-shot": {}, **{n: {} for n in steps_list}}
 
@@ -156,14 +156,8 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
             finetune(a, data, teachers=parents, **ft)
             put(n, "anchor distilled + N", metric(a, data))
             if n == max(steps_list):
-                best = None
-                for lr in LRS:  # chosen on held-out train examples, as the race is
-                    a = copy.deepcopy(anchor)
-                    finetune(a, train, teachers=parents, **{**ft, "lr": lr})
-                    loss = evaluate(a, holdout)["loss"]
-                    if best is None or loss < best[0]:
-                        best = (loss, metric(a, data))
-                put(n, "anchor distilled, lr tuned + N", best[1])
+                put(n, "anchor distilled, lr tuned + N",
+                    lr_tuned(lambda: copy.deepcopy(anchor), train, holdout, data, parents, metric, ft))
                 # Equal compute: the default recipe spends N + N/2 (its race); so do these.
                 for arm, make in equal_compute_starts(anchor, parents, train, seed).items():
                     put(n, arm, lr_tuned(make, train, holdout, data, parents, metric,
@@ -196,15 +190,8 @@ def equal_compute_starts(anchor, parents, train, seed):
 
 def lr_tuned(make, train, holdout, data, parents, metric, ft):
     """`metric` of the start distilled at the lr of LRS with the lowest held-out train loss."""
-    from otcompress.finetune import evaluate, finetune
-    best = None
-    for lr in LRS:
-        m = make()
-        finetune(m, train, teachers=parents, **{**ft, "lr": lr})
-        loss = evaluate(m, holdout)["loss"]
-        if best is None or loss < best[0]:
-            best = (loss, metric(m, data))
-    return best[1]
+    ft = {k: v for k, v in ft.items() if k != "lr"}
+    return common.lr_tuned(make, train, holdout, LRS, lambda m: metric(m, data), teachers=parents, **ft)[0]
 
 
 def _probe():

@@ -90,16 +90,10 @@ def run_arms(anchor, parents, data, seeds, steps_list, tune_at=()):
 def _lr_tuned(anchor, parents, data, seed, kw):
     """The control at its best lr, chosen on held-out training examples."""
     from otcompress import pipeline
-    from otcompress.finetune import evaluate, finetune
     train, holdout = pipeline.split_holdout(data, seed)
-    best = None
-    for lr in LRS:
-        a = copy.deepcopy(anchor)
-        finetune(a, train, **{**kw, "lr": lr})
-        loss = evaluate(a, holdout, reference=parents)["loss"]
-        if best is None or loss < best[0]:
-            best = (loss, a)
-    return best[1]
+    kw = {k: v for k, v in kw.items() if k != "lr"}
+    return common.lr_tuned(lambda: copy.deepcopy(anchor), train, holdout, LRS, lambda m: m,
+                           reference=parents, **kw)[0]
 
 
 def markdown(results, args, env, seconds):

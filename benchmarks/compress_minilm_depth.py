@@ -122,15 +122,11 @@ def starts(parent, cfg, train, seed):
 
 
 def tuned(make, parent, train, holdout, data, budget, seed, lrs, batch_size):
-    from otcompress.finetune import evaluate, finetune
-    best = None
-    for lr in lrs:
-        m = make()
-        finetune(m, train, steps=budget, lr=lr, batch_size=batch_size, seed=seed, teachers=[parent])
-        loss = evaluate(m, holdout, reference=[parent])["loss"]
-        if best is None or loss < best[0]:
-            best = (loss, evaluate(m, data, reference=[parent])["similarity_pearson"], lr)
-    return best[1], best[2]
+    """(eval similarity Pearson, lr) of the lr with the lowest held-out train loss."""
+    from otcompress.finetune import evaluate
+    return common.lr_tuned(make, train, holdout, lrs,
+                           lambda m: evaluate(m, data, reference=[parent])["similarity_pearson"],
+                           reference=[parent], steps=budget, batch_size=batch_size, seed=seed, teachers=[parent])
 
 
 def main(argv=None):
