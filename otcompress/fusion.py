@@ -50,8 +50,10 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
          pooling=None, trust_remote_code=False, progress=None, device=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
-    anchor, parents: model objects or local model directories; same model type
-        and depth, any widths (heterogeneous fusion). With alignment="fold"
+    anchor, parents: model objects or local model directories; same model type,
+        any widths (heterogeneous fusion); parents as deep as the anchor or
+        deeper (depth-mapped first: `otcompress.depth`; the report's
+        `depth_maps` says which blocks were kept). With alignment="fold"
         or "prune" the anchor may also be a config (a target width, e.g. from
         `architectures.target_config`): its weights are never read.
     alignment: "weights" or "activations" (needs `data`): OT of each parent's
