@@ -22,7 +22,8 @@ Arms, each for N in {30, 100, 300} finetuning steps (AdamW 1e-3, batch 64):
                              anchor, and each parent pruned to the anchor's shape
                              by Torch-Pruning (L2; Taylor on 256 labelled images),
                              distilled 1.5 N steps at the lr of LRS with the lowest
-                             held-out train loss
+                             held-out train loss; and the default recipe itself
+                             with its lr tuned the same way (its race included)
 and one-shot: anchor, fold, OT fusion with anchor weight 0.8, default (N = 0).
 Seeds change the finetuning data order (and the held-out split); the zoo
 models are fixed. Threads: 1.
@@ -162,6 +163,10 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
                 for arm, make in equal_compute_starts(anchor, parents, train, seed).items():
                     put(n, arm, lr_tuned(make, train, holdout, data, parents, metric,
                                          {**ft, "steps": n + n // 2}))
+                score, lr, rep = common.recipe_lr_tuned(anchor, parents, {**base, "finetune_steps": n}, train,
+                                                        holdout, LRS, lambda m: metric(m, data))
+                put(n, "default recipe, lr tuned + N (1.5 N in all)", score)
+                put(n, "default recipe, lr tuned: winner", f"{rep['race']['winner']} (lr {lr:g})")
             f = copy.deepcopy(fold)
             finetune(f, data, teachers=parents, **ft)
             put(n, "fold + distil + N", metric(f, data))
@@ -211,13 +216,15 @@ def markdown(results, args, env, seconds, *, title="Small models that beat the a
     for name, rows in results.items():
         lines += [f"## {name}", ""]
         steps = [k for k in rows if k != "one-shot"]
-        arms = [a for a in rows[max(steps)] if a != "default recipe: winner"]
+        arms = [a for a in rows[max(steps)] if not a.endswith(": winner")]
         table = [[arm, fmt(v)] for arm, v in rows["one-shot"].items()]
         lines += ["One-shot:", ""] + common.md_table(["start", unit], table) + [""]
         table = [[arm] + [fmt(rows[n].get(arm, [])) for n in steps] for arm in arms]
         lines += common.md_table(["arm", *[f"N = {n}" for n in steps]], table)
         winners = {n: rows[n].get("default recipe: winner") for n in steps}
-        lines += ["", "Race winners: " + "; ".join(f"N = {n}: {', '.join(w)}" for n, w in winners.items() if w), ""]
+        lines += ["", "Race winners: " + "; ".join(f"N = {n}: {', '.join(w)}" for n, w in winners.items() if w)]
+        tuned = rows[max(steps)].get("default recipe, lr tuned: winner")
+        lines += [f"Race winners, lr tuned: {', '.join(tuned)}" if tuned else "", ""]
     return "\n".join(lines) + "\n"
 
 
