@@ -24,6 +24,7 @@ from otcompress.cli_ui import (UI, USER_ERRNOS, Signalled, failer, flag_non_fini
                                route_warnings, short_names, unroute_warnings)
 from otcompress.errors import InvalidOptionError, OTCompressError
 from otcompress.options import BY_NAME as OPTIONS
+from otcompress.outputs import os_error
 from otcompress.summary import fusion_summary
 
 __all__ = ["cli", "main", "expand_multi_value", "short_names", "UI"]  # what callers and tests import from here
@@ -457,12 +458,11 @@ def main(argv=None):
         fail(f"error: {e}", e.exit_code)
     except KeyboardInterrupt:
         fail("error: interrupted", 130)
-    except OSError as e:
-        if e.errno not in USER_ERRNOS:
+    except Exception as e:  # noqa: BLE001 - an internal bug (one line unless debugging), or the machine's state
+        oe = os_error(e)
+        if oe is None or oe.errno not in USER_ERRNOS:
             internal_error(e, debug, fail)
-        fail(f"error: {e.strerror}{f': {e.filename}' if e.filename else ''}", 2)
-    except Exception as e:  # noqa: BLE001 - an internal bug: one line unless debugging
-        internal_error(e, debug, fail)
+        fail(f"error: {oe.strerror}{f': {oe.filename}' if oe.filename else ''}", 2)
     finally:
         restore_signals(previous)
         unroute_warnings(shown)

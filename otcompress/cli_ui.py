@@ -202,7 +202,7 @@ def _warnings_to_ui(previous):
 
 
 # The machine's state, not a bug: no space or quota left, a read-only file system.
-USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def internal_error(e, debug, fail):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -131,9 +132,23 @@ def writing(out):
                 d.rmdir()
             except OSError:
                 break
-        if isinstance(e, OSError) and (_about(e, out) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        e = os_error(e) or e
+        if isinstance(e, OSError) and (_about(e, out) or e.errno in FULL):
             raise InvalidOptionError(f"--out {out}: cannot write there ({e.strerror or e})") from None
         raise
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, no quota, over the file-size limit
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OS error behind `e`: `e` itself, or the one safetensors' writer
+    reports only inside its message ("... (os error 28)"; its error type
+    carries no errno), so a full disk while saving weights is a user error too."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
 
 
 def _about(e: OSError, out: Path) -> bool:

@@ -1,5 +1,10 @@
 """Issue 18's minor findings: each fails without its fix."""
 import json
+import os
+import resource
+import signal
+import stat
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -29,6 +34,38 @@ def test_huge_steps_are_refused(z, tmp_path, capsys):
                  "--steps", "99999999999999999999")[::2], "is not an integer in [0, 100_000_000]")
 
 
+@contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail with EFBIG, as a full disk fails them with
+    ENOSPC (a real OS error, also inside safetensors' writer); only the soft
+    limit is lowered, so it can be restored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal's kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_safetensors_write_past_the_limit_is_a_user_error_naming_out(tmp_path):
+    from safetensors.torch import save_file
+    with pytest.raises(outputs.InvalidOptionError, match="cannot write there .File too large"):
+        with outputs.writing(tmp_path / "out"), file_size_limit(4096):
+            save_file({"w": torch.zeros(10_000)}, str(tmp_path / "w.safetensors"))
+
+
+def test_cli_streamed_fuse_past_the_file_size_limit_exits_2_in_one_line(z, tmp_path, capsys):
+    with file_size_limit(32_768):  # the text files fit, the weights (~77 kB) do not
+        code, out, err = run(capsys, "fuse", "--anchor", z / "anchor", "--parents", z / "wide",
+                             "--out", tmp_path / "o", "-q")
+    assert code == 2 and err.count("\n") == 1 and "File too large" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+                    reason="no /dev/full device here (opening it would create a plain file)")
 def test_disk_full_is_a_user_error_naming_out(tmp_path):
     with pytest.raises(outputs.InvalidOptionError, match="cannot write there .No space left on device"):
         with outputs.writing(tmp_path / "out"):
