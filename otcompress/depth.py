@@ -2,8 +2,9 @@
 
 A *depth map* assigns every target block a contiguous, ordered group of the
 parent's blocks (every parent block in exactly one group). The group is
-merged into one block by *selection*: its most useful block is kept, the
-others (the blocks that change the residual stream least) are dropped. The
+merged into one block by *selection* (the default): its most useful block is
+kept, the others (the blocks that change the residual stream least) are
+dropped; or in *parallel* (below). The
 result is a parent of the target's depth that the engine fuses or folds like
 any other, so depth works everywhere width does (OT, fold, the race,
 streaming, fuse_to_disk, every family).
@@ -21,9 +22,16 @@ Exactness where it can be: a block that does nothing (zero output
 projections) has influence 0 in both scores, so a parent deepened with such
 blocks maps back to its own blocks, wherever they were inserted.
 
-Parallel merging (a group's heads and MLP units side by side, then folded)
-is the other candidate the method notes name; it is not built: it needs
-per-block widths, which Hugging Face configs cannot express.
+Merge "parallel" (`depth_merge`) is the other candidate: the group's
+blocks side by side (the parallel approximation x + f1(x) + f2(x) of
+x + f1(x) + f2(x + f1(x))) have every block's attention heads (whole KV
+groups) and MLP units; the most important of them, as many as one block
+holds, make the merged block (`parallel_state`), so the parent keeps its
+widths (a Hugging Face config has one width for every block). Units from a
+block other than the kept one read the kept block's normalisation: its
+affine is absorbed into their input weights, exactly; the output biases
+add. A block that does nothing has no important unit, so the merge is exact
+there too.
 """
 from __future__ import annotations
 
@@ -34,8 +42,9 @@ import torch
 
 from otcompress import architectures
 from otcompress.errors import IncompatibleModelsError
-from otcompress.flowgraph import Combine
+from otcompress.flowgraph import Combine, In, Out, part_of
 
+MERGES = ("select", "parallel")
 MAX_TOKENS = 2048  # token samples per block for the activation scores
 INFLUENCE_WEIGHT = 0.1  # with an anchor: its CKA decides, influence breaks near-ties
 POSITION_TIE = 1e-3  # prefers relative depths that agree, only between equal scores
@@ -243,7 +252,7 @@ def _scores(influence, n_target, similarity=None) -> torch.Tensor:
     return scores
 
 
-def depth_map(parent, n_target: int, *, batches=None, anchor_outputs=None) -> DepthMap:
+def depth_map(parent, n_target: int, *, batches=None, anchor_outputs=None, merge="select") -> DepthMap:
     """The depth map of one parent (a model, or a weightless `LazyModel`):
     from activations on `batches` when given (and the parent can run), with
     the anchor's block outputs `anchor_outputs` for similarity when given;
@@ -260,21 +269,24 @@ def depth_map(parent, n_target: int, *, batches=None, anchor_outputs=None) -> De
         influence = weight_influence(spec, parent.state_dict(), n)
         source = "weights"
     kept = assign(_scores(influence, n_target, similarity))
-    return DepthMap(n, groups_of(kept, n), kept, influence, source, similarity)
+    return DepthMap(n, groups_of(kept, n), kept, influence, source, similarity, merge)
 
 
 # ----------------------------------------------------------------------------- the shallower parent
 
 def apply(parent, dmap: DepthMap):
     """The parent with only `dmap.kept` blocks, renumbered: a model of the
-    parent's class sharing the parent's tensors (no copy), or, for a
-    `LazyModel`, a `LazyModel` reading the same files under the new names."""
+    parent's class sharing the parent's tensors (no copy; merge "parallel":
+    the merged blocks are new tensors), or, for a `LazyModel` (merge
+    "select" only), a `LazyModel` reading the same files under the new names."""
     from otcompress import modelio
     cfg = shallower_config(parent.config, dmap.kept)
     if isinstance(parent, modelio.LazyModel):
+        if dmap.merge != "select":  # a streamed parent is never read whole
+            raise ValueError("a streamed parent is depth-mapped by selection only")
         names = renamed_keys(parent.config, list(parent.tensors), dmap.kept)
         return modelio.LazyModel(parent.path, cfg, parent.model_class, parent.tensors.renamed(names))
-    sd = parent.state_dict()
+    sd = parent.state_dict() if dmap.merge == "select" else parallel_state(parent, dmap)
     names = renamed_keys(parent.config, list(sd), dmap.kept)
     with torch.device("meta"):
         model = type(parent)(cfg)
@@ -284,6 +296,182 @@ def apply(parent, dmap: DepthMap):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- parallel merge
+
+def parallel_state(parent, dmap: DepthMap) -> dict:
+    """The parent's state dict with each kept block replaced by its group
+    merged in parallel (module docstring); blocks outside `dmap.kept` are
+    left as they are (`apply` drops them)."""
+    spec = architectures.build_spec(parent)
+    sd = parent.state_dict()
+    heads, d = architectures.head_shape(parent.config)
+    shape = (heads // architectures.kv_heads(parent.config), d)  # (query heads per KV group, head width)
+    blocks = _Blocks(parent.config, sd)
+    out = dict(sd)
+    for group, kept in zip(dmap.groups, dmap.kept):
+        if len(group) > 1:
+            out.update(_merged_block(spec, sd, blocks, [kept] + [b for b in group if b != kept], shape))
+    return out
+
+
+class _Blocks:
+    """Parameter names per block: `names(b)` = {name inside the block: full name}."""
+
+    def __init__(self, config, names):
+        self.by_block = {}
+        for name in names:
+            where = block_of(config, name)
+            if where is not None:
+                self.by_block.setdefault(where[1], {})[name.split(f"{where[0]}.{where[1]}.", 1)[1]] = name
+
+    def names(self, b: int) -> dict:
+        return self.by_block[b]
+
+
+def _local(tm: str, b: int) -> str:
+    """A map's role inside block b ("q", "fc1", "attn_res"); "in" for the
+    residual stream entering the block (another block's map, or "emb")."""
+    return tm[len(f"L{b}."):] if tm.startswith(f"L{b}.") else "in"
+
+
+def _merged_block(spec, sd, blocks, order, shape) -> dict:
+    """{full name in block order[0]: merged tensor}: the units of every block
+    in `order` (the kept block first) compete on importance."""
+    kept = order[0]
+    versions = {b: _absorbed(spec, sd, blocks, b, kept) if b != kept else
+                {local: sd[name] for local, name in blocks.names(b).items()} for b in order}
+    axes = {b: {local: spec.axes[name] for local, name in blocks.names(b).items()} for b in order}
+    units = _unit_maps(spec, kept)
+    chosen = {}
+    for family, roles in units.items():
+        scores = [_importance(versions[b], axes[b], b, roles, shape if family == "heads" else None) for b in order]
+        chosen[family] = _select(scores)
+    branches = {_local(n.branch, kept) for n in spec.nodes if type(n) is Combine and n.tm.startswith(f"L{kept}.")}
+    out = {}
+    for local, name in blocks.names(kept).items():
+        roles = [(ax, _local(tm, kept), part) for ax, a in enumerate(axes[kept][local]) if a is not None
+                 for part, tm in enumerate(a.tms)]
+        unit_roles = [(ax, r, part) for ax, r, part in roles if any(r in rs for rs in units.values())]
+        if unit_roles:
+            out[name] = _gathered(versions, axes, order, local, unit_roles, units, chosen, shape)
+        elif roles and all(r in branches for _, r, _ in roles):  # an output bias: every block adds its own
+            out[name] = sum(versions[b][local] for b in order)
+    return out
+
+
+def _unit_maps(spec, b) -> dict:
+    """{family: roles}: "heads" -> the attention maps whose units move by
+    whole KV group (q, k, v, and the output's input "attn" where it has one
+    of its own), and each other map inside the block that one of its tensors
+    reads (the MLP's "fc1") -> itself."""
+    node = spec.node(f"L{b}.heads")
+    heads = {_local(t, b) for t in (node.q, node.k, node.v, node.attn) if t is not None}
+    combines = {n.tm for n in spec.nodes if type(n) is Combine}
+    inner = {_local(a.tm, b) for name, axes in spec.axes.items() for a in axes
+             if type(a) is In and a.tm.startswith(f"L{b}.") and a.tm not in combines}
+    return {"heads": heads, **{r: {r} for r in sorted(inner - heads)}}
+
+
+def _unit_index(role: str, units: torch.Tensor, shape) -> torch.Tensor:
+    """Indices along a `role` axis for the chosen `units`: themselves, or
+    for attention (`shape` = (query heads per KV group, head width)) every
+    entry of the chosen KV groups (q and the output's input: all their query
+    heads; k and v: their one head)."""
+    if shape is None:
+        return units
+    width = shape[0] * shape[1] if role in ("q", "attn") else shape[1]
+    return (units[:, None] * width + torch.arange(width, device=units.device)).flatten()
+
+
+def _slices(t, ax, part, nparts):
+    return part_of(t, ax, None if nparts == 1 else (part, nparts))
+
+
+def _importance(tensors, axes, b, roles, shape) -> torch.Tensor:
+    """Per unit (KV group for attention) of block b: the norm of what writes
+    it times the norm of what reads it (for attention: its V rows and the
+    output's columns, what the group adds to the residual stream); 0 when
+    either is 0."""
+    write_role = "v" if shape is not None else next(iter(roles))
+    read_role = ("attn" if "attn" in roles else "v") if shape is not None else write_role
+    write = read = 0.0
+    for local, t in tensors.items():
+        for ax, a in enumerate(axes[local]):
+            for part, tm in enumerate(a.tms if a is not None else ()):
+                reads = type(a) is In
+                if _local(tm, b) != (read_role if reads else write_role):
+                    continue
+                sl = _slices(t, ax, part, len(a.tms)).double().movedim(ax, 0)
+                sq = sl.reshape(sl.shape[0], -1).pow(2).sum(1)
+                read, write = (read + sq, write) if reads else (read, write + sq)
+    n = write.shape[0] // (1 if shape is None else shape[1])
+    return (write.reshape(n, -1).sum(1) * read.reshape(n, -1).sum(1)).sqrt()
+
+
+def _select(scores: list) -> list:
+    """Per block (in `order`), the indices of its chosen units: as many as
+    one block has, by importance (ties: earlier block, lower index)."""
+    flat = torch.cat(scores)
+    k = scores[0].shape[0]
+    top = torch.sort(-flat, stable=True).indices[:k].sort().values
+    out, start = [], 0
+    for s in scores:
+        out.append(top[(top >= start) & (top < start + s.shape[0])] - start)
+        start += s.shape[0]
+    return out
+
+
+def _gathered(versions, axes, order, local, unit_roles, units, chosen, shape) -> torch.Tensor:
+    """The kept block's tensor `local` with its unit axis made of the chosen
+    units of every block."""
+    (ax,) = {ax for ax, _, _ in unit_roles}  # one unit axis per tensor
+    nparts = len(axes[order[0]][local][ax].tms)
+    parts = []
+    for part in range(nparts):
+        role = next(r for a, r, p in unit_roles if p == part)
+        family = next(f for f, rs in units.items() if role in rs)
+        head_shape = shape if family == "heads" else None
+        pieces = []
+        for b, idx in zip(order, chosen[family]):
+            sl = _slices(versions[b][local], ax, part, nparts)
+            pieces.append(sl.index_select(ax, _unit_index(role, idx, head_shape)))
+        parts.append(torch.cat(pieces, ax))
+    return torch.cat(parts, ax)
+
+
+def _absorbed(spec, sd, blocks, b, kept) -> dict:
+    """Block b's tensors as they read the kept block's normalisations: a
+    linear reading norm N_b(x) = n(x) g_b + beta_b gets weights W diag(g_b / g_a)
+    and bias + W (beta_b - beta_a g_b / g_a), so it computes the same on
+    N_a(x). Post-norm blocks read another block's norm: nothing changes."""
+    names, kept_names = blocks.names(b), blocks.names(kept)
+    axes = {local: spec.axes[name] for local, name in names.items()}
+    norms = {}  # role of the stream it normalises -> module (inside the block)
+    for local, a in axes.items():
+        if sd[names[local]].dim() == 1 and len(a) == 1 and type(a[0]) is Out and local.endswith(".weight"):
+            norms[_local(a[0].tm, b)] = local[: -len(".weight")]
+    out = {local: sd[name] for local, name in names.items()}
+    for local, a in axes.items():
+        ins = [(ax, _local(x.tm, b)) for ax, x in enumerate(a) if type(x) is In]
+        if not ins or ins[0][1] not in norms or sd[names[local]].dim() != 2:
+            continue
+        ax, role = ins[0]
+        module = norms[role]
+        g_b, g_a = sd[names[f"{module}.weight"]].double(), sd[kept_names[f"{module}.weight"]].double()
+        ratio = torch.where(g_a.abs() > 1e-12, g_b / g_a.where(g_a.abs() > 1e-12, torch.ones_like(g_a)),
+                            torch.zeros_like(g_a))
+        w = sd[names[local]].double()
+        shape = [1, 1]
+        shape[ax] = -1
+        out[local] = (w * ratio.reshape(shape)).to(sd[names[local]].dtype)
+        bias_name = local[: -len("weight")] + "bias"
+        if f"{module}.bias" in names and bias_name in names:
+            delta = sd[names[f"{module}.bias"]].double() - sd[kept_names[f"{module}.bias"]].double() * ratio
+            out[bias_name] = (sd[names[bias_name]].double() + torch.tensordot(w, delta, dims=([ax], [0]))
+                              ).to(sd[names[bias_name]].dtype)
+    return out
 
 
 def _drop_absent(model, parent) -> None:
@@ -316,13 +504,14 @@ def _adopt_buffers(model, parent, kept) -> None:
             module._buffers[leaf] = buffers[old]
 
 
-def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True):
+def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True, merge="select"):
     """(parents at the anchor's depth, their depth maps or None where the
     depth already matches). Activation scores need `data` as a re-iterable
     collection (a one-shot iterator is left for the fusion itself) and
     forward-capable models; otherwise the weights score the blocks.
     `anchor_counts`: the anchor's own block outputs take part (not for a fold
-    target, whose weights are a random initialisation)."""
+    target, whose weights are a random initialisation). `merge`: "select" or
+    "parallel" (module docstring); a streamed parent is loaded whole for it."""
     from otcompress import activations, modelio
     n_target = depth(anchor_m.config)
     check_depths(anchor_m.config, [p.config for p in parent_ms])
@@ -342,9 +531,11 @@ def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True):
             out.append(p)
             maps.append(None)
             continue
+        if merge != "select" and isinstance(p, modelio.LazyModel):
+            p = modelio.load_model(p.path)
         runnable = batches is not None and not isinstance(p, modelio.LazyModel)
         dmap = depth_map(p, n_target, batches=batches if runnable else None,
-                         anchor_outputs=anchor_outputs if runnable else None)
+                         anchor_outputs=anchor_outputs if runnable else None, merge=merge)
         out.append(apply(p, dmap))
         maps.append(dmap)
     return out, maps

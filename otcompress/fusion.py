@@ -46,7 +46,7 @@ def default_reg(reg, data, solver="sinkhorn", alignment="weights", n_parents=1):
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="gap",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
-         repair=False, seed=0, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
+         repair=False, seed=0, depth_merge="select", head_alignment="cross", on_unconverged="raise", on_uniform="warn",
          pooling=None, trust_remote_code=False, progress=None, device=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
@@ -92,6 +92,11 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
         (REPAIR; see repair.py). Without `data`, the data-free variant: each
         unit's weight-row norm (its std under isotropic inputs) is restored.
     seed: k-means seeding for folding.
+    depth_merge: how a deeper parent's group of blocks becomes one block
+        (`otcompress.depth`): "select" its most influential block, or
+        "parallel": its blocks side by side, the most important heads (KV
+        groups) and MLP units of all of them kept at the parent's widths
+        (parents in memory only: a streamed parent is loaded whole).
     head_alignment: "cross" (one map over all Q, K, V units: a unit may move
         across heads) or "aware" (heads matched to heads first, then units
         inside matched heads; Q, K and V of an anchor head come from the same
@@ -161,13 +166,14 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
     opts = _check_all(o, parents)
     anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, device=o.device,
-                                    stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair))
+                                    stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair,
+                                                   o.depth_merge))
     o.device = _work_device(o.device, anchor_m, parent_ms)
     if o.alignment in FROM_PARENTS:  # names the width and the parent, before any clustering
         architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
-    parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data,
+    parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data, merge=o.depth_merge,
                                               anchor_counts=o.alignment not in FROM_PARENTS)
     t_depth = time.perf_counter() - t_depth
     with _eval_mode(anchor_m, *parent_ms):
@@ -670,12 +676,13 @@ def _as_list(parents):
     return [parents]
 
 
-def streams(alignment, solver, reg, residual, repair) -> bool:
+def streams(alignment, solver, reg, residual, repair, depth_merge="select") -> bool:
     """Whether parents given as directories can be streamed: the engine then
-    needs only their tensors (weights or fold alignment, averaged residuals,
-    no repair, no reg sweep), never a forward pass."""
+    needs only their tensors one at a time (weights or fold alignment,
+    averaged residuals, no repair, no reg sweep, deeper parents merged by
+    selection), never a forward pass."""
     return (alignment in ("weights", *FROM_PARENTS) and residual == "average" and not repair
-            and not (solver == "sinkhorn" and reg == "auto"))
+            and not (solver == "sinkhorn" and reg == "auto") and depth_merge == "select")
 
 
 def _load_all(anchor, parents, trust_remote_code, *, stream=False, device=None):

@@ -105,6 +105,9 @@ OPTIONS = (
            help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs)."),
     Option("repair", bool, False, passed=True, report=True, help="Restore unit statistics (REPAIR) after fusing."),
     Option("seed", int, 0, report=True),
+    Option("depth_merge", str, "select", choices=("select", "parallel"), passed=True, report=True,
+           help="Parents deeper than the target: each group of blocks becomes its most influential "
+                "block (select), or its blocks' most important heads and MLP units side by side (parallel)."),
     Option("head_alignment", str, "cross", choices=("cross", "aware"), passed=True, report=True,
            help="cross: one map over all Q/K/V units; aware: heads matched first, then units."),
     Option("on_unconverged", str, "raise", choices=("raise", "warn"), passed=True, report=True,

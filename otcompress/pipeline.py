@@ -182,7 +182,7 @@ def _streamed(parents, r, data) -> bool:
     if not all(isinstance(p, (str, os.PathLike)) for p in parents):
         return False
     alignments = ("fold", "weights") if r["alignment"] == "auto" else (r["alignment"],)
-    if not all(streams(a, r["solver"], r["reg"], r["residual"], r["repair"]) for a in alignments):
+    if not all(streams(a, r["solver"], r["reg"], r["residual"], r["repair"], r["depth_merge"]) for a in alignments):
         return False
     embeddings = data is not None and data.task == "feature-extraction"
     return not embeddings and not (r["finetune_steps"] > 0 and r["distill"])

@@ -374,6 +374,12 @@ def test_the_mission_command_with_deeper_parents(zoo, tmp_path, capsys):
     assert len(_depth_maps(report)[0]["kept"]) == 1
     assert len(_depth_maps(report)[0]["influence"]) == 3
     assert "depth map of parent 1 (3 -> 1 blocks, select" in (folded / "README.md").read_text()
+    merged = tmp_path / "merged"
+    code, stdout, err = run(capsys, "fuse", "--parents", zoo / "deep", "--layers", 1, "--hidden", 16, "--heads", 2,
+                            "--depth-merge", "parallel", "--out", merged, "--json")
+    assert code == 0, err
+    assert T.ViTForImageClassification.from_pretrained(merged).config.num_hidden_layers == 1
+    assert "3 -> 1 blocks, parallel" in (merged / "README.md").read_text()
 
 
 def _depth_maps(report):
