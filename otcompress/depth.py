@@ -511,10 +511,11 @@ def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True, merge="se
     forward-capable models; otherwise the weights score the blocks.
     `anchor_counts`: the anchor's own block outputs take part (not for a fold
     target, whose weights are a random initialisation). `merge`: "select" or
-    "parallel" (module docstring); a streamed parent is loaded whole for it."""
+    "parallel" (module docstring); a streamed parent is loaded whole for it.
+    Every parent is at least as deep as the anchor (`check_depths`, at the
+    entry: `inputs.check`)."""
     from otcompress import activations, modelio
     n_target = depth(anchor_m.config)
-    check_depths(anchor_m.config, [p.config for p in parent_ms])
     if all(depth(p.config) == n_target for p in parent_ms):
         return parent_ms, [None] * len(parent_ms)
     batches = None

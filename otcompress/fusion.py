@@ -15,18 +15,15 @@ from contextlib import contextmanager
 
 import torch
 
-from otcompress import activations, architectures, depth, embedding, modelio
+from otcompress import activations, architectures, depth, embedding, inputs, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
-from otcompress.options import BY_NAME, CHOICES, FUSE_OPTIONS, REPORTED, FuseOptions
+from otcompress.options import BY_NAME, FUSE_OPTIONS, REPORTED, FuseOptions
 
-# The options are declared once, in `options` (`fuse`'s signature is tested against it);
-# "auto" alignment is the workflow's race.
-ALIGNMENTS = tuple(a for a in CHOICES["alignment"] if a != "auto")
-FROM_PARENTS = ("fold", "prune")  # maps from each parent alone; the anchor gives only the widths
-SOLVERS, RESIDUALS, QK_MAPS = CHOICES["solver"], CHOICES["residual"], CHOICES["qk"]
-HEAD_ALIGNMENTS, COST_NORMS = CHOICES["head_alignment"], CHOICES["cost_norm"]
+# The options are declared once, in `options` (`fuse`'s signature is tested against it),
+# and checked once, with the models, at the entry (`inputs.check`).
+ALIGNMENTS, FROM_PARENTS = inputs.ALIGNMENTS, inputs.FROM_PARENTS
 _OPTIONS = FUSE_OPTIONS
 REPORT_SCHEMA = "otcompress.fusion_report/1"
 REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
@@ -164,13 +161,12 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
     o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
-    opts = _check_all(o, parents)
-    anchor_m, parent_ms = _load_all(anchor, parents, o.trust_remote_code, device=o.device,
+    given = inputs.check(anchor, parents, o)  # options and configs, before any weights are read
+    opts = {"qk": given.qk, "weights": list(given.weights)}
+    anchor_m, parent_ms = _load_all(given, device=o.device,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair,
                                                    o.depth_merge))
     o.device = _work_device(o.device, anchor_m, parent_ms)
-    if o.alignment in FROM_PARENTS:  # names the width and the parent, before any clustering
-        architectures.check_fold_target(anchor_m.config, [p.config for p in parent_ms])
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
     parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data, merge=o.depth_merge,
@@ -197,18 +193,6 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     report["depth_maps"] = [m and m.report() for m in depth_maps]
     report["timings"]["depth_map"] = t_depth  # part of "load"
     return model, report
-
-
-def _check_all(o, parents) -> dict:
-    """Every option checked before any model is loaded; returns `check_options`'s
-    resolved Q/K mode and mixing weights."""
-    opts = check_options(o.alignment, o.solver, o.reg, o.residual, o.qk, o.token_filter, o.data, o.weights,
-                         parents, repair=o.repair)
-    _one_of("head alignment", o.head_alignment, HEAD_ALIGNMENTS)
-    _one_of("on_unconverged", o.on_unconverged, CHOICES["on_unconverged"])
-    _one_of("on_uniform", o.on_uniform, CHOICES["on_uniform"])
-    _one_of("cost normalisation", o.cost_norm, COST_NORMS)
-    return opts
 
 
 def _checked_spec(anchor_m, parent_ms, qk):
@@ -338,7 +322,7 @@ def _fuse_or_sweep(o, fuse_at, parent_ms):
     (None for EMD), or reg "auto"'s sweep over the grid."""
     reg = None if o.solver == "emd" else o.reg
     if reg == "auto":
-        return _reg_sweep(fuse_at, o.reg_grid or REG_GRID, o.holdout if o.holdout is not None else o.data,
+        return reg_sweep(fuse_at, o.reg_grid or REG_GRID, o.holdout if o.holdout is not None else o.data,
                           parent_ms, o.pooling)
     model, map_stats = fuse_at(None if reg is None else float(reg))
     return model, map_stats, reg, None
@@ -539,15 +523,22 @@ def _finish_sum(fused, anchor_sd, tied) -> dict:
     return {name: fused[name] for name in anchor_sd}
 
 
-def _reg_sweep(fuse_at, grid, holdout, parent_ms, pooling=None):
-    """Fuse at every reg of the grid; keep the lowest held-out loss."""
+def reg_sweep(fuse_at, grid, holdout, parent_ms, pooling=None):
+    """reg "auto": fuse at every reg of `grid` and keep the model with the
+    lowest `holdout_loss` on the batches of `holdout`: the task loss where
+    every batch carries labels, else the loss against the parents'
+    (`parent_targets`, headless models' embeddings pooled by `pooling`).
+    `fuse_at(reg)` -> (model, map statistics); a reg whose fusion raises
+    SolverError is skipped (and listed). Returns (model, map statistics,
+    reg, the sweep's table: one {"reg", "loss"} or {"reg", "loss": None,
+    "error"} per reg)."""
     batches = list(activations.iter_batches(holdout))
     if not batches:
         raise DataError("reg auto: the held-out data has no batches")
     targets = None
     if not all("labels" in b for b in batches):
         pooling = pooling or embedding.pooling_mode(parent_ms[0].config)
-        targets = [_parent_targets(parent_ms, b, pooling) for b in batches]
+        targets = [parent_targets(parent_ms, b, pooling) for b in batches]
     best, sweep = None, []
     for r in grid:
         try:
@@ -555,7 +546,7 @@ def _reg_sweep(fuse_at, grid, holdout, parent_ms, pooling=None):
         except SolverError as e:
             sweep.append({"reg": float(r), "loss": None, "error": str(e)})
             continue
-        loss = _holdout_loss(model, batches, targets)
+        loss = holdout_loss(model, batches, targets)
         sweep.append({"reg": float(r), "loss": loss})
         if math.isfinite(loss) and (best is None or loss < best[0]):
             best = (loss, float(r), model, map_stats)
@@ -571,8 +562,9 @@ def _inputs(model, batch):
 
 
 @torch.inference_mode()
-def _parent_targets(parent_ms, batch, pooling="mean"):
-    """The parents' mean prediction; headless parents: their pooled embeddings."""
+def parent_targets(parent_ms, batch, pooling="mean"):
+    """What `holdout_loss` scores a fused model's outputs on `batch` against:
+    the parents' mean prediction; headless parents: their pooled embeddings."""
     from otcompress.architectures import is_headless
     if is_headless(parent_ms[0]):
         return _Embeddings([embedding.embed(p, _inputs(p, batch), pooling) for p in parent_ms], pooling)
@@ -596,8 +588,10 @@ def _logits(out):
 
 
 @torch.inference_mode()
-def _holdout_loss(model, batches, targets) -> float:
-    """Mean task loss, or KL divergence to the parents' mean prediction over
+def holdout_loss(model, batches, targets=None) -> float:
+    """The loss reg "auto" chooses by, over held-out `batches`: with `targets`
+    None the mean task loss (every batch carries labels), else per batch its
+    `parent_targets`: the KL divergence to the parents' mean prediction over
     the real (non-padding) positions, or for headless models the similarity
     distillation loss of the embeddings (otcompress.embedding)."""
     total, n = 0.0, 0
@@ -625,7 +619,9 @@ def _holdout_loss(model, batches, targets) -> float:
 def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
     """The baseline: plain parameter averaging, equal shapes only."""
     parents = _as_list(parents)
-    anchor_m, parent_ms = _load_all(anchor, parents, trust_remote_code)
+    given = inputs.check(anchor, parents, FuseOptions(weights=weights, reg=DEFAULT_REG,
+                                                      trust_remote_code=trust_remote_code))
+    anchor_m, parent_ms = _load_all(given)
     spec = architectures.build_spec(anchor_m)
     for k, p in enumerate(parent_ms, 1):
         if depth.depth(p.config) != depth.depth(anchor_m.config):
@@ -640,7 +636,7 @@ def vanilla_fuse(anchor, parents, *, weights=None, trust_remote_code=False):
                     f"vanilla fusion needs equal shapes: {name} is {tuple(t.shape)} in the anchor "
                     f"and {tuple(sd[name].shape)} in parent {k}; use OT fusion for different widths")
     fused = {}
-    total = _RunningSum(sds[0], _mixing_weights(weights, len(parents)), spec.tied, fused.__setitem__)
+    total = _RunningSum(sds[0], list(given.weights), spec.tied, fused.__setitem__)
     for k, sd in enumerate(sds[1:]):
         for name in sds[0]:
             total.add(k, name, sd[name].float())
@@ -685,34 +681,23 @@ def streams(alignment, solver, reg, residual, repair, depth_merge="select") -> b
             and not (solver == "sinkhorn" and reg == "auto") and depth_merge == "select")
 
 
-def _load_all(anchor, parents, trust_remote_code, *, stream=False, device=None):
-    """Models from objects or directories; an anchor given as a config (a
-    target width for folding) becomes a weightless model of the parents'
-    class (`_fold_target`).
+def _load_all(given, *, stream=False, device=None):
+    """The models of checked inputs (`inputs.check`: configs, classes and
+    depths agree), from objects or directories, the configs already read; an
+    anchor given as a config (a target width for folding) becomes a
+    weightless model of the parents' class (`_fold_target`).
     With `stream`, a parent directory of safetensors weights becomes a
     weightless `modelio.LazyModel`: its tensors are read one at a time as the
     flow graph needs them, so the parent is never in memory whole (falls back
     to loading where `modelio.lazy_model` says the directory needs it)."""
-    from transformers import PretrainedConfig
-    if not parents:
-        raise InvalidOptionError("fusion needs at least one parent")
-    target = isinstance(anchor, PretrainedConfig)
-    anchor_cfg = anchor if target else modelio.load_config(anchor, trust_remote_code=trust_remote_code)
-    parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
-    fam = architectures.family(anchor_cfg)
-    modelio.check_compatible(anchor_cfg, parent_cfgs, fam.MUST_MATCH)
-    depth.check_depths(anchor_cfg, parent_cfgs)
-    parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trust_remote_code))
-                 or modelio.load_model(p, trust_remote_code=trust_remote_code) for p in parents]
-    if target:
-        anchor_m = _fold_target(anchor, parent_ms[0], device)
+    trc = given.trust_remote_code
+    parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trc, config=cfg))
+                 or modelio.load_model(p, trust_remote_code=trc, config=cfg)
+                 for p, cfg in zip(given.parents, given.parent_configs)]
+    if given.target:
+        anchor_m = _fold_target(given.anchor_config, parent_ms[0], device)
     else:
-        anchor_m = modelio.load_model(anchor, trust_remote_code=trust_remote_code)
-    for k, p in enumerate(parent_ms, 1):
-        cls = p.model_class if isinstance(p, modelio.LazyModel) else type(p)
-        if cls is not type(anchor_m):
-            raise IncompatibleModelsError(
-                f"class mismatch: anchor is {type(anchor_m).__name__}, parent {k} is {cls.__name__}")
+        anchor_m = modelio.load_model(given.anchor, trust_remote_code=trc, config=given.anchor_config)
     return anchor_m, parent_ms
 
 
@@ -762,64 +747,9 @@ def _drop_absent_parts(model, parent):
             setattr(owner_m, attr, None)
 
 
-def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents, *,
-                  repair=False):
-    """Validate fusion options before any model is loaded; returns the resolved
-    Q/K map mode and normalised mixing weights."""
-    _one_of("alignment", alignment, ALIGNMENTS)
-    _one_of("solver", solver, SOLVERS)
-    _one_of("residual", residual, RESIDUALS)
-    _one_of("qk", qk, QK_MAPS)
-    if solver == "sinkhorn" and reg == "auto":
-        if data is None:
-            raise InvalidOptionError("reg auto needs calibration or held-out data (data=...)")
-    elif solver == "sinkhorn":
-        try:
-            ok = float(reg) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise InvalidOptionError(f"Sinkhorn needs a regulariser reg > 0, got {reg!r}")
-    if (alignment == "activations" or residual != "average") and data is None:
-        need = "activations-based alignment" if alignment == "activations" else f"residual policy '{residual}'"
-        raise InvalidOptionError(f"{need} needs calibration data (data=...)")
-    if alignment in FROM_PARENTS and residual != "average":
-        raise InvalidOptionError(f"{'folding' if alignment == 'fold' else 'pruning'} maps the residual stream "
-                                 "once: use residual 'average'")
-    if token_filter is not None and not _valid_filter(token_filter):
-        raise InvalidOptionError(f"token filter '{token_filter}': use only_cls or window_N (e.g. window_6)")
-    if qk == "auto":
-        qk = "shared" if solver == "emd" else "separate"
-    return {"qk": qk, "weights": _mixing_weights(weights, len(parents))}
-
-
 def _dtype(name):
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise InvalidOptionError(f"activation dtype '{name}': use float32 or bfloat16")
-    return dtypes[name]
-
-
-def _valid_filter(name: str) -> bool:
-    return name == "only_cls" or (name.startswith("window_") and name[7:].isdigit() and int(name[7:]) > 0)
-
-
-def _one_of(what, value, allowed):
-    if value not in allowed:
-        raise InvalidOptionError(f"{what} '{value}': use one of {', '.join(allowed)}")
-
-
-def _mixing_weights(weights, n_parents):
-    if weights is None:
-        return [1.0 / (n_parents + 1)] * (n_parents + 1)
-    weights = [float(w) for w in weights]
-    if len(weights) != n_parents + 1:
-        raise InvalidOptionError(
-            f"weights: need {n_parents + 1} values (anchor first, then each parent), got {len(weights)}")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise InvalidOptionError("weights must be non-negative with a positive sum")
-    s = sum(weights)
-    return [w / s for w in weights]
+    """An activation dtype's torch dtype (checked at the entry: `inputs.check_options`)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _parent_progress(progress, k, n, stage=None):

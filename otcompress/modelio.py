@@ -28,22 +28,19 @@ def load_config(source, *, trust_remote_code: bool = False):
         raise ModelLoadError(f"{source}: cannot read config.json ({_first_line(e)})") from None
 
 
-def load_model(source, *, trust_remote_code: bool = False, device="cpu"):
+def load_model(source, *, trust_remote_code: bool = False, device="cpu", config=None):
     """A model object as is, or a model loaded from a local directory with the
-    class its config names. Either must be complete and finite (`check_complete`,
-    `check_finite`)."""
+    class its config names (`config`: that config, already read). Either must
+    be complete and finite (`check_complete`, `check_finite`)."""
     if not isinstance(source, (str, os.PathLike)):
         check_finite(describe(source), source.state_dict())
         return source
     import transformers
-    config = load_config(source, trust_remote_code=trust_remote_code)
+    config = config or load_config(source, trust_remote_code=trust_remote_code)
     path = _local_dir(source)
     if not any((path / f).exists() for f in WEIGHT_FILES):
         raise ModelLoadError(f"{source}: no weights file (model.safetensors or pytorch_model.bin)")
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModel
+    cls = _recorded_class(config) or transformers.AutoModel
     try:
         model, info = cls.from_pretrained(path, trust_remote_code=trust_remote_code,
                                           local_files_only=True, output_loading_info=True)
@@ -52,6 +49,33 @@ def load_model(source, *, trust_remote_code: bool = False, device="cpu"):
     check_complete(source, cls.__name__, info)
     check_finite(source, model.state_dict())
     return model.to(device).eval()
+
+
+def _recorded_class(config):
+    """The transformers class a config records (`architectures`), None if none
+    or one transformers does not name (remote code)."""
+    import transformers
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    return getattr(transformers, arch, None) if arch else None
+
+
+def model_class(source, config=None, *, trust_remote_code: bool = False):
+    """The class `load_model` gives `source` (`config`: its config, already
+    read): a model object's own; for a directory the class its config
+    records, else the one transformers' AutoModel picks for its model type;
+    None where only loading can tell (remote code)."""
+    if isinstance(source, LazyModel):
+        return source.model_class
+    if not isinstance(source, (str, os.PathLike)):
+        return type(source)
+    config = config or load_config(source, trust_remote_code=trust_remote_code)
+    cls = _recorded_class(config)
+    if cls is not None or (trust_remote_code and getattr(config, "auto_map", None)):
+        return cls
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
 def check_complete(source, class_name, info) -> None:
@@ -323,7 +347,7 @@ class LazyModel:
         return f"LazyModel({str(self.path)!r}, {self.class_name})"
 
 
-def lazy_model(source, *, trust_remote_code: bool = False):
+def lazy_model(source, *, trust_remote_code: bool = False, config=None):
     """A `LazyModel` for a local directory whose safetensors weights hold
     every tensor its model class has, with the class's shapes; None where the
     model must be loaded whole as `load_model` does: not a directory, no
@@ -335,11 +359,9 @@ def lazy_model(source, *, trust_remote_code: bool = False):
     if not isinstance(source, (str, os.PathLike)) or trust_remote_code:
         return None
     import torch
-    import transformers
-    config = load_config(source, trust_remote_code=False)
+    config = config or load_config(source, trust_remote_code=False)
     path = _local_dir(source)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = _recorded_class(config)
     if cls is None:
         return None
     try:
@@ -352,7 +374,7 @@ def lazy_model(source, *, trust_remote_code: bool = False):
         meta = skeleton.state_dict()
         found = _stored_names(skeleton, meta, list(stored))
     except Exception as e:  # noqa: BLE001 - not a documented reason: say why it is not streamed
-        warnings.warn(f"otcompress: {path} is loaded whole, not streamed: its {arch} could not be laid out "
+        warnings.warn(f"otcompress: {path} is loaded whole, not streamed: its {cls.__name__} could not be laid out "
                       f"without memory ({type(e).__name__}: {_first_line(e)})", stacklevel=2)
         return None
     if found is None or len(found) < len(stored):  # unexpected tensors: load_model says which

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from otcompress import architectures, depth, finetune as ft, modelio, outputs, recipes
+from otcompress import architectures, finetune as ft, inputs, modelio, outputs, recipes
 from otcompress.architectures import is_headless
 from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
-from otcompress.options import PASSED
+from otcompress.options import FUSE_OPTIONS, PASSED, FuseOptions
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
@@ -64,19 +64,21 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     if out is not None:
         outputs.check_out(out, force, inputs=[anchor, *parents], log=log)
     parents = list(parents)
-    anchor_cfg, parent_cfgs = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
+    given = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
+    anchor_cfg = given.anchor_config
     # The caller's settings that differ from the defaults must all count (flags are checked by the CLI).
     unused = recipes.ineffective(r, [k for k, v in recipe.items() if k in recipes.RECIPE_KEYS
                                      and v != recipes.RECIPE_KEYS[k][1]], has_data=bool(r["data"] or data))
     if unused:
         raise InvalidOptionError(f"recipe option '{unused[0]}' {unused[1]}")
-    notes = _width_notes(anchor_cfg, parent_cfgs) if anchor is not None else []
+    notes = _width_notes(given) if anchor is not None else []
     for note in notes:
         log(f"[yellow]warning:[/yellow] {note}")
     started = time.time()
-    # Fusion computes where the anchor lives: load everything on `device`.
-    load = lambda m: modelio.load_model(m, trust_remote_code=trust_remote_code).to(device)  # noqa: E731
-    anchor_m = None if anchor is None else load(anchor)
+    # Fusion computes where the anchor lives: load everything on `device` (the configs the checks read).
+    load = lambda m, cfg: modelio.load_model(m, trust_remote_code=trust_remote_code,  # noqa: E731
+                                             config=cfg).to(device)
+    anchor_m = None if anchor is None else load(anchor, anchor_cfg)
     fuse_anchor = anchor_m if anchor_m is not None else anchor_cfg
     source = anchor if anchor is not None else parents[0]  # its preprocessor files come along
     if data is None and r["data"]:
@@ -88,12 +90,12 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                         f"(--steps {r['finetune_steps']}); give labelled data, or --steps 0 to calibrate only")
     # Headers are read now: a directory that cannot stream (other weight formats, a broken
     # file) is loaded, which says what is wrong before any work.
-    lazy = [modelio.lazy_model(p, trust_remote_code=trust_remote_code) for p in parents] \
-        if _streamed(parents, r, data) else [None]
+    lazy = [modelio.lazy_model(p, trust_remote_code=trust_remote_code, config=cfg)
+            for p, cfg in zip(parents, given.parent_configs)] if _streamed(parents, r, data) else [None]
     streamed = all(m is not None for m in lazy)
     for p, m in zip(parents, lazy if streamed else []):  # a loaded model was checked as it loaded
         modelio.check_finite(p, m.state_dict())
-    parent_ms = list(parents) if streamed else [load(p) for p in parents]
+    parent_ms = list(parents) if streamed else [load(p, c) for p, c in zip(parents, given.parent_configs)]
     if streamed:
         log("parents are read tensor by tensor from their directories (never loaded whole)")
     finish = lambda rep, **kw: _finish_report(rep, notes, anchor, parents, r, started, **kw)  # noqa: E731
@@ -204,10 +206,10 @@ def _finish_report(report, notes, anchor, parents, r, started, finetune=None, me
 
 
 def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=False):
-    """Options and configs, before any weights are read."""
-    from otcompress.fusion import check_options
-    if not parents:
-        raise InvalidOptionError("fusion needs at least one parent")
+    """The workflow's inputs checked once, before any weights are read: the
+    fusion's own checks (`inputs.check`: options, configs, fold target) with
+    the recipe's options, then what only the workflow needs (data for the
+    recipe, tokenizers, pooling, headless training). Returns the `Inputs`."""
     if (anchor is None) == (target is None):
         raise InvalidOptionError("give an anchor, or a target width (hidden/heads/intermediate), not both")
     needs_data = (r["alignment"] == "activations" or r["residual"] != "average" or r["reg"] == "auto"
@@ -215,39 +217,30 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     if needs_data and not (r["data"] or given_data):
         raise InvalidOptionError("this recipe needs --data (activations, weighted residuals, reg auto "
                                  "or finetuning)")
-    if anchor is None and r["alignment"] not in ("auto", "fold", "prune"):
-        raise InvalidOptionError(f"alignment '{r['alignment']}' needs an anchor's weights; "
-                                 "a target width can only be folded or pruned into")
-    alignment = "weights" if r["alignment"] == "auto" else r["alignment"]
-    check_options(alignment, r["solver"], r["reg"], r["residual"], r["qk"], r["token_filter"],
-                  r["data"] or given_data, r["weights"], parents, repair=r["repair"])
-    parent_cfgs = [modelio.load_config(p, trust_remote_code=trust_remote_code) for p in parents]
-    anchor_cfg = (architectures.target_config(parent_cfgs[0], **target) if anchor is None
-                  else modelio.load_config(anchor, trust_remote_code=trust_remote_code))
-    modelio.check_compatible(anchor_cfg, parent_cfgs, architectures.family(anchor_cfg).MUST_MATCH)
-    depth.check_depths(anchor_cfg, parent_cfgs)
-    if r["token_filter"] is not None:  # the models' patch grids agree: MUST_MATCH
-        architectures.check_token_filter(anchor_cfg, r["token_filter"])
-    if r["alignment"] in ("fold", "prune") or anchor is None:
-        architectures.check_fold_target(anchor_cfg, parent_cfgs)
+    o = FuseOptions(**{k: r[k] for k in FUSE_OPTIONS if k in r})
+    # "auto" is checked as the fusion it makes without a race (`_resolve_alignment`).
+    o.alignment = _resolve_alignment(r["alignment"], anchor)
+    o.data = (r["data"] or given_data) or None
+    o.trust_remote_code = trust_remote_code
+    given = inputs.check(anchor, parents, o, target=target)
     if isinstance(anchor, (str, os.PathLike)):
         _check_tokenizers(anchor, parents)
-    headless = is_headless(anchor if hasattr(anchor, "config") else anchor_cfg)
+    headless = is_headless(anchor if hasattr(anchor, "config") else given.anchor_config)
     if r["pooling"] and not headless:
         raise InvalidOptionError(f"pooling '{r['pooling']}' applies to headless (embedding) models; this one "
                                  "has a task head")
     if headless and r["finetune_steps"] > 0 and not r["distill"]:
         raise InvalidOptionError("a headless model (no task head) trains only by distilling the parents' "
                                  "embeddings: drop --no-distill or --finetune-steps")
-    return anchor_cfg, parent_cfgs
+    return given
 
 
-def _width_notes(anchor_cfg, parent_cfgs) -> list[str]:
+def _width_notes(given) -> list[str]:
     """An anchor wider than a parent is allowed (OT maps are rectangular) but
     rarely meant: the result has the anchor's width, so nothing is compressed."""
     return [f"the anchor is wider than parent {k} ({what} {target} > {parent}): the result keeps the "
             "anchor's widths; the wide models are usually the parents"
-            for k, what, parent, target in architectures.wider_widths(anchor_cfg, parent_cfgs)]
+            for k, what, parent, target in given.wider_widths()]
 
 
 def _check_tokenizers(anchor, parents) -> None:

@@ -162,7 +162,7 @@ def test_reg_auto_kl_ignores_padded_positions():
     garbage["input_ids"][0, 9:] = (garbage["input_ids"][0, 9:] + 7) % model.config.vocab_size
 
     def loss(b):
-        return fusion._holdout_loss(model, [b], [fusion._parent_targets([parent], b)])
+        return fusion.holdout_loss(model, [b], [fusion.parent_targets([parent], b)])
     assert abs(loss(batch) - loss(garbage)) < 1e-6
     unmasked = {k: v for k, v in garbage.items() if k != "attention_mask"}
     assert abs(loss(unmasked) - loss(batch)) > 1e-4  # counting the padding would show

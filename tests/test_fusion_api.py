@@ -8,7 +8,7 @@ import transformers as T
 import models as M
 import otcompress
 from otcompress import activations
-from otcompress.errors import (DataError, IncompatibleModelsError, InvalidOptionError, ModelLoadError,
+from otcompress.errors import (IncompatibleModelsError, InvalidOptionError, ModelLoadError,
                                OTCompressError, UnsupportedArchitectureError)
 
 
@@ -130,7 +130,8 @@ def test_unsupported_and_missing():
         otcompress.fuse("/nonexistent/model", [M.vit()])
     with pytest.raises(ModelLoadError, match="offline"):
         otcompress.fuse("google/vit-base-patch16-224", [M.vit()])
-    with pytest.raises(DataError, match="only applies to vision"):
+    # Checked on the config at the entry (`inputs.check`), as the workflow does: an option error.
+    with pytest.raises(InvalidOptionError, match="only applies to vision"):
         otcompress.fuse(M.bert(), [M.bert(seed=2)], alignment="activations", data=M.inputs(M.bert()),
                         token_filter="only_cls")
     assert issubclass(ModelLoadError, OTCompressError)

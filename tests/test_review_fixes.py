@@ -75,7 +75,7 @@ def test_reg_auto_refuses_empty_holdout():
         otcompress.fuse(anchor, [parent], reg="auto", data=M.inputs(anchor), holdout=iter([]))
     from otcompress import fusion
     with pytest.raises(DataError, match="no batches"):  # never a loss of 0, which would win every sweep
-        fusion._holdout_loss(anchor, [], None)
+        fusion.holdout_loss(anchor, [], None)
 
 
 def test_default_reg_is_auto_with_data_and_fixed_without():
