@@ -1,7 +1,7 @@
 """Shared helpers for the real-data fusion benchmarks (vision_digits.py,
 text_mlm.py): thread setup, evaluation (single models and ensembles),
-finetuning / distillation arms, fusion at a grid of regularisers with the
-regulariser chosen on held-out *train* batches, statistics over seeds,
+finetuning / distillation arms, the library's regulariser sweep (reg "auto",
+chosen on held-out *train* batches) with every point scored, statistics over seeds,
 cost profiling, the regulariser-sweep plot and the result files.
 
 Everything torch-related is imported lazily, so `prepare_environment` can set
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -26,10 +25,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 
-# Sinkhorn regularisers of the sweep (on max-normalised costs); hard EMD is
-# a separate point. The engine's default reg is 0.08.
-REG_GRID = (0.005, 0.01, 0.02, 0.05, 0.08, 0.2, 0.5)
+# Sinkhorn regularisers of the sweep: `REG_GRID` is the library's (fusion.REG_GRID,
+# what reg="auto" tries; read when asked, after `prepare_environment`); hard EMD
+# is a separate point.
 REG_GRID_QUICK = (0.01, 0.05, 0.2)
+
+
+def __getattr__(name):
+    if name == "REG_GRID":  # imports torch: not at this module's import
+        from otcompress.fusion import REG_GRID
+        return REG_GRID
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- environment
@@ -113,18 +119,6 @@ def evaluate_model(model, data) -> dict:
     return {k: float(v) for k, v in out.items() if k in ("accuracy", "loss", "perplexity")}
 
 
-def holdout_loss(model, batches) -> float:
-    """Mean task loss over held-out labelled batches: what `fuse(reg="auto")`
-    minimises, by the engine's own function (private in fusion.py until it
-    is exposed; called here so the sweep's every point is scored alike)."""
-    import torch
-
-    from otcompress.fusion import _holdout_loss
-
-    with torch.inference_mode():
-        return _holdout_loss(model, batches, None)
-
-
 # --------------------------------------------------------------------------- training arms
 
 
@@ -188,36 +182,35 @@ def fuse_timed(anchor, parents, **kw):
 
 def fuse_sweep(anchor, parents, data, *, grid, holdout, calib, alignment="weights",
                weights=None, token_filter=None, residual="average", emd=True, metrics=True):
-    """Fuse at every Sinkhorn `reg` of `grid` (and with EMD). Each point gets
-    its held-out loss (train-split batches never used for evaluation) and,
-    with `metrics`, its eval metrics (for the figure only). Returns
-    {"points": [...], "emd": {...}, "best": model at the reg with the lowest
-    held-out loss (exactly what reg="auto" picks), "best_reg", "seconds"}."""
+    """reg "auto" by the library's own sweep (`fusion.reg_sweep`: fuse at every
+    Sinkhorn `reg` of `grid`, keep the lowest held-out loss on the labelled
+    `holdout` batches, from the train split, never used for evaluation), each
+    point also timed and, with `metrics`, scored on the eval split (for the
+    figure only); then EMD. Returns {"points": [...], "emd": {...}, "best": the
+    model reg "auto" picks, "best_reg", "seconds"}."""
+    from otcompress.fusion import holdout_loss, reg_sweep
+
     kw = {"alignment": alignment, "weights": weights, "token_filter": token_filter,
           "residual": residual}
     if alignment == "activations" or residual != "average":
         kw["data"] = calib
-    from otcompress.errors import SolverError
+    timed = {}
 
-    points, best, seconds = [], None, 0.0
-    for r in grid:
-        try:
-            model, s = fuse_timed(anchor, parents, reg=float(r), **kw)
-        except SolverError as e:  # as reg="auto" does: a reg that fails is skipped, and said
-            points.append({"reg": float(r), "error": str(e)})
-            log(f"    reg {r:g}: {e}")
-            continue
-        seconds += s
-        point = {"reg": float(r), "holdout_loss": holdout_loss(model, holdout), "fuse_s": s}
-        if metrics:
-            point.update(evaluate_model(model, data))
-        points.append(point)
-        if math.isfinite(point["holdout_loss"]) and (best is None or point["holdout_loss"] < best[0]):
-            best = (point["holdout_loss"], float(r), model)
-    if best is None:
-        raise SolverError(f"no regulariser of {list(grid)} gave a model")
-    out = {"points": points, "best": best[2], "best_reg": best[1], "seconds": seconds,
-           "emd": None, "emd_model": None}
+    def fuse_at(r):
+        model, s = fuse_timed(anchor, parents, reg=r, **kw)
+        timed[r] = {"fuse_s": s, **(evaluate_model(model, data) if metrics else {})}
+        return model, model.fusion_report["transport_maps"]
+
+    best, _, best_reg, sweep = reg_sweep(fuse_at, grid, holdout, parents)
+    points = []
+    for row in sweep:
+        if "error" in row:  # a reg that fails is skipped, and said
+            points.append({"reg": row["reg"], "error": row["error"]})
+            log(f"    reg {row['reg']:g}: {row['error']}")
+        else:
+            points.append({"reg": row["reg"], "holdout_loss": row["loss"], **timed[row["reg"]]})
+    out = {"points": points, "best": best, "best_reg": best_reg,
+           "seconds": sum(t["fuse_s"] for t in timed.values()), "emd": None, "emd_model": None}
     if emd:
         model, s = fuse_timed(anchor, parents, solver="emd", **kw)
         out["emd"] = {"holdout_loss": holdout_loss(model, holdout), "fuse_s": s,
