@@ -76,6 +76,7 @@ def test_each_config_is_read_once(dirs, monkeypatch):
     ("activation_dtype", "float16", "activation dtype 'float16'"),
     ("cost_norm", "median", "cost normalisation 'median'"),
     ("head_alignment", "heads", "head alignment 'heads'"),
+    ("depth_merge", "average", "depth merge 'average'"),
 ])
 def test_every_option_is_checked_at_the_entry_even_where_unused(option, value, match):
     with pytest.raises(InvalidOptionError, match=match):
