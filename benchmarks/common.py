@@ -152,17 +152,18 @@ def lr_tuned(make, train, holdout, lrs, score, *, reference=None, **finetune_kw)
     return best[1], best[2]
 
 
-def recipe_lr_tuned(anchor, parents, recipe, train, holdout, lrs, score, *, reference=None):
+def recipe_lr_tuned(anchor, parents, recipe, train, holdout, lrs, score, *, reference=None, target=None):
     """(score(model), lr, fusion report) of the default recipe (`pipeline.run`
     on `train`, its own race included) at the lr of `lrs` whose model has the
     lowest loss on `holdout`: the recipe's lr tuned exactly as `lr_tuned`
-    tunes a control's, so no arm gets a tuning the other lacks."""
+    tunes a control's, so no arm gets a tuning the other lacks. `target`: a
+    fold target's widths, as `pipeline.run` takes them (with no anchor)."""
     from otcompress import pipeline
     from otcompress.finetune import evaluate
 
     best = None
     for lr in lrs:
-        m, rep = pipeline.run(anchor, parents, {**recipe, "lr": lr}, data=train)
+        m, rep = pipeline.run(anchor, parents, {**recipe, "lr": lr}, data=train, target=target)
         loss = evaluate(m, holdout, reference=reference)["loss"]
         if best is None or loss < best[0]:
             best = (loss, score(m), lr, rep)

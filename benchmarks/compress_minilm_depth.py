@@ -17,6 +17,12 @@ LRS on held-out train paragraphs; seeds change data order and held-out split.
   every-other + TP   blocks 0, 2, 4, then Torch-Pruning L2 to the widths
   ShortGPT + TP      the 3 most influential blocks, then Torch-Pruning L2
   random init        the target shape, randomly initialised
+  default recipe     `pipeline.run` with the target shape and no anchor: it
+                     picks fold or prune one-shot on held-out paragraphs and
+                     trains B steps (no race without an anchor)
+
+`--layers 6` keeps the depth: width only (6 x 384 -> 6 x 192), where the
+block-dropping controls reduce to Torch-Pruning L2 alone.
 
 No small pretrained model of the target shape exists offline, so the
 "small model trained from scratch" control is the random-init arm.
@@ -52,6 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--arms", nargs="+", default=None, help="Only these arms (names as in the table).")
     ap.add_argument("--stem", default=None, help="Results file name.")
+    ap.add_argument("--layers", type=int, default=TARGET["layers"], help="Target depth (6: width only).")
     ap.add_argument("--quick", action="store_true")
     return ap.parse_args(argv)
 
@@ -117,6 +124,9 @@ def starts(parent, cfg, train, seed):
         arms["tool: prune"] = lambda: otcompress.fuse(cfg, [parent], alignment="prune", data=calib, seed=seed)
     arms["every-other + TP L2"] = pruned(pc.every_other(n, cfg.num_hidden_layers))
     arms["ShortGPT + TP L2"] = pruned(pc.lowest_influence(parent, calib, cfg.num_hidden_layers))
+    if cfg.num_hidden_layers == n:  # width only: no blocks to drop
+        arms = {a: make for a, make in arms.items() if not a.startswith("every-other")}
+        arms["TP L2"] = arms.pop("ShortGPT + TP L2")
     arms["random init"] = random_init
     return arms
 
@@ -139,13 +149,14 @@ def main(argv=None):
     from otcompress import pipeline
     from otcompress.architectures import target_config
     from otcompress.data import load_data
+    from otcompress.finetune import evaluate
     if args.quick:
         args.seeds, args.steps, args.lrs = args.seeds[:1], 20, args.lrs[1:2]
     path = minilm()
     parent = BertModel.from_pretrained(path).eval()
     data = load_data(str(sklearn_text()), parent, tokenizer=AutoTokenizer.from_pretrained(path),
                      max_length=args.max_length)
-    cfg = target_config(parent.config, **TARGET)
+    cfg = target_config(parent.config, **{**TARGET, "layers": args.layers})
     budget = args.steps + args.steps // 2
     rows, lrs, t0 = {}, {}, time.time()
     for seed in args.seeds:
@@ -158,10 +169,20 @@ def main(argv=None):
             rows.setdefault(arm, []).append(score)
             lrs.setdefault(arm, []).append(lr)
             common.log(f"  seed {seed} {arm}: {score:.4f} (lr {lr})")
+        if not args.arms or "default recipe" in args.arms:
+            score, lr, rep = common.recipe_lr_tuned(
+                None, [parent], {"finetune_steps": budget, "seed": seed, "batch_size": args.batch_size}, train,
+                holdout, args.lrs, lambda m: evaluate(m, data, reference=[parent])["similarity_pearson"],
+                reference=[parent], target={**TARGET, "layers": args.layers})
+            rows.setdefault("default recipe", []).append(score)
+            lrs.setdefault("default recipe", []).append(f"{lr} ({rep['race']['winner']})")
+            common.log(f"  seed {seed} default recipe: {score:.4f} (lr {lr}, {rep['race']['winner']})")
         common.log(f"seed {seed}: {time.time() - t:.0f} s")
     md = "\n".join([
-        "# Shallower and narrower on a real checkpoint: all-MiniLM-L6-v2 -> 3 blocks x 192", "",
-        f"`python benchmarks/compress_minilm_depth.py{' --quick' if args.quick else ''}` — "
+        f"# {'Shallower and narrower' if args.layers < 6 else 'Narrower'} on a real checkpoint: "
+        f"all-MiniLM-L6-v2 -> {args.layers} blocks x 192", "",
+        f"`python benchmarks/compress_minilm_depth.py{' --quick' if args.quick else ''}"
+        f"{'' if args.layers == TARGET['layers'] else f' --layers {args.layers}'} --steps {args.steps}` — "
         f"{time.time() - t0:.0f} s, {args.threads} thread(s), seeds {args.seeds}, {budget} steps per arm "
         f"(N = {args.steps} and the race's half), lr from {args.lrs} on held-out train paragraphs. "
         f"Text: {data.num_examples('train')} train / {data.num_examples('eval')} eval paragraphs of "
@@ -171,7 +192,8 @@ def main(argv=None):
         *common.md_table(["arm", "similarity Pearson r"],
                          [[a, common.fmt(common.summarize(v), 1, 4)] for a, v in rows.items()]),
         "", "Learning rates chosen: " + "; ".join(f"{a}: {v}" for a, v in lrs.items()), ""]) + "\n"
-    stem = args.stem or ("compress_minilm_depth.quick" if args.quick else "compress_minilm_depth")
+    stem = args.stem or ("compress_minilm_depth" if args.layers < 6 else "compress_minilm_width") + (
+        ".quick" if args.quick else "")
     common.write_results(stem, md, {"environment": env, "rows": rows, "lrs": lrs, "budget": budget})
     print(md)
 
