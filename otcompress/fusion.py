@@ -62,9 +62,13 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
         architecture; units weighted by their outgoing norms), then OT-fuse
         the folds with `solver`/`reg` when there are several parents (parent
         weights only). "prune": the same, keeping each parent's most
-        important units (weight magnitude: the norm of what feeds a unit
-        times the norm of what reads it; whole heads, then units inside
-        them; rotary attention whole heads only).
+        important units (whole heads, then units inside them; rotary
+        attention whole heads only), scored without `data` by weight
+        magnitude (the norm of what feeds a unit times the norm of what
+        reads it) and with `data` as `importance.kind` says (by default
+        its RMS activation on the data times the norm of what reads it;
+        first-order Taylor on labelled batches is measured too); the
+        report's `importance` says which, per parent.
     solver, reg: "sinkhorn" (entropic, regulariser `reg` on normalised costs,
         see `cost_norm`) or "emd" (exact). The default (reg=None) is "auto"
         when `data` is given and reg matters (Sinkhorn; folding only with

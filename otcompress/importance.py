@@ -7,11 +7,11 @@ calibration data (issue 16).
   the calibration tokens (`activations.unit_energy`, the parent's own second
   moments) times the norm of what reads it, i.e. the RMS of the unit's
   contribution to the next layer: a unit that is ~0 on the data scores ~0
-  however large its weights. Residual channels: their energy on the stream
-  (every probe of the stream, each probe's energy normalised to sum 1);
-  attention heads: Q and K units by rms(q) rms(k) (a score sums q_i k_i),
-  V units by the RMS of the attention output they carry (O's input) times
-  O's column.
+  however large its weights. Attention: Q and K units by rms(q) rms(k) (a
+  score sums q_i k_i), V units by the RMS of the attention output they
+  carry (O's input) times O's column; a head by its shares of both. The residual stream keeps weight magnitude:
+  measured, its activations (raw or after the norms) chose worse channels
+  (align._Folder._stream_plan).
 - "taylor" (labelled data): first-order Taylor, |w dL/dw| of the task loss
   summed over every weight of the unit (its rows and the columns that read
   it), gradients summed over the labelled batches.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from otcompress import activations
-from otcompress.flowgraph import Combine, Heads, In, Probe, Solve, Split, part_of
+from otcompress.flowgraph import Heads, In, Probe, Solve, Split, part_of
 from otcompress.repair import is_statistic
 
 KINDS = ("weights", "activations", "taylor")
@@ -72,14 +72,12 @@ def measure(spec, model, data, mode: str = "prune", progress=None) -> Signals | 
 
 
 def probes(spec) -> set:
-    """Every probe activation importance reads: each free map's units, each
-    residual join's skip and branch, and each attention layer's output (O's input)."""
+    """Every probe activation importance reads: each free map's units and
+    each attention layer's output (O's input)."""
     out = set()
     for n in spec.nodes:
         if isinstance(n, Solve):
             out.update(p for _, p in n.parts)
-        elif isinstance(n, Combine):
-            out.update((n.skip_probe, n.branch_probe))
         elif isinstance(n, Heads):
             out.add(context_probe(spec, n))
     return out

@@ -1,15 +1,15 @@
 """Pruning by importance measured on calibration data (issue 16 item 1).
 
 The known answer: a base model whose units are permuted, then padded with
-*silent* units: every padded residual channel, attention head, MLP neuron
-and pooler unit has large weights (larger than the base's) both in and out,
-yet is exactly 0 on any input (a residual channel written only by silent
-units, with LayerNorm gain and bias 0; heads and pooler units reading only
-those channels; MLP neurons with a bias of -1e4, dead under GELU). Pruned
-back to the base's widths, the right answer keeps every base unit: the
-model then computes the base's function exactly. Weight magnitude keeps the
-padding (its weights are the largest) and fails; activation importance and
-first-order Taylor scores on labelled batches see that it does nothing."""
+*silent* MLP neurons: they have large weights (larger than the base's) both
+in and out, yet are exactly 0 on any input (a bias of -1e4, dead under
+GELU). Padded heads (Q, K, V rows 0, O's columns large) and the residual
+channels that the wider heads need (neither written nor read; LayerNorm
+gain and bias 0) ride along: every importance drops those.
+Pruned back to the base's widths, the right answer keeps every base unit:
+the model then computes the base's function exactly. Weight magnitude keeps
+the padding (its weights are the largest) and fails; activation importance
+and first-order Taylor scores on labelled batches see that it does nothing."""
 import pytest
 import torch
 import transformers as T
@@ -72,12 +72,15 @@ def pad_silent(model, seed=5):
         new[keep] = t_src[keep]
         for axis, (space, kind), is_pad in pads:
             mask = is_pad.view([-1 if a == axis else 1 for a in range(len(shape))]).expand(shape)
-            if kind == "in":  # what reads a silent unit: large
+            if kind == "in" and space != "res":  # what reads a silent unit: large
                 new[mask] = big[mask]
             elif space == "mlp" and t.dim() == 1:  # a dead neuron's bias
                 new[mask] = -1e4
-            elif space == "mlp":  # a dead neuron's row: large everywhere
+            elif space == "mlp" and t.dim() > 1:  # a dead neuron's row: large
                 new[mask & ~_pad_in(pads, shape)] = big[mask & ~_pad_in(pads, shape)]
+        for axis, (space, kind), is_pad in pads:
+            if space == "res" and kind == "out":  # nothing writes a padded channel
+                new[is_pad.view([-1 if a == axis else 1 for a in range(len(shape))]).expand(shape)] = 0
         sd[name] = new
     out = type(model)(new_cfg)
     out.load_state_dict(sd)
@@ -196,3 +199,33 @@ def test_every_family_prunes_on_data(family, labels, monkeypatch):
     assert A.resolved_widths(pruned.config) == A.resolved_widths(target)
     inputs = {k: v for k, v in x.items() if k != "labels"}
     assert torch.isfinite(M.outputs(pruned, inputs)).all()
+
+
+def test_deeper_padded_parent_is_depth_mapped_then_pruned_on_data():
+    """Depth maps first (the identity blocks go), then activation importance
+    drops the silent units: the base again."""
+    from test_depth import DEEP, deepen
+    base = M.vit()
+    parent = pad_silent(deepen(base, DEEP))
+    calib, x = M.inputs(base, batch=6, seed=3), M.inputs(base, batch=4, seed=9)
+    pruned = otcompress.fuse(base.config, [parent], alignment="prune", data=calib)
+    assert pruned.fusion_report["depth_maps"][0]["kept"] == [0, 3]
+    assert pruned.fusion_report["importance"] == ["activations"]
+    assert _err(pruned, x, base) < TOL
+
+
+def test_a_parent_directory_is_loaded_when_pruning_measures_on_data(tmp_path):
+    """fuse_to_disk with data: the parent must run, so it is loaded (not
+    streamed), and the result is the in-memory prune's."""
+    base = M.bert(cls=T.BertForSequenceClassification)
+    parent = pad_silent(base)
+    parent.save_pretrained(tmp_path / "parent")
+    calib = M.inputs(base, batch=6, seed=3)
+    assert otcompress.fusion.streams("prune", "sinkhorn", 0.02, "average", False)
+    assert not otcompress.fusion.streams("prune", "sinkhorn", 0.02, "average", False, data=calib)
+    report = otcompress.fuse_to_disk(base.config, [tmp_path / "parent"], tmp_path / "out", alignment="prune",
+                                     data=calib)
+    assert report["importance"] == ["activations"]
+    back = type(base).from_pretrained(tmp_path / "out")
+    x = M.inputs(base, batch=4, seed=9)
+    assert _err(back, x, base) < TOL
