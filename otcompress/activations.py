@@ -313,6 +313,33 @@ def collect(spec, anchor, parents, data, *, need_costs: bool, need_norms: bool,
     return {"costs": costs, "norms": acc.norms, "samples": acc.seen}
 
 
+def unit_energy(model, probes, data, *, max_chunk: int = 16, progress=None) -> tuple[dict, int]:
+    """One model's own second moments: ({probe: E[x^2] per unit (float64)},
+    tokens seen), streaming `data` through it once (every unpadded token a
+    sample; no anchor, no cross-moments). The mean square is the activation
+    half of a unit's importance for pruning (`otcompress.importance`): a unit
+    that is ~0 on the data contributes ~0 whatever its weights."""
+    device = model_device(model)
+    sides = {p: Moments() for p in set(probes)}
+    seen = done = 0
+    total = _num_examples(data)
+    with torch.inference_mode():
+        for inputs in _chunks(data, device, max_chunk):
+            mask = inputs.get("attention_mask")
+
+            def take(probe, t):
+                sides[probe].shifted(token_samples(t.to(device), mask, None))
+            with stream(model, sides, take):
+                model(**inputs)
+            seen = max(m.count for m in sides.values()) if sides else seen
+            done += len(next(iter(inputs.values())))
+            if progress:
+                progress("importance", done, total)
+    if sides and seen == 0:
+        raise DataError("calibration data is empty")
+    return {p: m.mean * m.mean + m.m2 / m.count for p, m in sides.items() if m.count}, seen
+
+
 class _Chunk:
     """One chunk's state: its mask, the token filter's positions (found at the
     first sequence probe), and what the anchor's pass leaves for the parents'."""

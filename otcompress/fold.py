@@ -302,6 +302,16 @@ def importance(in_rows: list, out_rows: list) -> torch.Tensor:
     return imp if out is None else imp * out
 
 
+def activation_importance(energy: torch.Tensor, out_rows: list) -> torch.Tensor:
+    """Activation importance (with calibration data): the unit's RMS
+    activation (`energy`: its mean square, or its share of a probe's) times
+    the L2 norm of what reads it: the RMS of what it adds to the next layer,
+    ~0 for a unit that is ~0 on the data however large its weights."""
+    out = norms(out_rows)
+    rms = energy.double().clamp_min(0).sqrt()
+    return rms if out is None else rms * out.to(rms.device)
+
+
 def select(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, in their original order (ties: the
     lower index)."""
@@ -321,9 +331,10 @@ def select_plan(kept: torch.Tensor, m: int, *, dtype=torch.float64) -> torch.Ten
     return t
 
 
-def prune_plan(in_rows: list, out_rows: list, k: int) -> torch.Tensor:
-    """Keep the k most important units (`importance`)."""
-    scores = importance(in_rows, out_rows)
+def prune_plan(in_rows: list, out_rows: list, k: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the k most important units: `scores` (measured on data, see
+    `otcompress.importance`), else weight magnitude (`importance`)."""
+    scores = importance(in_rows, out_rows) if scores is None else scores
     return select_plan(select(scores, k), scores.shape[0])
 
 
@@ -332,12 +343,20 @@ def _unit_products(a, b):
     return norms([a]) * norms([b])
 
 
-def prune_head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, target_dim: int):
+def _head_shares(s_qk, s_vo, heads: int, d: int) -> torch.Tensor:
+    """A head's importance: its share of all Q/K importance plus its share of all V/O."""
+    return (s_qk.reshape(heads, d).sum(1) / s_qk.sum().clamp_min(1e-300)
+            + s_vo.reshape(heads, d).sum(1) / s_vo.sum().clamp_min(1e-300))
+
+
+def prune_head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, target_dim: int, scores=None):
     """Pruning maps of one attention layer (rows as in `head_plans`): keep the
     `target_heads` most important heads whole, then inside each the
     `target_dim` most important Q/K units (importance |q_i| |k_i|: a score
     sums q_i k_i) and V units (|v_i| |o_i|, O's column). A head's importance
-    adds its share of all Q/K and of all V/O importance. Returns (T_qk, T_v)."""
+    adds its share of all Q/K and of all V/O importance. `scores`: per-unit
+    (Q/K, V/O) importances measured on data instead of these magnitudes.
+    Returns (T_qk, T_v)."""
     if target_heads > parent_heads:
         raise IncompatibleModelsError(
             f"cannot prune {parent_heads} attention heads to {target_heads}: the target has more")
@@ -345,22 +364,22 @@ def prune_head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, targ
     d = m // parent_heads
     if target_dim > d:
         raise IncompatibleModelsError(f"cannot prune heads of {d} units to {target_dim}")
-    s_qk, s_vo = _unit_products(q, k), _unit_products(v, o_cols)
-    per_head = (s_qk.reshape(parent_heads, d).sum(1) / s_qk.sum().clamp_min(1e-300)
-                + s_vo.reshape(parent_heads, d).sum(1) / s_vo.sum().clamp_min(1e-300))
-    heads = select(per_head, target_heads).tolist()
+    s_qk, s_vo = (_unit_products(q, k), _unit_products(v, o_cols)) if scores is None else scores
+    heads = select(_head_shares(s_qk, s_vo, parent_heads, d), target_heads).tolist()
     kept_qk = torch.cat([h * d + select(s_qk[h * d:(h + 1) * d], target_dim) for h in heads])
     kept_v = torch.cat([h * d + select(s_vo[h * d:(h + 1) * d], target_dim) for h in heads])
     return select_plan(kept_qk, m), select_plan(kept_v, m)
 
 
-def prune_rotary_plans(q, k, v, o_cols, parent_heads: int, kv_heads: tuple, target_heads: int, d: int):
+def prune_rotary_plans(q, k, v, o_cols, parent_heads: int, kv_heads: tuple, target_heads: int, d: int,
+                       scores=None):
     """Pruning maps for rotary (and grouped-query) attention: whole heads only.
     Each query head's importance adds its shares of all Q/K importance
     (|q_i| |k_i| against its group's K) and of all V/O importance (|v_i| |o_i|,
     its group's V against its own block of O's columns); a key/value group's
     is the sum of its query heads'. The most important groups are kept, and
-    in each the most important of its query heads. Returns (T_q, T_kv)."""
+    in each the most important of its query heads. `scores`: per query-head
+    unit (Q/K, V/O) importances measured on data instead. Returns (T_q, T_kv)."""
     (gp, ga), rp = kv_heads, parent_heads // kv_heads[0]
     ra = target_heads // ga
     if ga > gp or ra > rp:
@@ -368,10 +387,10 @@ def prune_rotary_plans(q, k, v, o_cols, parent_heads: int, kv_heads: tuple, targ
                                       f"{target_heads} in {ga}")
     group_of = torch.arange(parent_heads, device=q.device) // rp
     unit = lambda heads: (heads[:, None] * d + torch.arange(d, device=q.device)).flatten()  # noqa: E731
-    k_rep, v_rep = k[unit(group_of)], v[unit(group_of)]  # each query head's K and V rows
-    s_qk, s_vo = _unit_products(q, k_rep), _unit_products(v_rep, o_cols)
-    per_head = (s_qk.reshape(parent_heads, d).sum(1) / s_qk.sum().clamp_min(1e-300)
-                + s_vo.reshape(parent_heads, d).sum(1) / s_vo.sum().clamp_min(1e-300))
+    if scores is None:
+        k_rep, v_rep = k[unit(group_of)], v[unit(group_of)]  # each query head's K and V rows
+        scores = _unit_products(q, k_rep), _unit_products(v_rep, o_cols)
+    per_head = _head_shares(*scores, parent_heads, d)
     groups = select(per_head.reshape(gp, rp).sum(1), ga)
     heads = torch.cat([g * rp + select(per_head[g * rp:(g + 1) * rp], ra) for g in groups.tolist()])
     return select_plan(unit(heads), parent_heads * d), select_plan(unit(groups), gp * d)

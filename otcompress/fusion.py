@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from otcompress import activations, architectures, depth, embedding, inputs, modelio
+from otcompress import activations, architectures, depth, embedding, importance, inputs, modelio
 from otcompress import repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
@@ -59,9 +59,13 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
         architecture; units weighted by their outgoing norms), then OT-fuse
         the folds with `solver`/`reg` when there are several parents (parent
         weights only). "prune": the same, keeping each parent's most
-        important units (weight magnitude: the norm of what feeds a unit
-        times the norm of what reads it; whole heads, then units inside
-        them; rotary attention whole heads only).
+        important units (whole heads, then units inside them; rotary
+        attention whole heads only), scored without `data` by weight
+        magnitude (the norm of what feeds a unit times the norm of what
+        reads it) and with `data` as `importance.kind` says (by default
+        its RMS activation on the data times the norm of what reads it;
+        first-order Taylor on labelled batches is measured too); the
+        report's `importance` says which, per parent.
     solver, reg: "sinkhorn" (entropic, regulariser `reg` on normalised costs,
         see `cost_norm`) or "emd" (exact). The default (reg=None) is "auto"
         when `data` is given and reg matters (Sinkhorn; folding only with
@@ -165,7 +169,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     opts = {"qk": given.qk, "weights": list(given.weights)}
     anchor_m, parent_ms = _load_all(given, device=o.device,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair,
-                                                   o.depth_merge))
+                                                   o.depth_merge, o.data))
     o.device = _work_device(o.device, anchor_m, parent_ms)
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
@@ -191,6 +195,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     times = (t_start, t_acts, t_align, time.perf_counter())
     report = _report(anchor, parents, o, opts, reg, stats, sweep, repaired.get(reg), map_stats, times)
     report["depth_maps"] = [m and m.report() for m in depth_maps]
+    if o.alignment in FROM_PARENTS:  # what each parent's units were scored by
+        report["importance"] = [s.kind if s else "weights" for s in (stats or {}).get("signals", [None] * len(parents))]
     report["timings"]["depth_map"] = t_depth  # part of "load"
     return model, report
 
@@ -223,7 +229,15 @@ def _head_shapes(anchor_m, parent_ms) -> list:
 
 def _statistics(o, spec, anchor_m, parent_ms):
     """Activation statistics on `data` where the alignment or the residual
-    policy reads them, else None."""
+    policy reads them; for fold/prune, each parent's importance signals
+    measured on `data` (`importance.measure`: None per parent where weight
+    magnitude is used); else None."""
+    if o.alignment in FROM_PARENTS:
+        if o.data is None:
+            return None
+        signals = [importance.measure(spec, p, o.data, o.alignment, progress=o.progress) for p in parent_ms]
+        return {"costs": None, "norms": {}, "signals": signals,
+                "samples": max([s.samples for s in signals if s is not None], default=0)}
     if o.alignment != "activations" and o.residual == "average":
         return None
     return activations.collect(spec, anchor_m, parent_ms, o.data,
@@ -280,7 +294,9 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
                                   on_unconverged=o.on_unconverged, on_uniform=o.on_uniform,
                                   device=o.device)
         if o.alignment in FROM_PARENTS:
-            sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done, o.alignment)
+            signals = (stats or {}).get("signals") or [None] * (len(sds) - 1)
+            sd, map_stats = _fold_and_fuse(spec, sds, align_opts, mix, heads, o.progress, done, o.alignment,
+                                           signals)
         else:
             sd, map_stats = _align_and_average(spec, sds[0], sds[1:], align_opts, costs, alpha,
                                                mix, heads, o.progress, done)
@@ -414,14 +430,15 @@ def _flagged_maps(map_stats) -> list:
     return lines
 
 
-def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mix, heads, progress, done=None):
+def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mix, heads, progress, done=None,
+                       signals=None):
     """Align the parents and add them, weighted, into a running sum as their
     tensors are produced: no aligned parent is ever held whole. The parents
     are walked in lockstep (one flow-graph node each in turn), so a fused
     tensor is final, and handed to `done(name, tensor)` in the anchor's dtype,
     about one layer after it is started. Returns the fused state dict (None
     when `done` is given: the caller keeps what it needs) and the per-parent
-    map stats."""
+    map stats. `signals`: per parent, fold/prune importance (`importance.measure`)."""
     fused = {} if done is None else None
     total = _RunningSum(anchor_sd, mix, spec.tied, done or fused.__setitem__)
     walks, map_stats = [], []
@@ -429,7 +446,8 @@ def _align_and_average(spec, anchor_sd, parent_sds, align_opts, costs, alpha, mi
         steps, st = align_parent(spec, anchor_sd, parent_sd, align_opts, heads=heads[k],
                                  activation_costs=costs[k], residual_alpha=alpha,
                                  sink=functools.partial(total.add, k),
-                                 progress=_parent_progress(progress, k, len(parent_sds)), stepwise=True)
+                                 progress=_parent_progress(progress, k, len(parent_sds)), stepwise=True,
+                                 signals=None if signals is None else signals[k])
         walks.append(steps)
         map_stats.append(st)
     for _ in itertools.zip_longest(*walks):
@@ -480,19 +498,21 @@ class _RunningSum:
                                f"unfinished: {sorted(self.sums)[:3]}")
 
 
-def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None, mode="fold"):
+def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None, mode="fold", signals=None):
     """Fold (or prune: `mode`) every parent into the anchor's widths, then
     OT-fuse the folds onto the first one with the parents' weights (the
     anchor's weights are unused). With several parents the folds are held in
-    memory (one anchor each); only the last stage streams into `done`."""
+    memory (one anchor each); only the last stage streams into `done`.
+    `signals`: per parent, its importance measured on data (None: weights)."""
     fold_opts = dataclasses.replace(align_opts, mode=mode)
+    signals = signals or [None] * (len(sds) - 1)
     if len(sds) == 2:
         return _align_and_average(spec, sds[0], sds[1:], fold_opts, [None], None, [0.0, 1.0], heads,
-                                  progress, done)
+                                  progress, done, signals)
     folds, map_stats = [], []
     for k, parent_sd in enumerate(sds[1:]):
         sd, st = _align_and_average(spec, sds[0], [parent_sd], fold_opts, [None], None, [0.0, 1.0],
-                                    [heads[k]], _parent_progress(progress, k, len(sds) - 1))
+                                    [heads[k]], _parent_progress(progress, k, len(sds) - 1), signals=[signals[k]])
         folds.append(sd)
         map_stats += st
     w = [x / sum(mix[1:]) for x in mix[1:]]
@@ -672,13 +692,14 @@ def _as_list(parents):
     return [parents]
 
 
-def streams(alignment, solver, reg, residual, repair, depth_merge="select") -> bool:
+def streams(alignment, solver, reg, residual, repair, depth_merge="select", data=None) -> bool:
     """Whether parents given as directories can be streamed: the engine then
     needs only their tensors one at a time (weights or fold alignment,
     averaged residuals, no repair, no reg sweep, deeper parents merged by
-    selection), never a forward pass."""
+    selection, no importance measured on `data`), never a forward pass."""
+    measured = alignment in FROM_PARENTS and importance.kind(data, alignment) != "weights"
     return (alignment in ("weights", *FROM_PARENTS) and residual == "average" and not repair
-            and not (solver == "sinkhorn" and reg == "auto") and depth_merge == "select")
+            and not (solver == "sinkhorn" and reg == "auto") and depth_merge == "select" and not measured)
 
 
 def _load_all(given, *, stream=False, device=None):
