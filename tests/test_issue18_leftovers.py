@@ -32,10 +32,10 @@ def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_a_single_kind_of_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
-    """No anchor: the fold and the prune of the parents are the only starts, one
-    kind. The one-shot held-out loss chooses; the choice trains N steps on every
-    example, exactly as an explicit run of that alignment does."""
+def test_a_single_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
+    """No anchor, with finetuning: the fold of the parents is the only start.
+    Nothing races; it trains N steps on every example, exactly as an explicit
+    fold run does."""
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     target = {"hidden": 16, "heads": 2, "intermediate": 32}
     recipe = {"finetune_steps": 6, "batch_size": 32, "samples": 64}
@@ -43,14 +43,22 @@ def test_a_single_kind_of_start_is_not_raced_and_trains_all_steps(digits, monkey
     model, report = pipeline.run(None, parents, recipe, target=target, data=digits)
     race = report["race"]
     assert len(steps) == 6 and report["finetune"]["steps"] == 6
-    assert race["steps_each"] == 0 and race["extra_steps"] == 0 and race["chosen_by"] == "one_shot_holdout_loss"
-    assert "only kind of start" in race["note"] and "trained all 6 steps" in race["note"]
-    assert {c["candidate"] for c in race["candidates"]} == {"fold: all parents", "prune: parent 1",
-                                                             "prune: parent 2"}
-    chosen, _, which = race["winner"].partition(": ")
-    from_parents = parents if which == "all parents" else [parents[int(which.split()[-1]) - 1]]
-    explicit, _ = pipeline.run(None, from_parents, {**recipe, "alignment": chosen}, target=target, data=digits)
+    assert race["steps_each"] == 0 and race["extra_steps"] == 0 and race["chosen_by"] == "only candidate"
+    assert "only start possible" in race["note"] and "trained all 6 steps" in race["note"]
+    assert [c["candidate"] for c in race["candidates"]] == ["fold: all parents"]
+    explicit, _ = pipeline.run(None, parents, {**recipe, "alignment": "fold"}, target=target, data=digits)
     assert torch.equal(_params(model), _params(explicit))
+
+
+def test_without_finetuning_the_one_shot_loss_chooses_among_fold_and_prunes(digits):
+    parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
+    target = {"hidden": 16, "heads": 2, "intermediate": 32}
+    model, report = pipeline.run(None, parents, {"finetune_steps": 0, "batch_size": 32, "samples": 64},
+                                 target=target, data=digits)
+    race = report["race"]
+    rows = {c["candidate"]: c["one_shot_holdout_loss"] for c in race["candidates"]}
+    assert set(rows) == {"fold: all parents", "prune: parent 1", "prune: parent 2"}
+    assert race["chosen_by"] == "one_shot_holdout_loss" and race["winner"] == min(rows, key=rows.get)
 
 
 def test_one_kind_of_start_is_chosen_one_shot_and_trains_all_steps(digits, monkeypatch, tmp_path):
@@ -189,7 +197,7 @@ def test_cli_says_a_single_start_was_not_raced(tmp_path, capsys):
                                "--out", tmp_path / "small")])
     err = capsys.readouterr().err
     assert e.value.code == 0, err
-    assert "not raced" in err and "only kind of start" in err and "it trained all 3 steps" in err
+    assert "not raced" in err and "only start possible" in err and "it trained all 3 steps" in err
     assert "starting-point race" not in err
 
 
