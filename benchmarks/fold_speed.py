@@ -75,9 +75,7 @@ def qwen_case():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = T.Qwen2ForCausalLM(cfg).eval()
-    target = architectures.target_config(model.config, hidden=448, heads=7, intermediate=2432)
-    target.num_key_value_heads = 1
-    return model, target
+    return model, architectures.target_config(model.config, hidden=448, heads=7, kv_heads=1, intermediate=2432)
 
 
 def timed(fn):
