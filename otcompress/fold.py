@@ -69,6 +69,28 @@ def _compress(x):
     return vecs[:, keep] * vals[keep].sqrt()
 
 
+def _gram(a, blocks=4):
+    """a @ a.T, multiplying only the blocks of rows on and above the diagonal
+    (10/16 of the flops at 4 x 4; the lower ones are mirrored): each entry is
+    the same dot product over the same columns as in the full product, and on
+    this machine's MKL bit-identical to it (checked on the shapes of MiniLM
+    and Qwen2.5-0.5B folds), so only the time changes, by about 30% on the
+    largest Grams (4864 x 896 rows; 896 x 151936 vocabulary columns)."""
+    m = a.shape[0]
+    if m < 256 or a.device.type != "cpu":
+        return a @ a.T
+    out = torch.empty(m, m, dtype=a.dtype, device=a.device)
+    edge = [i * m // blocks for i in range(blocks + 1)]
+    for i in range(blocks):
+        rows = slice(edge[i], edge[i + 1])
+        for j in range(i, blocks):
+            cols = slice(edge[j], edge[j + 1])
+            out[rows, cols] = a[rows] @ a[cols].T
+            if j > i:
+                out[cols, rows] = out[rows, cols].T
+    return out
+
+
 def _sq_dist(x, c, x_sq=None):
     x_sq = (x * x).sum(1, keepdim=True) if x_sq is None else x_sq
     return (x_sq - 2 * x @ c.T + (c * c).sum(1)[None, :]).clamp_min_(0)
@@ -95,7 +117,7 @@ class _Distances:
             self.sq = (x * x).sum(1)
             return
         if gram is None:
-            self.gram = x @ x.T
+            self.gram = _gram(x)
         self.sq = self.gram.diagonal().clone()
         pair = self.gram * -2  # sq_i - 2 g_ij + sq_j, in place (the same roundings)
         pair += self.sq[:, None]
@@ -113,11 +135,16 @@ class _Distances:
         if self.gram is not None:
             self.weighted = self.gram if w is None else self.gram * w.to(self.gram.dtype)[:, None]
 
-    def sums(self, k):
-        """A zeroed (k, m) buffer, the same memory every call."""
+    def sums(self, k, zero=True):
+        """A (k, m) buffer (zeroed), the same memory every call."""
         if self._sums is None or self._sums.shape[0] != k:
             self._sums = torch.empty(k, self.m, dtype=self.gram.dtype, device=self.gram.device)
-        return self._sums.zero_()
+        return self._sums.zero_() if zero else self._sums
+
+    def to_seeds(self, seeds):
+        """(m, k) distances to the seed rows: a transposed view of `sums`."""
+        index = torch.tensor(seeds, device=self.pair.device)
+        return torch.index_select(self.pair, 0, index, out=self.sums(len(seeds), zero=False)).T
 
 
 def _kmeans_pp(rows, k, gen, weights=None):
@@ -134,8 +161,9 @@ def _kmeans_pp(rows, k, gen, weights=None):
     u = torch.rand(max(k - 1, 0), generator=gen, dtype=torch.float64).tolist()
     w = None if weights is None else weights.cpu().numpy()
     d2 = np.array(rows[first], copy=True)
+    wd2, cdf = np.empty(m), np.empty(m, dtype=np.float64 if w is not None else d2.dtype)
     for s in range(k - 1):
-        cdf = (d2 if w is None else d2 * w).cumsum()
+        np.cumsum(d2 if w is None else np.multiply(d2, w, out=wd2), out=cdf)  # d2 * w in float64
         total = cdf[-1]
         if total <= 0:  # fewer distinct (weighted) points than clusters: take any unused
             free = np.ones(m, dtype=bool)
@@ -162,7 +190,7 @@ def _lloyd(rows, seeds, max_iter, weights=None):
         dist = lambda labels: (_sq_dist(x, centres if labels is None  # noqa: E731
                                         else _centres(x, labels, k, weights)), None)
     else:
-        dist = lambda labels: ((rows.pair[seeds].T, None) if labels is None  # noqa: E731
+        dist = lambda labels: ((rows.to_seeds(seeds), None) if labels is None  # noqa: E731
                                else (_gram_scores(rows, labels, k, w, weights is None), rows.sq))
     labels = None
     for _ in range(max_iter):
@@ -323,7 +351,7 @@ def slot_gram(slots) -> torch.Tensor:
     g = None
     for t, axis in slots:
         t = t.float()
-        part = (t.T @ t if axis == 1 else t @ t.T) if t.dim() == 2 else _unit_rows(t, axis) @ _unit_rows(t, axis).T
+        part = _gram((t.T if axis == 1 else t) if t.dim() == 2 else _unit_rows(t, axis))
         part /= part.trace().clamp_min(1e-24)
         g = part if g is None else g.add_(part)
     mean = g.mean(0)
