@@ -26,9 +26,11 @@ Cases (each in a fresh subprocess, so that peak RSS belongs to that case alone):
 Per case: wall time, CPU time, peak RSS during the fusion (VmHWM reset just
 before `fuse` via /proc/self/clear_refs, cross-checked by a sampling thread),
 the RSS baseline after the models exist, the parents' parameter bytes, and
-where the time goes: `fusion_report["timings"]`, the report's per-map seconds,
-and a finer split obtained by timing (not changing) the engine's own
-functions (transport.solve, euclidean_cost, align.carry, ...).
+where the time goes from what the engine itself reports (nothing of it is
+wrapped or patched): `fusion_report["timings"]` (load / activations / align)
+and the report's per-map seconds, by kind of node and by map shape.
+Folding's speed (MiniLM -> 192, Qwen2.5-0.5B shape -> half width, beside
+Torch-Pruning) is benchmarks/fold_speed.py's, and only there.
 
 The machine is shared: each case also records the load average and a GEMM
 calibration (float32 GFLOP/s on the same threads just before the fusion), so
@@ -209,82 +211,6 @@ class RssSampler:
         self._t.join()
 
 
-# --------------------------------------------------------------------------- instrumentation
-
-
-class Timers:
-    """Exclusive wall time and call counts of a few engine functions, wrapped at
-    run time in this process only (the engine's code is not changed). A timed
-    function called inside another (e.g. statistics folded in a forward hook)
-    is subtracted from the outer one, so the parts add up to at most the wall."""
-
-    _stack: list = []  # shared by all Timers: nesting across instances counts too
-
-    def __init__(self):
-        self.seconds, self.calls, self.flops, self._undo = {}, {}, {}, []
-
-    def wrap(self, owner, attr, label, flops=None):
-        """`flops(*args)`: matmul FLOPs of one call (2 per multiply-add), if known."""
-        fn = getattr(owner, attr, None)
-        if fn is None:
-            return
-
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            frame = [self, label, 0.0]  # [owner, label, seconds of nested timed calls]
-            Timers._stack.append(frame)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                dt = time.perf_counter() - t0
-                Timers._stack.pop()
-                if Timers._stack:
-                    Timers._stack[-1][2] += dt
-                self.seconds[label] = self.seconds.get(label, 0.0) + dt - frame[2]
-                self.calls[label] = self.calls.get(label, 0) + 1
-                if flops is not None:
-                    try:
-                        self.flops[label] = self.flops.get(label, 0) + flops(*args)
-                    except Exception:  # noqa: BLE001 - accounting only
-                        pass
-
-        setattr(owner, attr, timed)
-        self._undo.append((owner, attr, fn))
-
-    def install(self):
-        from otcompress import activations, align, fusion, transport
-        # None of these call another of them, so their times do not overlap.
-        self.wrap(transport, "solve", "solver (transport.solve)")
-        self.wrap(transport, "euclidean_cost", "weights cost (euclidean_cost)",
-                  flops=lambda x, y: 2 * x.shape[0] * y.shape[0] * x.shape[1])
-        self.wrap(transport, "normalise_cost", "normalise_cost")
-        self.wrap(transport.TransportResult, "stats", "plan stats (entropy)")
-        self.wrap(transport, "row_stochastic", "map rescale (row/col stochastic)")
-        self.wrap(transport, "column_stochastic", "map rescale (row/col stochastic)")
-        self.wrap(align, "carry", "carry (tensordot)", flops=lambda t, axis, m: 2 * t.numel() * m.shape[1])
-        self.wrap(align, "combine", "residual combine")
-        self.wrap(fusion, "_finish_sum", "finish the weighted sum (ties, dtypes)")
-        self.wrap(fusion, "build_model", "build fused model")
-        label = "cross-moments update (incl. in hooks)"
-        if hasattr(activations.CrossMoments, "add"):
-            # Shifted sums: each side shifted once per batch (the anchor's shared by all
-            # parents), products folded in by `add`; `update` calls both.
-            self.wrap(activations.CrossMoments, "add", label,
-                      flops=lambda self_, xs, ys, out=None: 2 * xs.shape[0] * xs.shape[1] * ys.shape[1])
-            self.wrap(activations.Moments, "shifted", label)
-        else:  # the engine before shifted sums: one Chan merge per pair and batch
-            self.wrap(activations.CrossMoments, "update", label,
-                      flops=lambda self_, x, y: 2 * x.shape[0] * x.shape[1] * y.shape[1])
-        self.wrap(activations, "_solve_cost", "activation costs")
-        return self
-
-    def uninstall(self):
-        for owner, attr, fn in reversed(self._undo):
-            setattr(owner, attr, fn)
-        self._undo.clear()
-
-
 # --------------------------------------------------------------------------- worker
 
 
@@ -329,6 +255,21 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def public_breakdown(report, solves, others) -> dict:
+    """Seconds by stage from the fusion report alone: `timings` and the per-map
+    seconds (a node's seconds include computing its cost or clustering, the
+    solve, and carrying the tensors that became ready)."""
+    t = report["timings"]
+    solve_nodes = sum(s["seconds"] for s in solves)
+    other_nodes = sum(s.get("seconds", 0.0) for s in others)
+    return {"load (incl. depth map)": t["load"],
+            "activations (forward passes + statistics)": t["activations"],
+            "align: solve nodes (cost, solve, carry of ready tensors)": solve_nodes,
+            "align: heads / combine / share nodes": other_nodes,
+            "align: after the graph walk (final carry, averaging, model build)":
+                t["align"] - solve_nodes - other_nodes}
+
+
 def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
     import torch
     torch.set_num_threads(threads)
@@ -354,11 +295,6 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
                 for _ in range(case["n_images"] // case["batch"])]
     import gc
     gc.collect()
-    forward_timers = Timers()
-    # Instance attributes (hooks on submodules still fire). Only where forward passes
-    # happen: a fused model copied from a wrapped anchor would keep calling the anchor.
-    for m in ([anchor, *parents] if case["alignment"] == "activations" else []):
-        forward_timers.wrap(m, "forward", "forward passes (anchor + parents, excl. statistics)")
     fuse_kwargs = dict(alignment=case["alignment"], solver=case["solver"], reg=case["reg"], data=data,
                        token_filter=case.get("token_filter"), **case.get("fuse_kwargs", {}))
     import inspect
@@ -368,7 +304,6 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
     gflops = gemm_gflops()
     load1 = os.getloadavg()[0]
     rss_base = rss_bytes()
-    timers = Timers().install()
     hwm_ok = reset_peak()
     usage0 = os.times()
     with RssSampler() as sampler:
@@ -377,11 +312,6 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
         wall = time.perf_counter() - t0
     usage1 = os.times()
     hwm = (_status_kb("VmHWM") or 0) * 1024 if hwm_ok else 0
-    timers.uninstall()
-    forward_timers.uninstall()
-    for k in forward_timers.seconds:
-        timers.seconds[k] = forward_timers.seconds[k]
-        timers.calls[k] = forward_timers.calls[k]
     peak = max(hwm, sampler.peak)
     report = model.fusion_report
     walls = [wall]
@@ -394,7 +324,6 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
 
     accuracy = {}
     if known is not None:  # the fused model against the known answer, and the anchor's own distance
-        assert "forward" not in vars(model), "the fused model's forward is wrapped"
         with torch.no_grad():
             ref = outputs(known, known_x)
             out = outputs(model, known_x)
@@ -418,8 +347,7 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
         d = by_shape.setdefault(key, {"maps": 0, "seconds": 0.0})
         d["maps"] += 1
         d["seconds"] += s["seconds"]
-    solver_s = timers.seconds.get("solver (transport.solve)", 0.0)
-    accounted = sum(timers.seconds.values())
+    breakdown = public_breakdown(report, solves, others)
     return {
         "case": case,
         "threads": torch.get_num_threads(),
@@ -447,12 +375,9 @@ def run_case(case: dict, threads: int, repeat: int = 1) -> dict:
         "methods": sorted({s.get("method", "?") for s in solves}),
         "max_marginal_error": max((s.get("marginal_error", 0.0) for s in solves), default=0.0),
         "by_shape": by_shape,
-        "breakdown_s": dict(sorted(timers.seconds.items(), key=lambda kv: -kv[1])),
-        "breakdown_calls": timers.calls,
-        "breakdown_gflop": {k: v / 1e9 for k, v in timers.flops.items()},
+        "breakdown_s": breakdown,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: GNU OpenMP default)"),
-        "solver_s": solver_s,
-        "unaccounted_s": wall - accounted,
+        "unaccounted_s": wall - report["timings"]["total"],
         "calibration_samples": report.get("calibration_samples", 0),
         "gemm_gflops_before": gflops,
         "loadavg_1min_before": load1,
@@ -755,55 +680,41 @@ def render(results: list[dict], meta: dict) -> str:
     if sweep:
         lines += ["", "## Size sweep (weights-based, Sinkhorn reg 0.08, 2 parents into half width, "
                   f"{sweep[0]['case']['parent']['layers']} layers)", "",
-                  "| parent hidden -> anchor | parents params (M) | matmul GFLOP (carry + cost) | wall s | "
+                  "| parent hidden -> anchor | parents params (M) | wall s | "
                   "wall x vs previous | CPU s | peak RSS GiB | overhead GiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|"]
         prev = None
         for r in sweep:
             c = r["case"]
-            gf = sum(r["breakdown_gflop"].values())
             grow = f"{r['wall_s'] / prev:.1f}x" if prev else ""
             prev = r["wall_s"]
             lines.append(f"| {c['parent']['hidden']} -> {c['anchor']['hidden']} | {r['parents_param_bytes'] / 4e6:.1f} | "
-                         f"{gf:.0f} | {r['wall_s']:.2f} | {grow} | {r['cpu_s']:.1f} | {r['rss_peak'] / GB:.2f} | "
+                         f"{r['wall_s']:.2f} | {grow} | {r['cpu_s']:.1f} | {r['rss_peak'] / GB:.2f} | "
                          f"{(r['rss_peak'] - r['rss_baseline']) / GB:.2f} |")
     lines += render_structured(ok)
     lines += ["", "## Where the time goes", "",
-              "`fusion_report['timings']` (load / activations / align), the report's per-map seconds "
-              "(a solve node's seconds include computing its cost), and a finer split from timing the "
-              "engine's own functions in the worker (wrapped, not changed; exclusive times: statistics folded "
-              "inside a forward hook count as statistics, not forward). `solver` is "
-              "`transport.solve` alone (Sinkhorn/EMD incl. building the kernel and final plan); the rest "
-              "is carrying weights through maps, costs and bookkeeping. GF/s = matmul FLOPs / seconds of "
-              "that part (compare with the GEMM column).", ""]
+              "From the fusion report alone (the engine is not wrapped or patched): "
+              "`fusion_report['timings']` (load / activations / align / total) and the per-map seconds "
+              "(a solve node's seconds include computing its cost, the solve, and carrying the tensors that "
+              "became ready; a heads node's, the head-aware maps). `outside fuse` = wall - the report's total.", ""]
     for r in ok:
         c, t = r["case"], r["timings"]
         lines.append(f"### {c['name']}: wall {r['wall_s']:.2f} s (CPU {r['cpu_user_s']:.1f} s user + "
                      f"{r['cpu_sys_s']:.1f} s sys; GEMM {r['gemm_gflops_before']:.0f} GF/s before)")
         lines.append("")
-        lines.append(f"- report timings: load {t['load']:.2f} s, activations {t['activations']:.2f} s, "
-                     f"align {t['align']:.2f} s, total {t['total']:.2f} s")
-        final = t["align"] - r["report_solve_node_s"] - r["report_other_node_s"]
         lines.append(f"- {r['maps_solved']} solved maps ({', '.join(r['methods'])}; iterations "
                      f"{r['iterations']['min']}-{r['iterations']['max']}, mean {r['iterations']['mean']:.0f}; "
-                     f"max marginal error {r['max_marginal_error']:.1e}); the report's per-map seconds: solve "
-                     f"nodes {r['report_solve_node_s']:.2f} s, combine/share nodes {r['report_other_node_s']:.2f} s, "
-                     f"after the graph walk (final carry, averaging, model build) {final:.2f} s")
-        lines.append(f"- **solver alone {r['solver_s']:.2f} s ({100 * r['solver_s'] / r['wall_s']:.0f}% of wall) "
-                     f"vs everything else {r['wall_s'] - r['solver_s']:.2f} s**")
+                     f"max marginal error {r['max_marginal_error']:.1e})")
         big = sorted(r["by_shape"].items(), key=lambda kv: -kv[1]["seconds"])[:4]
         lines.append("- solve-node seconds by map shape: " + ", ".join(
             f"{k}: {v['maps']} maps, {v['seconds']:.2f} s" for k, v in big))
         lines.append("")
-        lines.append("| part | seconds | calls | share of wall | matmul GFLOP | GF/s |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| part | seconds | share of wall |")
+        lines.append("|---|---|---|")
         for k, v in r["breakdown_s"].items():
-            gf = r["breakdown_gflop"].get(k)
-            rate = f"{gf / v:.0f}" if gf and v > 0 else ""
-            lines.append(f"| {k} | {v:.2f} | {r['breakdown_calls'].get(k, '')} | {100 * v / r['wall_s']:.0f}% | "
-                         f"{f'{gf:.1f}' if gf else ''} | {rate} |")
-        lines.append(f"| other (graph walk, row gathering, hooks, Python) | {r['unaccounted_s']:.2f} | | "
-                     f"{100 * r['unaccounted_s'] / r['wall_s']:.0f}% | | |")
+            lines.append(f"| {k} | {v:.2f} | {100 * v / r['wall_s']:.0f}% |")
+        lines.append(f"| outside fuse (wall - report total) | {r['unaccounted_s']:.2f} | "
+                     f"{100 * r['unaccounted_s'] / r['wall_s']:.0f}% |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -880,15 +791,15 @@ def compare_structured_outputs(results):
 
 def print_summary(results):
     print(f"{'case':26s} {'wall s':>7s} {'CPU s':>6s} {'GF/s':>5s} {'parents MB':>10s} {'base MB':>8s} "
-          f"{'peak MB':>8s} {'peak/par':>8s} {'solver s':>8s} {'rest s':>7s}")
+          f"{'peak MB':>8s} {'peak/par':>8s} {'solves s':>8s} {'rest s':>7s}")
     for r in results:
         if "error" in r:
             print(f"{r['case']['name']:26s} ERROR {r['error']}")
             continue
         print(f"{r['case']['name']:26s} {r['wall_s']:7.2f} {r['cpu_s']:6.1f} {r['gemm_gflops_before']:5.0f} "
               f"{r['parents_param_bytes'] / MB:10.0f} {r['rss_baseline'] / MB:8.0f} {r['rss_peak'] / MB:8.0f} "
-              f"{r['rss_peak'] / r['parents_param_bytes']:7.2f}x {r['solver_s']:8.2f} "
-              f"{r['wall_s'] - r['solver_s']:7.2f}")
+              f"{r['rss_peak'] / r['parents_param_bytes']:7.2f}x {r['report_solve_node_s']:8.2f} "
+              f"{r['wall_s'] - r['report_solve_node_s']:7.2f}")
         if r["case"].get("structured"):
             a = r.get("accuracy", {})
             print(f"{'':26s} structured: threads {r['threads']}, {r['maps_solved']} maps, {r['iterations_total']} "
@@ -899,9 +810,7 @@ def print_summary(results):
                   f"{a.get('max_abs_diff_anchor', float('nan')):.4f})"
                   + (f", to the accelerated fused model {a['max_abs_diff_to_accelerated']:.1e}"
                      if "max_abs_diff_to_accelerated" in a else ""))
-        t = r["timings"]
-        print(f"{'':26s} timings: load {t['load']:.2f} activations {t['activations']:.2f} align {t['align']:.2f}; "
-              + "; ".join(f"{k} {v:.2f}" for k, v in list(r["breakdown_s"].items())[:5]))
+        print(f"{'':26s} " + "; ".join(f"{k} {v:.2f}" for k, v in r["breakdown_s"].items()))
 
 
 def main(argv=None):
