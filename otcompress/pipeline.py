@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from otcompress import architectures, finetune as ft, inputs, modelio, outputs, recipes
+from otcompress import finetune as ft, inputs, modelio, outputs, recipes
 from otcompress.architectures import is_headless
 from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
 from otcompress.options import FUSE_OPTIONS, PASSED, FuseOptions
@@ -107,7 +107,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                                    finish, alignment=_resolve_alignment(r["alignment"], anchor_m), device=device)
     reference = parent_ms if data is not None and data.task == "feature-extraction" else None
     model, report, trainer, holdout, one_shot = _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device,
-                                                                  progress, log, reference)
+                                                                  progress, log, reference, given.foldable)
     trained = None
     if trainer is not None and r["finetune_steps"]:
         trained = {**trainer.summary(), "lr": r["lr"], "batch_size": r["batch_size"],
@@ -137,7 +137,7 @@ def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest
     return done["report"]
 
 
-def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress, log, reference):
+def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress, log, reference, foldable):
     """The race of starting points (alignment auto, held-out data) or one
     fusion, then the finetuning: (model, fusion report, trainer or None,
     held-out data or None, one-shot metrics or None)."""
@@ -157,7 +157,7 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
                                                        relabelled(progress, f"scoring {name} (eval split)")),
                     reference=reference, progress=progress)
         model, trainer, report, one_shot = race.run(
-            candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout), log)
+            candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout, foldable), log)
         if trainer is not None:  # the winner continues on every training example
             trainer.use_data(data).run(r["finetune_steps"])
         elif r["finetune_steps"]:  # nothing was raced: the one start trains all N steps, on every example
@@ -305,12 +305,12 @@ def anchor_weighted(n_parents: int) -> list:
     return [ANCHOR_WEIGHT] + [(1 - ANCHOR_WEIGHT) / n_parents] * n_parents
 
 
-def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout=None):
+def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout=None, foldable=True):
     """(name, make, group) for every start the race tries; `make()` builds it
     lazily. Starts of one group are alike (both keep the anchor's function):
     with finetuning only the one with the lowest one-shot held-out loss trains."""
     out = []
-    if _foldable(fuse_anchor, parent_ms):
+    if foldable:  # `inputs.Inputs.foldable`: else an anchor wider than a parent (OT and the anchor race)
         # Folding and pruning (the maps a pruning tool would make) are one group.
         # With finetuning the fold is its start: pruning keeps more of a parent
         # one-shot, so it wins the one-shot loss, but it trains to a worse model
@@ -332,16 +332,6 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
                                   weights=anchor_weighted(len(parent_ms)), holdout=holdout), "anchor-side"))
         out.append(("anchor", lambda: _anchor_copy(anchor_m), "anchor-side"))
     return out
-
-
-def _foldable(target, parent_ms) -> bool:
-    from otcompress.errors import IncompatibleModelsError
-    config = lambda m: getattr(m, "config", None) or modelio.load_config(m)  # noqa: E731 a model or a directory
-    try:
-        architectures.check_fold_target(getattr(target, "config", target), [config(p) for p in parent_ms])
-    except IncompatibleModelsError:
-        return False  # an anchor wider than a parent: only OT fusion and the anchor race
-    return True
 
 
 class Race:

@@ -191,6 +191,13 @@ def test_an_anchor_wider_than_a_parent_is_warned_about():
     assert not any("wider" in w for w in report["warnings"])
 
 
+def test_an_anchor_wider_than_a_parent_races_only_the_anchor_side_starts(digits):
+    """No fold or prune can make a wider anchor: the race holds OT fusion and the anchor."""
+    anchor, parent = M.vit(hidden=48, heads=6, inter=96, seed=1), M.vit(hidden=32, seed=2)
+    _, report = pipeline.run(anchor, [parent], {"finetune_steps": 0, "samples": 64, "batch_size": 32}, data=digits)
+    assert [c["candidate"] for c in report["race"]["candidates"]] == ["OT fusion, anchor weight 0.8", "anchor"]
+
+
 def test_tokenizer_check_skips_model_objects_and_names_a_broken_tokenizer(tmp_path):
     from otcompress.errors import ModelLoadError
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
