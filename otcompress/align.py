@@ -275,8 +275,11 @@ class _Folder:
         writes it, each taken as it is (tensor, unit axis): the features are
         never copied into rows (`fold.slot_gram`, `fold.slot_shares`).
         Measured importance: Taylor scores; with activations (and without
-        data) weight magnitude, the norm of what writes a channel times the
-        norm of what reads it."""
+        data) weight magnitude of what reads a channel. Its writers tell
+        channels apart worse: every block's norm gains and output biases
+        write every channel, and scoring by writes times reads pruned digits
+        parent_b to 91% after distillation against 94.8% by reads (a bug
+        that summed each 1-D writer to a constant once made the two agree)."""
         members = {tm for tm, r in self.group.items() if r == root}
         writes, reads, width = [], [], None
         for name, axes in self.spec.axes.items():
@@ -301,8 +304,8 @@ class _Folder:
             scores = self._taylor(members)
             scores = None if scores is None else scores * scores
         if self.mode == "prune":
-            if scores is None:
-                scores = fold.slot_shares(writes) * (1 if out is None else out)
+            if scores is None:  # magnitude: what reads a channel (every block's norm and biases write them all)
+                scores = out if out is not None else fold.slot_shares(writes)
             return fold.select_plan(fold.select(scores, width), scores.shape[0])
         weights = out if scores is None else scores
         labels = fold.kmeans(None, width, seed=self.seed, weights=weights, gram=fold.slot_gram(writes + reads))

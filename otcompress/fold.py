@@ -337,7 +337,8 @@ def slot_shares(slots) -> torch.Tensor | None:
     copying them into rows: each unit's squared norm over each tensor's."""
     total = None
     for t, axis in slots:
-        sq = t.float().pow(2).sum([a for a in range(t.dim()) if a != axis]).double()
+        others = [a for a in range(t.dim()) if a != axis]
+        sq = (t.float().pow(2).sum(others) if others else t.float().pow(2)).double()  # sum([]) sums all
         share = sq / sq.sum().clamp_min(1e-300)
         total = share if total is None else total + share
     return total

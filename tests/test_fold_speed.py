@@ -55,3 +55,11 @@ def test_gram_lloyd_matches_explicit_centres():
         seeds = fold._kmeans_pp(rows, 150, gen, w)
         labels, _ = fold._lloyd(rows, seeds, 100, w)
         assert torch.equal(labels, _reference_lloyd(x, seeds, w))
+
+
+def test_slot_shares_of_a_one_dimensional_tensor_are_per_unit():
+    """A bias or norm gain (1-D, its only axis the unit axis) gives each unit
+    its own share: torch's sum over no dimensions would sum everything."""
+    from otcompress import fold
+    t = torch.tensor([3.0, 0.0, 4.0])
+    assert torch.allclose(fold.slot_shares([(t, 0)]), torch.tensor([0.36, 0.0, 0.64], dtype=torch.float64))
