@@ -111,6 +111,8 @@ def _unwrapped(model, hidden: int):
     out = []
     for name, p in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
+        if name == "cls.predictions.bias":  # the masked-LM head's vocabulary bias (the decoder's, tied)
+            continue
         if not isinstance(owner, _WRAPPED):
             if p.shape[-1] != hidden:
                 raise ValueError(f"{name}: a bare parameter of shape {tuple(p.shape)} is not on the residual axis")
@@ -325,6 +327,10 @@ def torch_prune(model, target_config, importance: str = "l2", batches=None):
         for name in _FFN_IN[family]:
             ratios[block.get_submodule(name)] = _ratio(ffn, t_ffn)
     ignored = [m for n, m in model.named_modules() if n in _OUTPUT_HEADS]
+    mlm = _tied_mlm_head(model)
+    if mlm:  # its transform's outputs follow the residual units by hand, below
+        ratios[mlm[1]] = 0.0
+        before = mlm[0].weight.detach().clone()
     if importance == "l2":
         imp = tp.importance.GroupMagnitudeImportance(p=2)
     elif importance == "taylor":
@@ -348,6 +354,41 @@ def torch_prune(model, target_config, importance: str = "l2", batches=None):
                 _check_heads(list(idxs), hidden, heads, t_heads, t_hidden // t_heads, names[target])
         group.prune()
     model.zero_grad(set_to_none=True)
+    if mlm:
+        _follow_residual(model, mlm, before)
     out = type(model)(target_config)
     out.load_state_dict(model.state_dict(), strict=True)
     return out.eval()
+
+
+def _tied_mlm_head(model):
+    """(input embeddings, transform dense, transform LayerNorm, decoder) of a
+    BERT masked-LM whose decoder is tied to the input embeddings, else None.
+    The transform's outputs are the decoder's inputs, i.e. the embedding
+    axis: they must keep the residual units the embeddings keep, which
+    Torch-Pruning (a separate group for them, weights tied behind its back)
+    does not know."""
+    head = getattr(getattr(model, "cls", None), "predictions", None)
+    emb = model.get_input_embeddings()
+    if head is None or head.decoder.weight is not emb.weight:
+        return None
+    return emb, head.transform.dense, head.transform.LayerNorm, head.decoder
+
+
+@torch.no_grad()
+def _follow_residual(model, mlm, before) -> None:
+    """The MLM head's transform outputs cut to the residual units the input
+    embeddings kept (found by matching columns), and the decoder tied again."""
+    emb, dense, norm, decoder = mlm
+    after = emb.weight
+    kept = [next(k for k in range(before.shape[1]) if torch.equal(before[:, k], after[:, j]))
+            for j in range(after.shape[1])]
+    idx = torch.tensor(kept)
+    dense.weight = nn.Parameter(dense.weight[idx].clone())
+    dense.bias = nn.Parameter(dense.bias[idx].clone())
+    dense.out_features = len(kept)
+    norm.weight = nn.Parameter(norm.weight[idx].clone())
+    norm.bias = nn.Parameter(norm.bias[idx].clone())
+    norm.normalized_shape = (len(kept),)
+    decoder.weight = emb.weight
+    decoder.in_features = len(kept)

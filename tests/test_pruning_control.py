@@ -301,3 +301,29 @@ def test_llama_refusals():
         pc.magnitude_prune(model, llama_target(model, 64, 2, 2, 128))  # query heads inside groups
     with pytest.raises(NotImplementedError, match="magnitude_prune"):
         pc.torch_prune(model, llama_target(model, 32, 2, 1, 64))
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_bert_masked_lm_head_follows_the_residual_units(importance, tmp_path):
+    """BertForMaskedLM ties its decoder to the input embeddings: the pruned
+    model keeps the tie, and the head's transform keeps the residual units
+    the embeddings kept."""
+    model = pc.drop_blocks(bert(hidden=64, heads=4, inter=128, layers=4), [0, 2])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # not the init's zeros and ones, so that the kept units are seen
+        for p in (model.cls.predictions.transform.dense.bias, model.cls.predictions.transform.LayerNorm.weight):
+            p.copy_(torch.randn(p.shape, generator=g))
+    ids = torch.randint(1, 60, (4, 8), generator=g)
+    data = [{"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long), "labels": ids}]
+    small = pc.torch_prune(model, target(model, 32, 2, 64), importance, data)
+    emb, dense = small.bert.embeddings.word_embeddings.weight, small.cls.predictions.transform.dense
+    assert small.cls.predictions.decoder.weight.data_ptr() == emb.data_ptr()
+    old = model.bert.embeddings.word_embeddings.weight
+    kept = [next(k for k in range(64) if torch.equal(old[:, k], emb[:, j])) for j in range(32)]
+    torch.testing.assert_close(dense.bias, model.cls.predictions.transform.dense.bias[kept], rtol=0, atol=0)
+    torch.testing.assert_close(small.cls.predictions.transform.LayerNorm.weight,
+                               model.cls.predictions.transform.LayerNorm.weight[kept], rtol=0, atol=0)
+    assert torch.isfinite(logits(small, data[0])).all()
+    small.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(T.BertForMaskedLM.from_pretrained(tmp_path).eval(), data[0]),
+                               logits(small, data[0]), rtol=0, atol=0)
