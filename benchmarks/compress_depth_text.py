@@ -71,6 +71,9 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100, help="N (every arm trains 1.5 N)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stem", default=None, help="results file name (default compress_depth_<case>[.quick])")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="STEM",
+                    help="no run: join these result files (runs of other seeds, same settings) into --stem")
     return ap.parse_args(argv)
 
 
@@ -106,7 +109,7 @@ def models(case):
     return parents, small, cfg, data
 
 
-def run_case(args):
+def run_case(args, after_seed=lambda rows, notes: None):
     import pruning_control as pc
     from otcompress import pipeline
     from otcompress.finetune import evaluate
@@ -148,7 +151,10 @@ def run_case(args):
         notes["tool_depth_maps"].append({k: v for k, v in reports.items() if k != "ShortGPT kept"})
         notes["shortgpt_kept"].append(reports["ShortGPT kept"])
         notes["seconds"].append(time.time() - t0)
-        common.log(f"  {args.case} seed {seed}: {time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
+        common.log(f"  {args.case} seed {seed}: {time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f}; depth maps: "
+                   f"winner {notes['winner_depth_maps'][-1]}, tool {notes['tool_depth_maps'][-1]}, "
+                   f"ShortGPT {reports['ShortGPT kept']}")
+        after_seed(rows, notes)  # a partial result survives an interrupted run
     return rows, notes
 
 
@@ -209,6 +215,36 @@ def markdown(args, rows, notes, env, seconds) -> str:
     return "\n".join(L) + "\n"
 
 
+def merge(args, env):
+    """One result from runs of other seeds (each with its own --stem)."""
+    import json
+    parts = [json.loads((common.RESULTS / f"{s}.json").read_text()) for s in args.merge]
+    if len({(p["steps"], p["case"]["train_steps"]) for p in parts}) != 1:
+        raise SystemExit("the runs to merge differ in N or models")
+    rows, notes = {}, {}
+    for p in parts:
+        for arm, vals in p["rows"].items():
+            rows.setdefault(arm, []).extend(vals)
+        for k, v in p["notes"].items():
+            if k == "lr":
+                for arm, lrs in v.items():
+                    notes.setdefault("lr", {}).setdefault(arm, []).extend(lrs)
+            elif k == "reference":
+                notes[k] = v
+            else:
+                notes.setdefault(k, []).extend(v)
+    args.seeds, args.steps = [s for p in parts for s in p["seeds"]], parts[0]["steps"]
+    args.quick = False
+    env = {**parts[0]["environment"], "loadavg_end": parts[-1]["environment"]["loadavg_end"],
+           "merged_from": args.merge}
+    md = markdown(args, rows, notes, env, sum(notes["seconds"]))
+    md = md.replace(" wall (", " summed over the merged runs (", 1)
+    md += f"\nMerged from the runs {args.merge} (one process per seed, side by side).\n"
+    common.write_results(args.stem or f"compress_depth_{args.case}", md,
+                         {**parts[0], "environment": env, "seeds": args.seeds, "rows": rows, "notes": notes})
+    print(md)
+
+
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads)
@@ -216,15 +252,21 @@ def main(argv=None):
     env = common.environment(args.threads)
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 10
+    if args.merge:
+        return merge(args, env)
     t0 = time.time()
-    rows, notes = run_case(args)
-    env["loadavg_end"] = os.getloadavg()
-    md = markdown(args, rows, notes, env, time.time() - t0)
-    stem = f"compress_depth_{args.case}" + (".quick" if args.quick else "")
-    common.write_results(stem, md, {"environment": env, "case": CASES[args.case], "steps": args.steps,
-                                    "budget": args.steps + args.steps // 2, "lrs": LRS, "batch_size": BATCH,
-                                    "rows": rows, "notes": notes})
-    print(md)
+    stem = args.stem or f"compress_depth_{args.case}" + (".quick" if args.quick else "")
+
+    def write(rows, notes):
+        env["loadavg_end"] = os.getloadavg()
+        done = argparse.Namespace(**{**vars(args), "seeds": args.seeds[:len(notes["seconds"])]})
+        md = markdown(done, rows, notes, env, time.time() - t0)
+        common.write_results(stem, md, {"environment": env, "case": CASES[args.case], "seeds": done.seeds,
+                                        "steps": args.steps, "budget": args.steps + args.steps // 2, "lrs": LRS,
+                                        "batch_size": BATCH, "rows": rows, "notes": notes})
+        return md
+    rows, notes = run_case(args, write)
+    print(write(rows, notes))
 
 
 if __name__ == "__main__":
