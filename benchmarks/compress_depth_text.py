@@ -181,7 +181,13 @@ def markdown(args, rows, notes, env, seconds) -> str:
          f"Parents {c['parents']} (seeds {list(c['parent_seeds'])}), small model {c['target']} (seed "
          f"{c['small_seed']}), each trained {c['train_steps']} steps. Machine: {env.get('cpu')}, torch "
          f"{env.get('torch')}, transformers {env.get('transformers')}.", "",
-         "Before any step: " + "; ".join(f"{k} {v[key]:.3f}" for k, v in notes["reference"].items()) + ".", ""]
+         "Before any step: " + "; ".join(f"{k} {v[key]:.3f}" for k, v in notes["reference"].items()) + ".", "",
+         {"bert": "Width pruning of the controls: Torch-Pruning (the masked-LM head's transform follows the "
+                  "embeddings' residual units, its decoder stays tied).",
+          "llama": "Width pruning of the controls (\"L2-group\"): `pruning_control.magnitude_prune`, whole key/value "
+                   "groups, MLP and residual units by L2 or Taylor group scores written with torch; Torch-Pruning "
+                   "1.6.0 never finishes building LLaMA's dependency groups under transformers 5.x."}[args.case],
+         ""]
     best = "default recipe"
     base = [r[key] for r in rows[best]]
     table = []
@@ -208,7 +214,7 @@ def markdown(args, rows, notes, env, seconds) -> str:
     L += ["Depth maps (target block j <- parent blocks groups[j], of which kept[j] is used):", ""]
     for seed, w, t, sg in zip(args.seeds, notes["winner_depth_maps"], notes["tool_depth_maps"],
                               notes["shortgpt_kept"]):
-        L.append(f"- seed {seed}: race winner: {_maps(w) or 'none (same depth)'}; "
+        L.append(f"- seed {seed}: race winner: {_maps(w) or 'the anchor (the small model: already at the target depth)'}; "
                  + "; ".join(f"tool {k}: {_maps(v)}" for k, v in t.items())
                  + f"; ShortGPT kept {sg}")
     L += ["", "Learning rates chosen: " + "; ".join(f"{a}: {v}" for a, v in notes["lr"].items()), ""]
@@ -233,13 +239,16 @@ def merge(args, env):
                 notes[k] = v
             else:
                 notes.setdefault(k, []).extend(v)
+    for p in parts:  # runs written before results named their seeds ran the default ones
+        p.setdefault("seeds", [0, 1, 2][:len(p["notes"]["seconds"])])
     args.seeds, args.steps = [s for p in parts for s in p["seeds"]], parts[0]["steps"]
     args.quick = False
     env = {**parts[0]["environment"], "loadavg_end": parts[-1]["environment"]["loadavg_end"],
            "merged_from": args.merge}
     md = markdown(args, rows, notes, env, sum(notes["seconds"]))
-    md = md.replace(" wall (", " summed over the merged runs (", 1)
-    md += f"\nMerged from the runs {args.merge} (one process per seed, side by side).\n"
+    if len(parts) > 1:
+        md = md.replace(" wall (", " summed over the merged runs (", 1)
+        md += f"\nMerged from the runs {args.merge} (one process per seed, side by side).\n"
     common.write_results(args.stem or f"compress_depth_{args.case}", md,
                          {**parts[0], "environment": env, "seeds": args.seeds, "rows": rows, "notes": notes})
     print(md)
