@@ -68,32 +68,55 @@ def models(target, quick):
 def starts(parents, small, cfg, train, seed):
     """{arm: () -> a model to distil for the whole budget}: the controls and
     the tool's anchor-free fold."""
+    calib = list(train.calibration_batches(256, 64, seed=seed))
+    labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
+    return depth_arms(parents, small, cfg, calib, labelled, seed)
+
+
+def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="TP", engine_prune=False,
+               reports=None):
+    """The arms every depth case shares, any family: the tool's fold (and,
+    with `engine_prune`, its alignment="prune" of parent A), every-other and
+    ShortGPT block dropping of parent A then width pruning (`prune`, Torch-
+    Pruning by default; `tag` names it), the small model, a random init.
+    `reports`, a dict, receives the depth maps the tool's starts chose
+    ({alignment: [fusion_report depth map per parent]}) and ShortGPT's kept blocks."""
     import torch
-    from transformers import ViTForImageClassification
 
     import otcompress
     import pruning_control as pc
-    calib = list(train.calibration_batches(256, 64, seed=seed))
-    labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
+    prune = prune or pc.torch_prune
 
     def random_init():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return ViTForImageClassification(copy.deepcopy(cfg)).eval()
+            return type(parents[0])(copy.deepcopy(cfg)).eval()
 
     def dropped(kept, importance):
-        return lambda: pc.torch_prune(pc.drop_blocks(parents[0], kept), cfg, importance=importance,
-                                      batches=labelled)
+        return lambda: prune(pc.drop_blocks(parents[0], kept), cfg, importance=importance, batches=labelled)
+
+    def tool(alignment, ps):
+        def make():
+            m = otcompress.fuse(cfg, ps, alignment=alignment, data=calib, seed=seed)
+            if reports is not None:
+                reports.setdefault(alignment, [d for d in m.fusion_report.get("depth_maps") or [] if d])
+            return m
+        return make
     n = parents[0].config.num_hidden_layers
     shortgpt = pc.lowest_influence(parents[0], calib, cfg.num_hidden_layers)
-    return {
-        "tool: fold (no anchor)": lambda: otcompress.fuse(cfg, parents, alignment="fold", data=calib, seed=seed),
-        "every-other + TP L2": dropped(pc.every_other(n, cfg.num_hidden_layers), "l2"),
-        "ShortGPT + TP L2": dropped(shortgpt, "l2"),
-        "ShortGPT + TP Taylor": dropped(shortgpt, "taylor"),
+    arms = {"tool: fold (no anchor)": tool("fold", parents)}
+    if engine_prune:
+        arms["tool: prune parent A (no anchor)"] = tool("prune", parents[:1])
+    arms.update({
+        f"every-other + {tag} L2": dropped(pc.every_other(n, cfg.num_hidden_layers), "l2"),
+        f"ShortGPT + {tag} L2": dropped(shortgpt, "l2"),
+        f"ShortGPT + {tag} Taylor": dropped(shortgpt, "taylor"),
         "small from scratch + distil": lambda: copy.deepcopy(small),
         "random init + distil": random_init,
-    }
+    })
+    if reports is not None:
+        reports["ShortGPT kept"] = shortgpt
+    return arms
 
 
 def tuned(make, train, holdout, data, budget, seed, parents):
@@ -103,17 +126,20 @@ def tuned(make, train, holdout, data, budget, seed, parents):
                            steps=budget, batch_size=64, seed=seed, teachers=parents)
 
 
-def default_recipe(small, parents, train, holdout, data, n, seed):
-    """(eval accuracy, lr, race winner, steps spent) of `pipeline.run`, lr tuned alike."""
+def default_recipe(small, parents, train, holdout, data, n, seed, score=None, lrs=LRS, **recipe):
+    """(eval score, lr, race winner, steps spent, depth maps of the winner) of
+    `pipeline.run` (extra `recipe` keys, e.g. batch_size), lr tuned alike;
+    score: eval accuracy unless given."""
     from otcompress import pipeline
     from otcompress.finetune import evaluate
+    score = score or (lambda m: evaluate(m, data)["accuracy"])
     best = None
-    for lr in LRS:
-        m, rep = pipeline.run(small, parents, {"finetune_steps": n, "seed": seed, "lr": lr}, data=train)
+    for lr in lrs:
+        m, rep = pipeline.run(small, parents, {"finetune_steps": n, "seed": seed, "lr": lr, **recipe}, data=train)
         loss = evaluate(m, holdout)["loss"]
         spent = n + rep["race"]["extra_steps"]
         if best is None or loss < best[0]:
-            best = (loss, evaluate(m, data)["accuracy"], lr, rep["race"]["winner"], spent,
+            best = (loss, score(m), lr, rep["race"]["winner"], spent,
                     [d for d in rep.get("depth_maps") or [] if d])
     return best[1:]
 

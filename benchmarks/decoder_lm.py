@@ -73,10 +73,10 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- models
 
 
-def llama_config(tokenizer, hidden, heads, kv, inter):
+def llama_config(tokenizer, hidden, heads, kv, inter, layers=2):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
                        intermediate_size=inter, max_position_embeddings=MAX_LEN,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
@@ -94,7 +94,8 @@ def trained_llama(tokenizer, tok_path, widths, seed, steps, cache_dir):
     recipe = {"data": "pydoc", "task": "causal-lm", "lr": TRAIN_LR, "batch_size": TRAIN_BATCH,
               "warmup": TRAIN_WARMUP, "schedule": "linear warm-up, cosine", "steps": steps,
               "max_length": MAX_LEN, "seed": seed, "corpus": zoo._corpus_digest(), "tokenizer": tok_path.name}
-    name = (f"pydoc_llama-h{widths['hidden']}-a{widths['heads']}-kv{widths['kv']}-i{widths['inter']}"
+    depth = f"-l{widths['layers']}" if widths.get("layers", 2) != 2 else ""  # 2-layer names as before
+    name = (f"pydoc_llama-h{widths['hidden']}{depth}-a{widths['heads']}-kv{widths['kv']}-i{widths['inter']}"
             f"-s{seed}-n{steps}-{zoo._digest(zoo._config_key(config), recipe)}")
 
     def build(folder: Path):

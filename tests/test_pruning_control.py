@@ -203,3 +203,127 @@ def test_rejects_what_it_cannot_do():
         pc.torch_prune(model, target(model, 16, 2, 32), "taylor")
     with pytest.raises(ValueError, match="structured"):
         pc.torch_prune(model, target(model, 64, 2, 32))  # head width 32 > 16
+
+
+# ----------------------------------------------------------------------------- LLaMA (rotary, GQA)
+
+def llama(layers=4, hidden=64, heads=4, kv=2, inter=128, seed=0):
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        num_key_value_heads=kv, head_dim=16, intermediate_size=inter,
+                        max_position_embeddings=32, tie_word_embeddings=False)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def llama_batches(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 60, (4, 8), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long), "labels": ids})
+    return out
+
+
+def llama_target(model, hidden, heads, kv, inter):
+    cfg = type(model.config).from_dict(model.config.to_dict())
+    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads = hidden, heads, kv
+    cfg.intermediate_size = inter
+    return cfg
+
+
+@torch.no_grad()
+def _kill_llama(model, groups=(), units=()):
+    """Zero whole key/value groups (their k/v rows, their query heads' rows and
+    output-projection columns) and MLP units in every block: no output changes."""
+    cfg = model.config
+    hd, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    kv_rows = [g * hd + d for g in groups for d in range(hd)]
+    q_rows = [g * rep * hd + d for g in groups for d in range(rep * hd)]
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        a.q_proj.weight[q_rows] = 0
+        a.k_proj.weight[kv_rows] = 0
+        a.v_proj.weight[kv_rows] = 0
+        a.o_proj.weight[:, q_rows] = 0
+        m.gate_proj.weight[list(units)] = 0
+        m.up_proj.weight[list(units)] = 0
+        m.down_proj.weight[:, list(units)] = 0
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_llama_drop_and_prune_to_exact_gqa_config(importance, tmp_path):
+    model = llama()
+    shallow = pc.drop_blocks(model, pc.every_other(4, 2))
+    data = llama_batches()
+    small = pc.magnitude_prune(shallow, llama_target(shallow, 32, 2, 1, 64), importance, data)
+    cfg = small.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size,
+            cfg.num_hidden_layers) == (32, 2, 1, 64, 2)
+    a = small.model.layers[1].self_attn
+    assert a.q_proj.weight.shape == (32, 32) and a.k_proj.weight.shape == (16, 32) and a.o_proj.weight.shape == (32, 32)
+    out = logits(small, data[0])
+    assert out.shape == logits(model, data[0]).shape and torch.isfinite(out).all()
+    small.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(T.LlamaForCausalLM.from_pretrained(tmp_path).eval(), data[0]), out,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+@pytest.mark.parametrize("dead", [0, 1])
+def test_llama_removes_exactly_the_dead_group_and_units(importance, dead):
+    """One key/value group of two and 96 of 128 MLP units are dead: pruning to
+    1 key/value group (2 query heads) and 32 units keeps the function."""
+    model = pc.drop_blocks(llama(), [1, 2])
+    units = torch.randperm(128, generator=torch.Generator().manual_seed(1))[:96].tolist()
+    _kill_llama(model, groups=[dead], units=units)
+    data = llama_batches()
+    small = pc.magnitude_prune(model, llama_target(model, 64, 2, 1, 32), importance, data)
+    assert small.config.num_key_value_heads == 1 and small.config.intermediate_size == 32
+    torch.testing.assert_close(logits(small, data[0]), logits(model, data[0]), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_llama_l2_keeps_the_strongest_residual_units():
+    model = pc.drop_blocks(llama(), [0, 3])
+    strong = [3, 17, 40, 63]
+    for name, p in model.named_parameters():
+        if name.endswith(("embed_tokens.weight", "q_proj.weight", "up_proj.weight", "lm_head.weight")):
+            p[:, strong] *= 30
+    small = pc.magnitude_prune(model, llama_target(model, 16, 2, 1, 32), "l2")
+    emb = small.model.embed_tokens.weight
+    for k in strong:
+        assert any(torch.equal(emb[:, j], model.model.embed_tokens.weight[:, k]) for j in range(16)), k
+
+
+def test_llama_refusals():
+    model = pc.drop_blocks(llama(), [0, 3])
+    with pytest.raises(ValueError, match="whole key/value groups"):
+        pc.magnitude_prune(model, llama_target(model, 64, 2, 2, 128))  # query heads inside groups
+    with pytest.raises(NotImplementedError, match="magnitude_prune"):
+        pc.torch_prune(model, llama_target(model, 32, 2, 1, 64))
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_bert_masked_lm_head_follows_the_residual_units(importance, tmp_path):
+    """BertForMaskedLM ties its decoder to the input embeddings: the pruned
+    model keeps the tie, and the head's transform keeps the residual units
+    the embeddings kept."""
+    model = pc.drop_blocks(bert(hidden=64, heads=4, inter=128, layers=4), [0, 2])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # not the init's zeros and ones, so that the kept units are seen
+        for p in (model.cls.predictions.transform.dense.bias, model.cls.predictions.transform.LayerNorm.weight):
+            p.copy_(torch.randn(p.shape, generator=g))
+    ids = torch.randint(1, 60, (4, 8), generator=g)
+    data = [{"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long), "labels": ids}]
+    small = pc.torch_prune(model, target(model, 32, 2, 64), importance, data)
+    emb, dense = small.bert.embeddings.word_embeddings.weight, small.cls.predictions.transform.dense
+    assert small.cls.predictions.decoder.weight.data_ptr() == emb.data_ptr()
+    old = model.bert.embeddings.word_embeddings.weight
+    kept = [next(k for k in range(64) if torch.equal(old[:, k], emb[:, j])) for j in range(32)]
+    torch.testing.assert_close(dense.bias, model.cls.predictions.transform.dense.bias[kept], rtol=0, atol=0)
+    torch.testing.assert_close(small.cls.predictions.transform.LayerNorm.weight,
+                               model.cls.predictions.transform.LayerNorm.weight[kept], rtol=0, atol=0)
+    assert torch.isfinite(logits(small, data[0])).all()
+    small.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(T.BertForMaskedLM.from_pretrained(tmp_path).eval(), data[0]),
+                               logits(small, data[0]), rtol=0, atol=0)
