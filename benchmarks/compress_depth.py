@@ -128,20 +128,14 @@ def tuned(make, train, holdout, data, budget, seed, parents):
 
 def default_recipe(small, parents, train, holdout, data, n, seed, score=None, lrs=LRS, **recipe):
     """(eval score, lr, race winner, steps spent, depth maps of the winner) of
-    `pipeline.run` (extra `recipe` keys, e.g. batch_size), lr tuned alike;
-    score: eval accuracy unless given."""
-    from otcompress import pipeline
+    `pipeline.run` (extra `recipe` keys, e.g. batch_size), lr tuned alike
+    (`common.recipe_lr_tuned`); score: eval accuracy unless given."""
     from otcompress.finetune import evaluate
     score = score or (lambda m: evaluate(m, data)["accuracy"])
-    best = None
-    for lr in lrs:
-        m, rep = pipeline.run(small, parents, {"finetune_steps": n, "seed": seed, "lr": lr, **recipe}, data=train)
-        loss = evaluate(m, holdout)["loss"]
-        spent = n + rep["race"]["extra_steps"]
-        if best is None or loss < best[0]:
-            best = (loss, score(m), lr, rep["race"]["winner"], spent,
-                    [d for d in rep.get("depth_maps") or [] if d])
-    return best[1:]
+    value, lr, rep = common.recipe_lr_tuned(small, parents, {"finetune_steps": n, "seed": seed, **recipe}, train,
+                                            holdout, lrs, score)
+    return (value, lr, rep["race"]["winner"], n + rep["race"]["extra_steps"],
+            [d for d in rep.get("depth_maps") or [] if d])
 
 
 def run_target(target, args, data):
