@@ -32,7 +32,7 @@ split.
 
 W is Torch-Pruning for BERT. For LLaMA it is `pruning_control.magnitude_prune`
 (whole key/value groups, MLP and residual units by the same L2 / Taylor group
-scores, written with torch): Torch-Pruning 1.6.0 never finishes building
+scores, written with torch): Torch-Pruning 1.6.1 never finishes building
 LLaMA's dependency groups under transformers 5.x. Threads: 1.
 
     python benchmarks/compress_depth_text.py --case bert [--quick]
@@ -186,7 +186,7 @@ def markdown(args, rows, notes, env, seconds) -> str:
                   "embeddings' residual units, its decoder stays tied).",
           "llama": "Width pruning of the controls (\"L2-group\"): `pruning_control.magnitude_prune`, whole key/value "
                    "groups, MLP and residual units by L2 or Taylor group scores written with torch; Torch-Pruning "
-                   "1.6.0 never finishes building LLaMA's dependency groups under transformers 5.x."}[args.case],
+                   "1.6.1 never finishes building LLaMA's dependency groups under transformers 5.x."}[args.case],
          ""]
     best = "default recipe"
     base = [r[key] for r in rows[best]]

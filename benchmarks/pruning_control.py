@@ -235,7 +235,7 @@ def _keep(score: torch.Tensor, t: int) -> torch.Tensor:
 @torch.no_grad()
 def magnitude_prune(model, target_config, importance: str = "l2", batches=None):
     """Torch-Pruning's structured pruning for LLaMA, written here with torch
-    (Torch-Pruning 1.6.0 cannot group transformers 5.x's LlamaForCausalLM):
+    (Torch-Pruning 1.6.1 cannot group transformers 5.x's LlamaForCausalLM):
     whole key/value groups per block (`drop_kv_groups`), then per block the
     MLP units, and across the model the residual units, each with the largest
     group score, the sum over every weight entry of the unit's group of w^2
@@ -300,7 +300,7 @@ def torch_prune(model, target_config, importance: str = "l2", batches=None):
     family = model.config.model_type
     if family not in _ATTENTION or family in _ATTENTION_OUT:
         raise NotImplementedError(f"torch_prune knows vit and bert, not {family}"
-                                  + ("; Torch-Pruning 1.6.0 never finishes grouping LLaMA's dependencies "
+                                  + ("; Torch-Pruning 1.6.1 never finishes grouping LLaMA's dependencies "
                                      "(transformers 5.x): use magnitude_prune" if family == "llama" else ""))
     if _depth.depth(model.config) != _depth.depth(target_config):
         raise ValueError("drop blocks first: torch_prune changes widths only")
