@@ -184,8 +184,8 @@ def equal_compute_starts(anchor, parents, train, seed):
     import pruning_control as pc
     labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
     arms = {"anchor distilled, lr tuned, 1.5 N": lambda: copy.deepcopy(anchor)}
-    if anchor.config.model_type != "vit":
-        return arms  # pruning_control is checked on ViT and BERT classifiers, not the MLM of compress_text
+    if anchor.config.model_type not in ("vit", "bert"):
+        return arms  # pruning_control.torch_prune knows ViT and BERT (classifiers and masked-LMs)
     for k, p in enumerate(parents):
         for imp in ("l2", "taylor"):
             arms[f"TP {imp} of parent {'ab'[k]}, lr tuned, 1.5 N"] = (

@@ -29,6 +29,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[30, 100, 300])
     ap.add_argument("--settings", nargs="+", default=["weak-anchor", "good-anchor"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stem", default="compress_text", help="Results file name.")
     return ap.parse_args(argv)
 
 
@@ -59,7 +60,7 @@ def main(argv=None):
                                   command="python benchmarks/compress_text.py",
                                   what="held-out MLM loss (lower is better)", unit="MLM loss", scale=1,
                                   digits=3)
-    common.write_results("compress_text", md, {"environment": env, "results": results, "seeds": args.seeds})
+    common.write_results(args.stem, md, {"environment": env, "results": results, "seeds": args.seeds})
     print(md)
 
 
