@@ -77,6 +77,7 @@ def run_arms(anchor, parents, data, seeds, steps_list, tune_at=()):
             put(n, "anchor distilled + N", a)
             if n in tune_at:
                 put(n, "anchor distilled, lr tuned + N", _lr_tuned(anchor, parents, data, seed, kw))
+                _equal_compute(put, anchor, parents, data, seed, kw)
             f = copy.deepcopy(fold)
             finetune(f, data, **kw)
             put(n, "fold + distil + N", f)
@@ -94,6 +95,25 @@ def _lr_tuned(anchor, parents, data, seed, kw):
     kw = {k: v for k, v in kw.items() if k != "lr"}
     return common.lr_tuned(lambda: copy.deepcopy(anchor), train, holdout, LRS, lambda m: m,
                            reference=parents, **kw)[0]
+
+
+def _equal_compute(put, anchor, parents, data, seed, kw):
+    """At the default recipe's whole budget (N + its race's N/2), every start
+    lr tuned on held-out train examples: each parent pruned to the anchor's
+    shape by Torch-Pruning (L2), and the default recipe itself tuned alike."""
+    import pruning_control as pc
+
+    from otcompress import pipeline
+    train, holdout = pipeline.split_holdout(data, seed)
+    n = kw["steps"]
+    tuned = {k: v for k, v in kw.items() if k not in ("lr", "steps")}
+    for k, p in enumerate(parents):
+        put(n, f"TP L2 of parent {'ab'[k]}, lr tuned, 1.5 N",
+            common.lr_tuned(lambda p=p: pc.torch_prune(p, anchor.config, importance="l2"), train, holdout, LRS,
+                            lambda m: m, reference=parents, steps=n + n // 2, **tuned)[0])
+    model, _, _ = common.recipe_lr_tuned(anchor, parents, {"finetune_steps": n, "seed": seed}, train, holdout,
+                                         LRS, lambda m: m, reference=parents)
+    put(n, "default recipe, lr tuned + N (1.5 N in all)", model)
 
 
 def markdown(results, args, env, seconds):

@@ -356,7 +356,9 @@ def torch_prune(model, target_config, importance: str = "l2", batches=None):
     model.zero_grad(set_to_none=True)
     if mlm:
         _follow_residual(model, mlm, before)
-    out = type(model)(target_config)
+    # A BertModel built without its pooler (an embedding encoder) is rebuilt without one.
+    extra = {"add_pooling_layer": False} if getattr(model, "pooler", 0) is None else {}
+    out = type(model)(target_config, **extra)
     out.load_state_dict(model.state_dict(), strict=True)
     return out.eval()
 

@@ -327,3 +327,13 @@ def test_bert_masked_lm_head_follows_the_residual_units(importance, tmp_path):
     small.save_pretrained(tmp_path)
     torch.testing.assert_close(logits(T.BertForMaskedLM.from_pretrained(tmp_path).eval(), data[0]),
                                logits(small, data[0]), rtol=0, atol=0)
+
+
+def test_a_pooler_less_encoder_is_pruned_without_a_pooler():
+    """An embedding encoder (BertModel without its pooler) comes back as one."""
+    model = bert(hidden=64, heads=4, inter=128, cls=T.BertModel)
+    model.pooler = None
+    small = pc.torch_prune(model, target(model, 32, 2, 64), "l2")
+    assert small.pooler is None and small.config.hidden_size == 32
+    x = torch.randint(5, 60, (2, 8))
+    assert small(input_ids=x).last_hidden_state.shape == (2, 8, 32)
