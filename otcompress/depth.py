@@ -511,7 +511,7 @@ def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True, merge="se
     forward-capable models; otherwise the weights score the blocks.
     `anchor_counts`: the anchor's own block outputs take part (not for a fold
     target, whose weights are a random initialisation). `merge`: "select" or
-    "parallel" (module docstring); a streamed parent is loaded whole for it.
+    "parallel" (module docstring; `fusion.streams` never streams a parent for it).
     Every parent is at least as deep as the anchor (`check_depths`, at the
     entry: `inputs.check`)."""
     from otcompress import activations, modelio
@@ -532,8 +532,6 @@ def map_parents(anchor_m, parent_ms, *, data=None, anchor_counts=True, merge="se
             out.append(p)
             maps.append(None)
             continue
-        if merge != "select" and isinstance(p, modelio.LazyModel):
-            p = modelio.load_model(p.path)
         runnable = batches is not None and not isinstance(p, modelio.LazyModel)
         dmap = depth_map(p, n_target, batches=batches if runnable else None,
                          anchor_outputs=anchor_outputs if runnable else None, merge=merge)

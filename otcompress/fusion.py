@@ -97,7 +97,7 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
         (`otcompress.depth`): "select" its most influential block, or
         "parallel": its blocks side by side, the most important heads (KV
         groups) and MLP units of all of them kept at the parent's widths
-        (parents in memory only: a streamed parent is loaded whole).
+        (parent directories are then loaded whole, not streamed).
     head_alignment: "cross" (one map over all Q, K, V units: a unit may move
         across heads) or "aware" (heads matched to heads first, then units
         inside matched heads; Q, K and V of an anchor head come from the same
