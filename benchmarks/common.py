@@ -140,16 +140,27 @@ def lr_tuned(make, train, holdout, lrs, score, *, reference=None, **finetune_kw)
     examples, never the eval split: as the race chooses). `reference`: the
     models a headless model's loss is measured against. Only the best so far
     is scored."""
-    from otcompress.finetune import evaluate, finetune
+    from otcompress.finetune import finetune
+
+    def trained_at(lr):
+        m = make()
+        finetune(m, train, lr=lr, **finetune_kw)
+        return m, None
+    return _best_lr(lrs, trained_at, holdout, score, reference)[:2]
+
+
+def _best_lr(lrs, trained_at, holdout, score, reference=None):
+    """(score(model), lr, extra) for the lr whose `trained_at(lr)` = (model,
+    extra) has the lowest loss on `holdout`; only the best so far is scored."""
+    from otcompress.finetune import evaluate
 
     best = None
     for lr in lrs:
-        m = make()
-        finetune(m, train, lr=lr, **finetune_kw)
+        m, extra = trained_at(lr)
         loss = evaluate(m, holdout, reference=reference)["loss"]
         if best is None or loss < best[0]:
-            best = (loss, score(m), lr)
-    return best[1], best[2]
+            best = (loss, score(m), lr, extra)
+    return best[1:]
 
 
 def recipe_lr_tuned(anchor, parents, recipe, train, holdout, lrs, score, *, reference=None, target=None):
@@ -159,15 +170,9 @@ def recipe_lr_tuned(anchor, parents, recipe, train, holdout, lrs, score, *, refe
     tunes a control's, so no arm gets a tuning the other lacks. `target`: a
     fold target's widths, as `pipeline.run` takes them (with no anchor)."""
     from otcompress import pipeline
-    from otcompress.finetune import evaluate
 
-    best = None
-    for lr in lrs:
-        m, rep = pipeline.run(anchor, parents, {**recipe, "lr": lr}, data=train, target=target)
-        loss = evaluate(m, holdout, reference=reference)["loss"]
-        if best is None or loss < best[0]:
-            best = (loss, score(m), lr, rep)
-    return best[1], best[2], best[3]
+    return _best_lr(lrs, lambda lr: pipeline.run(anchor, parents, {**recipe, "lr": lr}, data=train, target=target),
+                    holdout, score, reference)
 
 
 # --------------------------------------------------------------------------- fusion
