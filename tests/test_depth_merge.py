@@ -22,8 +22,10 @@ def test_ot_onto_a_shallower_anchor_recovers_the_average(family):
     base = make()
     anchor, x = M.noisy(base), inputs(base)
     parent = variant(deepen(base, DEEP), widen=True)
+    expected = M.average([anchor, base])
+    assert _err(anchor, x, expected) > 100 * TOL  # a fuse that returned the anchor would fail
     fused = otcompress.fuse(anchor, [parent], solver="emd", depth_merge="parallel")
-    assert _err(fused, x, M.average([anchor, base])) < TOL
+    assert _err(fused, x, expected) < TOL
     dmap = fused.fusion_report["depth_maps"][0]
     assert dmap["merge"] == "parallel" and dmap["groups"] == [[0], [1, 2, 3]]
 
