@@ -18,12 +18,15 @@ Arms, each for N in {30, 100, 300} finetuning steps (AdamW 1e-3, batch 64):
   default recipe + N         `pipeline.run` with the default recipe: race of the
                              starting points on held-out train examples, distilled
                              (N + N/2 steps in all: the race's losing start counts)
-  ..., lr tuned, 1.5 N       at the largest N, the controls at equal compute: the
-                             anchor, and each parent pruned to the anchor's shape
-                             by Torch-Pruning (L2; Taylor on 256 labelled images),
-                             distilled 1.5 N steps at the lr of LRS with the lowest
-                             held-out train loss; and the default recipe itself
-                             with its lr tuned the same way (its race included)
+  ..., lr tuned, recipe's steps   at the largest N, equal compute: the default
+                             recipe with its lr tuned (the lr of LRS with the
+                             lowest held-out train loss; its race included), then
+                             the controls, each given every step that recipe run
+                             spent (N + its race's losing start: N/2, or 0 where
+                             the race was settled one-shot) at its own tuned lr:
+                             the anchor, and each parent pruned to the anchor's
+                             shape by Torch-Pruning (L2; Taylor on 256 labelled
+                             images)
 and one-shot: anchor, fold, OT fusion with anchor weight 0.8, default (N = 0).
 Seeds change the finetuning data order (and the held-out split); the zoo
 models are fixed. Threads: 1.
@@ -159,14 +162,15 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
             if n == max(steps_list):
                 put(n, "anchor distilled, lr tuned + N",
                     lr_tuned(lambda: copy.deepcopy(anchor), train, holdout, data, parents, metric, ft))
-                # Equal compute: the default recipe spends N + N/2 (its race); so do these.
-                for arm, make in equal_compute_starts(anchor, parents, train, seed).items():
-                    put(n, arm, lr_tuned(make, train, holdout, data, parents, metric,
-                                         {**ft, "steps": n + n // 2}))
                 score, lr, rep = common.recipe_lr_tuned(anchor, parents, {**base, "finetune_steps": n}, train,
                                                         holdout, LRS, lambda m: metric(m, data))
-                put(n, "default recipe, lr tuned + N (1.5 N in all)", score)
-                put(n, "default recipe, lr tuned: winner", f"{rep['race']['winner']} (lr {lr:g})")
+                # Equal compute: every step the recipe spent (its race's losing start included: N/2,
+                # or none where the race was settled one-shot) is each control's budget too.
+                spent = n + rep["race"]["extra_steps"]
+                put(n, "default recipe, lr tuned (N + its race's extra steps)", score)
+                put(n, "default recipe, lr tuned: winner", f"{rep['race']['winner']} (lr {lr:g}, {spent} steps)")
+                for arm, make in equal_compute_starts(anchor, parents, train, seed).items():
+                    put(n, arm, lr_tuned(make, train, holdout, data, parents, metric, {**ft, "steps": spent}))
             f = copy.deepcopy(fold)
             finetune(f, data, teachers=parents, **ft)
             put(n, "fold + distil + N", metric(f, data))
@@ -183,12 +187,12 @@ def equal_compute_starts(anchor, parents, train, seed):
     (L2 magnitude; Taylor importance on 256 labelled train images)."""
     import pruning_control as pc
     labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
-    arms = {"anchor distilled, lr tuned, 1.5 N": lambda: copy.deepcopy(anchor)}
+    arms = {"anchor distilled, lr tuned, recipe's steps": lambda: copy.deepcopy(anchor)}
     if anchor.config.model_type not in ("vit", "bert"):
         return arms  # pruning_control.torch_prune knows ViT and BERT (classifiers and masked-LMs)
     for k, p in enumerate(parents):
         for imp in ("l2", "taylor"):
-            arms[f"TP {imp} of parent {'ab'[k]}, lr tuned, 1.5 N"] = (
+            arms[f"TP {imp} of parent {'ab'[k]}, lr tuned, recipe's steps"] = (
                 lambda p=p, imp=imp: pc.torch_prune(p, anchor.config, importance=imp, batches=labelled))
     return arms
 

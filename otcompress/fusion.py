@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from otcompress import activations, architectures, depth, embedding, importance, inputs, modelio
-from otcompress import repair as repair_mod
+from otcompress import reconstruct as reconstruct_mod, repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
 from otcompress.options import BY_NAME, FUSE_OPTIONS, REPORTED, FuseOptions
@@ -43,7 +43,7 @@ def default_reg(reg, data, solver="sinkhorn", alignment="weights", n_parents=1):
 def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, residual="average",
          data=None, weights=None, qk="auto", token_filter=None, cost_norm="gap",
          max_iter=5000, tol=1e-6, reg_grid=None, holdout=None, activation_dtype="float32",
-         repair=False, seed=0, depth_merge="select", head_alignment="cross", on_unconverged="raise", on_uniform="warn",
+         repair=False, reconstruct=False, seed=0, depth_merge="select", head_alignment="cross", on_unconverged="raise", on_uniform="warn",
          pooling=None, trust_remote_code=False, progress=None, device=None):
     """Fuse `parents` into the `anchor`'s architecture and width.
 
@@ -92,6 +92,11 @@ def fuse(anchor, parents, *, alignment="weights", solver="sinkhorn", reg=None, r
         the anchor's, by its weight) statistics carried through the same maps
         (REPAIR; see repair.py). Without `data`, the data-free variant: each
         unit's weight-row norm (its std under isotropic inputs) is restored.
+    reconstruct: with `data`, refit every linear layer (flow-graph order)
+        by ridge least squares to the parents' (and the anchor's, by its
+        weight) outputs on the data's tokens, carried through the same maps,
+        from the inputs the fused model feeds it (reconstruct.py); after
+        repair when both are on. Without `data` it is refused.
     seed: k-means seeding for folding.
     depth_merge: how a deeper parent's group of blocks becomes one block
         (`otcompress.depth`): "select" its most influential block, or
@@ -169,7 +174,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     opts = {"qk": given.qk, "weights": list(given.weights)}
     anchor_m, parent_ms = _load_all(given, device=o.device,
                                     stream=streams(o.alignment, o.solver, o.reg, o.residual, o.repair,
-                                                   o.depth_merge, o.data))
+                                                   o.depth_merge, o.data, o.reconstruct))
     o.device = _work_device(o.device, anchor_m, parent_ms)
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
@@ -186,7 +191,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
         writer = None
         if out is not None:
             writer = modelio.ShardWriter(out, _stored_layout(anchor_m, sds[0], spec.tied), max_shard_size)
-        fuse_at, repaired = _fuser(o, opts["weights"], spec, sds, heads, stats, anchor_m, modules,
+        spec, sds, refits = _reconstruct_inputs(o, spec, sds, anchor_m, parent_ms)
+        fuse_at, repaired = _fuser(o, opts["weights"], spec, sds, heads, stats, anchor_m, (modules, refits),
                                    _disk_sink(o, writer))
         model, map_stats, reg, sweep = _fuse_or_sweep(o, fuse_at, parent_ms)
         if writer is not None:
@@ -266,11 +272,28 @@ def _repair_inputs(o, spec, anchor_m, parent_ms):
     return spec, sds, modules
 
 
+def _reconstruct_inputs(o, spec, sds, anchor_m, parent_ms):
+    """(spec, state dicts, reconstruction points or None): with reconstruct,
+    each model's outputs on the data ride along as `__outputs__` targets."""
+    if not o.reconstruct:
+        return spec, sds, None
+    points = reconstruct_mod.points(spec)
+    spec = dataclasses.replace(spec, axes={**spec.axes, **reconstruct_mod.target_axes(points)})
+    models = [m for m in (anchor_m, *parent_ms) if not _weightless(m)]
+    tokens = min(reconstruct_mod.token_budget(m, points) for m in models)  # the same for every model
+    measured = [None if _weightless(m) else reconstruct_mod.measure(m, points, o.data, tokens)
+                for m in (anchor_m, *parent_ms)]
+    some = next(t for t in measured if t is not None)
+    sds = [{**sd, **(t if t is not None else reconstruct_mod.placeholders(m, points, some))}
+           for sd, t, m in zip(sds, measured, (anchor_m, *parent_ms))]
+    return spec, sds, points
+
+
 def _disk_sink(o, writer):
     """`done(name, tensor)` writing each fused tensor to its shard, or None:
     straight to disk unless the fused model itself is needed (repair, the reg
     sweep's losses)."""
-    if writer is None or o.repair or o.reg == "auto":
+    if writer is None or o.repair or o.reconstruct or o.reg == "auto":
         return None
 
     def done(name, t):  # a duplicate of a shared tensor is not stored
@@ -279,9 +302,11 @@ def _disk_sink(o, writer):
     return done
 
 
-def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
+def _fuser(o, mix, spec, sds, heads, stats, anchor_m, points, done):
     """(fuse_at(reg) -> (model, or None when streamed into `done`; map stats),
-    {reg: repair report} filled as fuse_at repairs)."""
+    {reg: repair and reconstruct reports} filled as fuse_at repairs).
+    `points`: (repair points, reconstruction points), None where off."""
+    modules, refits = points
     alpha = None
     if o.residual != "average":
         alpha = {tm: n.alpha(o.residual) for tm, n in stats["norms"].items()}
@@ -304,7 +329,9 @@ def _fuser(o, mix, spec, sds, heads, stats, anchor_m, modules, done):
             return None, map_stats
         model = build_model(anchor_m, {k: v for k, v in sd.items() if k in sds[0] and "__" not in k})
         if o.repair:
-            repaired[r] = _repair(model, sd, o.data, modules)
+            repaired.setdefault(r, {})["repair"] = _repair(model, sd, o.data, modules)
+        if refits is not None:
+            repaired.setdefault(r, {})["reconstruct"] = reconstruct_mod.reconstruct(model, sd, o.data, refits)
         return model, map_stats
     return fuse_at, repaired
 
@@ -372,7 +399,8 @@ def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, ti
         "options": _reported(o, reg=reg, weights=opts["weights"], qk=opts["qk"], repair=bool(o.repair)),
         "calibration_samples": stats["samples"] if stats else 0,
         "reg_sweep": sweep,
-        "repair": repaired,
+        "repair": (repaired or {}).get("repair"),
+        "reconstruct": (repaired or {}).get("reconstruct"),
         "transport_maps": map_stats,
         "timings": {"load": t_acts - t_start, "activations": t_align - t_acts,
                     "align": t_end - t_align, "total": t_end - t_start},
@@ -692,13 +720,13 @@ def _as_list(parents):
     return [parents]
 
 
-def streams(alignment, solver, reg, residual, repair, depth_merge="select", data=None) -> bool:
+def streams(alignment, solver, reg, residual, repair, depth_merge="select", data=None, reconstruct=False) -> bool:
     """Whether parents given as directories can be streamed: the engine then
     needs only their tensors one at a time (weights or fold alignment,
     averaged residuals, no repair, no reg sweep, deeper parents merged by
     selection, no importance measured on `data`), never a forward pass."""
     measured = alignment in FROM_PARENTS and importance.kind(data, alignment) != "weights"
-    return (alignment in ("weights", *FROM_PARENTS) and residual == "average" and not repair
+    return (alignment in ("weights", *FROM_PARENTS) and residual == "average" and not repair and not reconstruct
             and not (solver == "sinkhorn" and reg == "auto") and depth_merge == "select" and not measured)
 
 

@@ -67,7 +67,7 @@ def check(anchor, parents, o, *, target: dict | None = None) -> Inputs:
         raise InvalidOptionError(f"alignment '{o.alignment}' needs an anchor's weights; "
                                  "a target width can only be folded or pruned into")
     resolved = check_options(o.alignment, o.solver, o.reg, o.residual, o.qk, o.token_filter, o.data,
-                             o.weights, parents, repair=o.repair, head_alignment=o.head_alignment,
+                             o.weights, parents, repair=o.repair, reconstruct=o.reconstruct, head_alignment=o.head_alignment,
                              on_unconverged=o.on_unconverged, on_uniform=o.on_uniform,
                              cost_norm=o.cost_norm, activation_dtype=o.activation_dtype,
                              depth_merge=o.depth_merge)
@@ -116,8 +116,8 @@ def _check_classes(anchor, anchor_cfg, parents, parent_cfgs, trust_remote_code) 
 
 
 def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents, *,
-                  repair=False, head_alignment="cross", on_unconverged="raise", on_uniform="warn",
-                  cost_norm="gap", activation_dtype="float32", depth_merge="select") -> dict:
+                  repair=False, reconstruct=False, head_alignment="cross", on_unconverged="raise",
+                  on_uniform="warn", cost_norm="gap", activation_dtype="float32", depth_merge="select") -> dict:
     """Every fusion option checked, before any model is loaded; returns the
     resolved Q/K map mode and the normalised mixing weights."""
     _one_of("alignment", alignment, ALIGNMENTS)
@@ -137,6 +137,9 @@ def check_options(alignment, solver, reg, residual, qk, token_filter, data, weig
     if (alignment == "activations" or residual != "average") and data is None:
         need = "activations-based alignment" if alignment == "activations" else f"residual policy '{residual}'"
         raise InvalidOptionError(f"{need} needs calibration data (data=...)")
+    if reconstruct and data is None:
+        raise InvalidOptionError("reconstruct refits layers to the parents' outputs on calibration data: "
+                                 "give data (data=...)")
     if alignment in FROM_PARENTS and residual != "average":
         raise InvalidOptionError(f"{'folding' if alignment == 'fold' else 'pruning'} maps the residual stream "
                                  "once: use residual 'average'")

@@ -104,6 +104,11 @@ OPTIONS = (
     Option("activation_dtype", str, "float32", choices=("float32", "bfloat16"), passed=True, report=True,
            help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs)."),
     Option("repair", bool, False, passed=True, report=True, help="Restore unit statistics (REPAIR) after fusing."),
+    # On in the workflow wherever it has data (pipeline.py: a fold's one-shot accuracy on the weak digits
+    # anchor's shape goes from 18% to 85%); `fuse` keeps the paper's fusion unless asked.
+    Option("reconstruct", bool, True, fuse_default=False, passed=True, report=True,
+           help="With --data: refit every linear layer by least squares to the parents' outputs, "
+                "carried through the same maps."),
     Option("seed", int, 0, report=True),
     Option("depth_merge", str, "select", choices=("select", "parallel"), passed=True, report=True,
            help="Parents deeper than the target: each group of blocks becomes its most influential "
@@ -196,6 +201,7 @@ def ineffective(recipe: dict, keys, has_data: bool | None = None) -> tuple[str, 
         "reg": emd, "max_iter": emd,
         "pooling": not has_data and "needs data (embeddings are pooled to score and train on it)",
         "samples": not has_data and "needs data (it counts calibration examples)",
+        "reconstruct": not has_data and "needs data (layers are refitted to the parents' outputs on it)",
         "race_fraction": (recipe.get("alignment") != "auto" or not steps)
         and "applies to the default recipe's race (alignment auto, with finetuning steps)",
         "lr": untrained, "distill": untrained, "distill_alpha": untrained,

@@ -28,7 +28,7 @@ def is_statistic(name: str) -> bool:
     """Whether a flow-graph entry is a repair statistic (`<module>.__mean__`...):
     carried through the maps once they are made, never a matching feature, so
     switching repair on cannot change a transport map."""
-    return name.rsplit(".", 1)[-1] in (MEAN, STD, ROWNORM)
+    return name.rsplit(".", 1)[-1] in (MEAN, STD, ROWNORM, "__outputs__")  # the last: reconstruct.OUTPUTS
 
 
 def points(spec) -> dict:

@@ -1,0 +1,174 @@
+"""Least-squares reconstruction of the fused model, layer by layer, in the engine.
+
+Repair (repair.py) restores each unit's mean and std: a per-unit affine
+correction. Reconstruction goes further, as post-training pruning does
+(Kwon et al., NeurIPS 2022, "A Fast Post-Training Pruning Framework for
+Transformers"; Frantar and Alistarh's OBC/SparseGPT layer-wise objective):
+every linear layer is refitted so that, on the calibration tokens and given
+the inputs the *fused* model really feeds it, it reproduces the parents'
+outputs carried through the same transport maps as the weights:
+
+    W, b = argmin ||X W^T + b - Y||^2 + mu ||W - W_0||^2
+
+X: the fused layer's inputs (layers before it already refitted), Y: the
+target outputs, W_0: the fused weights (the ridge pulls toward them, mu
+relative to X's mean eigenvalue). Pruning and folding drop units; each later
+layer then sees inputs the parents never produced, and the error compounds.
+Refitting in flow-graph order absorbs it where it starts.
+
+The targets need no new machinery: a layer's outputs on the calibration
+tokens are a (units, tokens) tensor whose first axis lives in the layer's
+output map, so they ride through the flow graph beside the weights as
+`<module>.__outputs__` (like repair's `__mean__`), mixed over parents by the
+mixing weights. A classifier (no output map: the label axis) is refitted to
+the parents' mixed logits."""
+from __future__ import annotations
+
+import torch
+
+from otcompress.activations import iter_batches, model_device, reiterable, token_samples
+from otcompress.errors import DataError
+from otcompress.flowgraph import In, Out, Split
+
+OUTPUTS = "__outputs__"
+MAX_TOKENS = 4096  # calibration tokens per layer at most: a (units, tokens) float32 target each
+TARGET_FLOATS = 2 ** 28  # per model, all layers' targets together (1 GiB): fewer tokens for wide models
+RIDGE = 0.01  # mu / mean eigenvalue of X^T X: keeps a refit near W_0 where X is rank-deficient
+
+
+def points(spec) -> dict:
+    """{module path: (its output axis's role, the weight's output axis, has
+    bias)} in flow-graph (parameter) order: 2-D weights read from one map
+    (`In`) whose other axis is an output map (`Out`), several (`Split`:
+    GPT-2's fused Q | K | V) or the label axis (None), never a parameter tied
+    to another (an embedding-tied decoder)."""
+    out = {}
+    for name, axes in spec.axes.items():
+        if not name.endswith(".weight") or len(axes) != 2 or name in spec.tied:
+            continue
+        kinds = [type(a) for a in axes]
+        if kinds.count(In) != 1 or not all(k in (In, Out, Split, type(None)) for k in kinds):
+            continue
+        axis = kinds.index(In) ^ 1
+        module = name[: -len(".weight")]
+        bias = spec.axes.get(f"{module}.bias")
+        if bias is not None and bias != (axes[axis],):
+            continue
+        out[module] = (axes[axis], axis, bias is not None)
+    return out
+
+
+def target_axes(modules: dict) -> dict:
+    """The flow-graph axes of the targets, to extend `spec.axes` with: units
+    on the output axis's role, tokens on a free axis."""
+    return {f"{m}.{OUTPUTS}": (role, None) for m, (role, _, _) in modules.items()}
+
+
+def _capture(model, modules, data, side: str, max_tokens: int) -> dict:
+    """{module: (tokens, units) float64} of each module's input or output on
+    the first `max_tokens` non-padding calibration tokens (every example's
+    pooled vector for a layer after pooling)."""
+    named = dict(model.named_modules())
+    got = {m: [] for m in modules}
+    mask = {}
+
+    def hook(name):
+        def fn(_mod, args, out):
+            have = sum(x.shape[0] for x in got[name])
+            if have < max_tokens:
+                x = token_samples(args[0] if side == "in" else out, mask.get("m"), None).double()
+                got[name].append(x[: max_tokens - have])
+        return fn
+    handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+    device = model_device(model)
+    try:
+        with torch.inference_mode():
+            for batch in iter_batches(data):
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                mask["m"] = inputs.get("attention_mask")
+                model(**inputs)
+                if all(sum(x.shape[0] for x in xs) >= max_tokens for xs in got.values()):
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    if any(not xs for xs in got.values()):
+        raise DataError("reconstruct: the calibration data has no tokens")
+    return {m: torch.cat(xs) for m, xs in got.items()}
+
+
+def token_budget(model, modules: dict) -> int:
+    """Calibration tokens per layer: MAX_TOKENS, fewer where all layers'
+    targets would pass TARGET_FLOATS (BERT-base: about 3,200; a layer wider
+    than the tokens is still fitted, the ridge resolving what they leave open)."""
+    named = dict(model.named_modules())
+    units = sum(named[m].weight.shape[axis] for m, (_, axis, _) in modules.items())
+    return max(256, min(MAX_TOKENS, TARGET_FLOATS // max(units, 1)))
+
+
+def measure(model, modules: dict, data, max_tokens: int | None = None) -> dict:
+    """{f"{module}.__outputs__": (units, tokens) float32} of `model` on `data`
+    (`max_tokens` None: `token_budget`)."""
+    max_tokens = token_budget(model, modules) if max_tokens is None else max_tokens
+    outs = _capture(model, list(modules), data, "out", max_tokens)
+    return {f"{m}.{OUTPUTS}": y.T.float().contiguous() for m, y in outs.items()}
+
+
+def placeholders(model, modules: dict, tokens: dict) -> dict:
+    """measure()'s entries for a model without weights (a fold target, whose
+    share of the mixed targets is 0): meta tensors of the right shapes;
+    `tokens`: a measured model's entries, for the token counts."""
+    named = dict(model.named_modules())
+    return {k: torch.empty(named[m].weight.shape[axis], tokens[k].shape[1], device="meta")
+            for m, (_, axis, _) in modules.items() for k in [f"{m}.{OUTPUTS}"]}
+
+
+def ridge_fit(x, y, w0, b0, ridge: float):
+    """(W, b) minimising ||x W^T + b - y||^2 + mu ||W - w0||^2, mu = ridge x
+    the mean eigenvalue of the (centred) x^T x; b is None where b0 is None
+    (no intercept: the layer has no bias). Float64 throughout."""
+    if b0 is not None:
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        x, y = x - x_mean, y - y_mean
+    gram = x.T @ x
+    mu = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    gram.diagonal().add_(mu)
+    w = torch.linalg.solve(gram, x.T @ y + mu * w0.T).T
+    return w, (None if b0 is None else y_mean - w @ x_mean)
+
+
+@torch.no_grad()
+def reconstruct(model, targets: dict, data, modules: dict, *, ridge: float | None = None) -> dict:
+    """Refit each module of `modules` (`points(spec)`) to `targets` (its
+    `__outputs__`), one at a time in flow-graph order: each is measured after
+    the ones before it are refitted (`ridge` None: RIDGE). Returns a summary:
+    the median relative output error before and after."""
+    ridge = RIDGE if ridge is None else ridge
+    data = reiterable(data)
+    named = dict(model.named_modules())
+    before, after = [], []
+    for m, (_, out_axis, _) in modules.items():
+        layer = named[m]
+        y = targets[f"{m}.{OUTPUTS}"].T
+        x = _capture(model, [m], data, "in", y.shape[0])[m]
+        y = y.to(x.device, torch.float64)
+        w0 = layer.weight.double() if out_axis == 0 else layer.weight.double().T
+        b0 = None if layer.bias is None else layer.bias.double()
+        scale = float(y.pow(2).mean().clamp_min(1e-24))
+        before.append(_error(x, y, w0, b0) / scale)
+        w, b = ridge_fit(x, y, w0, b0, ridge)
+        after.append(_error(x, y, w, b) / scale)
+        layer.weight.copy_((w if out_axis == 0 else w.T).to(layer.weight.dtype))
+        if b is not None:
+            layer.bias.copy_(b.to(layer.bias.dtype))
+    return {"modules": len(modules), "tokens": int(y.shape[0]) if modules else 0, "ridge": ridge,
+            "relative_error": {"before": _median(before), "after": _median(after)}}
+
+
+def _error(x, y, w, b) -> float:
+    pred = x @ w.T + (0 if b is None else b)
+    return float((pred - y).pow(2).mean())
+
+
+def _median(values) -> float:
+    return float(torch.tensor(values or [0.0]).median())

@@ -1,0 +1,151 @@
+"""Least-squares reconstruction (reconstruct.py) recovers known answers.
+
+1. Refitting in flow-graph order: a model whose every refittable layer was
+   perturbed, refitted to the original's outputs, *is* the original again
+   (each layer is measured after the ones before it are refitted; a refit
+   from inputs captured up front fits later layers to the perturbed inputs
+   and fails).
+2. Through the engine: a parent whose every MLP unit is duplicated, the copy
+   reading 5% of what the unit wrote (the original 95%), computes the base's
+   function; pruning it keeps the 95% copies, so the pruned model's MLP
+   writes 95% of the base's, and reconstruction (targets carried through the
+   pruning maps) restores the base. The target is a bare config: no anchor
+   weights to return.
+3. The race: a fold that already leads the anchor one-shot is not raced."""
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import models as M
+import otcompress
+from otcompress import pipeline, reconstruct
+from otcompress.architectures import build_spec
+from otcompress.data import load_data
+from otcompress.errors import InvalidOptionError
+from otcompress.finetune import finetune
+from test_decoders import decoder
+
+ids = lambda v: getattr(v, "__name__", "")  # noqa: E731
+
+
+def _batches(model, n=4):
+    return [M.inputs(model, batch=8, seed=s) for s in range(n)]
+
+
+def _err(model, data, base):
+    ref = torch.cat([M.outputs(base, x).flatten() for x in data])
+    got = torch.cat([M.outputs(model, x).flatten() for x in data])
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def _models():
+    return {"vit": lambda: M.vit(), "bert": lambda: M.bert(cls=T.BertForSequenceClassification),
+            "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4,
+                                                          n_positions=32)).eval(),
+            "llama": lambda: decoder(T.LlamaConfig, T.LlamaForCausalLM)}
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "gpt2", "llama"])
+def test_refitting_in_flow_graph_order_recovers_a_perturbed_model(family, monkeypatch):
+    monkeypatch.setattr(reconstruct, "RIDGE", 1e-10)
+    base = _models()[family]()
+    points = reconstruct.points(build_spec(base))
+    assert len(points) >= 8  # every block's linear layers (GPT-2: all but the fused QKV)
+    data = _batches(base)
+    bent = copy.deepcopy(base)
+    named = dict(bent.named_modules())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in points:
+            w = named[m].weight
+            w.add_(0.3 * w.std() * torch.randn(w.shape, generator=g))
+    assert _err(bent, data, base) > 1e-2  # the test can fail
+    summary = reconstruct.reconstruct(bent, reconstruct.measure(base, points, data), data, points)
+    assert _err(bent, data, base) < 1e-4
+    assert summary["relative_error"]["after"] < 1e-8 < summary["relative_error"]["before"]
+    # (The weights need not come back: a layer read from a LayerNorm sees inputs
+    # of rank one less than its width, so one direction of its rows is free.)
+
+
+def test_ridge_fit_is_exact_without_ridge_and_pulled_to_w0_with_it():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    w_true, b_true = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    y = x @ w_true.T + b_true
+    w0 = torch.zeros(3, 6, dtype=torch.float64)
+    w, b = reconstruct.ridge_fit(x, y, w0, torch.zeros(3, dtype=torch.float64), ridge=0.0)
+    assert torch.allclose(w, w_true) and torch.allclose(b, b_true)
+    w, b = reconstruct.ridge_fit(x, y, w0, None, ridge=0.0)  # no bias: no intercept
+    assert b is None and not torch.allclose(w, w_true, atol=1e-2)
+    w_big, _ = reconstruct.ridge_fit(x, y, w0, torch.zeros(3, dtype=torch.float64), ridge=1e3)
+    assert w_big.abs().max() < 0.05 * w_true.abs().max()  # a large ridge stays at w0
+
+
+@torch.no_grad()
+def split_mlp(model, share=0.95):
+    """Every MLP unit twice: both copies compute the unit, the first writes
+    `share` of what it wrote, the second the rest. The base's function."""
+    cfg = model.config
+    inter = cfg.intermediate_size
+    src = torch.arange(inter).repeat(2)
+    scale = torch.cat([torch.full((inter,), share), torch.full((inter,), 1 - share)])
+    new_cfg = type(cfg).from_dict({**cfg.to_dict(), "intermediate_size": 2 * inter})
+    sd = {}
+    for name, t in model.state_dict().items():
+        for axis, role in enumerate(M.roles(name, cfg.model_type)):
+            if role is not None and role[0] == "mlp":
+                t = t.index_select(axis, src)
+                if role[1] == "in":
+                    t = t * scale.view([-1 if a == axis else 1 for a in range(t.dim())]).to(t.dtype)
+        sd[name] = t
+    out = type(model)(new_cfg)
+    out.load_state_dict(sd)
+    return out.eval()
+
+
+@pytest.mark.parametrize("make", [M.vit, lambda: M.bert(cls=T.BertForSequenceClassification)], ids=["vit", "bert"])
+def test_prune_then_reconstruct_recovers_the_base(make, monkeypatch):
+    base = make()
+    data = _batches(base)
+    parent = split_mlp(base)
+    assert _err(parent, data, base) < 1e-5  # the split copy computes the base's function
+    pruned = otcompress.fuse(base.config, [parent], alignment="prune", data=data)
+    plain = _err(pruned, data, base)
+    assert plain > 1e-2  # the kept copies write 95%: the test can fail
+    refit = otcompress.fuse(base.config, [parent], alignment="prune", data=data, reconstruct=True)
+    assert _err(refit, data, base) < plain / 10  # at the default ridge
+    assert refit.fusion_report["reconstruct"]["modules"] == len(reconstruct.points(build_spec(base)))
+    assert refit.fusion_report["options"]["reconstruct"] is True
+    monkeypatch.setattr(reconstruct, "RIDGE", 1e-10)
+    exact = otcompress.fuse(base.config, [parent], alignment="prune", data=data, reconstruct=True)
+    assert _err(exact, data, base) < 1e-4
+
+
+def test_reconstruct_needs_data():
+    base = M.vit()
+    with pytest.raises(InvalidOptionError, match="reconstruct.*data"):
+        otcompress.fuse(base.config, [M.vit(hidden=64, heads=8, inter=128)], alignment="fold", reconstruct=True)
+
+
+def test_a_fold_that_leads_one_shot_is_not_raced():
+    """The fold of dead-copy widenings of a trained base is that base: far
+    ahead of an untrained anchor one-shot, so it trains all N steps and no
+    race step is spent."""
+    from test_prune import widen_dead
+    digits = load_data("digits", M.vit(hidden=16, heads=2, inter=32))
+    base = M.vit(hidden=16, heads=2, inter=32, seed=4)
+    finetune(base, digits, steps=60, lr=3e-3, batch_size=64, seed=0)
+    base.eval()
+    anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
+    parents = [widen_dead(base, seed=s) for s in (3, 4)]
+    recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64}
+    model, report = pipeline.run(anchor, parents, recipe, data=digits)
+    race = report["race"]
+    rows = {c["candidate"]: c for c in race["candidates"]}
+    assert rows["fold: all parents"]["one_shot_holdout_loss"] < rows["anchor"]["one_shot_holdout_loss"]
+    assert race["winner"] == "fold: all parents" and race["extra_steps"] == 0 and race["steps_each"] == 0
+    assert "ahead of every anchor-side start" in race["note"]
+    assert not any("holdout_loss" in c for c in race["candidates"])  # nothing trained in a race
+    assert report["finetune"]["steps"] == 10
