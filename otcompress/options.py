@@ -104,11 +104,11 @@ OPTIONS = (
     Option("activation_dtype", str, "float32", choices=("float32", "bfloat16"), passed=True, report=True,
            help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs)."),
     Option("repair", bool, False, passed=True, report=True, help="Restore unit statistics (REPAIR) after fusing."),
-    # On in the workflow wherever it has data (pipeline.py: a fold's one-shot accuracy on the weak digits
-    # anchor's shape goes from 18% to 85%); `fuse` keeps the paper's fusion unless asked.
-    Option("reconstruct", bool, True, fuse_default=False, passed=True, report=True,
+    # The workflow's "auto" (pipeline.reconstructs): on wherever it has data, except for an embedding
+    # model it finetunes; `fuse` takes a bool and keeps the paper's fusion unless asked.
+    Option("reconstruct", str, "auto", choices=("auto", "on", "off"), fuse_default=False, report=True,
            help="With --data: refit every linear layer by least squares to the parents' outputs, "
-                "carried through the same maps."),
+                "carried through the same maps (auto: on, but off when an embedding model is finetuned)."),
     Option("seed", int, 0, report=True),
     Option("depth_merge", str, "select", choices=("select", "parallel"), passed=True, report=True,
            help="Parents deeper than the target: each group of blocks becomes its most influential "
@@ -179,6 +179,8 @@ def check_recipe(recipe: dict, where: str = "recipe") -> dict:
             raise InvalidOptionError(
                 f"{where}: unknown option '{key}' (known: {', '.join(RECIPE_KEYS)})")
         typ = RECIPE_KEYS[norm][0]
+        if isinstance(value, bool) and CHOICES.get(norm, ())[1:] == ("on", "off"):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a bool
         if value is not None and not _is(value, typ):
             raise InvalidOptionError(f"{where}: option '{key}' has the wrong type ({value!r})")
         value = float(value) if typ is float else value

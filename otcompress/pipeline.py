@@ -151,7 +151,7 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
                       progress=(lambda d, t, i=None: progress("finetune", d, t)) if progress else None)
     fuse_kw = {k: r[k] for k in FUSE_KEYS}
     fuse_kw["device"] = device  # where a streamed fold computes (models already loaded stay where they are)
-    fuse_kw["reconstruct"] = bool(r["reconstruct"] and calib is not None)
+    fuse_kw["reconstruct"] = reconstructs(r, data)
     fuse_kw["pooling"] = data.pooling if data is not None else None  # headless models' reg auto
     if r["alignment"] == "auto" and holdout is not None:
         race = Race(train, holdout, trainer_kw, math.ceil(r["race_fraction"] * r["finetune_steps"]),
@@ -187,12 +187,26 @@ def _streamed(parents, r, data) -> bool:
     if not all(isinstance(p, (str, os.PathLike)) for p in parents):
         return False
     alignments = ("fold", "weights") if r["alignment"] == "auto" else (r["alignment"],)
-    refit = bool(r["reconstruct"] and data is not None)
+    refit = reconstructs(r, data)
     if not all(streams(a, r["solver"], r["reg"], r["residual"], r["repair"], r["depth_merge"], reconstruct=refit)
                for a in alignments):
         return False
     embeddings = data is not None and data.task == "feature-extraction"
     return not embeddings and not (r["finetune_steps"] > 0 and r["distill"])
+
+
+def reconstructs(r, data) -> bool:
+    """The recipe's `reconstruct` for `fuse`: "on"/"off", or "auto": on
+    wherever there is data, except for a headless (embedding) model that is
+    then finetuned. There a reconstructed start trains worse at the default
+    lr (all-MiniLM-L6-v2 -> 6 x 192, 150 steps at lr 1e-3: Pearson 0.09
+    against the plain fold's 0.40; the similarity loss collapses by step 30)
+    though better one-shot (0.44 vs 0.25) and at lr 1e-4 (0.53 vs 0.42)."""
+    if data is None or r["reconstruct"] == "off":
+        return False
+    if r["reconstruct"] == "on":
+        return True
+    return not (data.task == "feature-extraction" and r["finetune_steps"] > 0)
 
 
 def _finish_report(report, notes, anchor, parents, r, started, finetune=None, metrics=None) -> dict:
@@ -226,7 +240,7 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     # "auto" is checked as the fusion it makes without a race (`_resolve_alignment`).
     o.alignment = _resolve_alignment(r["alignment"], anchor)
     o.data = (r["data"] or given_data) or None
-    o.reconstruct = bool(r["reconstruct"] and o.data)  # on by default wherever there is data
+    o.reconstruct = r["reconstruct"] == "on" or (r["reconstruct"] == "auto" and bool(o.data))
     o.trust_remote_code = trust_remote_code
     given = inputs.check(anchor, parents, o, target=target)
     if isinstance(anchor, (str, os.PathLike)):
@@ -317,20 +331,27 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
     out = []
     if foldable:  # `inputs.Inputs.foldable`: else an anchor wider than a parent (OT and the anchor race)
         # Folding and pruning (the maps a pruning tool would make) are one group.
-        # With finetuning the fold is its start: pruning keeps more of a parent
-        # one-shot, so it wins the one-shot loss, but it trains to a worse model
-        # or at best a tie (all-MiniLM-L6-v2 -> 192 wide, 150 steps: Pearson 0.40
-        # folded, 0.33 pruned; 3 x 192: 0.52 vs 0.44; digits: ties within the
-        # seed spread). Without finetuning the one-shot loss chooses among them.
+        # Without reconstruction, with finetuning, the fold of all parents is its
+        # start: pruning keeps more of a parent one-shot, so it wins the one-shot
+        # loss, but it trained to a worse model or at best a tie (all-MiniLM-L6-v2
+        # -> 192 wide, 150 steps: Pearson 0.40 folded, 0.33 pruned; digits: ties).
+        # Reconstructed starts compute close to what their parents compute, so
+        # their one-shot loss ranks them as training does (pydoc BERT MLM, 100
+        # steps: prune of A 5.624 one-shot -> 5.034 trained, fold of B 5.657 ->
+        # 5.067, fold of both 5.892 -> 5.152): each parent folded and pruned on
+        # its own competes too, and folding several parents must earn its place.
         # Each parent is pruned on its own: averaging independently pruned
         # parents is plain averaging of unaligned models.
-        out.append(("fold" if len(parent_ms) == 1 else "fold: all parents",
+        several = len(parent_ms) > 1
+        out.append(("fold: all parents" if several else "fold",
                     lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress, holdout=holdout),
                     "fold"))
-        for k, p in enumerate(parent_ms if not r["finetune_steps"] else (), 1):
-            out.append(("prune" if len(parent_ms) == 1 else f"prune: parent {k}",
-                        lambda p=p: _fuse(fuse_anchor, [p], "prune", calib, fuse_kw, r, progress, holdout=holdout),
-                        "fold"))
+        singles = list(enumerate(parent_ms, 1)) if fuse_kw.get("reconstruct") or not r["finetune_steps"] else []
+        for alignment in ("fold", "prune"):
+            for k, p in singles if alignment == "prune" or several else []:
+                out.append((f"{alignment}: parent {k}" if several else alignment,
+                            lambda p=p, a=alignment: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,
+                                                           holdout=holdout), "fold"))
     if anchor_m is not None:
         out.append((f"OT fusion, anchor weight {ANCHOR_WEIGHT}",
                     lambda: _fuse(anchor_m, parent_ms, "weights", calib, fuse_kw, r, progress,

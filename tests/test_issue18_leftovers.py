@@ -33,12 +33,12 @@ def _params(model):
 
 
 def test_a_single_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
-    """No anchor, with finetuning: the fold of the parents is the only start.
-    Nothing races; it trains N steps on every example, exactly as an explicit
-    fold run does."""
+    """No anchor, with finetuning, without reconstruction: the fold of the
+    parents is the only start. Nothing races; it trains N steps on every
+    example, exactly as an explicit fold run does."""
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     target = {"hidden": 16, "heads": 2, "intermediate": 32}
-    recipe = {"finetune_steps": 6, "batch_size": 32, "samples": 64}
+    recipe = {"finetune_steps": 6, "batch_size": 32, "samples": 64, "reconstruct": "off"}
     steps = _count_steps(monkeypatch)
     model, report = pipeline.run(None, parents, recipe, target=target, data=digits)
     race = report["race"]
@@ -50,6 +50,23 @@ def test_a_single_start_is_not_raced_and_trains_all_steps(digits, monkeypatch):
     assert torch.equal(_params(model), _params(explicit))
 
 
+def test_reconstructed_starts_are_chosen_one_shot_and_train_all_steps(digits, monkeypatch):
+    """No anchor, with finetuning and reconstruction: the fold of all parents,
+    each parent folded and each pruned are scored one-shot on the held-out
+    examples; the lowest trains all N steps, nothing races."""
+    parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
+    target = {"hidden": 16, "heads": 2, "intermediate": 32}
+    steps = _count_steps(monkeypatch)
+    _, report = pipeline.run(None, parents, {"finetune_steps": 6, "batch_size": 32, "samples": 64},
+                             target=target, data=digits)
+    race = report["race"]
+    rows = {c["candidate"]: c["one_shot_holdout_loss"] for c in race["candidates"]}
+    assert list(rows) == ["fold: all parents", "fold: parent 1", "fold: parent 2", "prune: parent 1",
+                          "prune: parent 2"]
+    assert race["winner"] == min(rows, key=rows.get) and race["chosen_by"] == "one_shot_holdout_loss"
+    assert len(steps) == 6 and race["extra_steps"] == 0 and report["reconstruct"]["modules"] > 0
+
+
 def test_without_finetuning_the_one_shot_loss_chooses_among_fold_and_prunes(digits):
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     target = {"hidden": 16, "heads": 2, "intermediate": 32}
@@ -57,7 +74,8 @@ def test_without_finetuning_the_one_shot_loss_chooses_among_fold_and_prunes(digi
                                  target=target, data=digits)
     race = report["race"]
     rows = {c["candidate"]: c["one_shot_holdout_loss"] for c in race["candidates"]}
-    assert set(rows) == {"fold: all parents", "prune: parent 1", "prune: parent 2"}
+    assert set(rows) == {"fold: all parents", "fold: parent 1", "fold: parent 2", "prune: parent 1",
+                         "prune: parent 2"}
     assert race["chosen_by"] == "one_shot_holdout_loss" and race["winner"] == min(rows, key=rows.get)
 
 
@@ -84,7 +102,7 @@ def test_a_real_race_counts_the_losers_steps(digits, monkeypatch):
     steps = _count_steps(monkeypatch)
     # Without reconstruct these random parents' fold starts behind the anchor, so the race is run.
     _, report = pipeline.run(anchor, parents, {"finetune_steps": 8, "batch_size": 32, "samples": 64,
-                                               "reconstruct": False}, data=digits)
+                                               "reconstruct": "off"}, data=digits)
     race = report["race"]
     assert race["steps_each"] == 4 and "note" not in race
     assert len(steps) == 8 + race["extra_steps"] and race["extra_steps"] == 4
@@ -195,7 +213,7 @@ def test_cli_says_a_single_start_was_not_raced(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in ("fuse", "--parents", tmp_path / "p2", tmp_path / "p3", "--hidden", 16, "--heads", 2,
                                "--intermediate", 32, "--data", "digits", "--steps", 3, "--samples", 64,
-                               "--out", tmp_path / "small")])
+                               "--reconstruct", "off", "--out", tmp_path / "small")])
     err = capsys.readouterr().err
     assert e.value.code == 0, err
     assert "not raced" in err and "only start possible" in err and "it trained all 3 steps" in err

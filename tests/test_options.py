@@ -21,7 +21,10 @@ def test_derived_views_come_from_the_table():
     assert set(options.REPORTED) <= set(options.FUSE_OPTIONS)
     for o in options.OPTIONS:  # a choice default is one of its choices
         assert not o.choices or o.default is None or o.default in o.choices, o.name
-        assert not o.choices or o.fuse_value is None or o.fuse_value in o.choices, o.name
+        # (An on/off key's `fuse` keyword is a bool: reconstruct's "on"/"off" are True/False there.)
+        fuse_value = {True: "on", False: "off"}.get(o.fuse_value, o.fuse_value) \
+            if isinstance(o.fuse_value, bool) and "on" in o.choices else o.fuse_value
+        assert not o.choices or fuse_value is None or fuse_value in o.choices, o.name
         assert o.check is None or o.default is None or o.check(o.default), o.name
 
 

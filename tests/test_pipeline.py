@@ -54,7 +54,7 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path):
     anchor, parents = _race_models()
     # Without reconstruct these random parents' fold starts behind the anchor, so the race is run
     # (a fold that leads one-shot is not: test_reconstruct).
-    recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64, "reconstruct": False}
+    recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64, "reconstruct": "off"}
     model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}

@@ -145,7 +145,24 @@ def test_a_fold_that_leads_one_shot_is_not_raced():
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
     assert rows["fold: all parents"]["one_shot_holdout_loss"] < rows["anchor"]["one_shot_holdout_loss"]
-    assert race["winner"] == "fold: all parents" and race["extra_steps"] == 0 and race["steps_each"] == 0
+    assert rows[race["winner"]]["group"] == "fold" and race["extra_steps"] == 0 and race["steps_each"] == 0
     assert "ahead of every anchor-side start" in race["note"]
     assert not any("holdout_loss" in c for c in race["candidates"])  # nothing trained in a race
     assert report["finetune"]["steps"] == 10
+
+
+def test_the_workflow_reconstructs_where_it_measured_better():
+    """auto: on with data, off for an embedding model that is then finetuned
+    (measured to train worse there); on/off as given; never without data.
+    A YAML profile's bare on/off (read as a bool) is the same."""
+    labelled = load_data("digits", M.vit(hidden=16, heads=2, inter=32))
+    headless = load_data("digits", M.vit(hidden=16, heads=2, inter=32, cls=T.ViTModel))
+    assert headless.task == "feature-extraction" and labelled.task != "feature-extraction"
+    r = lambda v, steps: {"reconstruct": v, "finetune_steps": steps}  # noqa: E731
+    assert pipeline.reconstructs(r("auto", 10), labelled) and pipeline.reconstructs(r("auto", 0), headless)
+    assert not pipeline.reconstructs(r("auto", 10), headless) and pipeline.reconstructs(r("on", 10), headless)
+    assert not pipeline.reconstructs(r("off", 0), labelled) and not pipeline.reconstructs(r("on", 0), None)
+    from otcompress import recipes
+    assert recipes.check_recipe({"reconstruct": False})["reconstruct"] == "off"
+    with pytest.raises(InvalidOptionError, match="reconstruct"):
+        recipes.check_recipe({"reconstruct": "yes"})
