@@ -9,17 +9,23 @@ distilled finetuning, but start far below a good anchor and only overtake it
 after about a fifth to a third of a 300-step run, clearly only by half of it
 (held-out loss at 30%: 0.593 vs 0.777, at 50%: 0.338 vs 0.584 on the weak
 digits anchor; a 0.3 race still kept the anchor on 1 of 3 seeds). So the candidates are the
-fold of all parents (without finetuning also each parent pruned: `candidates`
-says why only then), anchor-weighted OT fusion and the anchor itself; all are
-scored one-shot on held-out training examples (a tenth of the train split,
-never the eval split); with N finetuning steps the better of the two anchor-
-side starts and the fold train the first `race_fraction * N` steps (0.5) of
-the *same* N-step run (schedule, batches, teachers) and the lower held-out
-loss continues to N, on every training example. With N = 0 the lowest one-
-shot held-out loss wins. With only one start to train (no anchor: the fold;
-an anchor the parents cannot be folded into: the better anchor-side start)
-nothing is raced: it trains all N steps on every example, and the report's
-race says so. Teachers are the parents by default.
+fold of all parents (with reconstruction, or without finetuning, also each
+parent folded and each pruned on its own: `candidates` says why only then),
+anchor-weighted OT fusion and the anchor itself; with calibration data every
+fused start is reconstructed first (`reconstructs`, reconstruct.py: each layer
+refitted to the parents' outputs). All are scored one-shot on held-out
+training examples (a tenth of the train split, never the eval split); the
+lowest of each group (parents' starts, anchor-side starts) is its group's
+start. With N = 0 the lowest one-shot held-out loss wins. With N finetuning
+steps, a parents' start already below every anchor-side start one-shot wins
+without a race (it has nothing left to overtake; reconstruction puts the weak
+digits anchor's fold there); else the two train the first `race_fraction * N`
+steps (0.5) of the *same* N-step run (schedule, batches, teachers) and the
+lower held-out loss continues to N, on every training example. With only one
+start to train (no anchor: the parents' start; an anchor the parents cannot
+be folded into: the better anchor-side start) nothing is raced: it trains all
+N steps on every example, and the report's race says so. Teachers are the
+parents by default.
 
 Headless models (embedding models: BertModel, a sentence-transformers
 checkpoint) have no task loss: every loss above is then the similarity
@@ -365,7 +371,8 @@ class Race:
     examples (task loss); with finetuning, the best of each group trains the
     first `steps` steps of its N-step run and is scored again. The lowest
     held-out loss wins. With only one start to train (a fold target without an
-    anchor, or only the anchor-side starts) there is nothing to race: it is
+    anchor, or only the anchor-side starts), or a parents' start already ahead
+    of every anchor-side start one-shot, there is nothing to race: it is
     returned untrained (trainer None) and the caller trains it all N steps."""
 
     def __init__(self, train, holdout, trainer_kw, steps, one_shot=None, reference=None, progress=None):

@@ -166,3 +166,30 @@ def test_the_workflow_reconstructs_where_it_measured_better():
     assert recipes.check_recipe({"reconstruct": False})["reconstruct"] == "off"
     with pytest.raises(InvalidOptionError, match="reconstruct"):
         recipes.check_recipe({"reconstruct": "yes"})
+
+
+def test_reconstruct_follows_a_depth_map(monkeypatch):
+    """The split-MLP parent made deeper by identity blocks: depth-mapped to
+    the base's depth, pruned and reconstructed, it is the base again."""
+    from test_depth import DEEP, deepen
+    monkeypatch.setattr(reconstruct, "RIDGE", 1e-10)
+    base = M.vit()
+    data = _batches(base)
+    parent = deepen(split_mlp(base), DEEP)
+    assert parent.config.num_hidden_layers == 4 and _err(parent, data, base) < 1e-5
+    fused = otcompress.fuse(base.config, [parent], alignment="prune", data=data, reconstruct=True)
+    assert fused.fusion_report["depth_maps"][0]["kept"] == [0, 3]
+    assert _err(fused, data, base) < 1e-4
+
+
+def test_fuse_to_disk_writes_the_reconstructed_model(tmp_path):
+    base = M.vit()
+    data = _batches(base)
+    parent = split_mlp(base)
+    parent.save_pretrained(tmp_path / "parent")
+    kw = dict(alignment="prune", data=data, reconstruct=True)
+    report = otcompress.fuse_to_disk(base.config, [str(tmp_path / "parent")], tmp_path / "out", **kw)
+    assert report["reconstruct"]["modules"] > 0
+    written = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    in_memory = otcompress.fuse(base.config, [parent], **kw)
+    assert _err(written, data, in_memory) < 1e-6
