@@ -4,16 +4,22 @@ accuracy on the fixed 450 eval images): parents 4 blocks x hidden 64 (two
 seeds, ~97%), targets 2 blocks x hidden 32 (4 heads, FFN 64) and 2 blocks x
 hidden 16 (2 heads, FFN 32).
 
-Every arm gets the same total budget B = 1.5 N optimizer steps (the default
-recipe's race spends N + N/2: its losing start's steps count), the same
-distillation loop (AdamW, batch 64, 0.5 CE + 0.5 KL to both parents), and its
-learning rate chosen from LRS by the loss on held-out *train* examples (never
-the eval split); 3 seeds (data order and held-out split):
+Every arm gets the same total budget B: every optimizer step the default
+recipe spent on that seed (N, plus N/2 where its race trained a losing
+start), the same distillation loop (AdamW, batch 64, 0.5 CE + 0.5 KL to both
+parents), and its learning rate chosen from LRS by the loss on held-out
+*train* examples (never the eval split); 3 seeds (data order and held-out
+split):
 
   default recipe     `pipeline.run` with the small model as anchor: races the
-                     depth-mapped fold, OT fusion and the anchor (N steps + race)
+                     depth-mapped, reconstructed parents' starts, OT fusion and
+                     the anchor (N steps + race, if one is run)
+  recipe, no anchor  `pipeline.run` with only the target shape: the parents'
+                     starts (fold of both, each folded, each pruned; all
+                     reconstructed), the best one-shot trains B steps
   tool: fold         the parents folded into the target (depth-mapped by block
-                     influence on calibration data), no anchor, then B steps
+                     influence on calibration data), no anchor, no
+                     reconstruction, then B steps
   every-other + TP   DistilBERT-style: every other block of parent A, then
                      Torch-Pruning (L2 magnitude) to the target widths, B steps
   ShortGPT + TP      the blocks of parent A with the highest block influence,
@@ -126,14 +132,15 @@ def tuned(make, train, holdout, data, budget, seed, parents):
                            steps=budget, batch_size=64, seed=seed, teachers=parents)
 
 
-def default_recipe(small, parents, train, holdout, data, n, seed, score=None, lrs=LRS, **recipe):
+def default_recipe(small, parents, train, holdout, data, n, seed, score=None, lrs=LRS, target=None, **recipe):
     """(eval score, lr, race winner, steps spent, depth maps of the winner) of
     `pipeline.run` (extra `recipe` keys, e.g. batch_size), lr tuned alike
-    (`common.recipe_lr_tuned`); score: eval accuracy unless given."""
+    (`common.recipe_lr_tuned`); score: eval accuracy unless given. `small`
+    None with `target` (widths): the recipe without an anchor."""
     from otcompress.finetune import evaluate
     score = score or (lambda m: evaluate(m, data)["accuracy"])
     value, lr, rep = common.recipe_lr_tuned(small, parents, {"finetune_steps": n, "seed": seed, **recipe}, train,
-                                            holdout, lrs, score)
+                                            holdout, lrs, score, target=target)
     return (value, lr, rep["race"]["winner"], n + rep["race"]["extra_steps"],
             [d for d in rep.get("depth_maps") or [] if d])
 
@@ -143,7 +150,6 @@ def run_target(target, args, data):
     parents, small, cfg = models(target, args.quick)
     rows, notes = {}, {"lr": {}, "winner": [], "depth_maps": [], "steps_spent": []}
     for n in args.steps:
-        budget = n + n // 2
         for seed in args.seeds:
             t0 = time.time()
             train, holdout = pipeline.split_holdout(data, seed)
@@ -153,6 +159,11 @@ def run_target(target, args, data):
             notes["winner"].append(winner)
             notes["steps_spent"].append(spent)
             notes["depth_maps"].append([d["kept"] for d in dmaps])
+            budget = spent  # equal compute: every step the recipe spent
+            acc, lr, winner, _, dmaps = default_recipe(None, parents, train, holdout, data, budget, seed,
+                                                       target={"layers": 2, **TARGETS[target]})
+            rows.setdefault(("recipe, no anchor", n), []).append(acc)
+            notes["lr"].setdefault("recipe, no anchor", []).append(f"{lr} ({winner})")
             for arm, make in starts(parents, small, cfg, train, seed).items():
                 acc, lr = tuned(make, train, holdout, data, budget, seed, parents)
                 rows.setdefault((arm, n), []).append(acc)
@@ -165,8 +176,8 @@ def markdown(results, args, env, seconds):
     lines = ["# Shallower and narrower: digits ViTs, 4 blocks x 64 -> 2 blocks", "",
              f"`python benchmarks/compress_depth.py{' --quick' if args.quick else ''}` — {seconds:.0f} s, "
              f"{args.threads} thread(s), seeds {args.seeds}; accuracy % on the 450 eval images, mean ± std "
-             "[min–max]. Budget: the default recipe N steps plus its race (1.5 N in all); every other "
-             "arm 1.5 N steps. Learning rates chosen per arm and seed from "
+             "[min–max]. Budget: the default recipe N steps plus its race's losing start where it ran one; "
+             "every other arm the steps it spent on that seed. Learning rates chosen per arm and seed from "
              f"{list(LRS)} on held-out train examples.", "", f"Machine: {env.get('cpu')}, torch {env.get('torch')}.",
              ""]
     for target, (rows, notes) in results.items():
@@ -174,7 +185,7 @@ def markdown(results, args, env, seconds):
         steps = sorted({n for _, n in rows})
         arms = list(dict.fromkeys(a for a, _ in rows))
         table = [[a] + [common.fmt(common.summarize(rows.get((a, n), [])), 100, 2) for n in steps] for a in arms]
-        lines += common.md_table(["arm", *[f"N = {n} (budget {n + n // 2})" for n in steps]], table)
+        lines += common.md_table(["arm", *[f"N = {n}" for n in steps]], table)
         lines += ["", f"Race winners: {', '.join(notes['winner'])}; steps the default recipe spent: "
                   f"{notes['steps_spent']}.", f"Depth maps (kept blocks of each parent): {notes['depth_maps']}.",
                   "Learning rates chosen: " + "; ".join(f"{a}: {v}" for a, v in notes["lr"].items()), ""]
