@@ -117,7 +117,7 @@ def run_case(args, after_seed=lambda rows, notes: None):
     metrics = CASES[args.case]["metrics"]
     prune = pc.magnitude_prune if args.case == "llama" else pc.torch_prune
     tag = "L2-group" if args.case == "llama" else "TP"
-    n, budget = args.steps, args.steps + args.steps // 2
+    n = args.steps
     rows, notes = {}, {"lr": {}, "winner": [], "steps_spent": [], "winner_depth_maps": [], "tool_depth_maps": [],
                        "shortgpt_kept": [], "seconds": [], "reference": {}}
     for name, m in [("parent A", parents[0]), ("parent B", parents[1]), ("small model (no steps)", small)]:
@@ -137,6 +137,7 @@ def run_case(args, after_seed=lambda rows, notes: None):
         notes["steps_spent"].append(spent)
         notes["winner_depth_maps"].append(dmaps)
         common.log(f"  {args.case} seed {seed} default recipe: {s} (lr {lr}, winner {winner}, {spent} steps)")
+        budget = spent  # equal compute: every step the recipe spent on this seed
         calib = list(train.calibration_batches(256, BATCH, seed=seed))
         labelled = list(train.batches("train", BATCH, shuffle=True, seed=seed, limit=128))
         reports = {}
@@ -166,7 +167,7 @@ def markdown(args, rows, notes, env, seconds) -> str:
     c = CASES[args.case]
     key, other = c["metrics"]
     scale = 100 if other == "accuracy" else 1
-    n, budget = args.steps, args.steps + args.steps // 2
+    n = args.steps
     title = {"bert": "pydoc BERT masked-LMs, 4 blocks x 64 -> 2 blocks x 32",
              "llama": "pydoc LLaMA causal LMs (GQA), 8 blocks x 64 -> 4 blocks x 32"}[args.case]
     what = {"bert": "eval masked-LM loss (lower is better) and masked-token accuracy %",
@@ -175,8 +176,8 @@ def markdown(args, rows, notes, env, seconds) -> str:
          f"`python benchmarks/compress_depth_text.py --case {args.case}{' --quick' if args.quick else ''}` — "
          f"{seconds:.0f} s wall ({', '.join(f'{s:.0f}' for s in notes['seconds'])} s per seed), "
          f"{args.threads} thread(s) on a shared 2-core machine (load average {env['loadavg_start'][0]:.1f} at "
-         f"start, {env['loadavg_end'][0]:.1f} at end), seeds {args.seeds}; N = {n}, every arm {budget} steps "
-         f"(the default recipe: N plus its race's losing start), batch {BATCH}, lr per arm and seed from "
+         f"start, {env['loadavg_end'][0]:.1f} at end), seeds {args.seeds}; N = {n}, every arm the steps the default recipe spent on "
+         f"that seed ({notes['steps_spent']}: N plus its race's losing start where it ran one), batch {BATCH}, lr per arm and seed from "
          f"{list(LRS)} on held-out train paragraphs. {what}, mean ± std [min–max].", "",
          f"Parents {c['parents']} (seeds {list(c['parent_seeds'])}), small model {c['target']} (seed "
          f"{c['small_seed']}), each trained {c['train_steps']} steps. Machine: {env.get('cpu')}, torch "
@@ -271,7 +272,7 @@ def main(argv=None):
         done = argparse.Namespace(**{**vars(args), "seeds": args.seeds[:len(notes["seconds"])]})
         md = markdown(done, rows, notes, env, time.time() - t0)
         common.write_results(stem, md, {"environment": env, "case": CASES[args.case], "seeds": done.seeds,
-                                        "steps": args.steps, "budget": args.steps + args.steps // 2, "lrs": LRS,
+                                        "steps": args.steps, "budget": notes["steps_spent"], "lrs": LRS,
                                         "batch_size": BATCH, "rows": rows, "notes": notes})
         return md
     rows, notes = run_case(args, write)
