@@ -10,10 +10,16 @@ model's pairwise cosine similarities with the parents' mean ones, over every
 pair (higher is better), and the mean squared difference (the objective).
 Arms: the anchor; the anchor distilled N steps on the similarity objective
 (AdamW 1e-3, batch 64, the same loop the recipe uses); the fold of both
-parents distilled N steps; the default recipe (its race spends 1.5 N steps).
+parents distilled N steps; the default recipe (its race spends 1.5 N steps
+where it runs one). At the `--tune-at` budgets, equal compute: the default
+recipe with its lr tuned on held-out train examples, then each parent pruned
+by Torch-Pruning (L2) and distilled for every step that recipe run spent, lr
+tuned alike. `--reconstruct` sets the recipe's reconstruct key.
 Seeds change the finetuning order and the held-out split. Threads: 1.
 
     python benchmarks/compress_embeddings.py
+    python benchmarks/compress_embeddings.py --settings weak-anchor --steps 300 --tune-at 300 \
+        --stem compress_embeddings.equal_compute [--reconstruct on]
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ def parse_args(argv=None):
                     help="Budgets N that also get the control with its lr tuned on held-out training "
                          "examples (3e-4, 1e-3, 3e-3), as the race is.")
     ap.add_argument("--stem", default="compress_embeddings", help="Results file name.")
+    ap.add_argument("--reconstruct", choices=("auto", "on", "off"), default="auto",
+                    help="The default recipe's reconstruct (auto: off for these finetuned embedding models).")
     return ap.parse_args(argv)
 
 
@@ -50,7 +58,7 @@ def encoder(path):
 LRS = (3e-4, 1e-3, 3e-3)
 
 
-def run_arms(anchor, parents, data, seeds, steps_list, tune_at=()):
+def run_arms(anchor, parents, data, seeds, steps_list, tune_at=(), recipe=None):
     import otcompress
     from otcompress import pipeline
     from otcompress.finetune import evaluate, finetune
@@ -77,11 +85,12 @@ def run_arms(anchor, parents, data, seeds, steps_list, tune_at=()):
             put(n, "anchor distilled + N", a)
             if n in tune_at:
                 put(n, "anchor distilled, lr tuned + N", _lr_tuned(anchor, parents, data, seed, kw))
-                _equal_compute(put, anchor, parents, data, seed, kw)
+                note = _equal_compute(put, anchor, parents, data, seed, kw, recipe)
+                rows[n].setdefault("default recipe, lr tuned: winner", []).append(note)
             f = copy.deepcopy(fold)
             finetune(f, data, **kw)
             put(n, "fold + distil + N", f)
-            m, rep = pipeline.run(anchor, parents, {"finetune_steps": n, "seed": seed}, data=data)
+            m, rep = pipeline.run(anchor, parents, {"finetune_steps": n, "seed": seed, **(recipe or {})}, data=data)
             put(n, "default recipe + N", m)
             rows[n].setdefault("default recipe: winner", []).append(rep["race"]["winner"])
         common.log(f"  seed {seed}: {time.time() - t0:.0f} s")
@@ -97,23 +106,26 @@ def _lr_tuned(anchor, parents, data, seed, kw):
                            reference=parents, **kw)[0]
 
 
-def _equal_compute(put, anchor, parents, data, seed, kw):
-    """At the default recipe's whole budget (N + its race's N/2), every start
-    lr tuned on held-out train examples: each parent pruned to the anchor's
-    shape by Torch-Pruning (L2), and the default recipe itself tuned alike."""
+def _equal_compute(put, anchor, parents, data, seed, kw, recipe=None):
+    """The default recipe (with `recipe`'s keys) lr tuned on held-out train
+    examples, then, at every step it spent (N + its race's N/2 where it raced),
+    each parent pruned to the anchor's shape by Torch-Pruning (L2), lr tuned alike."""
     import pruning_control as pc
 
     from otcompress import pipeline
     train, holdout = pipeline.split_holdout(data, seed)
     n = kw["steps"]
     tuned = {k: v for k, v in kw.items() if k not in ("lr", "steps")}
+    model, lr, rep = common.recipe_lr_tuned(anchor, parents, {"finetune_steps": n, "seed": seed, **(recipe or {})},
+                                            train, holdout, LRS, lambda m: m, reference=parents)
+    spent = n + rep["race"]["extra_steps"]
+    put(n, "default recipe, lr tuned (N + its race's extra steps)", model)
+    put_note = f"{rep['race']['winner']} (lr {lr:g}, {spent} steps)"
     for k, p in enumerate(parents):
-        put(n, f"TP L2 of parent {'ab'[k]}, lr tuned, 1.5 N",
+        put(n, f"TP L2 of parent {'ab'[k]}, lr tuned, recipe's steps",
             common.lr_tuned(lambda p=p: pc.torch_prune(p, anchor.config, importance="l2"), train, holdout, LRS,
-                            lambda m: m, reference=parents, steps=n + n // 2, **tuned)[0])
-    model, _, _ = common.recipe_lr_tuned(anchor, parents, {"finetune_steps": n, "seed": seed}, train, holdout,
-                                         LRS, lambda m: m, reference=parents)
-    put(n, "default recipe, lr tuned + N (1.5 N in all)", model)
+                            lambda m: m, reference=parents, steps=spent, **tuned)[0])
+    return put_note
 
 
 def markdown(results, args, env, seconds):
@@ -134,13 +146,15 @@ def markdown(results, args, env, seconds):
 
     for name, rows in results.items():
         steps = [k for k in rows if k != "one-shot"]
-        arms = [a for a in rows[max(steps)] if a != "default recipe: winner"]
+        arms = [a for a in rows[max(steps)] if not a.endswith(": winner")]
         lines += [f"## {name}", "", "One-shot:", ""]
         lines += common.md_table(["start", "r x100 / mse x1000"], [[a, cell(v)] for a, v in rows["one-shot"].items()])
         lines += [""] + common.md_table(["arm", *[f"N = {n}" for n in steps]],
                                         [[a] + [cell(rows[n].get(a)) for n in steps] for a in arms])
         winners = "; ".join(f"N = {n}: {', '.join(rows[n]['default recipe: winner'])}" for n in steps)
-        lines += ["", f"Race winners: {winners}", ""]
+        tuned = rows[max(steps)].get("default recipe, lr tuned: winner")
+        lines += ["", f"Race winners: {winners}", *([f"Race winners, lr tuned: {', '.join(tuned)}"] if tuned else []),
+                  ""]
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +175,8 @@ def main(argv=None):
         path = pydoc_bert(hidden=32, seed=2, steps=300 if name == "weak-anchor" else 1500)[1]
         anchor = encoder(path)
         data = load_data("pydoc", anchor, tokenizer=AutoTokenizer.from_pretrained(path))
-        results[name] = run_arms(anchor, parents, data, args.seeds, args.steps, args.tune_at)
+        results[name] = run_arms(anchor, parents, data, args.seeds, args.steps, args.tune_at,
+                                 {"reconstruct": args.reconstruct})
     md = markdown(results, args, env, time.time() - t0)
     common.write_results(args.stem, md, {"environment": env, "results": results, "seeds": args.seeds})
     print(md)
