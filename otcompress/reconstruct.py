@@ -64,10 +64,15 @@ def target_axes(modules: dict) -> dict:
     return {f"{m}.{OUTPUTS}": (role, None) for m, (role, _, _) in modules.items()}
 
 
-def _capture(model, modules, data, side: str, max_tokens: int) -> dict:
+class _Stop(Exception):
+    """Ends a forward pass once the last module it was run for has been read."""
+
+
+def _capture(model, modules, data, side: str, max_tokens: int, stop: bool = False) -> dict:
     """{module: (tokens, units) float64} of each module's input or output on
     the first `max_tokens` non-padding calibration tokens (every example's
-    pooled vector for a layer after pooling)."""
+    pooled vector for a layer after pooling). `stop`: end each forward pass
+    after the last of `modules` ran (what follows it is not needed)."""
     named = dict(model.named_modules())
     got = {m: [] for m in modules}
     mask = {}
@@ -79,14 +84,22 @@ def _capture(model, modules, data, side: str, max_tokens: int) -> dict:
                 x = token_samples(args[0] if side == "in" else out, mask.get("m"), None).double()
                 got[name].append(x[: max_tokens - have])
         return fn
+
+    def halt(_mod, _args, _out):
+        raise _Stop
     handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+    if stop:
+        handles.append(named[modules[-1]].register_forward_hook(halt))
     device = model_device(model)
     try:
         with torch.inference_mode():
             for batch in iter_batches(data):
                 inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
                 mask["m"] = inputs.get("attention_mask")
-                model(**inputs)
+                try:
+                    model(**inputs)
+                except _Stop:
+                    pass
                 if all(sum(x.shape[0] for x in xs) >= max_tokens for xs in got.values()):
                     break
     finally:
@@ -140,29 +153,57 @@ def ridge_fit(x, y, w0, b0, ridge: float):
 @torch.no_grad()
 def reconstruct(model, targets: dict, data, modules: dict, *, ridge: float | None = None) -> dict:
     """Refit each module of `modules` (`points(spec)`) to `targets` (its
-    `__outputs__`), one at a time in flow-graph order: each is measured after
-    the ones before it are refitted (`ridge` None: RIDGE). Returns a summary:
-    the median relative output error before and after."""
+    `__outputs__`) in flow-graph order: each is measured after the ones
+    before it are refitted, modules that read the same input from one capture
+    (`_siblings`), each forward pass ended once that input is read (`ridge`
+    None: RIDGE). Returns a summary: the median relative output error before
+    and after."""
     ridge = RIDGE if ridge is None else ridge
     data = reiterable(data)
     named = dict(model.named_modules())
     before, after = [], []
-    for m, (_, out_axis, _) in modules.items():
-        layer = named[m]
-        y = targets[f"{m}.{OUTPUTS}"].T
-        x = _capture(model, [m], data, "in", y.shape[0])[m]
-        y = y.to(x.device, torch.float64)
-        w0 = layer.weight.double() if out_axis == 0 else layer.weight.double().T
-        b0 = None if layer.bias is None else layer.bias.double()
-        scale = float(y.pow(2).mean().clamp_min(1e-24))
-        before.append(_error(x, y, w0, b0) / scale)
-        w, b = ridge_fit(x, y, w0, b0, ridge)
-        after.append(_error(x, y, w, b) / scale)
-        layer.weight.copy_((w if out_axis == 0 else w.T).to(layer.weight.dtype))
-        if b is not None:
-            layer.bias.copy_(b.to(layer.bias.dtype))
-    return {"modules": len(modules), "tokens": int(y.shape[0]) if modules else 0, "ridge": ridge,
+    for group in _siblings(model, list(modules), data):
+        tokens = max(targets[f"{m}.{OUTPUTS}"].shape[1] for m in group)
+        x_all = _capture(model, group[:1], data, "in", tokens, stop=True)[group[0]]
+        for m in group:
+            b_, a_ = _refit(named[m], modules[m][1], targets[f"{m}.{OUTPUTS}"], x_all, ridge)
+            before.append(b_)
+            after.append(a_)
+    return {"modules": len(modules), "ridge": ridge,
             "relative_error": {"before": _median(before), "after": _median(after)}}
+
+
+def _siblings(model, modules: list, data) -> list:
+    """`modules` in flow-graph order, cut into runs that read the very same
+    input (Q, K and V; gate and up): one capture serves each run, and
+    refitting one cannot change another's input. Found on one batch."""
+    first = next(iter(iter_batches(data)))
+    ins = _capture(model, modules, [first], "in", 64)
+    groups = []
+    for m in modules:
+        x = ins[m]
+        if groups and ins[groups[-1][0]].shape == x.shape and torch.equal(ins[groups[-1][0]], x):
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    return groups
+
+
+def _refit(layer, out_axis, target, x_all, ridge):
+    """Refit one layer from its inputs `x_all` to `target` (units, tokens);
+    (relative error before, after)."""
+    y = target.T
+    x = x_all[: y.shape[0]]
+    y = y.to(x.device, torch.float64)
+    w0 = layer.weight.double() if out_axis == 0 else layer.weight.double().T
+    b0 = None if layer.bias is None else layer.bias.double()
+    scale = float(y.pow(2).mean().clamp_min(1e-24))
+    before = _error(x, y, w0, b0) / scale
+    w, b = ridge_fit(x, y, w0, b0, ridge)
+    layer.weight.copy_((w if out_axis == 0 else w.T).to(layer.weight.dtype))
+    if b is not None:
+        layer.bias.copy_(b.to(layer.bias.dtype))
+    return before, _error(x, y, w, b) / scale
 
 
 def _error(x, y, w, b) -> float:
