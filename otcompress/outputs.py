@@ -302,6 +302,12 @@ def model_card(report: dict) -> str:
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
     lines += _depth_lines(report.get("depth_maps") or [])
+    refit = report.get("reconstruct")
+    if refit:
+        err = refit["relative_error"]
+        lines.append(f"- reconstruction: {refit['modules']} layers refitted by least squares to the parents' "
+                     f"outputs on the calibration data (median relative output error {err['before']:.3g} -> "
+                     f"{err['after']:.3g})")
     for ft in [*report.get("finetune_history", []), report.get("finetune")]:
         if ft:
             lines.append(_finetune_line(ft))

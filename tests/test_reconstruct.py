@@ -193,3 +193,13 @@ def test_fuse_to_disk_writes_the_reconstructed_model(tmp_path):
     written = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
     in_memory = otcompress.fuse(base.config, [parent], **kw)
     assert _err(written, data, in_memory) < 1e-6
+
+
+def test_the_model_card_says_what_reconstruction_did(tmp_path):
+    digits = load_data("digits", M.vit(hidden=16, heads=2, inter=32))
+    parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
+    _, report = pipeline.run(None, parents, {"finetune_steps": 0, "samples": 64}, tmp_path / "out",
+                             target={"hidden": 16, "heads": 2, "intermediate": 32}, data=digits)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert report["reconstruct"]["modules"] > 0
+    assert f"reconstruction: {report['reconstruct']['modules']} layers refitted" in card
