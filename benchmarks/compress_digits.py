@@ -159,7 +159,8 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
             a = copy.deepcopy(anchor)
             finetune(a, data, teachers=parents, **ft)
             put(n, "anchor distilled + N", metric(a, data))
-            if n == max(steps_list):
+            # The lr-tuned arms hold out another tenth of `train`: too few examples left (low data) skip them.
+            if n == max(steps_list) and train.num_examples("train") >= 2 * pipeline.HOLDOUT_MIN:
                 put(n, "anchor distilled, lr tuned + N",
                     lr_tuned(lambda: copy.deepcopy(anchor), train, holdout, data, parents, metric, ft))
                 score, lr, rep = common.recipe_lr_tuned(anchor, parents, {**base, "finetune_steps": n}, train,
