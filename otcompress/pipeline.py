@@ -205,9 +205,10 @@ def reconstructs(r, data) -> bool:
     """The recipe's `reconstruct` for `fuse`: "on"/"off", or "auto": on
     wherever there is data, except for a headless (embedding) model that is
     then finetuned. There a reconstructed start trains worse at the default
-    lr (all-MiniLM-L6-v2 -> 6 x 192, 150 steps at lr 1e-3: Pearson 0.09
-    against the plain fold's 0.40; the similarity loss collapses by step 30)
-    though better one-shot (0.44 vs 0.25) and at lr 1e-4 (0.53 vs 0.42)."""
+    lr (all-MiniLM-L6-v2 -> 6 x 192, 150 steps at lr 1e-3, seeds 0 / 1 / 2:
+    Pearson 0.09 / 0.16 / 0.09 against the plain fold's 0.40 / 0.37 / 0.45;
+    the similarity loss collapses by step 30) though better one-shot (0.44 vs
+    0.25) and at lr 1e-4 (0.53 vs 0.42, seed 0)."""
     if data is None or r["reconstruct"] == "off":
         return False
     if r["reconstruct"] == "on":
