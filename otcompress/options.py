@@ -179,7 +179,7 @@ def check_recipe(recipe: dict, where: str = "recipe") -> dict:
             raise InvalidOptionError(
                 f"{where}: unknown option '{key}' (known: {', '.join(RECIPE_KEYS)})")
         typ = RECIPE_KEYS[norm][0]
-        if isinstance(value, bool) and CHOICES.get(norm, ())[1:] == ("on", "off"):
+        if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(norm, ())):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a bool
         if value is not None and not _is(value, typ):
             raise InvalidOptionError(f"{where}: option '{key}' has the wrong type ({value!r})")

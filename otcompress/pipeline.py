@@ -247,7 +247,7 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     # "auto" is checked as the fusion it makes without a race (`_resolve_alignment`).
     o.alignment = _resolve_alignment(r["alignment"], anchor)
     o.data = (r["data"] or given_data) or None
-    o.reconstruct = r["reconstruct"] == "on" or (r["reconstruct"] == "auto" and bool(o.data))
+    o.reconstruct = r["reconstruct"] == "on"  # only "on" can be refused (no data); "auto" is off without it
     o.trust_remote_code = trust_remote_code
     given = inputs.check(anchor, parents, o, target=target)
     if isinstance(anchor, (str, os.PathLike)):
@@ -353,9 +353,9 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
         out.append(("fold: all parents" if several else "fold",
                     lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress, holdout=holdout),
                     "fold"))
-        singles = list(enumerate(parent_ms, 1)) if fuse_kw.get("reconstruct") or not r["finetune_steps"] else []
-        for alignment in ("fold", "prune"):
-            for k, p in singles if alignment == "prune" or several else []:
+        alone = fuse_kw.get("reconstruct") or not r["finetune_steps"]
+        for alignment in (("fold", "prune") if several else ("prune",)) if alone else ():
+            for k, p in enumerate(parent_ms, 1):
                 out.append((f"{alignment}: parent {k}" if several else alignment,
                             lambda p=p, a=alignment: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,
                                                            holdout=holdout), "fold"))

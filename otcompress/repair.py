@@ -20,15 +20,17 @@ import torch
 from otcompress.activations import iter_batches, reiterable, token_samples
 from otcompress.errors import DataError
 from otcompress.flowgraph import In, Out
+from otcompress.reconstruct import OUTPUTS  # reconstruction's targets ride along like the statistics
 
 MEAN, STD, ROWNORM = "__mean__", "__std__", "__rownorm__"
 
 
 def is_statistic(name: str) -> bool:
-    """Whether a flow-graph entry is a repair statistic (`<module>.__mean__`...):
+    """Whether a flow-graph entry is a repair statistic (`<module>.__mean__`...)
+    or a reconstruction target (`<module>.__outputs__`):
     carried through the maps once they are made, never a matching feature, so
     switching repair on cannot change a transport map."""
-    return name.rsplit(".", 1)[-1] in (MEAN, STD, ROWNORM, "__outputs__")  # the last: reconstruct.OUTPUTS
+    return name.rsplit(".", 1)[-1] in (MEAN, STD, ROWNORM, OUTPUTS)
 
 
 def points(spec) -> dict:
