@@ -137,11 +137,12 @@ def default_recipe(small, parents, train, holdout, data, n, seed, score=None, lr
     `pipeline.run` (extra `recipe` keys, e.g. batch_size), lr tuned alike
     (`common.recipe_lr_tuned`); score: eval accuracy unless given. `small`
     None with `target` (widths): the recipe without an anchor."""
+    from otcompress import pipeline
     from otcompress.finetune import evaluate
     score = score or (lambda m: evaluate(m, data)["accuracy"])
     value, lr, rep = common.recipe_lr_tuned(small, parents, {"finetune_steps": n, "seed": seed, **recipe}, train,
                                             holdout, lrs, score, target=target)
-    return (value, lr, rep["race"]["winner"], n + rep["race"]["extra_steps"],
+    return (value, lr, rep["race"]["winner"], pipeline.steps_spent(rep),
             [d for d in rep.get("depth_maps") or [] if d])
 
 

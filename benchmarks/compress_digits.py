@@ -167,7 +167,7 @@ def run_arms(anchor, parents, data, seeds, steps_list, metric):
                                                         holdout, LRS, lambda m: metric(m, data))
                 # Equal compute: every step the recipe spent (its race's losing start included: N/2,
                 # or none where the race was settled one-shot) is each control's budget too.
-                spent = n + rep["race"]["extra_steps"]
+                spent = pipeline.steps_spent(rep)
                 put(n, "default recipe, lr tuned (N + its race's extra steps)", score)
                 put(n, "default recipe, lr tuned: winner", f"{rep['race']['winner']} (lr {lr:g}, {spent} steps)")
                 for arm, make in equal_compute_starts(anchor, parents, train, seed).items():

@@ -118,7 +118,7 @@ def _equal_compute(put, anchor, parents, data, seed, kw, recipe=None):
     tuned = {k: v for k, v in kw.items() if k not in ("lr", "steps")}
     model, lr, rep = common.recipe_lr_tuned(anchor, parents, {"finetune_steps": n, "seed": seed, **(recipe or {})},
                                             train, holdout, LRS, lambda m: m, reference=parents)
-    spent = n + rep["race"]["extra_steps"]
+    spent = pipeline.steps_spent(rep)
     put(n, "default recipe, lr tuned (N + its race's extra steps)", model)
     put_note = f"{rep['race']['winner']} (lr {lr:g}, {spent} steps)"
     for k, p in enumerate(parents):

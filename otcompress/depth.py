@@ -96,6 +96,13 @@ def block_of(config, name: str):
     return (m.group(1), int(m.group(2))) if m else None
 
 
+def kept_name(config, name: str, kept) -> str:
+    """The parent's name of a shallower model's tensor or module: block j is
+    the parent's block kept[j]."""
+    m = _pattern(config).match(name + ".")  # a module path has no trailing leaf: give it an empty one
+    return name if m is None else f"{m.group(1)}.{kept[int(m.group(2))]}.{m.group(3)}"[:-1]
+
+
 def renamed_keys(config, keys, kept) -> dict:
     """{new name: old name}: the kept blocks renumbered 0..len(kept)-1, the
     other blocks dropped, every other tensor as it is."""

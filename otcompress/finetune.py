@@ -66,6 +66,29 @@ def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+CLIMB = 1.25  # the loss after warm-up this many times its first steps': the run diverges
+BACK_OFF = 10  # a diverging run restarts at lr / BACK_OFF
+
+
+def climb_check(steps: int, warmup: float) -> int:
+    """The step by which a run shows whether it climbs: twice the warm-up
+    (the peak lr has acted for as many steps as it took to reach it), at
+    least 10 and at most half the run."""
+    return min(steps // 2, max(10, 2 * math.ceil(warmup * steps)))
+
+
+def climb(start_loss: float, losses: list, check: int):
+    """(`start_loss`, the mean training loss over the quarter of the steps
+    before `check`) where the latter is CLIMB times the former, else None.
+    Each batch is scored before the step that trains on it, so in the first
+    epoch both are losses on batches the model has not trained on."""
+    window = max(1, check // 4)
+    if len(losses) < check or check < 1:
+        return None
+    then = sum(losses[check - window:check]) / window
+    return (start_loss, then) if then > CLIMB * start_loss else None
+
+
 def _optimizer(model, lr, weight_decay):
     # As nanoGPT: decay matrices (weights, embeddings), not biases or norms.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -291,7 +314,7 @@ class Trainer:
         # (the caller's model itself is left unpatched).
         self.scorer, self.optimizer = acc.prepare(_Scorer(model, self.pooling),
                                                   _optimizer(model, lr, weight_decay))
-        self.batches = _train_batches(data, batch_size, seed)
+        self.data, self.batches = data, _train_batches(data, batch_size, seed)
         self.batch_size, self.seed = batch_size, seed
         self.done, self.seconds, self.losses, self.task_losses = 0, 0.0, [], []
         with _seeded(seed + 1_000_003 * self.rank, self.device):  # dropout differs between processes
@@ -318,6 +341,21 @@ class Trainer:
         self.scorer.eval()
         self.seconds += time.perf_counter() - start
         return self
+
+    def loss_before(self, n: int) -> float:
+        """The model's mean loss, as it is now, on the first `n` batches of
+        this run's stream (in training mode, as the steps score them), without
+        training on them: the run's stream and RNG are untouched."""
+        batches, total = _train_batches(self.data, self.batch_size, self.seed), 0.0
+        with _seeded(self.seed + 7, self.device), torch.no_grad():
+            self.scorer.train()
+            for _ in range(n):
+                batch = _to(next(batches), self.device)
+                total += float(_step_loss(self.scorer, self.teachers, batch, self.alpha, self.temperature,
+                                          self.accelerator.autocast, self.pooling)[0])
+        self.scorer.eval()
+        self.model.eval()
+        return total / n
 
     def _not_finite(self, step, batch) -> str:
         """Why the loss is NaN/Inf: a teacher's outputs, the model's own before

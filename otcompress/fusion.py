@@ -178,6 +178,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     o.device = _work_device(o.device, anchor_m, parent_ms)
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
+    deeper = parent_ms
     parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data, merge=o.depth_merge,
                                               anchor_counts=o.alignment not in FROM_PARENTS)
     t_depth = time.perf_counter() - t_depth
@@ -191,7 +192,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
         writer = None
         if out is not None:
             writer = modelio.ShardWriter(out, _stored_layout(anchor_m, sds[0], spec.tied), max_shard_size)
-        spec, sds, refits = _reconstruct_inputs(o, spec, sds, anchor_m, parent_ms)
+        spec, sds, refits = _reconstruct_inputs(o, spec, sds, anchor_m, parent_ms, list(zip(deeper, depth_maps)))
         fuse_at, repaired = _fuser(o, opts["weights"], spec, sds, heads, stats, anchor_m, (modules, refits),
                                    _disk_sink(o, writer))
         model, map_stats, reg, sweep = _fuse_or_sweep(o, fuse_at, parent_ms)
@@ -272,17 +273,24 @@ def _repair_inputs(o, spec, anchor_m, parent_ms):
     return spec, sds, modules
 
 
-def _reconstruct_inputs(o, spec, sds, anchor_m, parent_ms):
+def _reconstruct_inputs(o, spec, sds, anchor_m, parent_ms, deeper):
     """(spec, state dicts, reconstruction points or None): with reconstruct,
-    each model's outputs on the data ride along as `__outputs__` targets."""
+    each model's outputs on the data ride along as `__outputs__` targets.
+    `deeper`: (the parent as given, its depth map or None) per parent: a
+    parent depth-mapped by selection is measured as given, so the refit makes
+    up for its dropped blocks (`reconstruct.measure_deeper`)."""
     if not o.reconstruct:
         return spec, sds, None
     points = reconstruct_mod.points(spec)
     spec = dataclasses.replace(spec, axes={**spec.axes, **reconstruct_mod.target_axes(points)})
     models = [m for m in (anchor_m, *parent_ms) if not _weightless(m)]
     tokens = min(reconstruct_mod.token_budget(m, points) for m in models)  # the same for every model
-    measured = [None if _weightless(m) else reconstruct_mod.measure(m, points, o.data, tokens)
-                for m in (anchor_m, *parent_ms)]
+
+    def measured_on(m, source):
+        if source is not None and source[1] is not None and source[1].merge == "select":
+            return reconstruct_mod.measure_deeper(source[0], source[1], spec, points, o.data, tokens)
+        return None if _weightless(m) else reconstruct_mod.measure(m, points, o.data, tokens)
+    measured = [measured_on(m, src) for m, src in zip((anchor_m, *parent_ms), (None, *deeper))]
     some = next(t for t in measured if t is not None)
     sds = [{**sd, **(t if t is not None else reconstruct_mod.placeholders(m, points, some))}
            for sd, t, m in zip(sds, measured, (anchor_m, *parent_ms))]

@@ -104,11 +104,11 @@ OPTIONS = (
     Option("activation_dtype", str, "float32", choices=("float32", "bfloat16"), passed=True, report=True,
            help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs)."),
     Option("repair", bool, False, passed=True, report=True, help="Restore unit statistics (REPAIR) after fusing."),
-    # The workflow's "auto" (pipeline.reconstructs): on wherever it has data, except for an embedding
-    # model it finetunes; `fuse` takes a bool and keeps the paper's fusion unless asked.
+    # The workflow's "auto" (pipeline.reconstructs): on wherever it has data; `fuse` takes a bool
+    # and keeps the paper's fusion unless asked.
     Option("reconstruct", str, "auto", choices=("auto", "on", "off"), fuse_default=False, report=True,
            help="With --data: refit every linear layer by least squares to the parents' outputs, "
-                "carried through the same maps (auto: on, but off when an embedding model is finetuned)."),
+                "carried through the same maps (auto: on)."),
     Option("seed", int, 0, report=True),
     Option("depth_merge", str, "select", choices=("select", "parallel"), passed=True, report=True,
            help="Parents deeper than the target: each group of blocks becomes its most influential "

@@ -355,6 +355,11 @@ def _finetune_line(ft: dict) -> str:
     teachers = ft.get("teachers")
     if isinstance(teachers, list):
         line += f", distilled from {', '.join(f'`{t}`' for t in teachers)}" if teachers else ", no teachers"
+    restart = ft.get("restart")
+    if restart:
+        line += (f"; at lr {restart['lr_before']} the loss climbed from {restart['loss_before']:.4g} to "
+                 f"{restart['loss_at_check']:.4g} in {restart['wasted_steps']} steps, so it restarted from the "
+                 f"start at lr {restart['lr']}")
     return line + ")"
 
 

@@ -28,7 +28,7 @@ import torch
 
 from otcompress.activations import iter_batches, model_device, reiterable, token_samples
 from otcompress.errors import DataError
-from otcompress.flowgraph import In, Out, Split
+from otcompress.flowgraph import Combine, In, Out, Split
 
 OUTPUTS = "__outputs__"
 MAX_TOKENS = 4096  # calibration tokens per layer at most: a (units, tokens) float32 target each
@@ -78,16 +78,16 @@ def _capture(model, modules, data, side: str, max_tokens: int, stop: bool = Fals
     mask = {}
 
     def hook(name):
-        def fn(_mod, args, out):
+        def fn(_mod, args, kwargs, out):
             have = sum(x.shape[0] for x in got[name])
             if have < max_tokens:
-                x = token_samples(args[0] if side == "in" else out, mask.get("m"), None).double()
-                got[name].append(x[: max_tokens - have])
+                x = token_samples(_tensor(args, kwargs) if side == "in" else _tensor(out), mask.get("m"), None)
+                got[name].append(x.double()[: max_tokens - have])
         return fn
 
     def halt(_mod, _args, _out):
         raise _Stop
-    handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+    handles = [named[m].register_forward_hook(hook(m), with_kwargs=True) for m in modules]
     if stop:
         handles.append(named[modules[-1]].register_forward_hook(halt))
     device = model_device(model)
@@ -110,6 +110,15 @@ def _capture(model, modules, data, side: str, max_tokens: int, stop: bool = Fals
     return {m: torch.cat(xs) for m, xs in got.items()}
 
 
+def _tensor(value, kwargs=None):
+    """The activation a hook sees: a module's first input (positional, or
+    `hidden_states` passed by keyword, as blocks are called) or its output (a
+    block returns a tuple whose first element is the hidden states)."""
+    if kwargs is not None:
+        return value[0] if value else kwargs["hidden_states"]
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
 def token_budget(model, modules: dict) -> int:
     """Calibration tokens per layer: MAX_TOKENS, fewer where all layers'
     targets would pass TARGET_FLOATS (BERT-base: about 3,200; a layer wider
@@ -125,6 +134,72 @@ def measure(model, modules: dict, data, max_tokens: int | None = None) -> dict:
     max_tokens = token_budget(model, modules) if max_tokens is None else max_tokens
     outs = _capture(model, list(modules), data, "out", max_tokens)
     return {f"{m}.{OUTPUTS}": y.T.float().contiguous() for m, y in outs.items()}
+
+
+def measure_deeper(parent, dmap, spec, modules: dict, data, max_tokens: int) -> dict:
+    """measure() for a parent depth-mapped by selection (`depth.DepthMap`),
+    taken on the deeper parent itself. Each target block's layers get the
+    outputs of the parent block it keeps, computed on the parent's own
+    residual stream (the refit reproduces them from the shallower model's),
+    and its first residual writer's target also carries the change that the
+    dropped blocks before it made to the stream: the join after it then sees
+    what the parent's did, in pre- and post-norm blocks alike. The change of
+    dropped blocks after the last kept one goes to the last writer where the
+    block does not normalise its own output (pre-norm): a post-norm block's
+    norm would not pass a sum through."""
+    from otcompress import depth
+    source = {m: depth.kept_name(parent.config, m, dmap.kept) for m in modules}
+    outs = _capture(parent, list(source.values()), data, "out", max_tokens)
+    got = {f"{m}.{OUTPUTS}": outs[source[m]].T for m in modules}
+    stream = _stream(parent, data, max_tokens, need_input=dmap.kept[0] > 0)
+    joins = _joins(spec, modules)
+    read = 0  # the parent's stream that the target block reads: after the previous kept block
+    for j, k in enumerate(dmap.kept):
+        if k != read:
+            _add(got, joins[j][0][1], stream[k] - stream[read])
+        read = k + 1
+    last_join, last_writer = joins[len(dmap.kept) - 1][-1]
+    if read < dmap.parent_depth and not _normalises(spec, parent.config, last_join):
+        _add(got, last_writer, stream[dmap.parent_depth] - stream[read])
+    return {k: v.float().contiguous() for k, v in got.items()}
+
+
+def _stream(model, data, max_tokens: int, need_input: bool) -> dict:
+    """{i: (tokens, hidden)} the residual stream a deep model's block i reads
+    (i = depth: the last block's output), on measure()'s tokens; the first
+    block's input only where `need_input`."""
+    from otcompress import depth
+    path = next(b for b in (depth.block_of(model.config, n) for n, _ in model.named_parameters()) if b)[0]
+    n = depth.depth(model.config)
+    outs = _capture(model, [f"{path}.{i}" for i in range(n)], data, "out", max_tokens)
+    stream = {i + 1: outs[f"{path}.{i}"] for i in range(n)}
+    if need_input:
+        stream[0] = _capture(model, [f"{path}.0"], data, "in", max_tokens, stop=True)[f"{path}.0"]
+    return stream
+
+
+def _joins(spec, modules: dict) -> dict:
+    """{block: [(join map, its branch's refitted writer), ...]} in order."""
+    out = {}
+    for node in spec.nodes:
+        if isinstance(node, Combine):
+            writers = [m for m, (role, _, _) in modules.items() if isinstance(role, Out) and role.tm == node.branch]
+            if writers:
+                out.setdefault(int(node.tm.split(".")[0][1:]), []).append((node.tm, writers[0]))
+    return out
+
+
+def _normalises(spec, config, join: str) -> bool:
+    """Whether a norm inside the join's block acts on the join's output (post-norm)."""
+    from otcompress import depth
+    block = int(join.split(".")[0][1:])
+    return any(len(axes) == 1 and axes[0] == Out(join) and (depth.block_of(config, name) or (0, -1))[1] == block
+               for name, axes in spec.axes.items())
+
+
+def _add(got: dict, module: str, change: torch.Tensor) -> None:
+    key = f"{module}.{OUTPUTS}"
+    got[key] = got[key] + change.T.to(got[key].dtype)
 
 
 def placeholders(model, modules: dict, tokens: dict) -> dict:

@@ -209,3 +209,32 @@ def test_tokenizer_check_skips_model_objects_and_names_a_broken_tokenizer(tmp_pa
     (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"b: cannot load its tokenizer"):
         pipeline._check_tokenizers(anchor, [broken])
+
+
+def test_a_run_whose_loss_climbs_restarts_from_the_start_at_a_tenth_of_the_lr(digits, tmp_path):
+    """A start better than the lr allows for (a trained parent folded to its
+    own widths, reconstructed: itself) is undone by a large lr: the loss
+    climbs after warm-up, the run restarts from the start at lr / 10, the
+    steps it spent count, and the result is exactly a run at lr / 10. A calm
+    lr never restarts."""
+    parent = M.vit(hidden=32, heads=4, inter=64, seed=2)
+    ft.finetune(parent, digits, steps=60, lr=3e-3, batch_size=32)
+    recipe = {"finetune_steps": 40, "batch_size": 16, "samples": 64}
+    run = lambda lr, out=None: pipeline.run(None, [parent], {**recipe, "lr": lr}, out, data=digits,  # noqa: E731
+                                            target={"hidden": 32})[1]
+    calm = run(1e-3)
+    assert calm["finetune"]["restart"] is None and pipeline.steps_spent(calm) == 40
+    hot = run(0.03, tmp_path / "out")
+    restart = hot["finetune"]["restart"]
+    assert restart["lr"] == pytest.approx(0.003) and hot["finetune"]["lr"] == pytest.approx(0.003)
+    assert restart["loss_at_check"] > ft.CLIMB * restart["loss_before"]
+    assert pipeline.steps_spent(hot) == 40 + restart["wasted_steps"] > 40
+    assert hot["finetune"]["final_loss"] == run(0.003)["finetune"]["final_loss"]  # from the start, not the wreck
+    assert "restarted from the start at lr 0.003" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_climb_compares_the_steps_before_the_check_with_the_start():
+    assert ft.climb(1.0, [1.0] * 6 + [1.3] * 2, 8) == (1.0, 1.3)
+    assert ft.climb(1.0, [1.0] * 6 + [1.2] * 2, 8) is None
+    assert ft.climb(1.0, [0.5] * 8, 8) is None
+    assert ft.climb_check(150, 0.1) == 30 and ft.climb_check(10, 0.1) == 5
