@@ -175,8 +175,10 @@ def main(argv=None):
                 holdout, args.lrs, lambda m: evaluate(m, data, reference=[parent])["similarity_pearson"],
                 reference=[parent], target={**TARGET, "layers": args.layers})
             rows.setdefault("default recipe", []).append(score)
-            lrs.setdefault("default recipe", []).append(f"{lr} ({rep['race']['winner']})")
-            common.log(f"  seed {seed} default recipe: {score:.4f} (lr {lr}, {rep['race']['winner']})")
+            # Its steps: the budget, plus those of a run that climbed and restarted (the controls' stay the budget).
+            spent = f"{rep['race']['winner']}, {pipeline.steps_spent(rep)} steps"
+            lrs.setdefault("default recipe", []).append(f"{lr} ({spent})")
+            common.log(f"  seed {seed} default recipe: {score:.4f} (lr {lr}, {spent})")
         common.log(f"seed {seed}: {time.time() - t:.0f} s")
     md = "\n".join([
         f"# {'Shallower and narrower' if args.layers < 6 else 'Narrower'} on a real checkpoint: "

@@ -237,15 +237,116 @@ def reconstruct(model, targets: dict, data, modules: dict, *, ridge: float | Non
     data = reiterable(data)
     named = dict(model.named_modules())
     before, after = [], []
+    blocks = None
     for group in _siblings(model, list(modules), data):
         tokens = max(targets[f"{m}.{OUTPUTS}"].shape[1] for m in group)
-        x_all = _capture(model, group[:1], data, "in", tokens, stop=True)[group[0]]
+        block = _block_index(model, group[0])
+        if block is not None and blocks is None:
+            blocks = _BlockInputs(model, data, tokens)
+        if block is not None and blocks.covers(tokens):
+            x_all = blocks.capture(block, group[0], tokens)
+        else:  # after the blocks (a head, a classifier): the whole model runs
+            x_all = _capture(model, group[:1], data, "in", tokens, stop=True)[group[0]]
         for m in group:
             b_, a_ = _refit(named[m], modules[m][1], targets[f"{m}.{OUTPUTS}"], x_all, ridge)
             before.append(b_)
             after.append(a_)
     return {"modules": len(modules), "ridge": ridge,
             "relative_error": {"before": _median(before), "after": _median(after)}}
+
+
+def _block_index(model, module: str):
+    from otcompress import depth
+    found = depth.block_of(model.config, f"{module}.weight")
+    return None if found is None else found[1]
+
+
+class _BlockInputs:
+    """Each calibration batch's input to the blocks, advanced block by block
+    as they are refitted: a layer inside block i is measured by running block
+    i alone on its cached input (as SparseGPT goes layer by layer), not the
+    model up to it. One forward pass records, per batch, the first block's
+    input and every block's other arguments (masks, rotary tables: a block
+    may take its own, as Qwen2's sliding-window layers do)."""
+
+    def __init__(self, model, data, max_tokens: int):
+        from otcompress import depth
+        path = next(b for b in (depth.block_of(model.config, n) for n, _ in model.named_parameters()) if b)[0]
+        self.path, self.blocks = path, list(model.get_submodule(path))
+        self.hidden, self.calls, self.masks, self.tokens, self.at = [], [], [], 0, 0
+        calls = {}
+
+        def record(i):
+            def fn(_mod, args, kwargs):
+                calls[i] = (args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                if i == 0:
+                    self.hidden.append(args[0] if args else kwargs["hidden_states"])
+            return fn
+        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        device = model_device(model)
+        try:
+            with torch.inference_mode():
+                for batch in iter_batches(data):
+                    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                    model(**inputs, **_no_cache(model))
+                    mask = inputs.get("attention_mask")
+                    self.calls.append(dict(calls))
+                    self.masks.append(mask)
+                    self.tokens += int(mask.sum()) if mask is not None else self.hidden[-1].shape[0] * \
+                        self.hidden[-1].shape[1]
+                    if self.tokens >= max_tokens:
+                        break
+        finally:
+            for h in handles:
+                h.remove()
+
+    def covers(self, max_tokens: int) -> bool:
+        return self.tokens >= max_tokens
+
+    def _run(self, i: int, b: int):
+        args, kwargs = self.calls[b][i]
+        out = self.blocks[i](self.hidden[b], *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def capture(self, i: int, module: str, max_tokens: int) -> torch.Tensor:
+        """(tokens, units) float64: `module`'s input inside block i, each
+        block before i having run once on the cached inputs (refitted)."""
+        with torch.inference_mode():
+            while self.at < i:
+                self.hidden = [self._run(self.at, b) for b in range(len(self.hidden))]
+                self.at += 1
+        named = dict(self.blocks[i].named_modules())
+        prefix = module[len(f"{self.path}.{i}."):]
+        got = []
+
+        def hook(_mod, args, kwargs, _out):
+            raise _Seen(_tensor(args, kwargs))
+        handle = named[prefix].register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for b in range(len(self.hidden)):
+                    try:
+                        self._run(i, b)
+                    except _Seen as seen:
+                        got.append(token_samples(seen.value, self.masks[b], None).double())
+        finally:
+            handle.remove()
+        return torch.cat(got)[:max_tokens]
+
+
+class _Seen(Exception):
+    """Carries a module's input out of a block's forward pass, ending it there."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def _no_cache(model) -> dict:
+    """use_cache=False where the model takes it: blocks are called again, and a
+    key/value cache would grow with every call."""
+    import inspect
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def _siblings(model, modules: list, data) -> list:

@@ -261,3 +261,33 @@ def test_the_first_writer_absorbs_the_blocks_dropped_before_it_post_norm(monkeyp
     assert dmap["kept"] == [0, 2]
     truncated = depth.apply(parent, depth.DepthMap(3, dmap["groups"], dmap["kept"], dmap["influence"], "activations"))
     assert _err(fused, data, parent) < 0.5 * _err(truncated, data, parent)
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "gpt2", "llama", "qwen2"])
+def test_block_by_block_capture_equals_running_the_whole_model(family, monkeypatch):
+    """A layer inside block i is measured by running block i alone on its
+    cached (already refitted) input: the refit is the one the whole model's
+    forward passes give, in every family (Qwen2: per-layer masks; decoders:
+    no key/value cache grows)."""
+    make = {**_models(), "qwen2": lambda: decoder(T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
+    base = make()
+    points = reconstruct.points(build_spec(base))
+    data = _batches(base) if family in ("vit", "bert") else [_tokens(base, s) for s in range(4)]
+    bent = copy.deepcopy(base)
+    named = dict(bent.named_modules())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in points:
+            named[m].weight.add_(0.3 * named[m].weight.std() * torch.randn(named[m].weight.shape, generator=g))
+    targets = reconstruct.measure(base, points, data)
+    runs = []
+    real = reconstruct._BlockInputs.capture
+    monkeypatch.setattr(reconstruct._BlockInputs, "capture", lambda *a: runs.append(1) or real(*a))
+    by_block = copy.deepcopy(bent)
+    reconstruct.reconstruct(by_block, targets, data, points)
+    assert len(runs) >= 2 * base.config.num_hidden_layers  # the block path ran
+    monkeypatch.setattr(reconstruct, "_block_index", lambda model, module: None)
+    whole = copy.deepcopy(bent)
+    reconstruct.reconstruct(whole, targets, data, points)
+    for (name, a), (_, b) in zip(by_block.named_parameters(), whole.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
