@@ -162,23 +162,25 @@ def main(argv=None):
     for seed in args.seeds:
         t = time.time()
         train, holdout = pipeline.split_holdout(data, seed)
-        for arm, make in starts(parent, cfg, train, seed).items():
-            if args.arms and arm not in args.arms:
-                continue
-            score, lr = tuned(make, parent, train, holdout, data, budget, seed, args.lrs, args.batch_size)
-            rows.setdefault(arm, []).append(score)
-            lrs.setdefault(arm, []).append(lr)
-            common.log(f"  seed {seed} {arm}: {score:.4f} (lr {lr})")
+        steps = budget
         if not args.arms or "default recipe" in args.arms:
             score, lr, rep = common.recipe_lr_tuned(
                 None, [parent], {"finetune_steps": budget, "seed": seed, "batch_size": args.batch_size}, train,
                 holdout, args.lrs, lambda m: evaluate(m, data, reference=[parent])["similarity_pearson"],
                 reference=[parent], target={**TARGET, "layers": args.layers})
             rows.setdefault("default recipe", []).append(score)
-            # Its steps: the budget, plus those of a run that climbed and restarted (the controls' stay the budget).
+            # Its steps: the budget, plus those of a run that climbed and restarted.
             spent = f"{rep['race']['winner']}, {pipeline.steps_spent(rep)} steps"
             lrs.setdefault("default recipe", []).append(f"{lr} ({spent})")
             common.log(f"  seed {seed} default recipe: {score:.4f} (lr {lr}, {spent})")
+            steps = pipeline.steps_spent(rep)  # equal compute: a restart's wasted steps count for the controls too
+        for arm, make in starts(parent, cfg, train, seed).items():
+            if args.arms and arm not in args.arms:
+                continue
+            score, lr = tuned(make, parent, train, holdout, data, steps, seed, args.lrs, args.batch_size)
+            rows.setdefault(arm, []).append(score)
+            lrs.setdefault(arm, []).append(lr)
+            common.log(f"  seed {seed} {arm}: {score:.4f} (lr {lr})")
         common.log(f"seed {seed}: {time.time() - t:.0f} s")
     md = "\n".join([
         f"# {'Shallower and narrower' if args.layers < 6 else 'Narrower'} on a real checkpoint: "
@@ -186,7 +188,8 @@ def main(argv=None):
         f"`python benchmarks/compress_minilm_depth.py{' --quick' if args.quick else ''}"
         f"{'' if args.layers == TARGET['layers'] else f' --layers {args.layers}'} --steps {args.steps}` — "
         f"{time.time() - t0:.0f} s, {args.threads} thread(s), seeds {args.seeds}, {budget} steps per arm "
-        f"(N = {args.steps} and the race's half), lr from {args.lrs} on held-out train paragraphs. "
+        f"(N = {args.steps} and the race's half; every arm the default recipe's steps where it spent more: "
+        f"a restarted run's), lr from {args.lrs} on held-out train paragraphs. "
         f"Text: {data.num_examples('train')} train / {data.num_examples('eval')} eval paragraphs of "
         f"scikit-learn docstrings (max {args.max_length} tokens, batch {args.batch_size}). Pearson r of pairwise cosine similarities with "
         "the original's on the eval paragraphs, mean ± std [min–max].", "",
