@@ -230,6 +230,13 @@ def iter_batches(data) -> Iterable[Mapping]:
     return data
 
 
+def model_inputs(data, device) -> Iterable[dict]:
+    """Each batch of `data` as a model's keyword inputs on `device`; labels
+    are dropped (a calibration pass computes no loss)."""
+    for batch in iter_batches(data):
+        yield {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
 def reiterable(data):
     """`data` (one batch, an iterable of batches, or None) in a form every pass
     can iterate again: a one-shot iterator (a generator) is materialised into
@@ -514,8 +521,7 @@ def _costs(solves, moments: dict) -> dict:
 
 
 def _chunks(data, device, max_chunk):
-    for batch in iter_batches(data):
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    for inputs in model_inputs(data, device):
         n = next(iter(inputs.values())).shape[0]
         # Equal chunks (50 -> 13, 13, 12, 12 rather than 16, 16, 16, 2): a tiny
         # last chunk runs the forward passes at a worse GEMM rate.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from otcompress.activations import iter_batches, model_device, reiterable, token_samples
+from otcompress.activations import iter_batches, model_device, model_inputs, reiterable, token_samples
 from otcompress.errors import DataError
 from otcompress.flowgraph import Combine, In, Out, Split
 
@@ -93,8 +93,7 @@ def _capture(model, modules, data, side: str, max_tokens: int, stop: bool = Fals
     device = model_device(model)
     try:
         with torch.inference_mode():
-            for batch in iter_batches(data):
-                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            for inputs in model_inputs(data, device):
                 mask["m"] = inputs.get("attention_mask")
                 try:
                     model(**inputs)
@@ -286,8 +285,7 @@ class _BlockInputs:
         device = model_device(model)
         try:
             with torch.inference_mode():
-                for batch in iter_batches(data):
-                    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                for inputs in model_inputs(data, device):
                     model(**inputs, **_no_cache(model))
                     mask = inputs.get("attention_mask")
                     self.calls.append(dict(calls))

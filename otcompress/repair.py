@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from otcompress.activations import iter_batches, reiterable, token_samples
+from otcompress.activations import model_inputs, reiterable, token_samples
 from otcompress.errors import DataError
 from otcompress.flowgraph import In, Out
 from otcompress.reconstruct import OUTPUTS  # reconstruction's targets ride along like the statistics
@@ -109,8 +109,7 @@ def measure(model, modules, data) -> dict:
     handles = [named[m].register_forward_hook(hook(m)) for m in modules]
     device = next(model.parameters()).device
     try:
-        for batch in iter_batches(data):
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        for inputs in model_inputs(data, device):
             mask["m"] = inputs.get("attention_mask")
             model(**inputs)
     finally:
