@@ -260,6 +260,7 @@ def _finish_report(report, notes, anchor, parents, r, started, finetune=None, me
         report["finetune"] = finetune
     report["metrics"] = metrics or {}
     report["recipe"] = r
+    report["steps_spent"] = steps_spent(report)
     report["wall_seconds"] = time.time() - started
     return report
 

@@ -70,6 +70,7 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path):
     assert race["winner"] == min(losses, key=losses.get)
     assert race["steps_each"] == 5 and race["extra_steps"] == 5
     assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == 2
+    assert report["steps_spent"] == 15  # the losing start's race steps count
     saved = json.loads((tmp_path / "out" / "fusion_report.json").read_text())
     assert saved["race"]["winner"] == race["winner"]
     assert "starting-point race" in (tmp_path / "out" / "README.md").read_text().lower()
@@ -228,7 +229,7 @@ def test_a_run_whose_loss_climbs_restarts_from_the_start_at_a_tenth_of_the_lr(di
     restart = hot["finetune"]["restart"]
     assert restart["lr"] == pytest.approx(0.003) and hot["finetune"]["lr"] == pytest.approx(0.003)
     assert restart["loss_at_check"] > ft.CLIMB * restart["loss_before"]
-    assert pipeline.steps_spent(hot) == 40 + restart["wasted_steps"] > 40
+    assert pipeline.steps_spent(hot) == hot["steps_spent"] == 40 + restart["wasted_steps"] > 40
     assert hot["finetune"]["final_loss"] == run(0.003)["finetune"]["final_loss"]  # from the start, not the wreck
     assert "restarted from the start at lr 0.003" in (tmp_path / "out" / "README.md").read_text()
 
