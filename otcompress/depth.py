@@ -103,6 +103,11 @@ def kept_name(config, name: str, kept) -> str:
     return name if m is None else f"{m.group(1)}.{kept[int(m.group(2))]}.{m.group(3)}"[:-1]
 
 
+def blocks_path(model) -> str:
+    """The path of the model's list of blocks ("bert.encoder.layer")."""
+    return next(b for b in (block_of(model.config, n) for n, _ in model.named_parameters()) if b)[0]
+
+
 def renamed_keys(config, keys, kept) -> dict:
     """{new name: old name}: the kept blocks renumbered 0..len(kept)-1, the
     other blocks dropped, every other tensor as it is."""
@@ -149,8 +154,7 @@ class _BlockRecorder:
     """Hooks on every block: token samples of its input and output."""
 
     def __init__(self, model, config, n_blocks):
-        path = next(b for b in (block_of(config, n) for n, _ in model.named_parameters()) if b)[0]
-        self.blocks = list(model.get_submodule(path))[:n_blocks]
+        self.blocks = list(model.get_submodule(blocks_path(model)))[:n_blocks]
         self.ins, self.outs, self.mask = {}, {}, None
         self.handles = []
         for i, block in enumerate(self.blocks):

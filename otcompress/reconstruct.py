@@ -148,9 +148,13 @@ def measure_deeper(parent, dmap, spec, modules: dict, data, max_tokens: int) -> 
     norm would not pass a sum through."""
     from otcompress import depth
     source = {m: depth.kept_name(parent.config, m, dmap.kept) for m in modules}
-    outs = _capture(parent, list(source.values()), data, "out", max_tokens)
+    # One pass reads the layers and the stream: every block's output (the next one's input).
+    blocks = [f"{depth.blocks_path(parent)}.{i}" for i in range(dmap.parent_depth)]
+    outs = _capture(parent, [*source.values(), *blocks], data, "out", max_tokens)
     got = {f"{m}.{OUTPUTS}": outs[source[m]].T for m in modules}
-    stream = _stream(parent, data, max_tokens, need_input=dmap.kept[0] > 0)
+    stream = {i + 1: outs[b] for i, b in enumerate(blocks)}
+    if dmap.kept[0] > 0:  # blocks dropped before the first kept one: the stream they started from
+        stream[0] = _capture(parent, blocks[:1], data, "in", max_tokens, stop=True)[blocks[0]]
     joins = _joins(spec, modules)
     read = 0  # the parent's stream that the target block reads: after the previous kept block
     for j, k in enumerate(dmap.kept):
@@ -161,20 +165,6 @@ def measure_deeper(parent, dmap, spec, modules: dict, data, max_tokens: int) -> 
     if read < dmap.parent_depth and not _normalises(spec, parent.config, last_join):
         _add(got, last_writer, stream[dmap.parent_depth] - stream[read])
     return {k: v.float().contiguous() for k, v in got.items()}
-
-
-def _stream(model, data, max_tokens: int, need_input: bool) -> dict:
-    """{i: (tokens, hidden)} the residual stream a deep model's block i reads
-    (i = depth: the last block's output), on measure()'s tokens; the first
-    block's input only where `need_input`."""
-    from otcompress import depth
-    path = next(b for b in (depth.block_of(model.config, n) for n, _ in model.named_parameters()) if b)[0]
-    n = depth.depth(model.config)
-    outs = _capture(model, [f"{path}.{i}" for i in range(n)], data, "out", max_tokens)
-    stream = {i + 1: outs[f"{path}.{i}"] for i in range(n)}
-    if need_input:
-        stream[0] = _capture(model, [f"{path}.0"], data, "in", max_tokens, stop=True)[f"{path}.0"]
-    return stream
 
 
 def _joins(spec, modules: dict) -> dict:
@@ -270,8 +260,8 @@ class _BlockInputs:
 
     def __init__(self, model, data, max_tokens: int):
         from otcompress import depth
-        path = next(b for b in (depth.block_of(model.config, n) for n, _ in model.named_parameters()) if b)[0]
-        self.path, self.blocks = path, list(model.get_submodule(path))
+        self.path = depth.blocks_path(model)
+        self.blocks = list(model.get_submodule(self.path))
         self.hidden, self.calls, self.masks, self.tokens, self.at = [], [], [], 0, 0
         calls = {}
 
