@@ -42,7 +42,7 @@ import torch
 
 from otcompress import architectures
 from otcompress.errors import IncompatibleModelsError
-from otcompress.flowgraph import Combine, In, Out, part_of
+from otcompress.flowgraph import Combine, In, Out, block_index, part_of
 
 MERGES = ("select", "parallel")
 MAX_TOKENS = 2048  # token samples per block for the activation scores
@@ -144,9 +144,8 @@ def weight_influence(spec, state_dict, n_blocks: int) -> list[float]:
     for node in spec.nodes:
         if not isinstance(node, Combine):
             continue
-        i = int(node.tm.split(".")[0][1:])  # "L3.attn_res" -> 3
         for name in spec.params_with_out(node.branch):
-            score[i] += float(state_dict[name].double().pow(2).sum())
+            score[block_index(node.tm)] += float(state_dict[name].double().pow(2).sum())
     return [s ** 0.5 for s in score]
 
 

@@ -66,7 +66,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-CLIMB = 1.25  # the loss after warm-up this many times its first steps': the run diverges
+CLIMB = 1.25  # the loss after warm-up this many times the start's own: the run diverges
 BACK_OFF = 10  # a diverging run restarts at lr / BACK_OFF
 
 

@@ -65,6 +65,11 @@ def out_slot(axes, tm):
     return None
 
 
+def block_index(tm: str) -> int:
+    """The block a block's map belongs to: its name's "L<i>." prefix ("L3.attn_res" -> 3)."""
+    return int(tm.split(".")[0][1:])
+
+
 def part_of(t, axis: int, part):
     """The slice of `t` along `axis` that `part` = (i, n) names (all of it for None)."""
     return t if part is None else t.chunk(part[1], dim=axis)[part[0]]

@@ -191,14 +191,13 @@ def _train(model, data, trainer_kw, log):
     to 192 wide, lr 1e-3: the similarity loss doubles by step 20, Pearson
     falls from 0.44 one-shot to 0.09 / 0.16 / 0.09 over 3 seeds): it restarts
     once from the start at lr / BACK_OFF (0.53 / 0.56 / 0.55); the steps it
-    spent count (`trainer.restart`, `steps_spent`). A task head's climb is a
+    spent count (the returned trainer's `restart`, read by `run`; `steps_spent`). A task head's climb is a
     transient that training recovers from, and restarting it measured worse
     (digits 4 -> 2 blocks x 32, lr tuned: 96.81 against 97.33): it is left
     alone."""
     n = trainer_kw["steps"]
     trainer = ft.Trainer(model, data, **trainer_kw)
     if trainer.pooling is None or trainer.world > 1:  # several processes: no one decision (untested: no GPUs)
-        trainer.restart = None
         return trainer.run(n)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     check = ft.climb_check(n, trainer.warmup)
@@ -206,7 +205,6 @@ def _train(model, data, trainer_kw, log):
     trainer.run(check)
     climbed = ft.climb(before, trainer.losses, check)
     if climbed is None:
-        trainer.restart = None
         return trainer.run(n)
     lr = trainer_kw["lr"] / ft.BACK_OFF
     log(f"[yellow]warning:[/yellow] the training loss climbed from {climbed[0]:.4g} to {climbed[1]:.4g} by "

@@ -28,7 +28,7 @@ import torch
 
 from otcompress.activations import iter_batches, model_device, model_inputs, reiterable, token_samples
 from otcompress.errors import DataError
-from otcompress.flowgraph import Combine, In, Out, Split
+from otcompress.flowgraph import Combine, In, Out, Split, block_index
 
 OUTPUTS = "__outputs__"
 MAX_TOKENS = 4096  # calibration tokens per layer at most: a (units, tokens) float32 target each
@@ -174,15 +174,15 @@ def _joins(spec, modules: dict) -> dict:
         if isinstance(node, Combine):
             writers = [m for m, (role, _, _) in modules.items() if isinstance(role, Out) and role.tm == node.branch]
             if writers:
-                out.setdefault(int(node.tm.split(".")[0][1:]), []).append((node.tm, writers[0]))
+                out.setdefault(block_index(node.tm), []).append((node.tm, writers[0]))
     return out
 
 
 def _normalises(spec, config, join: str) -> bool:
     """Whether a norm inside the join's block acts on the join's output (post-norm)."""
     from otcompress import depth
-    block = int(join.split(".")[0][1:])
-    return any(len(axes) == 1 and axes[0] == Out(join) and (depth.block_of(config, name) or (0, -1))[1] == block
+    return any(len(axes) == 1 and axes[0] == Out(join)
+               and (depth.block_of(config, name) or (0, -1))[1] == block_index(join)
                for name, axes in spec.axes.items())
 
 
@@ -269,7 +269,7 @@ class _BlockInputs:
             def fn(_mod, args, kwargs):
                 calls[i] = (args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
                 if i == 0:
-                    self.hidden.append(args[0] if args else kwargs["hidden_states"])
+                    self.hidden.append(_tensor(args, kwargs))
             return fn
         handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
         device = model_device(model)
