@@ -82,7 +82,8 @@ def starts(parents, small, cfg, train, seed):
 def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="TP", engine_prune=False,
                reports=None):
     """The arms every depth case shares, any family: the tool's fold (and,
-    with `engine_prune`, its alignment="prune" of parent A), every-other and
+    with `engine_prune`, its alignment="prune" of parent A, plain and
+    reconstructed on the calibration batches as the recipe's starts are), every-other and
     ShortGPT block dropping of parent A then width pruning (`prune`, Torch-
     Pruning by default; `tag` names it), the small model, a random init.
     `reports`, a dict, receives the depth maps the tool's starts chose
@@ -101,10 +102,10 @@ def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="T
     def dropped(kept, importance):
         return lambda: prune(pc.drop_blocks(parents[0], kept), cfg, importance=importance, batches=labelled)
 
-    def tool(alignment, ps):
+    def tool(alignment, ps, reconstruct=False):
         def make():
-            m = otcompress.fuse(cfg, ps, alignment=alignment, data=calib, seed=seed)
-            if reports is not None:
+            m = otcompress.fuse(cfg, ps, alignment=alignment, data=calib, seed=seed, reconstruct=reconstruct)
+            if reports is not None and not reconstruct:
                 reports.setdefault(alignment, [d for d in m.fusion_report.get("depth_maps") or [] if d])
             return m
         return make
@@ -113,6 +114,7 @@ def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="T
     arms = {"tool: fold (no anchor)": tool("fold", parents)}
     if engine_prune:
         arms["tool: prune parent A (no anchor)"] = tool("prune", parents[:1])
+        arms["tool: prune parent A, reconstructed (no anchor)"] = tool("prune", parents[:1], reconstruct=True)
     arms.update({
         f"every-other + {tag} L2": dropped(pc.every_other(n, cfg.num_hidden_layers), "l2"),
         f"ShortGPT + {tag} L2": dropped(shortgpt, "l2"),

@@ -317,6 +317,7 @@ class Trainer:
         self.data, self.batches = data, _train_batches(data, batch_size, seed)
         self.batch_size, self.seed = batch_size, seed
         self.done, self.seconds, self.losses, self.task_losses = 0, 0.0, [], []
+        self.restart = None  # set by `pipeline._train` on a run that restarted after its loss climbed
         with _seeded(seed + 1_000_003 * self.rank, self.device):  # dropout differs between processes
             self.rng = _rng_state(self.device)
 

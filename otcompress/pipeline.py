@@ -118,7 +118,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     if trainer is not None and r["finetune_steps"]:
         trained = {**trainer.summary(), "lr": trainer.lr, "batch_size": r["batch_size"],
                    "teachers": len(trainer.teachers), "holdout_examples": _n(holdout),
-                   "restart": getattr(trainer, "restart", None)}
+                   "restart": trainer.restart}
         trained.pop("losses", None)
     report = finish(report, finetune=trained,
                     metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference, progress))
