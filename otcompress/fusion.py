@@ -179,10 +179,12 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     # Deeper parents are seen at the anchor's depth (depth.py); the rest of the engine never knows.
     t_depth = time.perf_counter()
     deeper = parent_ms
-    parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data, merge=o.depth_merge,
-                                              anchor_counts=o.alignment not in FROM_PARENTS)
+    with _eval_mode(anchor_m, *deeper):  # dropout off while the depth map scores the given models
+        parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data, merge=o.depth_merge,
+                                                  anchor_counts=o.alignment not in FROM_PARENTS)
     t_depth = time.perf_counter() - t_depth
-    with _eval_mode(anchor_m, *parent_ms):
+    # The given (deeper) parents too: reconstruction measures its targets on them.
+    with _eval_mode(anchor_m, *parent_ms, *deeper):
         spec = _checked_spec(anchor_m, parent_ms, opts["qk"])
         heads = _head_shapes(anchor_m, parent_ms)
         t_acts = time.perf_counter()

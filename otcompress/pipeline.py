@@ -205,11 +205,14 @@ def _train(model, data, trainer_kw, log):
     trainer.run(check)
     climbed = ft.climb(before, trainer.losses, check)
     if climbed is None:
+        del start
         return trainer.run(n)
     lr = trainer_kw["lr"] / ft.BACK_OFF
     log(f"[yellow]warning:[/yellow] the training loss climbed from {climbed[0]:.4g} to {climbed[1]:.4g} by "
         f"step {check} at lr {trainer_kw['lr']:g}; restarting from the start at lr {lr:g}")
+    del trainer  # its optimizer state (2x the parameters) is not kept through the retried run
     model.load_state_dict(start)
+    del start
     retried = ft.Trainer(model, data, **{**trainer_kw, "lr": lr}).run(n)
     retried.restart = {"lr_before": trainer_kw["lr"], "lr": lr, "wasted_steps": check,
                        "loss_before": round(climbed[0], 6), "loss_at_check": round(climbed[1], 6)}

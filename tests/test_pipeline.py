@@ -248,4 +248,7 @@ def test_climb_compares_the_steps_before_the_check_with_the_start():
     assert ft.climb(1.0, [1.0] * 6 + [1.3] * 2, 8) == (1.0, 1.3)
     assert ft.climb(1.0, [1.0] * 6 + [1.2] * 2, 8) is None
     assert ft.climb(1.0, [0.5] * 8, 8) is None
+    # A start that already matches its teachers: noise far below any collapse is no climb.
+    assert ft.climb(0.0, [0.0] * 6 + [1e-6] * 2, 8) is None and ft.climb(1e-4, [3e-4] * 8, 8) is None
+    assert ft.climb(0.0, [0.0] * 6 + [0.01] * 2, 8) == (0.0, 0.01)
     assert ft.climb_check(150, 0.1) == 30 and ft.climb_check(10, 0.1) == 5

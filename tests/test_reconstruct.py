@@ -182,6 +182,27 @@ def test_reconstruct_follows_a_depth_map(monkeypatch):
     assert _err(fused, data, base) < 1e-4
 
 
+def test_a_deeper_parent_in_train_mode_is_measured_without_dropout():
+    """The given (deeper) parent is what the depth map scores and what
+    reconstruction measures its targets on: dropout must be off there as for
+    every model the engine reads, and the caller's mode comes back."""
+    from test_depth import deepen
+    base = M.bert(cls=T.BertForSequenceClassification)
+    parent = deepen(base, ["base", "id", "base"])
+    for m in parent.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    data = [M.inputs(base, batch=8, seed=s) for s in range(4)]
+
+    def fused(training):
+        parent.train(training)
+        out = otcompress.fuse(base.config, [parent], alignment="prune", data=data, reconstruct=True)
+        assert parent.training == training
+        return torch.cat([p.flatten() for p in out.parameters()])
+    ref = fused(False)
+    assert torch.equal(fused(True), ref) and torch.equal(fused(True), ref)
+
+
 def test_fuse_to_disk_writes_the_reconstructed_model(tmp_path):
     base = M.vit()
     data = _batches(base)
