@@ -327,8 +327,13 @@ def model_card(report: dict) -> str:
     elif race:
         lines += ["", "## Starting-point race", "",
                   f"Every candidate was scored one-shot on {race['holdout_examples']} held-out training "
-                  f"examples; the best of each kind then trained the first {race['steps_each']} steps "
-                  f"of the run (distilled from the parents); **{race['winner']}** won and continued.", "",
+                  f"examples; " + (
+                      f"the parents' best start trained the first {race['steps_each']} steps of the run "
+                      f"(distilled from the parents) and was then already below every anchor-side start's "
+                      f"one-shot loss, so **{race['winner']}** continued and the anchor side trained no step."
+                      if race["chosen_by"] == "holdout_loss_below_anchor_side_one_shot" else
+                      f"the best of each kind then trained the first {race['steps_each']} steps "
+                      f"of the run (distilled from the parents); **{race['winner']}** won and continued."), "",
                   "| candidate | held-out loss, one-shot | after the race steps |", "|---|---|---|"]
         lines += [f"| {c['candidate']} | {_fmt(c['one_shot_holdout_loss'])} | "
                   f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]

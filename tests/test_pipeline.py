@@ -20,6 +20,28 @@ def digits():
     return load_data("digits", M.vit())
 
 
+def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(digits, tmp_path, monkeypatch):
+    """The parents' start trains its race steps first; below every
+    anchor-side start's one-shot loss by then, it continues and the anchor
+    side trains no step: the run spends N, not 1.5 N."""
+    anchor, parents = _race_models()  # random anchor: the fold passes its one-shot loss in 5 steps
+    steps = []
+    step = ft.Trainer._step
+    monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(self.model), step(self))[1])
+    recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64, "reconstruct": "off"}
+    model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
+    race = report["race"]
+    rows = {c["candidate"]: c for c in race["candidates"]}
+    assert race["winner"] == "fold: all parents"
+    assert race["chosen_by"] == "holdout_loss_below_anchor_side_one_shot"
+    anchor_side = [c for c in race["candidates"] if c["group"] != "fold"]
+    assert rows["fold: all parents"]["holdout_loss"] < min(c["one_shot_holdout_loss"] for c in anchor_side)
+    assert not any("holdout_loss" in c for c in anchor_side)
+    assert len(steps) == 10 and all(m is model for m in steps)  # only the winner ever trained
+    assert race["extra_steps"] == 0 and report["steps_spent"] == 10
+    assert "anchor side trained no step" in (tmp_path / "out" / "README.md").read_text()
+
+
 def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -44,14 +66,19 @@ def test_holdout_is_disjoint_from_training(digits):
     assert torch.equal(train.splits["eval"]["labels"], digits.splits["eval"]["labels"])
 
 
-def _race_models():
+def _race_models(digits=None):
+    """A small anchor and two random parents; with `digits`, the anchor first
+    trained 40 steps, so that a few race steps cannot take the parents' fold
+    below its one-shot loss and the anchor side trains too."""
     anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
+    if digits is not None:
+        ft.finetune(anchor, digits, steps=40, lr=3e-3, batch_size=32)
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     return anchor, parents
 
 
 def test_default_recipe_races_the_starting_points(digits, tmp_path):
-    anchor, parents = _race_models()
+    anchor, parents = _race_models(digits)
     # Without reconstruct these random parents' fold starts behind the anchor, so the race is run
     # (a fold that leads one-shot is not: test_reconstruct).
     recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64, "reconstruct": "off"}
@@ -67,7 +94,9 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path):
         assert trained[-1:] == [min(side, key=lambda c: c["one_shot_holdout_loss"])]
     losses = {n: c["holdout_loss"] for n, c in rows.items() if "holdout_loss" in c}
     assert set(losses) == {c["candidate"] for c in trained}
-    assert race["winner"] == min(losses, key=losses.get)
+    assert len(losses) == 2 and race["winner"] == min(losses, key=losses.get)
+    assert race["chosen_by"] == "holdout_loss"
+    assert rows["fold: all parents"]["holdout_loss"] >= min(c["one_shot_holdout_loss"] for c in trained[1:])
     assert race["steps_each"] == 5 and race["extra_steps"] == 5
     assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == 2
     assert report["steps_spent"] == 15  # the losing start's race steps count

@@ -130,7 +130,7 @@ def test_reconstruct_needs_data():
 
 
 def test_a_fold_that_leads_one_shot_is_not_raced():
-    """The fold of dead-copy widenings of a trained base is that base: far
+    """Each parent folded (or pruned) of dead-copy widenings of a trained base is that base: far
     ahead of an untrained anchor one-shot, so it trains all N steps and no
     race step is spent."""
     from test_prune import widen_dead
@@ -144,7 +144,7 @@ def test_a_fold_that_leads_one_shot_is_not_raced():
     model, report = pipeline.run(anchor, parents, recipe, data=digits)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
-    assert rows["fold: all parents"]["one_shot_holdout_loss"] < rows["anchor"]["one_shot_holdout_loss"]
+    assert rows["fold: parent 1"]["one_shot_holdout_loss"] < rows["anchor"]["one_shot_holdout_loss"]
     assert rows[race["winner"]]["group"] == "fold" and race["extra_steps"] == 0 and race["steps_each"] == 0
     assert "ahead of every anchor-side start" in race["note"]
     assert not any("holdout_loss" in c for c in race["candidates"])  # nothing trained in a race
