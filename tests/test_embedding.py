@@ -115,7 +115,9 @@ def test_fuse_workflow_on_headless_models(tmp_path):
     parents = [M.bert(cls=T.BertModel, seed=s) for s in (2, 3)]
     recipe = {"finetune_steps": 8, "batch_size": 32, "samples": 64}
     model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=data)
-    assert {c["candidate"] for c in report["race"]["candidates"]} >= {"anchor", "fold: all parents", "fold: parent 1", "prune: parent 2"}
+    rows = {c["candidate"]: c for c in report["race"]["candidates"]}
+    assert set(rows) >= {"anchor", "fold: all parents", "fold: parent 1", "prune: parent 2"}
+    assert rows["fold: all parents"]["lead"] == 1.0  # the embedding objective ranks it on its plain loss
     metrics = report["metrics"]
     assert set(metrics) == {"anchor", "fused (one-shot)", "fused + 8 steps"}
     assert all(0 < m["loss"] and -1 <= m["similarity_pearson"] <= 1 for m in metrics.values())

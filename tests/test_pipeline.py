@@ -42,6 +42,24 @@ def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(di
     assert "anchor side trained no step" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_the_fold_of_all_parents_must_lead_the_single_parent_starts(monkeypatch):
+    """Where a task loss trains after it, the fold of all parents is the
+    parents' start only with a one-shot loss under ALL_PARENTS_LEAD times the
+    best single-parent start's; without finetuning the plain loss chooses."""
+    losses = {"fold: all parents": 1.0, "fold: parent 1": 1.05, "prune: parent 1": 1.2}
+    monkeypatch.setattr(pipeline.Race, "_loss", lambda self, model, name: losses[name])
+
+    def winner(steps):
+        lead = pipeline.ALL_PARENTS_LEAD
+        entries = [(n, lambda: torch.nn.Linear(1, 1), "fold", lead if n == "fold: all parents" else 1.0)
+                   for n in losses]
+        race = pipeline.Race(None, None, {"steps": steps, "device": "cpu"}, steps // 2)
+        return race.run(entries)[2]["race"]["winner"]
+    assert winner(10) == "fold: parent 1" and winner(0) == "fold: all parents"
+    losses["fold: all parents"] = 1.05 * pipeline.ALL_PARENTS_LEAD - 1e-6  # a lead as large as asked
+    assert winner(10) == "fold: all parents"
+
+
 def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
