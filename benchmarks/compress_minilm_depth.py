@@ -169,11 +169,12 @@ def main(argv=None):
                 holdout, args.lrs, lambda m: evaluate(m, data, reference=[parent])["similarity_pearson"],
                 reference=[parent], target={**TARGET, "layers": args.layers})
             rows.setdefault("default recipe", []).append(score)
-            # Its steps: the budget, plus those of a run that climbed and restarted.
-            spent = f"{rep['race']['winner']}, {pipeline.steps_spent(rep)} steps"
+            # Its steps: the budget, plus those of a run that climbed and restarted (equal
+            # compute: a restart's wasted steps count for the controls too).
+            steps = pipeline.steps_spent(rep)
+            spent = f"{rep['race']['winner']}, {steps} steps"
             lrs.setdefault("default recipe", []).append(f"{lr} ({spent})")
             common.log(f"  seed {seed} default recipe: {score:.4f} (lr {lr}, {spent})")
-            steps = pipeline.steps_spent(rep)  # equal compute: a restart's wasted steps count for the controls too
         for arm, make in starts(parent, cfg, train, seed).items():
             if args.arms and arm not in args.arms:
                 continue

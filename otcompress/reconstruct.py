@@ -65,7 +65,12 @@ def target_axes(modules: dict) -> dict:
 
 
 class _Stop(Exception):
-    """Ends a forward pass once the last module it was run for has been read."""
+    """Ends a forward pass early: once the last module it was run for has been
+    read, or carrying what a hook read (`value`) out of it."""
+
+    def __init__(self, value=None):
+        super().__init__()
+        self.value = value
 
 
 def _capture(model, modules, data, side: str, max_tokens: int, stop: bool = False) -> dict:
@@ -308,26 +313,18 @@ class _BlockInputs:
         got = []
 
         def hook(_mod, args, kwargs, _out):
-            raise _Seen(_tensor(args, kwargs))
+            raise _Stop(_tensor(args, kwargs))
         handle = named[prefix].register_forward_hook(hook, with_kwargs=True)
         try:
             with torch.inference_mode():
                 for b in range(len(self.hidden)):
                     try:
                         self._run(i, b)
-                    except _Seen as seen:
+                    except _Stop as seen:
                         got.append(token_samples(seen.value, self.masks[b], None).double())
         finally:
             handle.remove()
         return torch.cat(got)[:max_tokens]
-
-
-class _Seen(Exception):
-    """Carries a module's input out of a block's forward pass, ending it there."""
-
-    def __init__(self, value):
-        super().__init__()
-        self.value = value
 
 
 def _no_cache(model) -> dict:
