@@ -20,7 +20,8 @@ def digits():
     return load_data("digits", M.vit())
 
 
-def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("n", [10, 40])  # at 40 the race checks after warm-up whether to give it up
+def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(digits, tmp_path, monkeypatch, n):
     """The parents' start trains its race steps first; below every
     anchor-side start's one-shot loss by then, it continues and the anchor
     side trains no step: the run spends N, not 1.5 N."""
@@ -28,7 +29,7 @@ def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(di
     steps = []
     step = ft.Trainer._step
     monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(self.model), step(self))[1])
-    recipe = {"finetune_steps": 10, "batch_size": 32, "samples": 64, "reconstruct": "off"}
+    recipe = {"finetune_steps": n, "batch_size": 32, "samples": 64, "reconstruct": "off"}
     model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
@@ -37,9 +38,45 @@ def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(di
     anchor_side = [c for c in race["candidates"] if c["group"] != "fold"]
     assert rows["fold: all parents"]["holdout_loss"] < min(c["one_shot_holdout_loss"] for c in anchor_side)
     assert not any("holdout_loss" in c for c in anchor_side)
-    assert len(steps) == 10 and all(m is model for m in steps)  # only the winner ever trained
-    assert race["extra_steps"] == 0 and report["steps_spent"] == 10
+    assert len(steps) == n and all(m is model for m in steps)  # only the winner ever trained
+    assert race["extra_steps"] == 0 and report["steps_spent"] == n
     assert "anchor side trained no step" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_parents_start_that_cannot_reach_the_anchor_side_is_given_up(digits, tmp_path, monkeypatch):
+    """A parents' start that, after twice its warm-up, would stay above the
+    anchor side's one-shot loss even at REACH times its rate so far stops
+    there: the anchor side's start trains all N steps, untrained in the race,
+    and the run spends N plus those steps, not 1.5 N."""
+    anchor, parents = _race_models(digits, steps=150, lr=1e-2)  # random parents' fold, a good anchor
+    steps = []
+    step = ft.Trainer._step
+    monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(self.model), step(self))[1])
+    recipe = {"finetune_steps": 40, "batch_size": 32, "samples": 64, "reconstruct": "off"}
+    model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
+    race = report["race"]
+    rows = {c["candidate"]: c for c in race["candidates"]}
+    fold, side = rows["fold: all parents"], [c for c in race["candidates"] if c["group"] != "fold"]
+    assert race["chosen_by"] == "parents_start_cannot_reach_anchor_side"
+    assert race["winner"] == min(side, key=lambda c: c["one_shot_holdout_loss"])["candidate"]
+    check = ft.climb_check(40, 0.1)
+    assert fold["given_up_after"] == check == 10 and race["extra_steps"] == check
+    rate = max(0.0, fold["one_shot_holdout_loss"] - fold["holdout_loss"]) / check
+    reach = fold["holdout_loss"] - pipeline.REACH * rate * (20 - check)
+    assert reach >= min(c["one_shot_holdout_loss"] for c in side)
+    assert not any("holdout_loss" in c for c in side)
+    assert len(steps) == 50 and all(m is model for m in steps[check:])  # the given-up start, then the winner
+    assert report["finetune"]["steps"] == 40 and report["steps_spent"] == 50
+    assert "given up after 10 race steps" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_cannot_reach_projects_the_rate_so_far():
+    side = [({"one_shot_holdout_loss": 1.8}, None)]
+    # 2.0 -> 1.9 in 10 of 20 steps: at REACH = 2 times 0.01 a step it could reach 1.7
+    assert not pipeline._cannot_reach(2.0, 1.9, 10, 20, side)
+    assert pipeline._cannot_reach(2.0, 1.9, 10, 20, [({"one_shot_holdout_loss": 1.65}, None)])
+    assert pipeline._cannot_reach(2.0, 2.1, 10, 20, side)  # it climbed: no rate at all
+    assert not pipeline._cannot_reach(2.0, 1.7, 10, 20, side)  # already below
 
 
 def test_the_fold_of_all_parents_must_lead_the_single_parent_starts(monkeypatch):
@@ -84,13 +121,13 @@ def test_holdout_is_disjoint_from_training(digits):
     assert torch.equal(train.splits["eval"]["labels"], digits.splits["eval"]["labels"])
 
 
-def _race_models(digits=None):
+def _race_models(digits=None, steps=40, lr=3e-3):
     """A small anchor and two random parents; with `digits`, the anchor first
     trained 40 steps, so that a few race steps cannot take the parents' fold
     below its one-shot loss and the anchor side trains too."""
     anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
     if digits is not None:
-        ft.finetune(anchor, digits, steps=40, lr=3e-3, batch_size=32)
+        ft.finetune(anchor, digits, steps=steps, lr=lr, batch_size=32)
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     return anchor, parents
 
