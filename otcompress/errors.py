@@ -20,6 +20,10 @@ class InvalidOptionError(OTCompressError):
     """An option value or combination of options is not valid."""
 
 
+class DivergedError(InvalidOptionError):
+    """The training loss became NaN/Inf after updates at this lr (a lower lr may not)."""
+
+
 class ModelLoadError(OTCompressError):
     """A model path is missing, not a model, corrupt, or not reachable offline."""
 

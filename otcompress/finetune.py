@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from otcompress import embedding
 from otcompress.architectures import family_or_none, is_causal_lm
 from otcompress.data import TaskData
-from otcompress.errors import InvalidOptionError
+from otcompress.errors import DivergedError, InvalidOptionError
 
 IGNORE = -100  # label of positions without a target (unmasked MLM tokens)
 SHARDING_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate launch modes refused
@@ -362,17 +362,18 @@ class Trainer:
         self.model.eval()
         return total / n
 
-    def _not_finite(self, step, batch) -> str:
-        """Why the loss is NaN/Inf: a teacher's outputs, the model's own before
-        any update (its weights or the data), or only then the learning rate."""
+    def _not_finite(self, step, batch):
+        """Raises why the loss is NaN/Inf: a teacher's outputs, the model's own
+        before any update (its weights or the data), or only then the learning
+        rate (DivergedError: `pipeline._train` may restart at a lower one)."""
         for k, t in enumerate(self.teachers, 1):
             if not _finite_outputs(t, batch, self.pooling):
-                return (f"finetune: teacher {k}'s outputs are not finite (NaN/Inf) on a training batch: "
-                        "the teacher is broken, not the learning rate")
+                raise InvalidOptionError(f"finetune: teacher {k}'s outputs are not finite (NaN/Inf) on a training "
+                                         "batch: the teacher is broken, not the learning rate")
         if step == 0 and not _finite_outputs(self.model, batch, self.pooling):
-            return ("finetune: the model's outputs are not finite (NaN/Inf) before any training step: "
-                    "its weights or the data are broken, not the learning rate")
-        return f"finetune: loss is not finite at step {step} (lr={self.lr}); try a lower lr"
+            raise InvalidOptionError("finetune: the model's outputs are not finite (NaN/Inf) before any training "
+                                     "step: its weights or the data are broken, not the learning rate")
+        raise DivergedError(f"finetune: loss is not finite at step {step} (lr={self.lr}); try a lower lr")
 
     def _step(self):
         step = self.done
@@ -396,7 +397,7 @@ class Trainer:
         else:
             loss_value, task_value = loss.item(), task.item()
         if not math.isfinite(loss_value):
-            raise InvalidOptionError(self._not_finite(step, batch))
+            self._not_finite(step, batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.optimizer.step()

@@ -362,9 +362,10 @@ def _finetune_line(ft: dict) -> str:
         line += f", distilled from {', '.join(f'`{t}`' for t in teachers)}" if teachers else ", no teachers"
     restart = ft.get("restart")
     if restart:
+        then = restart["loss_at_check"]
+        then = "NaN/Inf" if then is None else f"{then:.4g}"
         line += (f"; at lr {restart['lr_before']} the loss climbed from {restart['loss_before']:.4g} to "
-                 f"{restart['loss_at_check']:.4g} in {restart['wasted_steps']} steps, so it restarted from the "
-                 f"start at lr {restart['lr']}")
+                 f"{then} in {restart['wasted_steps']} steps, so it restarted from the start at lr {restart['lr']}")
     return line + ")"
 
 

@@ -47,7 +47,7 @@ import torch
 
 from otcompress import finetune as ft, inputs, modelio, outputs, recipes
 from otcompress.architectures import is_headless
-from otcompress.errors import DataError, InvalidOptionError, ModelLoadError
+from otcompress.errors import DataError, DivergedError, InvalidOptionError, ModelLoadError
 from otcompress.options import FUSE_OPTIONS, PASSED, FuseOptions
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
@@ -194,7 +194,8 @@ def _train(model, data, trainer_kw, log):
     the lr allows for, and does not recover (all-MiniLM-L6-v2 reconstructed
     to 192 wide, lr 1e-3: the similarity loss doubles by step 20, Pearson
     falls from 0.44 one-shot to 0.09 / 0.16 / 0.09 over 3 seeds): it restarts
-    once from the start at lr / BACK_OFF (0.53 / 0.56 / 0.55); the steps it
+    once from the start at lr / BACK_OFF (0.53 / 0.56 / 0.55), as does one whose
+    loss becomes NaN before the check (a second one is the one-line error); the steps it
     spent count (the returned trainer's `restart`, read by `run`; `steps_spent`). A task head's climb is a
     transient that training recovers from, and restarting it measured worse
     (digits 4 -> 2 blocks x 32, lr tuned: 96.81 against 97.33): it is left
@@ -206,20 +207,25 @@ def _train(model, data, trainer_kw, log):
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     check = ft.climb_check(n, trainer.warmup)
     before = trainer.loss_before(max(1, check // 4))
-    trainer.run(check)
-    climbed = ft.climb(before, trainer.losses, check)
+    try:
+        trainer.run(check)
+        climbed = ft.climb(before, trainer.losses, check)
+    except DivergedError:  # NaN/Inf before the check: the steepest climb (at lr / BACK_OFF it may not)
+        climbed = (before, math.inf)
     if climbed is None:
         del start
         return trainer.run(n)
     lr = trainer_kw["lr"] / ft.BACK_OFF
+    wasted = trainer.done + (climbed[1] == math.inf)  # the step that met NaN computed its forward pass
     log(f"[yellow]warning:[/yellow] the training loss climbed from {climbed[0]:.4g} to {climbed[1]:.4g} by "
-        f"step {check} at lr {trainer_kw['lr']:g}; restarting from the start at lr {lr:g}")
+        f"step {wasted} at lr {trainer_kw['lr']:g}; restarting from the start at lr {lr:g}")
     del trainer  # its optimizer state (2x the parameters) is not kept through the retried run
     model.load_state_dict(start)
     del start
     retried = ft.Trainer(model, data, **{**trainer_kw, "lr": lr}).run(n)
-    retried.restart = {"lr_before": trainer_kw["lr"], "lr": lr, "wasted_steps": check,
-                       "loss_before": round(climbed[0], 6), "loss_at_check": round(climbed[1], 6)}
+    retried.restart = {"lr_before": trainer_kw["lr"], "lr": lr, "wasted_steps": wasted,
+                       "loss_before": round(climbed[0], 6),
+                       "loss_at_check": round(climbed[1], 6) if math.isfinite(climbed[1]) else None}
     return retried
 
 

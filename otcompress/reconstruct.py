@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from otcompress.activations import iter_batches, model_device, model_inputs, reiterable, token_samples
-from otcompress.errors import DataError
+from otcompress.errors import DataError, UnsupportedArchitectureError
 from otcompress.flowgraph import Combine, In, Out, Split, block_index
 
 OUTPUTS = "__outputs__"
@@ -161,6 +161,11 @@ def measure_deeper(parent, dmap, spec, modules: dict, data, max_tokens: int) -> 
     if dmap.kept[0] > 0:  # blocks dropped before the first kept one: the stream they started from
         stream[0] = _capture(parent, blocks[:1], data, "in", max_tokens, stop=True)[blocks[0]]
     joins = _joins(spec, modules)
+    bare = [j for j in range(len(dmap.kept)) if j not in joins]
+    if bare:  # no supported family has such a block; a new one's file would need a writer to refit
+        raise UnsupportedArchitectureError(
+            f"reconstruct: target block {bare[0]} has no refitted residual writer to carry the dropped blocks' "
+            "change to the stream; fuse with --reconstruct off")
     read = 0  # the parent's stream that the target block reads: after the previous kept block
     for j, k in enumerate(dmap.kept):
         if k != read:
@@ -184,7 +189,10 @@ def _joins(spec, modules: dict) -> dict:
 
 
 def _normalises(spec, config, join: str) -> bool:
-    """Whether a norm inside the join's block acts on the join's output (post-norm)."""
+    """Whether a norm inside the join's block acts on the join's output (post-norm).
+    Asked of a block's last join only: that norm's output is then the block's
+    output, which a change added before it would not pass through. (A middle
+    join's norm, BERT's attention output LayerNorm, says nothing of the block's.)"""
     from otcompress import depth
     return any(len(axes) == 1 and axes[0] == Out(join)
                and (depth.block_of(config, name) or (0, -1))[1] == block_index(join)

@@ -12,7 +12,7 @@ from otcompress import finetune as ft
 from otcompress import pipeline
 from otcompress.cli import main
 from otcompress.data import load_data
-from otcompress.errors import InvalidOptionError
+from otcompress.errors import DivergedError, InvalidOptionError
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +317,26 @@ def test_an_embedding_run_whose_loss_climbs_restarts_from_the_start_at_a_tenth_o
     assert pipeline.steps_spent(hot) == hot["steps_spent"] == 40 + restart["wasted_steps"] > 40
     assert hot["finetune"]["final_loss"] == run(0.02)["finetune"]["final_loss"]  # from the start, not the wreck
     assert "restarted from the start at lr 0.02" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_an_embedding_run_whose_loss_becomes_nan_restarts_at_a_tenth_of_the_lr(tmp_path):
+    """A NaN loss in an embedding run's first steps is the steepest climb: the
+    run restarts from the start at lr / 10 (exactly a run at that lr), the
+    steps before it count; NaN at lr / 10 too is the one-line error."""
+    parent = M.vit(hidden=32, heads=4, inter=64, seed=2, cls=T.ViTModel)
+    data = load_data("digits", parent)
+    recipe = {"finetune_steps": 40, "batch_size": 16, "samples": 64}
+    run = lambda lr, out=None: pipeline.run(None, [parent], {**recipe, "lr": lr}, out, data=data,  # noqa: E731
+                                            target={"hidden": 16, "heads": 2, "intermediate": 32})[1]
+    hot = run(30.0, tmp_path / "out")
+    restart = hot["finetune"]["restart"]
+    assert restart["lr"] == pytest.approx(3.0) and restart["loss_at_check"] is None
+    assert 0 < restart["wasted_steps"] < ft.climb_check(40, 0.1)  # it met NaN before the check
+    assert hot["steps_spent"] == 40 + restart["wasted_steps"]
+    assert hot["finetune"]["final_loss"] == run(3.0)["finetune"]["final_loss"]
+    assert "to NaN/Inf in" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(DivergedError, match=r"\(lr=10.0\); try a lower lr"):
+        run(100.0)  # restarted at 10: NaN again, and only one restart
 
 
 def test_a_task_heads_climbing_run_is_not_restarted(digits):

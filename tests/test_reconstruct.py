@@ -23,7 +23,7 @@ import otcompress
 from otcompress import pipeline, reconstruct
 from otcompress.architectures import build_spec
 from otcompress.data import load_data
-from otcompress.errors import InvalidOptionError
+from otcompress.errors import InvalidOptionError, UnsupportedArchitectureError
 from otcompress.finetune import finetune
 from test_decoders import decoder
 
@@ -180,6 +180,19 @@ def test_reconstruct_follows_a_depth_map(monkeypatch):
     fused = otcompress.fuse(base.config, [parent], alignment="prune", data=data, reconstruct=True)
     assert fused.fusion_report["depth_maps"][0]["kept"] == [0, 3]
     assert _err(fused, data, base) < 1e-4
+
+
+def test_a_target_block_without_a_residual_writer_is_a_clear_error(monkeypatch):
+    """A family whose block had no refitted residual writer could not carry
+    the dropped blocks' change: one line, not a KeyError."""
+    from test_depth import DEEP, deepen
+    base = M.vit()
+    parent = deepen(split_mlp(base), DEEP)
+    joins = reconstruct._joins
+    monkeypatch.setattr(reconstruct, "_joins", lambda spec, modules: {
+        b: j for b, j in joins(spec, modules).items() if b != 1})
+    with pytest.raises(UnsupportedArchitectureError, match="target block 1 has no refitted residual writer"):
+        otcompress.fuse(base.config, [parent], alignment="prune", data=_batches(base), reconstruct=True)
 
 
 def test_a_deeper_parent_in_train_mode_is_measured_without_dropout():
