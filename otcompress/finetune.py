@@ -373,6 +373,9 @@ class Trainer:
         if step == 0 and not _finite_outputs(self.model, batch, self.pooling):
             raise InvalidOptionError("finetune: the model's outputs are not finite (NaN/Inf) before any training "
                                      "step: its weights or the data are broken, not the learning rate")
+        if step == 0:  # no update has happened: no lr can be to blame
+            raise InvalidOptionError("finetune: the loss is not finite (NaN/Inf) before any training step, though "
+                                     "the model's and the teachers' outputs are: the data or the loss is broken")
         raise DivergedError(f"finetune: loss is not finite at step {step} (lr={self.lr}); try a lower lr")
 
     def _step(self):

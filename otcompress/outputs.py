@@ -322,18 +322,12 @@ def model_card(report: dict) -> str:
             lines += ["", "`probe_similarity_pearson` is measured on otcompress's built-in probe set instead: "
                       "short everyday English sentences, unlike the training text."]
     race = report.get("race")
-    if race and race.get("note"):  # one start possible: nothing was raced
+    if race and race.get("note"):  # nothing was raced: one start possible, or one settled one-shot
         lines += ["", "## Starting point", "", race["note"][0].upper() + race["note"][1:] + "."]
     elif race:
         lines += ["", "## Starting-point race", "",
                   f"Every candidate was scored one-shot on {race['holdout_examples']} held-out training "
-                  f"examples; " + (
-                      f"the parents' best start trained the first {race['steps_each']} steps of the run "
-                      f"(distilled from the parents) and was then already below every anchor-side start's "
-                      f"one-shot loss, so **{race['winner']}** continued and the anchor side trained no step."
-                      if race["chosen_by"] == "holdout_loss_below_anchor_side_one_shot" else
-                      f"the best of each kind then trained the first {race['steps_each']} steps "
-                      f"of the run (distilled from the parents); **{race['winner']}** won and continued."), "",
+                  f"examples; " + _race_outcome(race), "",
                   "| candidate | held-out loss, one-shot | after the race steps |", "|---|---|---|"]
         lines += [f"| {c['candidate']} | {_fmt(c['one_shot_holdout_loss'])} | "
                   f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]
@@ -343,6 +337,23 @@ def model_card(report: dict) -> str:
                   f"alignment {t['align']:.1f} s). See `fusion_report.json` for per-map transport "
                   "statistics.", ""]
     return "\n".join(lines)
+
+
+def _race_outcome(race: dict) -> str:
+    """What the race's training decided, in a sentence (`pipeline.Race`)."""
+    if race["chosen_by"] == "holdout_loss_below_anchor_side_one_shot":
+        return (f"the parents' best start trained the first {race['steps_each']} steps of the run (distilled "
+                f"from the parents) and was then already below every anchor-side start's one-shot loss, so "
+                f"**{race['winner']}** continued and the anchor side trained no step.")
+    if race["chosen_by"] == "parents_start_cannot_reach_anchor_side":
+        given_up = next(c for c in race["candidates"] if c.get("given_up_after"))
+        return (f"the parents' best start ({given_up['candidate']}) trained the first "
+                f"{given_up['given_up_after']} steps of the run (distilled from the parents) and was given up "
+                f"there: even at twice its rate so far it would not have reached the best anchor-side start's "
+                f"one-shot loss in its race steps, so **{race['winner']}** trained every step of the run from "
+                f"its start.")
+    return (f"the best of each kind then trained the first {race['steps_each']} steps of the run (distilled "
+            f"from the parents); **{race['winner']}** won and continued.")
 
 
 def _depth_lines(depth_maps: list) -> list[str]:

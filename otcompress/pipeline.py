@@ -217,7 +217,8 @@ def _train(model, data, trainer_kw, log):
         return trainer.run(n)
     lr = trainer_kw["lr"] / ft.BACK_OFF
     wasted = trainer.done + (climbed[1] == math.inf)  # the step that met NaN computed its forward pass
-    log(f"[yellow]warning:[/yellow] the training loss climbed from {climbed[0]:.4g} to {climbed[1]:.4g} by "
+    then = f"{climbed[1]:.4g}" if math.isfinite(climbed[1]) else "NaN/Inf"
+    log(f"[yellow]warning:[/yellow] the training loss climbed from {climbed[0]:.4g} to {then} by "
         f"step {wasted} at lr {trainer_kw['lr']:g}; restarting from the start at lr {lr:g}")
     del trainer  # its optimizer state (2x the parameters) is not kept through the retried run
     model.load_state_dict(start)
@@ -484,7 +485,7 @@ class Race:
         # The parents' start trains first: one that its race steps take below every
         # anchor-side start's one-shot loss has overtaken what the anchor side starts
         # from, and continues without the anchor side spending any step (`_passes`);
-        # one that cannot get there is given up after warm-up (`_cannot_reach`).
+        # one that cannot get there is given up after twice its warm-up (`_cannot_reach`).
         anchor_side = [b for h, b in best.items() if h != "fold"]
         for g in sorted(best, key=lambda g: g != "fold"):
             row, model = best[g]
@@ -493,8 +494,7 @@ class Race:
             if g == "fold" and self._given_up(row, trainer, anchor_side):
                 row["seconds"] += time.perf_counter() - t0
                 side = min(anchor_side, key=lambda b: _ranked(b[0]))
-                return self._result(*side, None, "parents_start_cannot_reach_anchor_side", steps=0,
-                                    extra=trainer.done, why=_given_up_note(row, side[0]))
+                return self._result(*side, None, GIVEN_UP, steps=0, extra=trainer.done)
             trainer.run(self.steps - trainer.done)
             row["holdout_loss"] = self._loss(model, row["candidate"])
             row["seconds"] += time.perf_counter() - t0
@@ -528,13 +528,11 @@ class Race:
                           "steps_each": self.steps if steps is None else steps,
                           "holdout_examples": _n(self.holdout), "extra_steps": extra,
                           "candidates": self.rows}
-        if steps == 0 and (key == "only candidate" or self.kw["steps"]):
+        if steps == 0 and key != GIVEN_UP and (key == "only candidate" or self.kw["steps"]):
             why = why or ("the only start possible" if key == "only candidate" else
                           "the only kind of start (chosen one-shot on the held-out examples)")
             trained = f"; it trained all {self.kw['steps']} steps" if self.kw["steps"] else ""
-            given_up = key == "parents_start_cannot_reach_anchor_side"
-            report["race"]["note"] = (f"{row['candidate']} won the race as {why}" if given_up else
-                                      f"no race: {row['candidate']} is {why}") + trained
+            report["race"]["note"] = f"no race: {row['candidate']} is {why}{trained}"
         return model, trainer, report, row["one_shot"]
 
 
@@ -567,6 +565,7 @@ def _passes(parents_row, anchor_side) -> bool:
 
 
 REACH = 2  # a parents' start is given up if twice its mean rate so far cannot take it to the anchor side
+GIVEN_UP = "parents_start_cannot_reach_anchor_side"  # the race's chosen_by then
 
 
 def _cannot_reach(one_shot: float, loss: float, done: int, steps: int, anchor_side) -> bool:
@@ -575,19 +574,13 @@ def _cannot_reach(one_shot: float, loss: float, done: int, steps: int, anchor_si
     one-shot loss even improving at REACH times its mean rate so far: loss
     curves flatten, so it cannot pass it, and the rest of its race steps would
     be spent for nothing. The pydoc LLaMA depth case (8 x 64 -> 4 x 32, N = 60):
-    the fold of a parent falls 4.472 -> 4.453 in 12 steps against the anchor's
+    the fold of a parent falls 4.472 -> 4.464 in 12 steps against the anchor's
     4.260 one-shot; it was 4.421 after its 30 race steps, and the anchor won every
     seed, spending 1.5 N against a control (the anchor distilled) given 1.5 N.
     Where the parents' start overtakes (pydoc BERT depth: 5.80 -> 5.40 by step
     20, the anchor's one-shot 5.32) its rate so far is many times what it needs."""
     rate = max(0.0, one_shot - loss) / done
     return not _below_anchor_side(loss - REACH * rate * (steps - done), anchor_side)
-
-
-def _given_up_note(row, side_row) -> str:
-    return (f"the best anchor-side start; the parents' best start ({row['candidate']}) was given up after "
-            f"{row['given_up_after']} race steps, its held-out loss {row['holdout_loss']:.4g} too far above "
-            f"{side_row['one_shot_holdout_loss']:.4g} for its rate so far to get there")
 
 
 def _below_anchor_side(loss, anchor_side) -> bool:

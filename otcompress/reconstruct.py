@@ -152,6 +152,12 @@ def measure_deeper(parent, dmap, spec, modules: dict, data, max_tokens: int) -> 
     block does not normalise its own output (pre-norm): a post-norm block's
     norm would not pass a sum through."""
     from otcompress import depth
+    joins = _joins(spec, modules)
+    bare = [j for j in range(len(dmap.kept)) if j not in joins]
+    if bare:  # no supported family has such a block; a new one's file would need a writer to refit
+        raise UnsupportedArchitectureError(
+            f"reconstruct: target block {bare[0]} has no refitted residual writer, which carries what the "
+            "parent's dropped blocks added to the stream; fuse without reconstruction (--reconstruct off)")
     source = {m: depth.kept_name(parent.config, m, dmap.kept) for m in modules}
     # One pass reads the layers and the stream: every block's output (the next one's input).
     blocks = [f"{depth.blocks_path(parent)}.{i}" for i in range(dmap.parent_depth)]
@@ -160,12 +166,6 @@ def measure_deeper(parent, dmap, spec, modules: dict, data, max_tokens: int) -> 
     stream = {i + 1: outs[b] for i, b in enumerate(blocks)}
     if dmap.kept[0] > 0:  # blocks dropped before the first kept one: the stream they started from
         stream[0] = _capture(parent, blocks[:1], data, "in", max_tokens, stop=True)[blocks[0]]
-    joins = _joins(spec, modules)
-    bare = [j for j in range(len(dmap.kept)) if j not in joins]
-    if bare:  # no supported family has such a block; a new one's file would need a writer to refit
-        raise UnsupportedArchitectureError(
-            f"reconstruct: target block {bare[0]} has no refitted residual writer to carry the dropped blocks' "
-            "change to the stream; fuse with --reconstruct off")
     read = 0  # the parent's stream that the target block reads: after the previous kept block
     for j, k in enumerate(dmap.kept):
         if k != read:

@@ -98,17 +98,18 @@ def test_one_kind_of_start_is_chosen_one_shot_and_trains_all_steps(digits, monke
     assert "No race:" in card and "trained all 4 steps" in card
 
 
-def test_a_real_race_counts_the_losers_steps(digits, monkeypatch):
+@pytest.mark.parametrize("n", [8, 40])  # at 40 the parents' start is checked after its warm-up, and kept
+def test_a_real_race_counts_the_losers_steps(digits, monkeypatch, n):
     anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
     ft.finetune(anchor, digits, steps=40, lr=3e-3, batch_size=32)  # ahead of anything the fold reaches in 4 steps
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     steps = _count_steps(monkeypatch)
     # Without reconstruct these random parents' fold starts behind the anchor, so the race is run.
-    _, report = pipeline.run(anchor, parents, {"finetune_steps": 8, "batch_size": 32, "samples": 64,
+    _, report = pipeline.run(anchor, parents, {"finetune_steps": n, "batch_size": 32, "samples": 64,
                                                "reconstruct": "off"}, data=digits)
     race = report["race"]
-    assert race["steps_each"] == 4 and "note" not in race
-    assert len(steps) == 8 + race["extra_steps"] and race["extra_steps"] == 4
+    assert race["chosen_by"] == "holdout_loss" and race["steps_each"] == n // 2 and "note" not in race
+    assert len(steps) == n + race["extra_steps"] == report["steps_spent"] and race["extra_steps"] == n // 2
 
 
 def test_evaluate_reports_every_batch(digits):

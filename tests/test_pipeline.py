@@ -1,5 +1,6 @@
 """The fuse workflow as a library call: the starting-point race, resumable
 training, held-out splits, fold targets from the command line."""
+import copy
 import json
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def test_a_parents_start_that_cannot_reach_the_anchor_side_is_given_up(digits, t
     assert not any("holdout_loss" in c for c in side)
     assert len(steps) == 50 and all(m is model for m in steps[check:])  # the given-up start, then the winner
     assert report["finetune"]["steps"] == 40 and report["steps_spent"] == 50
-    assert "given up after 10 race steps" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "note" not in race and "## Starting-point race" in card
+    assert "trained the first 10 steps of the run (distilled from the parents) and was given up there" in card
+    assert f"so **{race['winner']}** trained every step of the run" in card and "| fold: all parents |" in card
 
 
 def test_cannot_reach_projects_the_rate_so_far():
@@ -319,7 +323,7 @@ def test_an_embedding_run_whose_loss_climbs_restarts_from_the_start_at_a_tenth_o
     assert "restarted from the start at lr 0.02" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_an_embedding_run_whose_loss_becomes_nan_restarts_at_a_tenth_of_the_lr(tmp_path):
+def test_an_embedding_run_whose_loss_becomes_nan_restarts_at_a_tenth_of_the_lr(tmp_path, monkeypatch):
     """A NaN loss in an embedding run's first steps is the steepest climb: the
     run restarts from the start at lr / 10 (exactly a run at that lr), the
     steps before it count; NaN at lr / 10 too is the one-line error."""
@@ -328,15 +332,29 @@ def test_an_embedding_run_whose_loss_becomes_nan_restarts_at_a_tenth_of_the_lr(t
     recipe = {"finetune_steps": 40, "batch_size": 16, "samples": 64}
     run = lambda lr, out=None: pipeline.run(None, [parent], {**recipe, "lr": lr}, out, data=data,  # noqa: E731
                                             target={"hidden": 16, "heads": 2, "intermediate": 32})[1]
+    steps = []  # every step begun, the one that meets NaN included (its forward pass ran)
+    step = ft.Trainer._step
+    monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(1), step(self))[1])
     hot = run(30.0, tmp_path / "out")
     restart = hot["finetune"]["restart"]
     assert restart["lr"] == pytest.approx(3.0) and restart["loss_at_check"] is None
-    assert 0 < restart["wasted_steps"] < ft.climb_check(40, 0.1)  # it met NaN before the check
-    assert hot["steps_spent"] == 40 + restart["wasted_steps"]
+    assert 0 < restart["wasted_steps"] < ft.climb_check(40, 0.1)  # NaN before the check
+    assert len(steps) == hot["steps_spent"] == 40 + restart["wasted_steps"]
     assert hot["finetune"]["final_loss"] == run(3.0)["finetune"]["final_loss"]
     assert "to NaN/Inf in" in (tmp_path / "out" / "README.md").read_text()
     with pytest.raises(DivergedError, match=r"\(lr=10.0\); try a lower lr"):
         run(100.0)  # restarted at 10: NaN again, and only one restart
+
+
+def test_a_nan_loss_before_any_update_is_never_blamed_on_the_lr(digits):
+    """Finite outputs but a NaN loss at step 0 (no labelled position in the
+    batch): the data, not the lr, so no restart can help."""
+    bad = copy.copy(digits)
+    bad.splits = {k: dict(v) for k, v in digits.splits.items()}
+    bad.splits["train"]["labels"] = digits.splits["train"]["labels"].clone().fill_(-100)
+    with pytest.raises(InvalidOptionError, match="before any training step") as err:
+        ft.finetune(M.vit(), bad, steps=3, lr=1e-3, batch_size=16)
+    assert not isinstance(err.value, DivergedError)
 
 
 def test_a_task_heads_climbing_run_is_not_restarted(digits):
