@@ -74,13 +74,14 @@ def depth(config) -> int:
     return config.num_hidden_layers
 
 
-def check_depths(anchor_cfg, parent_cfgs) -> None:
-    """An anchor deeper than a parent cannot be made from it (one line, both depths)."""
+def check_depths(anchor_cfg, parent_cfgs, what: str = "the anchor") -> None:
+    """An anchor (or fold target: `what`) deeper than a parent cannot be made
+    from it (one line, both depths)."""
     for k, cfg in enumerate(parent_cfgs, 1):
         if depth(cfg) < depth(anchor_cfg):
             raise IncompatibleModelsError(
-                f"depth mismatch: the anchor has {depth(anchor_cfg)} blocks, parent {k} only {depth(cfg)}; "
-                "a parent must be at least as deep as the anchor")
+                f"depth mismatch: {what} has {depth(anchor_cfg)} blocks, parent {k} only {depth(cfg)}; "
+                f"a parent must be at least as deep as {what}")
 
 
 # ----------------------------------------------------------------------------- blocks by name

@@ -380,6 +380,12 @@ def test_the_mission_command_with_deeper_parents(zoo, tmp_path, capsys):
     assert code == 0, err
     assert T.ViTForImageClassification.from_pretrained(merged).config.num_hidden_layers == 1
     assert "3 -> 1 blocks, parallel" in (merged / "README.md").read_text()
+    too_deep = tmp_path / "too_deep"
+    code, stdout, err = run(capsys, "fuse", "--parents", zoo / "deep", "--layers", 4, "--hidden", 16, "--heads", 2,
+                            "--out", too_deep)
+    assert code == 2 and not too_deep.exists()
+    assert err.strip().splitlines()[-1] == ("error: depth mismatch: the fold target has 4 blocks, parent 1 only 3; "
+                                            "a parent must be at least as deep as the fold target")
 
 
 def _depth_maps(report):

@@ -192,7 +192,7 @@ def test_an_anchor_deeper_than_a_parent_is_refused():
     deep, shallow = M.vit(layers=3), M.vit(layers=2, seed=1)
     with pytest.raises(IncompatibleModelsError, match="anchor has 3 blocks, parent 1 only 2"):
         otcompress.fuse(deep, [shallow])
-    with pytest.raises(IncompatibleModelsError, match="anchor has 3 blocks, parent 1 only 2"):
+    with pytest.raises(IncompatibleModelsError, match="the fold target has 3 blocks, parent 1 only 2"):
         otcompress.fuse(target_config(shallow.config, layers=3), [shallow], alignment="fold")
     with pytest.raises(IncompatibleModelsError, match="deeper target"):
         architectures.check_fold_target(target_config(shallow.config, layers=3), [shallow.config])

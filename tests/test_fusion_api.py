@@ -109,8 +109,8 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_incompatible_models():
-    with pytest.raises(IncompatibleModelsError, match="depth mismatch"):  # deeper parents are depth-mapped
-        otcompress.fuse(M.vit(layers=3), [M.vit()])
+    with pytest.raises(IncompatibleModelsError, match="depth mismatch: the anchor has 3 blocks, parent 1 only 2"):
+        otcompress.fuse(M.vit(layers=3), [M.vit()])  # (deeper parents are depth-mapped)
     with pytest.raises(IncompatibleModelsError, match="model-type mismatch"):
         otcompress.fuse(M.vit(), [M.bert()])
     with pytest.raises(IncompatibleModelsError, match="vocabulary mismatch"):
