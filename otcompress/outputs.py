@@ -276,17 +276,16 @@ def _jsonable(o):
 def model_card(report: dict) -> str:
     """A Hub-style model card: YAML front matter, then how the model was made."""
     o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
-    fold = o["alignment"] == "fold"
+    from_parents = o["alignment"] in ("fold", "prune")  # built from the parents alone: no anchor weights
     target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
     front = {
         "base_model": [*([] if target else [report["anchor"]]), *report["parents"]],
         "library_name": "transformers",
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
-    how = ("The parents' units were clustered (folded) through every block into the target widths "
-           "and merged; no anchor's weights were used." if fold else
-           "The parents were aligned to the anchor with transport maps through every block and "
-           "averaged into the anchor's architecture and width.")
+    how = _how_made(o) if from_parents else (
+        "The parents were aligned to the anchor with transport maps through every block and "
+        "averaged into the anchor's architecture and width.")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         "# OT-fused model", "",
@@ -297,8 +296,7 @@ def model_card(report: dict) -> str:
         f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}",
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",
-        f"- mixing weights{'' if fold else ' (anchor first)'}: "
-        f"{', '.join(f'{w:.3g}' for w in o.get('weights') or [])}",
+        _weights_line(o, from_parents),
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
     lines += _depth_lines(report.get("depth_maps") or [])
@@ -337,6 +335,35 @@ def model_card(report: dict) -> str:
                   f"alignment {t['align']:.1f} s). See `fusion_report.json` for per-map transport "
                   "statistics.", ""]
     return "\n".join(lines)
+
+
+def _parent_weights(o) -> list:
+    """A fold's or prune's weights of the parents it used: the anchor's share
+    (first) is never used, the rest renormalised (`fusion._fold_and_fuse`)."""
+    mix = list(o.get("weights") or [])[1:]
+    return [w / sum(mix) for w in mix] if mix and sum(mix) > 0 else mix
+
+
+def _how_made(o) -> str:
+    several = len(_parent_weights(o)) > 1
+    if o["alignment"] == "prune":
+        return ("Each parent's most important units were kept (pruned) through every block into the target "
+                "widths, as a structured-pruning tool does, and the pruned parents merged; no anchor's weights "
+                "were used." if several else
+                "One parent's most important units were kept (pruned) through every block into the target "
+                "widths, as a structured-pruning tool does; no anchor's weights were used.")
+    return ("The parents' units were clustered (folded) through every block into the target widths and merged; "
+            "no anchor's weights were used." if several else
+            "One parent's units were clustered (folded) through every block into the target widths; no "
+            "anchor's weights were used.")
+
+
+def _weights_line(o, from_parents: bool) -> str:
+    if not from_parents:
+        return f"- mixing weights (anchor first): {', '.join(f'{w:.3g}' for w in o.get('weights') or [])}"
+    w = _parent_weights(o)
+    return (f"- the parents' mixing weights: {', '.join(f'{x:.3g}' for x in w)}" if len(w) > 1 else
+            "- built from one parent (its weight 1)")
 
 
 def _race_outcome(race: dict) -> str:

@@ -84,6 +84,18 @@ def test_anchor_free_fold_card_and_config_say_fold(z, tmp_path, capsys):
     assert yaml.safe_load((out / "otcompress_config.yaml").read_text())["alignment"] == "fold"
 
 
+def test_a_pruned_start_card_says_pruned_from_one_parent(z, tmp_path, capsys):
+    """A prune of one parent into the anchor's shape (as the race may choose)
+    used no anchor weights: the card must not say it was averaged into them."""
+    out = tmp_path / "pruned"
+    assert run(capsys, "fuse", "--anchor", z / "anchor", "--parents", z / "wide", "--alignment", "prune",
+               "--out", out, "-q")[0] == 0
+    card = (out / "README.md").read_text()
+    assert "One parent's most important units were kept (pruned)" in card and "no anchor's weights" in card
+    assert "averaged into the anchor" not in card and "anchor first" not in card
+    assert "- built from one parent (its weight 1)" in card
+
+
 @pytest.mark.parametrize("command", ["eval", "export", "profile", "families", "profiles", "demo", "fuse",
                                      "finetune"])
 def test_every_command_help_has_examples(capsys, command):
