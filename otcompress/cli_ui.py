@@ -57,7 +57,8 @@ class UI:
 
     def result(self, obj):
         if self.as_json:
-            click.echo(json.dumps(obj, default=str))
+            from otcompress.outputs import json_safe
+            click.echo(json.dumps(json_safe(obj), default=str, allow_nan=False))
 
 
 class _Progress:

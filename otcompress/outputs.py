@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -256,7 +257,19 @@ def copy_sentence_transformers(source, dest: Path, hidden_size: int) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    path.write_text(json.dumps(json_safe(obj), indent=2, default=_jsonable, allow_nan=False) + "\n")
+
+
+def json_safe(obj):
+    """`obj` with every NaN/Inf float as None: JSON has no such numbers, and a
+    file with them (Python writes NaN) is refused by strict readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_yaml(path: Path, obj) -> None:
@@ -267,7 +280,7 @@ def _jsonable(o):
     try:
         import torch
         if isinstance(o, torch.Tensor):
-            return o.tolist()
+            return json_safe(o.tolist())
     except ImportError:  # pragma: no cover
         pass
     return str(o)

@@ -84,6 +84,21 @@ def test_anchor_free_fold_card_and_config_say_fold(z, tmp_path, capsys):
     assert yaml.safe_load((out / "otcompress_config.yaml").read_text())["alignment"] == "fold"
 
 
+def test_reports_are_strict_json_with_no_nan(tmp_path):
+    """A NaN or Inf anywhere in a report (a diverged held-out loss, a tensor)
+    is written as null: strict JSON readers refuse NaN."""
+    import json
+    import torch
+    from otcompress import outputs
+    path = tmp_path / "r.json"
+    outputs.write_json(path, {"loss": float("nan"), "rows": [{"x": float("inf")}, 1.5], "t": torch.tensor([1.0, float("nan")])})
+
+    def refuse(constant):
+        raise ValueError(constant)
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"loss": None, "rows": [{"x": None}, 1.5],
+                                                                     "t": [1.0, None]}
+
+
 def test_a_pruned_start_card_says_pruned_from_one_parent(z, tmp_path, capsys):
     """A prune of one parent into the anchor's shape (as the race may choose)
     used no anchor weights: the card must not say it was averaged into them."""
