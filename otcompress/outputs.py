@@ -292,7 +292,7 @@ def model_card(report: dict) -> str:
     from_parents = o["alignment"] in ("fold", "prune")  # built from the parents alone: no anchor weights
     target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
     front = {
-        "base_model": [*([] if target else [report["anchor"]]), *report["parents"]],
+        "base_model": [*([] if target or from_parents else [report["anchor"]]), *report["parents"]],
         "library_name": "transformers",
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
@@ -305,7 +305,7 @@ def model_card(report: dict) -> str:
         "Made by [otcompress](https://arxiv.org/abs/2310.05719): heterogeneous Optimal-Transport "
         f"fusion (Imfeld et al., ICLR 2024). {how}", "",
         "## Recipe", "",
-        f"- {'target' if target else 'anchor'}: `{report['anchor']}`",
+        f"- {'target' if target else 'anchor (its shape only)' if from_parents else 'anchor'}: `{report['anchor']}`",
         f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}",
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",

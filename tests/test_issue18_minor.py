@@ -108,7 +108,8 @@ def test_a_pruned_start_card_says_pruned_from_one_parent(z, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "One parent's most important units were kept (pruned)" in card and "no anchor's weights" in card
     assert "averaged into the anchor" not in card and "anchor first" not in card
-    assert "- built from one parent (its weight 1)" in card
+    assert "- built from one parent (its weight 1)" in card and "- anchor (its shape only): `" in card
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == [str(z / "wide")]  # no anchor weights in it
 
 
 @pytest.mark.parametrize("command", ["eval", "export", "profile", "families", "profiles", "demo", "fuse",
