@@ -189,23 +189,29 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
 
 
 def _train(model, data, trainer_kw, log):
-    """Finetune a start all N steps. An embedding model's run whose loss
-    climbs after warm-up (`finetune.climb`) is collapsing a start better than
-    the lr allows for, and does not recover (all-MiniLM-L6-v2 reconstructed
-    to 192 wide, lr 1e-3: the similarity loss doubles by step 20, Pearson
-    falls from 0.44 one-shot to 0.09 / 0.16 / 0.09 over 3 seeds): it restarts
-    once from the start at lr / BACK_OFF (0.53 / 0.56 / 0.55), as does one whose
-    loss becomes NaN before the check (a second one is the one-line error); the steps it
-    spent count (the returned trainer's `restart`, read by `run`; `steps_spent`). A task head's climb is a
-    transient that training recovers from, and restarting it measured worse
-    (digits 4 -> 2 blocks x 32, lr tuned: 96.81 against 97.33): it is left
-    alone."""
-    n = trainer_kw["steps"]
+    """Finetune a start all N steps (`_started`, then the rest)."""
+    return _started(model, data, trainer_kw, log).run(trainer_kw["steps"])
+
+
+def _started(model, data, trainer_kw, log, upto=None):
+    """A Trainer of `model` that has trained the first steps of its N-step
+    run, to the climb check (`finetune.climb_check`, at most `upto`). An
+    embedding model's run whose loss climbs by then (`finetune.climb`) is
+    collapsing a start better than the lr allows for, and does not recover
+    (all-MiniLM-L6-v2 reconstructed to 192 wide, lr 1e-3: the similarity loss
+    doubles by step 20, Pearson falls from 0.44 one-shot to 0.09 / 0.16 / 0.09
+    over 3 seeds): it restarts once from the start at lr / BACK_OFF (0.53 /
+    0.56 / 0.55), as does one whose loss becomes NaN before the check (a
+    second one is the one-line error); the steps it spent count (the returned
+    trainer's `restart`, read by `run` and the race; `steps_spent`). A task
+    head's climb is a transient that training recovers from, and restarting
+    it measured worse (digits 4 -> 2 blocks x 32, lr tuned: 96.81 against
+    97.33): it is left alone."""
     trainer = ft.Trainer(model, data, **trainer_kw)
+    check = min(ft.climb_check(trainer_kw["steps"], trainer.warmup), upto or trainer_kw["steps"])
     if trainer.pooling is None or trainer.world > 1:  # several processes: no one decision (untested: no GPUs)
-        return trainer.run(n)
+        return trainer.run(check)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    check = ft.climb_check(n, trainer.warmup)
     before = trainer.loss_before(max(1, check // 4))
     try:
         trainer.run(check)
@@ -213,8 +219,7 @@ def _train(model, data, trainer_kw, log):
     except DivergedError:  # NaN/Inf before the check: the steepest climb (at lr / BACK_OFF it may not)
         climbed = (before, math.inf)
     if climbed is None:
-        del start
-        return trainer.run(n)
+        return trainer
     lr = trainer_kw["lr"] / ft.BACK_OFF
     wasted = trainer.done + (climbed[1] == math.inf)  # the step that met NaN computed its forward pass
     then = f"{climbed[1]:.4g}" if math.isfinite(climbed[1]) else "NaN/Inf"
@@ -223,11 +228,16 @@ def _train(model, data, trainer_kw, log):
     del trainer  # its optimizer state (2x the parameters) is not kept through the retried run
     model.load_state_dict(start)
     del start
-    retried = ft.Trainer(model, data, **{**trainer_kw, "lr": lr}).run(n)
+    retried = ft.Trainer(model, data, **{**trainer_kw, "lr": lr}).run(check)
     retried.restart = {"lr_before": trainer_kw["lr"], "lr": lr, "wasted_steps": wasted,
                        "loss_before": round(climbed[0], 6),
                        "loss_at_check": round(climbed[1], 6) if math.isfinite(climbed[1]) else None}
     return retried
+
+
+def _wasted(trainer) -> int:
+    """The steps a trainer's run threw away restarting (`_started`)."""
+    return (trainer.restart or {}).get("wasted_steps", 0)
 
 
 def steps_spent(report: dict) -> int:
@@ -490,11 +500,13 @@ class Race:
         for g in sorted(best, key=lambda g: g != "fold"):
             row, model = best[g]
             t0 = time.perf_counter()
-            trainer = ft.Trainer(model, self.train, **self.kw)
+            trainer = _started(model, self.train, self.kw, log, upto=self.steps)
+            if trainer.restart:
+                row["restart"] = trainer.restart
             if g == "fold" and self._given_up(row, trainer, anchor_side):
                 row["seconds"] += time.perf_counter() - t0
                 side = min(anchor_side, key=lambda b: _ranked(b[0]))
-                return self._result(*side, None, GIVEN_UP, steps=0, extra=trainer.done)
+                return self._result(*side, None, GIVEN_UP, steps=0, extra=trainer.done + _wasted(trainer))
             trainer.run(self.steps - trainer.done)
             row["holdout_loss"] = self._loss(model, row["candidate"])
             row["seconds"] += time.perf_counter() - t0
@@ -502,17 +514,18 @@ class Race:
             if g == "fold" and _passes(row, anchor_side):
                 return self._result(row, model, trainer, "holdout_loss_below_anchor_side_one_shot")
         row, model, trainer = min(trained, key=lambda b: b[0]["holdout_loss"])
-        # The steps the losers trained (the winner's race steps are part of its N).
-        extra = sum(t.done for r, _, t in trained if r is not row)
+        # The steps the losers trained (the winner's race steps are part of its N, its restart's
+        # are counted with its run's).
+        extra = sum(t.done + _wasted(t) for r, _, t in trained if r is not row)
         return self._result(row, model, trainer, "holdout_loss", extra=extra)
 
     def _given_up(self, row, trainer, anchor_side) -> bool:
-        """Trains the parents' start to twice its warm-up, if that is inside
-        its race steps, and says whether it is given up there (`_cannot_reach`)."""
-        check = ft.climb_check(self.kw["steps"], trainer.warmup)
+        """Whether the parents' start, trained to twice its warm-up (`_started`),
+        is given up there, if that is inside its race steps (`_cannot_reach`)."""
+        check = trainer.done
         if check >= self.steps:
             return False
-        loss = self._loss(trainer.run(check).model, row["candidate"])
+        loss = self._loss(trainer.model, row["candidate"])
         if not _cannot_reach(row["one_shot_holdout_loss"], loss, check, self.steps, anchor_side):
             return False
         row.update(holdout_loss=loss, given_up_after=check)

@@ -346,6 +346,30 @@ def test_an_embedding_run_whose_loss_becomes_nan_restarts_at_a_tenth_of_the_lr(t
         run(1e4)  # restarted at 1000: NaN again within a few steps, and only one restart
 
 
+def test_a_raced_embedding_start_whose_loss_climbs_restarts_in_the_race(monkeypatch):
+    """The race trains its starts through the same climb check as a lone
+    run: a collapsing parents' start restarts at lr / 10 inside the race
+    (it is not disqualified by an lr too high for it), the steps it threw
+    away count, and the row says so."""
+    parent = M.vit(hidden=32, heads=4, inter=64, seed=2, cls=T.ViTModel)
+    data = load_data("digits", parent)
+    small = {"hidden": 16, "heads": 2, "intermediate": 32}
+    recipe = {"finetune_steps": 40, "batch_size": 16, "samples": 64}
+    anchor, _ = pipeline.run(None, [parent], {**recipe, "finetune_steps": 60}, data=data, target=small)
+    steps = []
+    step = ft.Trainer._step
+    monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(1), step(self))[1])
+    _, report = pipeline.run(anchor, [parent], {**recipe, "lr": 0.2, "reconstruct": "off"}, data=data)
+    race = report["race"]
+    fold = next(c for c in race["candidates"] if c["group"] == "fold")
+    assert fold["restart"]["lr"] == pytest.approx(0.02) and fold["restart"]["wasted_steps"] == 10
+    assert fold["restart"]["loss_at_check"] > ft.CLIMB * fold["restart"]["loss_before"]
+    # far from the distilled anchor, it is then given up: its steps and its restart's count
+    assert race["chosen_by"] == pipeline.GIVEN_UP and fold["given_up_after"] == 10
+    assert race["extra_steps"] == 10 + 10
+    assert len(steps) == report["steps_spent"]  # every step any run took, its restarts' included
+
+
 def test_a_nan_loss_before_any_update_is_never_blamed_on_the_lr(digits):
     """Finite outputs but a NaN loss at step 0 (no labelled position in the
     batch): the data, not the lr, so no restart can help."""
