@@ -80,13 +80,20 @@ def climb_check(steps: int, warmup: float) -> int:
     return min(steps // 2, max(10, 2 * math.ceil(warmup * steps)))
 
 
+def climb_window(check: int) -> int:
+    """How many steps before `check` the climb is averaged over: a quarter."""
+    return max(1, check // 4)
+
+
 def climb(start_loss: float, losses: list, check: int):
-    """(`start_loss`, the mean training loss over the quarter of the steps
-    before `check`) where the latter is CLIMB times the former and more than
-    CLIMB_FLOOR above it, else None.
-    Each batch is scored before the step that trains on it, so in the first
-    epoch both are losses on batches the model has not trained on."""
-    window = max(1, check // 4)
+    """(`start_loss`, the mean training loss over the climb window before
+    `check`) where the latter is CLIMB times the former and more than
+    CLIMB_FLOOR above it, else None. `start_loss` is the start's own loss on
+    the window's batches (`Trainer.loss_before`): a pair on the same batches,
+    so batch-to-batch noise is no climb. Each batch is scored before the step
+    that trains on it, so in the first epoch both are losses on batches the
+    model has not trained on."""
+    window = climb_window(check)
     if len(losses) < check or check < 1:
         return None
     then = sum(losses[check - window:check]) / window
@@ -347,11 +354,13 @@ class Trainer:
         self.seconds += time.perf_counter() - start
         return self
 
-    def loss_before(self, n: int) -> float:
-        """The model's mean loss, as it is now, on the first `n` batches of
-        this run's stream (in training mode, as the steps score them), without
-        training on them: the run's stream and RNG are untouched."""
+    def loss_before(self, n: int, skip: int = 0) -> float:
+        """The model's mean loss, as it is now, on `n` batches of this run's
+        stream after its first `skip` (in training mode, as the steps score
+        them), without training on them: the run's stream and RNG are untouched."""
         batches, total = _train_batches(self.data, self.batch_size, self.seed), 0.0
+        for _ in range(skip):
+            next(batches)
         with _seeded(self.seed + 7, self.device), torch.no_grad():
             self.scorer.train()
             for _ in range(n):

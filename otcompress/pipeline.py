@@ -208,11 +208,14 @@ def _started(model, data, trainer_kw, log, upto=None):
     it measured worse (digits 4 -> 2 blocks x 32, lr tuned: 96.81 against
     97.33): it is left alone."""
     trainer = ft.Trainer(model, data, **trainer_kw)
-    check = min(ft.climb_check(trainer_kw["steps"], trainer.warmup), upto or trainer_kw["steps"])
+    check = ft.climb_check(trainer_kw["steps"], trainer.warmup)
+    if upto is not None and upto < check:  # a race too short to show a climb: not judged in it
+        return trainer.run(upto)
     if trainer.pooling is None or trainer.world > 1:  # several processes: no one decision (untested: no GPUs)
         return trainer.run(check)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    before = trainer.loss_before(max(1, check // 4))
+    window = ft.climb_window(check)
+    before = trainer.loss_before(window, skip=check - window)  # the batches the climb is measured on
     try:
         trainer.run(check)
         climbed = ft.climb(before, trainer.losses, check)
