@@ -553,7 +553,7 @@ def _fold_and_fuse(spec, sds, align_opts, mix, heads, progress, done=None, mode=
                                     [heads[k]], _parent_progress(progress, k, len(sds) - 1), signals=[signals[k]])
         folds.append(sd)
         map_stats += st
-    w = [x / sum(mix[1:]) for x in mix[1:]]
+    w = inputs.parent_weights(mix)
     a = heads[0]
     same = [HeadShapes(a.anchor, a.anchor, (a.kv_heads[1], a.kv_heads[1]))] * (len(folds) - 1)
     sd, st = _align_and_average(spec, folds[0], folds[1:], align_opts, [None] * (len(folds) - 1), None,

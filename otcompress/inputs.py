@@ -171,6 +171,14 @@ def mixing_weights(weights, n_parents) -> list:
     return [w / s for w in weights]
 
 
+def parent_weights(weights) -> list:
+    """A fold's or prune's mixing weights of its parents, from the mixing
+    weights [anchor, parent 1, ...]: the anchor's share is never used (its
+    weights are not read), the parents' renormalised to sum 1."""
+    rest = [float(w) for w in weights][1:]
+    return [w / sum(rest) for w in rest]
+
+
 def _valid_filter(name: str) -> bool:
     return name == "only_cls" or (name.startswith("window_") and name[7:].isdigit() and int(name[7:]) > 0)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from otcompress.errors import InvalidOptionError
+from otcompress.inputs import FROM_PARENTS, parent_weights
 
 # Files a user expects beside the weights: tokenizer or image processor.
 PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -289,7 +290,7 @@ def _jsonable(o):
 def model_card(report: dict) -> str:
     """A Hub-style model card: YAML front matter, then how the model was made."""
     o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
-    from_parents = o["alignment"] in ("fold", "prune")  # built from the parents alone: no anchor weights
+    from_parents = o["alignment"] in FROM_PARENTS  # built from the parents alone: no anchor weights
     target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
     front = {
         "base_model": [*([] if target or from_parents else [report["anchor"]]), *report["parents"]],
@@ -351,10 +352,8 @@ def model_card(report: dict) -> str:
 
 
 def _parent_weights(o) -> list:
-    """A fold's or prune's weights of the parents it used: the anchor's share
-    (first) is never used, the rest renormalised (`fusion._fold_and_fuse`)."""
-    mix = list(o.get("weights") or [])[1:]
-    return [w / sum(mix) for w in mix] if mix and sum(mix) > 0 else mix
+    """The weights of the parents a fold or prune used (none recorded: [])."""
+    return parent_weights(o["weights"]) if o.get("weights") else []
 
 
 def _how_made(o) -> str:
