@@ -154,7 +154,11 @@ def check_options(alignment, solver, reg, residual, qk, token_filter, data, weig
         raise InvalidOptionError(f"activation dtype '{activation_dtype}': use float32 or bfloat16")
     if qk == "auto":
         qk = "shared" if solver == "emd" else "separate"
-    return {"qk": qk, "weights": mixing_weights(weights, len(parents))}
+    mixed = mixing_weights(weights, len(parents))
+    if alignment in FROM_PARENTS and sum(mixed[1:]) <= 0:
+        raise InvalidOptionError(f"weights: {'folding' if alignment == 'fold' else 'pruning'} never uses the "
+                                 "anchor's share, so the parents' weights must have a positive sum")
+    return {"qk": qk, "weights": mixed}
 
 
 def mixing_weights(weights, n_parents) -> list:

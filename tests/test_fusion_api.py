@@ -101,6 +101,7 @@ def test_vanilla_fusion_averages_and_rejects_unequal_shapes():
     (dict(residual="scalar"), InvalidOptionError, "calibration data"),
     (dict(solver="lp"), InvalidOptionError, "solver 'lp'"),
     (dict(weights=[1, 2, 3]), InvalidOptionError, "need 2 values"),
+    (dict(alignment="fold", weights=[1, 0]), InvalidOptionError, "parents' weights must have a positive sum"),
     (dict(token_filter="window_x"), InvalidOptionError, "token filter"),
 ])
 def test_bad_options(kwargs, error, match):
