@@ -7,3 +7,15 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 # Tiny models on a shared 2-core machine run faster on one thread (every test module).
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def race_random_parents(monkeypatch):
+    """Races with random parents, which are no better than a trained anchor:
+    the recipe would not race a start made from them (`pipeline._too_far_behind`);
+    tests of what a race does when it runs turn that rule off."""
+    from otcompress import pipeline
+    monkeypatch.setattr(pipeline, "_too_far_behind", lambda *losses: False)

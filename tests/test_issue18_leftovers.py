@@ -99,7 +99,7 @@ def test_one_kind_of_start_is_chosen_one_shot_and_trains_all_steps(digits, monke
 
 
 @pytest.mark.parametrize("n", [8, 40])  # at 40 the parents' start is checked after its warm-up, and kept
-def test_a_real_race_counts_the_losers_steps(digits, monkeypatch, n):
+def test_a_real_race_counts_the_losers_steps(digits, monkeypatch, n, race_random_parents):
     anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
     ft.finetune(anchor, digits, steps=40, lr=3e-3, batch_size=32)  # ahead of anything the fold reaches in 4 steps
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]

@@ -22,7 +22,8 @@ def digits():
 
 
 @pytest.mark.parametrize("n", [10, 40])  # at 40 the race checks after warm-up whether to give it up
-def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(digits, tmp_path, monkeypatch, n):
+def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(digits, tmp_path, monkeypatch, n,
+                                                                              race_random_parents):
     """The parents' start trains its race steps first; below every
     anchor-side start's one-shot loss by then, it continues and the anchor
     side trains no step: the run spends N, not 1.5 N."""
@@ -44,17 +45,14 @@ def test_a_parents_start_that_passes_the_anchor_side_one_shot_continues_alone(di
     assert "anchor side trained no step" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_a_parents_start_that_cannot_reach_the_anchor_side_is_given_up(digits, tmp_path, monkeypatch):
+def test_a_parents_start_that_cannot_reach_the_anchor_side_is_given_up(digits, tmp_path, monkeypatch,
+                                                                       race_random_parents):
     """A parents' start that, after twice its warm-up, would stay above the
     anchor side's one-shot loss even at REACH times its rate so far stops
     there: the anchor side's start trains all N steps, untrained in the race,
     and the run spends N plus those steps, not 1.5 N."""
     anchor, parents = _race_models(digits, steps=150, lr=1e-2)  # random parents' fold, a good anchor
-    steps = []
-    step = ft.Trainer._step
-    monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(self.model), step(self))[1])
-    recipe = {"finetune_steps": 40, "batch_size": 32, "samples": 64, "reconstruct": "off"}
-    model, report = pipeline.run(anchor, parents, recipe, tmp_path / "out", data=digits)
+    model, report, steps = _counted_run(anchor, parents, digits, tmp_path / "out", monkeypatch, 40)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
     fold, side = rows["fold: all parents"], [c for c in race["candidates"] if c["group"] != "fold"]
@@ -72,6 +70,53 @@ def test_a_parents_start_that_cannot_reach_the_anchor_side_is_given_up(digits, t
     assert "note" not in race and "## Starting-point race" in card
     assert "trained the first 10 steps of the run (distilled from the parents) and was given up there" in card
     assert f"so **{race['winner']}** trained every step of the run" in card and "| fold: all parents |" in card
+
+
+def test_a_parents_start_far_behind_parents_no_better_than_the_anchor_is_not_raced(digits, tmp_path,
+                                                                                     monkeypatch):
+    """Parents no better than the anchor side on the held-out examples have
+    nothing to give a start made from them: it is not raced, and the anchor
+    side's best start trains all N steps, spending N (with the rule off the
+    same race spends 50: the give-up test)."""
+    anchor, parents = _race_models(digits, steps=150, lr=1e-2)  # random parents, a good anchor
+    model, report, steps = _counted_run(anchor, parents, digits, tmp_path / "out", monkeypatch, 40)
+    race = report["race"]
+    side = [c for c in race["candidates"] if c["group"] != "fold"]
+    best_side = min(c["one_shot_holdout_loss"] for c in side)
+    assert race["chosen_by"] == pipeline.FAR_BEHIND_KEY and race["extra_steps"] == 0
+    assert race["winner"] == min(side, key=lambda c: c["one_shot_holdout_loss"])["candidate"]
+    _, holdout = pipeline.split_holdout(digits, seed=0)
+    assert race["parents_holdout_loss"] == pytest.approx([ft.evaluate(p, holdout)["loss"] for p in parents])
+    assert min(race["parents_holdout_loss"]) >= best_side  # random parents: no better than the anchor
+    assert not any("holdout_loss" in c for c in race["candidates"])  # no start trained in the race
+    assert len(steps) == 40 and all(m is model for m in steps) and report["steps_spent"] == 40
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "while the best parent itself was no better than it" in card and "trained all 40 steps" in card
+
+
+def test_too_far_behind_weighs_the_start_s_deficit_against_the_parents_lead():
+    # pydoc LLaMA 8 x 64 -> 4 x 32, seed 0 (one-shot held-out losses): the anchor won its races
+    assert pipeline._too_far_behind(4.4717, 4.2598, 4.2007)
+    # pydoc BERT 4 x 64 -> 2 x 32, seed 1: the parents' start won
+    assert not pipeline._too_far_behind(5.7993, 5.3186, 5.0359)
+    assert pipeline._too_far_behind(2.1, 2.0, 2.0) and pipeline._too_far_behind(2.01, 2.0, 2.1)  # no lead
+    assert not pipeline._too_far_behind(2.0 + 3 * 0.1 - 1e-9, 2.0, 1.9)  # just FAR_BEHIND times the lead
+    assert pipeline._too_far_behind(2.0 + 3 * 0.1 + 1e-9, 2.0, 1.9)
+    race = pipeline.Race(None, None, {"steps": 60, "device": "cpu"}, 30)
+    race.parent_losses = [4.2218, 4.2007]
+    why = race._far_behind_why({"candidate": "fold: parent 2", "one_shot_holdout_loss": 4.4717},
+                               {"one_shot_holdout_loss": 4.2598})
+    assert "(fold: parent 2) trailed it by 0.2119" in why
+    assert "3 times the best parent's own lead over it (0.0591)" in why
+
+
+def _counted_run(anchor, parents, digits, out, monkeypatch, n):
+    """(model, report, the model each training step trained) of the recipe, N = n."""
+    steps = []
+    step = ft.Trainer._step
+    monkeypatch.setattr(ft.Trainer, "_step", lambda self: (steps.append(self.model), step(self))[1])
+    recipe = {"finetune_steps": n, "batch_size": 32, "samples": 64, "reconstruct": "off"}
+    return (*pipeline.run(anchor, parents, recipe, out, data=digits), steps)
 
 
 def test_cannot_reach_projects_the_rate_so_far():
@@ -136,7 +181,7 @@ def _race_models(digits=None, steps=40, lr=3e-3):
     return anchor, parents
 
 
-def test_default_recipe_races_the_starting_points(digits, tmp_path):
+def test_default_recipe_races_the_starting_points(digits, tmp_path, race_random_parents):
     anchor, parents = _race_models(digits)
     # Without reconstruct these random parents' fold starts behind the anchor, so the race is run
     # (a fold that leads one-shot is not: test_reconstruct).
