@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -156,13 +157,15 @@ def _best_lr(lrs, trained_at, holdout, score, reference=None, spent=lambda extra
     whose `spent(extra)` steps are fewest: a run that climbed and restarted at
     lr / 10 trains the model the lower lr trains (all-MiniLM-L6-v2 -> 3 x 192:
     lr 1e-3 restarted at 1e-4, held-out loss equal to the 1e-4 run's but for
-    float noise) and spent 30 steps more, which its controls would then be given."""
+    float noise) and spent 30 steps more, which its controls would then be given.
+    A NaN/Inf loss (a diverged run) is never the best."""
     from otcompress.finetune import evaluate
 
     best = None
     for lr in lrs:
         m, extra = trained_at(lr)
-        key = (float(f"{evaluate(m, holdout, reference=reference)['loss']:.{TIE_DIGITS}g}"), spent(extra))
+        loss = evaluate(m, holdout, reference=reference)["loss"]
+        key = (float(f"{loss:.{TIE_DIGITS}g}") if math.isfinite(loss) else math.inf, spent(extra))
         if best is None or key < best[0]:
             best = (key, score(m), lr, extra)
     return best[1:]

@@ -239,7 +239,8 @@ def _started(model, data, trainer_kw, log, upto=None):
 
 
 def _loaded(parent_ms):
-    """The parents as models, or None where they are streamed from disk."""
+    """The parents as models, or None where they are streamed from disk (no
+    teachers, `_streamed`): the race then trains a start far behind too."""
     return parent_ms if all(isinstance(p, torch.nn.Module) for p in parent_ms) else None
 
 
@@ -455,8 +456,8 @@ class Race:
     anchor, or only the anchor-side starts), or a parents' start already ahead
     of every anchor-side start one-shot, there is nothing to race: it is
     returned untrained (trainer None) and the caller trains it all N steps.
-    So is the anchor side's start when the parents' start is given up
-    (`_cannot_reach`)."""
+    So is the anchor side's start when the parents' start is too far behind
+    it to race (`_too_far_behind`) or given up (`_cannot_reach`)."""
 
     def __init__(self, train, holdout, trainer_kw, steps, one_shot=None, reference=None, progress=None,
                  parents=None):
@@ -538,7 +539,9 @@ class Race:
         """Whether the parents' best start trails the anchor side one-shot by
         more than FAR_BEHIND times the best parent's own held-out lead over
         it (`_too_far_behind`); the parents' losses are scored only here."""
-        if self.parents is None or not anchor_side:
+        if self.parents is None or self.reference is not None or not anchor_side:
+            # Headless models are scored against the parents themselves: the target
+            # training distils towards, not a loss a parent has and a start regains.
             return False
         self.parent_losses = [self._loss(p, f"parent {k}") for k, p in enumerate(self.parents, 1)]
         side = min(r["one_shot_holdout_loss"] for r, _ in anchor_side)
@@ -650,8 +653,8 @@ def _too_far_behind(start: float, anchor_side: float, parent: float) -> bool:
     whose parents are barely better than the small model and whose anchor
     won every race, 3.6 / 3.9 / 3.5 over 3 seeds; pydoc BERT 4 x 64 -> 2 x 32,
     whose parents' start won every race, 2.0 / 1.7 / 2.0; digits trailed
-    by 0.2 or led."""
-    return start - anchor_side > FAR_BEHIND * (anchor_side - parent) or parent >= anchor_side
+    by 0.2 or led. Not for headless models (`Race._far_behind`)."""
+    return start - anchor_side > FAR_BEHIND * (anchor_side - parent)  # a parent no better: a lead <= 0
 
 
 def _below_anchor_side(loss, anchor_side) -> bool:

@@ -13,8 +13,7 @@ def fusion_summary(report, model, parents, recipe, trust_remote_code=False) -> l
     race = report.get("race")
     how = f"alignment {o.get('alignment')}"
     if race:
-        how = f"start {race['winner']} " + ("(not raced: the only one to train)" if race.get("note") else
-                                            f"(race, by {race['chosen_by'].replace('_', ' ')})")
+        how = f"start {race['winner']} " + _race_how(race)
     if o.get("alignment") in ("weights", "activations", "fold") and o.get("solver"):
         reg = o.get("reg")
         if o["solver"] == "emd":
@@ -58,3 +57,11 @@ def parameters_of(config):
             return count_parameters(cls(config))
     except Exception:  # noqa: BLE001 - a summary line only: no count rather than a failed run
         return None
+
+
+def _race_how(race) -> str:
+    from otcompress.pipeline import FAR_BEHIND_KEY
+    if race["chosen_by"] == FAR_BEHIND_KEY:
+        return "(not raced: the parents' start was too far behind it one-shot)"
+    return "(not raced: the only one to train)" if race.get("note") else \
+        f"(race, by {race['chosen_by'].replace('_', ' ')})"

@@ -225,7 +225,7 @@ def test_cli_export_logits_with_dynamic_axes_and_ort_parity(zoo, tmp_path, capsy
     assert rep["quantized"]["max_abs_diff_vs_fp32"] < 1.0
 
 
-def test_cli_fuse_decoders_with_pydoc_and_finetune(zoo, tmp_path, capsys):
+def test_cli_fuse_decoders_with_pydoc_and_finetune(zoo, tmp_path, capsys, race_random_parents):
     out = tmp_path / "fused"
     code, stdout, err = run(capsys, "fuse", "--anchor", zoo / "llama", "--parents", zoo / "llama_wide",
                             "--out", out, "--data", "pydoc", "--samples", 32, "--finetune-steps", 4,

@@ -118,6 +118,7 @@ def test_fuse_workflow_on_headless_models(tmp_path):
     rows = {c["candidate"]: c for c in report["race"]["candidates"]}
     assert set(rows) >= {"anchor", "fold: all parents", "fold: parent 1", "prune: parent 2"}
     assert rows["fold: all parents"]["lead"] == 1.0  # the embedding objective ranks it on its plain loss
+    assert "parents_holdout_loss" not in report["race"]  # the parents are the target: not far-behind judged
     metrics = report["metrics"]
     assert set(metrics) == {"anchor", "fused (one-shot)", "fused + 8 steps"}
     assert all(0 < m["loss"] and -1 <= m["similarity_pearson"] <= 1 for m in metrics.values())

@@ -102,12 +102,23 @@ def test_too_far_behind_weighs_the_start_s_deficit_against_the_parents_lead():
     assert pipeline._too_far_behind(2.1, 2.0, 2.0) and pipeline._too_far_behind(2.01, 2.0, 2.1)  # no lead
     assert not pipeline._too_far_behind(2.0 + 3 * 0.1 - 1e-9, 2.0, 1.9)  # just FAR_BEHIND times the lead
     assert pipeline._too_far_behind(2.0 + 3 * 0.1 + 1e-9, 2.0, 1.9)
-    race = pipeline.Race(None, None, {"steps": 60, "device": "cpu"}, 30)
+    race = pipeline.Race(None, None, {"steps": 60, "device": "cpu"}, 30, parents=["A", "B"])
+    losses = {"A": 1.9, "B": 2.5}
+    race._loss = lambda model, name: losses[model]
+    side = [({"one_shot_holdout_loss": 2.0}, None)]
+    assert not race._far_behind({"one_shot_holdout_loss": 2.2}, side)  # the best parent leads by 0.1
+    assert race.parent_losses == [1.9, 2.5]
+    losses["A"] = 2.05  # now no parent leads
+    assert race._far_behind({"one_shot_holdout_loss": 2.2}, side)
+    race.reference = ["A", "B"]  # headless models: scored against the parents themselves, not judged
+    assert not race._far_behind({"one_shot_holdout_loss": 2.2}, side)
     race.parent_losses = [4.2218, 4.2007]
     why = race._far_behind_why({"candidate": "fold: parent 2", "one_shot_holdout_loss": 4.4717},
                                {"one_shot_holdout_loss": 4.2598})
     assert "(fold: parent 2) trailed it by 0.2119" in why
     assert "3 times the best parent's own lead over it (0.0591)" in why
+    from otcompress.summary import _race_how  # the command line's summary line
+    assert "too far behind" in _race_how({"chosen_by": pipeline.FAR_BEHIND_KEY, "note": why})
 
 
 def _counted_run(anchor, parents, digits, out, monkeypatch, n):
