@@ -651,7 +651,9 @@ def _too_far_behind(start: float, anchor_side: float, parent: float) -> bool:
     up (`_cannot_reach`), steps a fair control is given too. Measured one-shot
     on held-out train text (trailing / lead): pydoc LLaMA 8 x 64 -> 4 x 32,
     whose parents are barely better than the small model and whose anchor
-    won every race, 3.6 / 3.9 / 3.5 over 3 seeds; pydoc BERT 4 x 64 -> 2 x 32,
+    won every race, 3.6 / 3.9 / 3.5 over 3 seeds (not raced, the recipe
+    spends N and ties the anchor distilled, which it lost to by 0.028 when
+    the race gave the start up after 12 steps); pydoc BERT 4 x 64 -> 2 x 32,
     whose parents' start won every race, 2.0 / 1.7 / 2.0; digits trailed
     by 0.2 or led. Not for headless models (`Race._far_behind`)."""
     return start - anchor_side > FAR_BEHIND * (anchor_side - parent)  # a parent no better: a lead <= 0
