@@ -14,6 +14,8 @@ help texts of `pydoc_data.topics`, fixed 90/10 split, WordPiece vocabulary
          hidden 32 (2 heads, 1 key/value head, MLP 64; head width 16 in
          both); the small model is that shape trained 400 steps (seed 3).
          Metric: held-out next-token loss (perplexity beside it).
+  llama-weak  the same with the small model trained 100 steps, not 400:
+         parents with much to give it.
 
 Arms (as benchmarks/compress_depth.py): every arm gets B = 1.5 N steps (the
 default recipe's race spends N + N/2), the same distillation loop (AdamW,
@@ -37,6 +39,7 @@ LLaMA's dependency groups under transformers 5.x. Threads: 1.
 
     python benchmarks/compress_depth_text.py --case bert [--quick]
     python benchmarks/compress_depth_text.py --case llama [--quick]
+    python benchmarks/compress_depth_text.py --case llama-weak --steps 60
 """
 from __future__ import annotations
 
@@ -62,6 +65,12 @@ CASES = {
               "target": dict(layers=4, hidden=32, heads=2, kv_heads=1, intermediate=64), "train_steps": 400,
               "metrics": ("loss", "perplexity")},
 }
+# The LLaMA case with a weak small model (100 steps, not 400): parents with much to give.
+CASES["llama-weak"] = {**CASES["llama"], "family": "llama", "small_steps": 100}
+
+
+def family(case) -> str:
+    return CASES[case].get("family", case)
 
 
 def parse_args(argv=None):
@@ -101,7 +110,8 @@ def models(case):
         t = c["target"]
         narrow = dict(hidden=t["hidden"], heads=t["heads"], kv=t["kv_heads"], inter=t["intermediate"],
                       layers=t["layers"])
-        small = decoder_lm.trained_llama(tok, tok_path, narrow, c["small_seed"], c["train_steps"], None)[0]
+        small = decoder_lm.trained_llama(tok, tok_path, narrow, c["small_seed"], c.get("small_steps", c["train_steps"]),
+                                         None)[0]
         data = load_data("pydoc", small, tokenizer=tok, max_length=decoder_lm.MAX_LEN)
     cfg = target_config(parents[0].config, **c["target"])
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
@@ -115,8 +125,8 @@ def run_case(args, after_seed=lambda rows, notes: None):
     from otcompress.finetune import evaluate
     parents, small, cfg, data = models(args.case)
     metrics = CASES[args.case]["metrics"]
-    prune = pc.magnitude_prune if args.case == "llama" else pc.torch_prune
-    tag = "L2-group" if args.case == "llama" else "TP"
+    prune = pc.magnitude_prune if family(args.case) == "llama" else pc.torch_prune
+    tag = "L2-group" if family(args.case) == "llama" else "TP"
     n = args.steps
     rows, notes = {}, {"lr": {}, "winner": [], "steps_spent": [], "winner_depth_maps": [], "tool_depth_maps": [],
                        "shortgpt_kept": [], "seconds": [], "reference": {}}
@@ -169,9 +179,11 @@ def markdown(args, rows, notes, env, seconds) -> str:
     scale = 100 if other == "accuracy" else 1
     n = args.steps
     title = {"bert": "pydoc BERT masked-LMs, 4 blocks x 64 -> 2 blocks x 32",
-             "llama": "pydoc LLaMA causal LMs (GQA), 8 blocks x 64 -> 4 blocks x 32"}[args.case]
+             "llama": "pydoc LLaMA causal LMs (GQA), 8 blocks x 64 -> 4 blocks x 32"}[family(args.case)]
+    if c.get("small_steps"):
+        title += f", small model trained {c['small_steps']} steps"
     what = {"bert": "eval masked-LM loss (lower is better) and masked-token accuracy %",
-            "llama": "eval next-token loss (lower is better) and perplexity"}[args.case]
+            "llama": "eval next-token loss (lower is better) and perplexity"}[family(args.case)]
     L = [f"# Shallower and narrower on text: {title}", "",
          f"`python benchmarks/compress_depth_text.py --case {args.case}{' --quick' if args.quick else ''}` — "
          f"{seconds:.0f} s wall ({', '.join(f'{s:.0f}' for s in notes['seconds'])} s per seed), "
@@ -180,14 +192,15 @@ def markdown(args, rows, notes, env, seconds) -> str:
          f"that seed ({notes['steps_spent']}: N plus its race's losing start where it ran one), batch {BATCH}, lr per arm and seed from "
          f"{list(LRS)} on held-out train paragraphs. {what}, mean ± std [min–max].", "",
          f"Parents {c['parents']} (seeds {list(c['parent_seeds'])}), small model {c['target']} (seed "
-         f"{c['small_seed']}), each trained {c['train_steps']} steps. Machine: {env.get('cpu')}, torch "
+         f"{c['small_seed']}), trained {c['train_steps']} and {c.get('small_steps', c['train_steps'])} steps. Machine: {env.get('cpu')}, torch "
          f"{env.get('torch')}, transformers {env.get('transformers')}.", "",
          "Before any step: " + "; ".join(f"{k} {v[key]:.3f}" for k, v in notes["reference"].items()) + ".", "",
          {"bert": "Width pruning of the controls: Torch-Pruning (the masked-LM head's transform follows the "
                   "embeddings' residual units, its decoder stays tied).",
           "llama": "Width pruning of the controls (\"L2-group\"): `pruning_control.magnitude_prune`, whole key/value "
                    "groups, MLP and residual units by L2 or Taylor group scores written with torch; Torch-Pruning "
-                   "1.6.1 never finishes building LLaMA's dependency groups under transformers 5.x."}[args.case],
+                   "1.6.1 never finishes building LLaMA's dependency groups under transformers 5.x.",
+          }[family(args.case)],
          ""]
     best = "default recipe"
     base = [r[key] for r in rows[best]]
