@@ -295,9 +295,14 @@ def apply(parent, dmap: DepthMap):
     if isinstance(parent, modelio.LazyModel):
         if dmap.merge != "select":  # a streamed parent is never read whole
             raise ValueError("a streamed parent is depth-mapped by selection only")
-        names = renamed_keys(parent.config, list(parent.tensors), dmap.kept)
-        return modelio.LazyModel(parent.path, cfg, parent.model_class, parent.tensors.renamed(names))
-    sd = parent.state_dict() if dmap.merge == "select" else parallel_state(parent, dmap)
+        if not moved(parent.config, parent.tensors, dmap):
+            names = renamed_keys(parent.config, list(parent.tensors), dmap.kept)
+            return modelio.LazyModel(parent.path, cfg, parent.model_class, parent.tensors.renamed(names))
+        # Blocks whose tensors change with their position: this parent is loaded whole.
+        parent = modelio.load_model(parent.path, config=parent.config).eval()
+    sd = {**parent.state_dict(), **moved(parent.config, parent.state_dict(), dmap)}
+    if dmap.merge != "select":
+        sd = parallel_state(parent, dmap, sd)
     names = renamed_keys(parent.config, list(sd), dmap.kept)
     with torch.device("meta"):
         model = type(parent)(cfg)
@@ -309,14 +314,26 @@ def apply(parent, dmap: DepthMap):
     return model.eval()
 
 
+def moved(config, sd, dmap: DepthMap) -> dict:
+    """The tensors that change when each block of group j becomes block j of
+    the shallower model, for families whose blocks depend on their position
+    (the family's `moved_block`: GPT-2 with scale_attn_by_inverse_layer_idx)."""
+    move = getattr(architectures.family(config), "moved_block", None)
+    out = {}
+    for j, group in enumerate(dmap.groups if move else ()):
+        for b in group if dmap.merge != "select" else [dmap.kept[j]]:  # selection drops the rest
+            out.update(move(config, sd, b, j))
+    return out
+
+
 # ----------------------------------------------------------------------------- parallel merge
 
-def parallel_state(parent, dmap: DepthMap) -> dict:
-    """The parent's state dict with each kept block replaced by its group
-    merged in parallel (module docstring); blocks outside `dmap.kept` are
-    left as they are (`apply` drops them)."""
+def parallel_state(parent, dmap: DepthMap, sd=None) -> dict:
+    """The parent's state dict (or `sd`, its tensors as `moved`) with each
+    kept block replaced by its group merged in parallel (module docstring);
+    blocks outside `dmap.kept` are left as they are (`apply` drops them)."""
     spec = architectures.build_spec(parent)
-    sd = parent.state_dict()
+    sd = parent.state_dict() if sd is None else sd
     heads, d = architectures.head_shape(parent.config)
     shape = (heads // architectures.kv_heads(parent.config), d)  # (query heads per KV group, head width)
     blocks = _Blocks(parent.config, sd)

@@ -262,3 +262,42 @@ def test_prune_of_a_deeper_permuted_parent_returns_the_base(family):
     pruned = otcompress.fuse(target, [parent], alignment="prune")
     assert _err(pruned, inputs(base), base) < TOL
     assert pruned.fusion_report["depth_maps"][0]["kept"] == [0, 3]
+
+
+def _gpt2_scaled_by_block_index():
+    """(base, its deep parent): GPT-2 with scale_attn_by_inverse_layer_idx
+    divides block i's attention scores by i + 1, so base block 1, moved to
+    index 3 of the deep parent (DEEP), computes as before only with its Q
+    doubled (4 / 2); the deep parent computes exactly the base."""
+    plain = G.gpt2("untied")
+    cfg = type(plain.config).from_dict({**plain.config.to_dict(), "scale_attn_by_inverse_layer_idx": True})
+    base = type(plain)(cfg).eval()
+    base.load_state_dict(plain.state_dict())
+    deep = deepen(base, DEEP)
+    n = cfg.n_embd
+    with torch.no_grad():
+        deep.transformer.h[3].attn.c_attn.weight[:, :n] *= 2
+        deep.transformer.h[3].attn.c_attn.bias[:n] *= 2
+    return base, deep
+
+
+@pytest.mark.parametrize("merge", ["select", "parallel"])
+def test_gpt2_blocks_scaled_by_their_index_keep_their_function_when_moved(merge):
+    base, deep = _gpt2_scaled_by_block_index()
+    x = G._inputs(base)
+    assert _err(deep, x, base) < TOL
+    fused = otcompress.fuse(target_config(deep.config, layers=2), [deep], alignment="fold", solver="emd",
+                            depth_merge=merge)
+    assert fused.fusion_report["depth_maps"][0]["kept"] == [0, 3]
+    assert _err(fused, x, base) < TOL  # without Q rescaled to the new index: 8.6e-2
+    unscaled = otcompress.fuse(target_config(base.config, layers=2), [deepen(base, DEEP)], alignment="fold",
+                               solver="emd", depth_merge=merge)
+    assert _err(unscaled, x, base) > 100 * TOL  # the check can fail: a parent whose block 3 computes otherwise
+
+
+def test_a_streamed_gpt2_parent_scaled_by_block_index_is_loaded_to_move_its_blocks(tmp_path):
+    base, deep = _gpt2_scaled_by_block_index()
+    deep.save_pretrained(tmp_path / "deep")
+    otcompress.fuse_to_disk(target_config(deep.config, layers=2), [str(tmp_path / "deep")], tmp_path / "out",
+                            alignment="fold", solver="emd")
+    assert _err(T.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval(), G._inputs(base), base) < TOL

@@ -28,8 +28,13 @@ untied head reads the final map.
 Heterogeneous width: hidden size, heads (head width may differ: the engine
 rescales Q) and MLP width (`n_inner`, 4 x hidden when unset). A fold target
 takes --hidden, --heads and --intermediate (n_inner; left out, the MLP follows
-the parent's n_inner, or 4 x the target's hidden when that is unset)."""
+the parent's n_inner, or 4 x the target's hidden when that is unset).
+Heterogeneous depth: with scale_attn_by_inverse_layer_idx a block's scores
+depend on its index, so a block moved to another index has its Q rescaled
+(`moved_block`)."""
 from __future__ import annotations
+
+import torch
 
 from otcompress.architectures import common
 from otcompress.flowgraph import (ArchSpec, Combine, Heads, In, Out, Probe, Share, Solve, Split,
@@ -57,6 +62,24 @@ def scores_scaled(config) -> bool:
     it off (scale_attn_weights=False), and the engine's rescaling of carried Q
     for other head widths depends on it (align.HeadShapes.score_scale)."""
     return bool(getattr(config, "scale_attn_weights", True))
+
+
+def moved_block(config, sd, block: int, position: int) -> dict:
+    """The tensors of `block` that change when it becomes block `position` of
+    a shallower model (`depth.apply`): with scale_attn_by_inverse_layer_idx
+    GPT-2 divides block i's attention scores by i + 1, so the block keeps its
+    function only with Q (the first third of c_attn's output) rescaled by
+    (position + 1) / (block + 1). Only those tensors of `sd` are read."""
+    if not getattr(config, "scale_attn_by_inverse_layer_idx", False) or block == position:
+        return {}
+    factor, n = (position + 1) / (block + 1), config.n_embd
+    out = {}
+    for name in [k for k in sd if f".h.{block}.attn.c_attn." in f".{k}"]:
+        t = sd[name]
+        q = t[..., :n] if name.endswith("weight") else t[:n]  # Conv1D weights are (in, out)
+        rest = t[..., n:] if name.endswith("weight") else t[n:]
+        out[name] = torch.cat([q * factor, rest], dim=-1)
+    return out
 
 
 def max_seq_len(config):
