@@ -182,6 +182,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     with _eval_mode(anchor_m, *deeper):  # dropout off while the depth map scores the given models
         parent_ms, depth_maps = depth.map_parents(anchor_m, parent_ms, data=o.data, merge=o.depth_merge,
                                                   anchor_counts=o.alignment not in FROM_PARENTS)
+    if given.target:
+        anchor_m = _retyped_target(anchor_m, parent_ms[0], deeper[0], o.device)
     t_depth = time.perf_counter() - t_depth
     # The given (deeper) parents too: reconstruction measures its targets on them.
     with _eval_mode(anchor_m, *parent_ms, *deeper):
@@ -758,6 +760,18 @@ def _load_all(given, *, stream=False, device=None):
     else:
         anchor_m = modelio.load_model(given.anchor, trust_remote_code=trc, config=given.anchor_config)
     return anchor_m, parent_ms
+
+
+def _retyped_target(target, mapped, parent, device):
+    """The fold target with the per-block attention types (Qwen2's
+    layer_types) of the blocks the first parent's depth map kept
+    (`depth.shallower_config`), which `target_config` could not know: a block
+    keeps the type it was trained with. Rebuilt (weightless) where they differ."""
+    types = getattr(mapped.config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or list(types) == list(target.config.layer_types):
+        return target
+    cfg = type(target.config).from_dict({**target.config.to_dict(), "layer_types": list(types)})
+    return _fold_target(cfg, parent, device)
 
 
 def _fold_target(config, parent, device=None):

@@ -301,3 +301,25 @@ def test_a_streamed_gpt2_parent_scaled_by_block_index_is_loaded_to_move_its_bloc
     otcompress.fuse_to_disk(target_config(deep.config, layers=2), [str(tmp_path / "deep")], tmp_path / "out",
                             alignment="fold", solver="emd")
     assert _err(T.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval(), G._inputs(base), base) < TOL
+
+
+def test_a_qwen2_fold_target_keeps_the_attention_types_of_the_kept_blocks():
+    """A sliding-window Qwen2 parent (full, full, sliding, sliding): the fold
+    target's layer_types are those of the blocks its depth map kept, as the
+    depth-mapped parent's are (`target_config` alone guessed full, full)."""
+    import test_decoders as D
+    parent = D.decoder(T.Qwen2Config, T.Qwen2ForCausalLM, layers=4, seed=3)
+    cfg = type(parent.config).from_dict({**parent.config.to_dict(), "use_sliding_window": True, "sliding_window": 4,
+                                          "max_window_layers": 2, "layer_types": None})
+    parent = type(parent)(cfg).eval()
+    parent.load_state_dict(D.decoder(T.Qwen2Config, T.Qwen2ForCausalLM, layers=4, seed=3).state_dict())
+    assert parent.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    x = {"input_ids": torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(0))}
+    dmap = depth.DepthMap(4, [[0, 1], [2, 3]], [1, 2], [0.0] * 4, "weights")
+    fused = otcompress.fuse(target_config(parent.config, layers=2), [depth.apply(parent, dmap)], alignment="fold",
+                            solver="emd")
+    assert fused.config.layer_types == ["full_attention", "sliding_attention"]
+    assert _err(fused, x, depth.apply(parent, dmap)) < TOL
+    mapped = otcompress.fuse(target_config(parent.config, layers=2), [parent], alignment="fold", solver="emd")
+    kept = mapped.fusion_report["depth_maps"][0]["kept"]
+    assert mapped.config.layer_types == [parent.config.layer_types[k] for k in kept]

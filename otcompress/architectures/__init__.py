@@ -157,7 +157,8 @@ def target_config(parent_config, **widths):
     (hidden=..., heads=..., intermediate=..., kv_heads=..., layers=...; None
     keeps the parent's). `layers` below the parent's depth makes a shallower
     target (the parent is depth-mapped onto it, see otcompress/depth.py);
-    per-block config lists (Qwen2's layer_types) follow. Heads must be a
+    per-block config lists (Qwen2's layer_types) are guessed here and set by
+    the fusion to those of the blocks kept (`fusion._retyped_target`). Heads must be a
     multiple of key/value heads; an explicit head width (rotary families'
     head_dim) is kept, so hidden need not divide by heads there."""
     keys = _width_keys(parent_config)
