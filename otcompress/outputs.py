@@ -292,8 +292,10 @@ def model_card(report: dict) -> str:
     o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
     from_parents = o["alignment"] in FROM_PARENTS  # built from the parents alone: no anchor weights
     target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
+    used = report.get("parents_used") or list(range(1, len(report["parents"]) + 1))  # 1-based
     front = {
-        "base_model": [*([] if target or from_parents else [report["anchor"]]), *report["parents"]],
+        "base_model": [*([] if target or from_parents else [report["anchor"]]),
+                       *(report["parents"][k - 1] for k in used)],
         "library_name": "transformers",
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
@@ -307,13 +309,13 @@ def model_card(report: dict) -> str:
         f"fusion (Imfeld et al., ICLR 2024). {how}", "",
         "## Recipe", "",
         f"- {'target' if target else 'anchor (its shape only)' if from_parents else 'anchor'}: `{report['anchor']}`",
-        f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}",
+        f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}" + _used_line(report, used),
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",
         _weights_line(o, from_parents),
         f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
-    lines += _depth_lines(report.get("depth_maps") or [])
+    lines += _depth_lines(report.get("depth_maps") or [], used)
     refit = report.get("reconstruct")
     if refit:
         err = refit["relative_error"]
@@ -395,12 +397,21 @@ def _race_outcome(race: dict) -> str:
             f"from the parents); **{race['winner']}** won and continued.")
 
 
-def _depth_lines(depth_maps: list) -> list[str]:
-    """One line per depth-mapped parent: which of its blocks each block came from."""
+def _used_line(report, used) -> str:
+    """Which parents a start built from some of them used (`pipeline._fuse`)."""
+    if not report.get("parents_used") or len(used) == len(report["parents"]):
+        return ""
+    return "; this model was built from " + ", ".join(f"parent {k} (`{report['parents'][k - 1]}`)" for k in used) + \
+        " alone"
+
+
+def _depth_lines(depth_maps: list, used: list) -> list[str]:
+    """One line per depth-mapped parent (`used`: their 1-based numbers among
+    the parents): which of its blocks each block came from."""
     return [f"- depth map of parent {k} ({m['parent_depth']} -> {m['target_depth']} blocks, {m['merge']}, "
             f"scored from {m['scored_from']}): "
             + ", ".join(f"block {j} <- {g} (kept {kept})" for j, (g, kept) in enumerate(zip(m["groups"], m["kept"])))
-            for k, m in enumerate(depth_maps, 1) if m]
+            for k, m in zip(used, depth_maps) if m]
 
 
 def _finetune_line(ft: dict) -> str:

@@ -381,10 +381,13 @@ def _resolve_alignment(alignment, anchor_m):
 
 
 def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=None, holdout=None,
-          out=None, force=False, finish=None):
+          out=None, force=False, finish=None, used=None):
     """One fusion; reg "auto" is chosen on the held-out examples when there are
     any. With `out`, written there tensor by tensor (`fusion.fuse_to_disk`,
-    `finish(directory, report)` adding the other files) and the report returned."""
+    `finish(directory, report)` adding the other files) and the report returned.
+    `used`: which of the recipe's parents (1-based) `parent_ms` are, where not
+    all of them (a start built from one parent); its report says so, so that
+    its depth maps are read against the right parents."""
     from otcompress import fusion
     if alignment == "weights" and weights is None and r["alignment"] == "auto":
         weights = anchor_weighted(len(parent_ms))
@@ -393,7 +396,10 @@ def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=Non
               progress=progress, **fuse_kw)
     if out is not None:
         return fusion.fuse_to_disk(anchor, parent_ms, out, force=force, finish=finish, **kw)
-    return fusion.fuse(anchor, parent_ms, **kw)
+    model = fusion.fuse(anchor, parent_ms, **kw)
+    if used is not None:
+        model.fusion_report["parents_used"] = used
+    return model
 
 
 def anchor_weighted(n_parents: int) -> list:
@@ -438,8 +444,8 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
         for alignment in (("fold", "prune") if several else ("prune",)) if alone else ():
             for k, p in enumerate(parent_ms, 1):
                 out.append((f"{alignment}: parent {k}" if several else alignment,
-                            lambda p=p, a=alignment: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,
-                                                           holdout=holdout), "fold"))
+                            lambda p=p, a=alignment, k=k: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,
+                                                                holdout=holdout, used=[k]), "fold"))
     if anchor_m is not None:
         out.append((f"OT fusion, anchor weight {ANCHOR_WEIGHT}",
                     lambda: _fuse(anchor_m, parent_ms, "weights", calib, fuse_kw, r, progress,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import transformers as T
 
 import models as M
@@ -455,3 +456,19 @@ def test_climb_compares_the_steps_before_the_check_with_the_start():
     assert ft.climb(0.0, [0.0] * 6 + [1e-6] * 2, 8) is None and ft.climb(1e-4, [3e-4] * 8, 8) is None
     assert ft.climb(0.0, [0.0] * 6 + [0.01] * 2, 8) == (0.0, 0.01)
     assert ft.climb_check(150, 0.1) == 30 and ft.climb_check(10, 0.1) == 5
+
+
+def test_a_start_built_from_one_parent_names_it_and_its_depth_map(digits, tmp_path):
+    """A race won by one parent's start: its depth map is that parent's, and
+    the card and report say which parent it was (not "parent 1" of the list)."""
+    parents = [M.vit(layers=4, seed=2), M.vit(layers=3, seed=3)]
+    with torch.no_grad():
+        parents[0].classifier.weight.mul_(50)  # parent 1's starts score far worse one-shot
+    recipe = {"finetune_steps": 0, "samples": 64, "reconstruct": "off"}
+    _, report = pipeline.run(None, parents, recipe, tmp_path / "out", target={"layers": 2}, data=digits)
+    assert report["race"]["winner"].endswith("parent 2")
+    assert report["parents_used"] == [2] and [m["parent_depth"] for m in report["depth_maps"]] == [3]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- depth map of parent 2 (3 -> 2 blocks" in card and "depth map of parent 1" not in card
+    assert "built from parent 2 (`" in card
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == [report["parents"][1]]
