@@ -398,7 +398,7 @@ def _report(anchor, parents, o, opts, reg, stats, sweep, repaired, map_stats, ti
     """The fusion report; flagged maps are also warned about. `times`: the
     perf_counter marks at the start, before the statistics, before the
     alignment and at the end."""
-    flagged = _flagged_maps(map_stats)
+    flagged = _flagged_maps(map_stats, len(parents))
     for line in flagged:
         warnings.warn(f"otcompress: {line}", stacklevel=3)  # 3: attributed to _fuse's caller
     t_start, t_acts, t_align, t_end = times
@@ -457,16 +457,18 @@ def _write_config(anchor_m, directory):
         anchor_m.generation_config.save_pretrained(directory)
 
 
-def _flagged_maps(map_stats) -> list:
-    """One line per transport map that went nearly uniform or missed its tolerance."""
+def _flagged_maps(map_stats, n_parents: int) -> list:
+    """One line per transport map that went nearly uniform or missed its
+    tolerance; maps past the parents' own merge the folds (`_fold_and_fuse`)."""
     lines = []
     for k, maps in enumerate(map_stats, 1):
+        whose = f"parent {k}" if k <= n_parents else "the merge of the folds:"
         for tm, st in maps.items():
             if st.get("near_uniform"):
-                lines.append(f"parent {k} map {tm} is nearly uniform (relative entropy "
+                lines.append(f"{whose} map {tm} is nearly uniform (relative entropy "
                              f"{st['relative_entropy']:.2f}): lower reg")
             if st.get("converged") is False:
-                lines.append(f"parent {k} map {tm} did not converge (marginal error {st['marginal_error']:.1e})")
+                lines.append(f"{whose} map {tm} did not converge (marginal error {st['marginal_error']:.1e})")
     return lines
 
 

@@ -79,7 +79,11 @@ def check(anchor, parents, o, *, target: dict | None = None) -> Inputs:
         anchor_cfg = anchor if _is_config(anchor) else modelio.load_config(anchor, trust_remote_code=trc)
     fam = architectures.family(anchor_cfg)
     modelio.check_compatible(anchor_cfg, parent_cfgs, fam.MUST_MATCH)
-    depth.check_depths(anchor_cfg, parent_cfgs, "the fold target" if weightless else "the anchor")
+    what = "the fold target" if weightless else "the anchor"
+    depth.check_depths(anchor_cfg, parent_cfgs, what)
+    if o.depth_merge == "parallel" and all(depth.depth(c) == depth.depth(anchor_cfg) for c in parent_cfgs):
+        raise InvalidOptionError(f"--depth-merge parallel merges a deeper parent's blocks, but no parent is "
+                                 f"deeper than {what} ({depth.depth(anchor_cfg)} blocks)")
     _check_classes(anchor, anchor_cfg, parents, parent_cfgs, trc)
     if o.token_filter is not None:  # the models' patch grids agree: MUST_MATCH
         architectures.check_token_filter(anchor_cfg, o.token_filter)

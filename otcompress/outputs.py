@@ -313,8 +313,9 @@ def model_card(report: dict) -> str:
         f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
         f"residual: {o['residual']}, Q/K maps: {o['qk']}",
         _weights_line(o, from_parents),
-        f"- calibration tokens: {report.get('calibration_samples', 0)}",
     ]
+    if report.get("calibration_samples"):  # tokens the transport statistics read (depth maps and refits say theirs)
+        lines.append(f"- calibration tokens: {report['calibration_samples']}")
     lines += _depth_lines(report.get("depth_maps") or [], used)
     refit = report.get("reconstruct")
     if refit:

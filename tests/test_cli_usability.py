@@ -399,7 +399,7 @@ def test_profiles_command_lists_named_recipes_with_descriptions(capsys):
 def test_fuse_summarises_what_it_did(fused):
     _, _, err = fused
     assert "fused: alignment weights, solver sinkhorn, reg 0.02" in err
-    assert "widths hidden 32, heads 4, intermediate 64 (parents: hidden 48" in err
+    assert "widths hidden 32, heads 4, intermediate 64, layers 2 (parents: hidden 48" in err
     assert "parameters = 0.46x the parent's" in err
 
 

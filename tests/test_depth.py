@@ -323,3 +323,23 @@ def test_a_qwen2_fold_target_keeps_the_attention_types_of_the_kept_blocks():
     mapped = otcompress.fuse(target_config(parent.config, layers=2), [parent], alignment="fold", solver="emd")
     kept = mapped.fusion_report["depth_maps"][0]["kept"]
     assert mapped.config.layer_types == [parent.config.layer_types[k] for k in kept]
+
+
+def test_depth_merge_parallel_without_a_deeper_parent_is_refused_and_targets_name_their_depth():
+    base = _vit()
+    with pytest.raises(InvalidOptionError, match="no parent is deeper than the anchor"):
+        otcompress.fuse(M.noisy(base), [M.transform(base, widen=True)], depth_merge="parallel")
+    folded = otcompress.fuse(target_config(base.config, layers=1), [deepen(base, DEEP)], alignment="fold",
+                             depth_merge="parallel")
+    assert folded.fusion_report["anchor"].endswith("layers 1")  # the target's depth is said
+    gqa = FAMILIES["llama-gqa"][0]()
+    assert "kv_heads 1, layers 1" in architectures.describe_widths(target_config(gqa.config, layers=1,
+                                                                                     kv_heads=1))
+
+
+def test_the_merge_of_folds_is_not_named_a_parent():
+    from otcompress.fusion import _flagged_maps
+    uniform = {"res": {"near_uniform": True, "relative_entropy": 0.99}}
+    assert _flagged_maps([{}, {}, uniform], 2) == ["the merge of the folds: map res is nearly uniform "
+                                                   "(relative entropy 0.99): lower reg"]
+    assert _flagged_maps([uniform], 1)[0].startswith("parent 1 map res")

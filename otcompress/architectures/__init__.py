@@ -217,7 +217,11 @@ def _set_depth(parent_config, cfg, layers: int) -> None:
 
 
 def describe_widths(config) -> str:
-    return ", ".join(f"{what} {value}" for what, value in resolved_widths(config).items())
+    """Widths, then key/value heads where fewer than heads, and the depth."""
+    parts = [f"{what} {value}" for what, value in resolved_widths(config).items()]
+    if kv_heads(config) != config.num_attention_heads:
+        parts.append(f"kv_heads {kv_heads(config)}")
+    return ", ".join(parts + [f"layers {config.num_hidden_layers}"])
 
 
 def check_token_filter(config, name) -> None:
