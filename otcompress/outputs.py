@@ -67,8 +67,38 @@ def _check_replaceable(out: Path, force: bool, inputs, ours) -> None:
         raise InvalidOptionError(f"--out {out} already exists and otcompress did not write it "
                                  f"({_kind(out)}); --force replaces only otcompress outputs: choose another "
                                  "--out or move it away")
+    foreign = _foreign_files(out)
+    if foreign:
+        raise InvalidOptionError(f"--out {out} holds files otcompress did not write ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}); --force never deletes them: move "
+                                 "them away or choose another --out")
     if not force:
         raise InvalidOptionError(f"--out {out} already exists (pass --force to replace it)")
+
+
+def _written(root: Path) -> list[str]:
+    """Every path under `root` (files, links, directories), relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != MARKER)
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Paths in a marked directory that its MARKER's manifest does not list:
+    files a user put there since (a marker of an older release lists none:
+    nothing is known of it, as before)."""
+    marker = out / MARKER
+    if not out.is_dir() or out.is_symlink() or not marker.is_file():
+        return []
+    listed = marker.read_text().splitlines()[1:]
+    if not listed:
+        return []
+    return [p for p in _written(out) if p not in set(listed)]
+
+
+def input_paths(*given) -> list:
+    """The command's inputs that are files or directories (models, a --data
+    file or folder; a built-in data name such as "pydoc" is none): `--out`
+    may neither be nor hold one."""
+    return [g for g in given if isinstance(g, (str, os.PathLike)) and str(g) and os.path.exists(g)]
 
 
 def _held_input(out: Path, inputs):
@@ -175,7 +205,9 @@ def staged_dir(out, force: bool = False, inputs=()):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             yield tmp
-            (tmp / MARKER).write_text("written by otcompress; `--force` may replace this directory\n")
+            # The manifest: a later --force replaces only these (`_foreign_files`).
+            (tmp / MARKER).write_text("written by otcompress; `--force` may replace this directory\n"
+                                      + "".join(f"{p}\n" for p in _written(tmp)))
             apply_umask(tmp)
             _replace(tmp, out)
         except BaseException:
@@ -196,7 +228,7 @@ def apply_umask(root: Path) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     if os.path.lexists(out):
-        if out.is_symlink() or not _ours_dir(out):  # appeared since check_out: never clobber it
+        if out.is_symlink() or not _ours_dir(out) or _foreign_files(out):  # since check_out: never clobber it
             raise InvalidOptionError(f"--out {out} appeared while writing and otcompress did not write it")
         old = out.with_name(f".{out.name}.old")
         out.rename(old)

@@ -73,7 +73,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     r = {**recipes.defaults(), **recipes.check_recipe(
         {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
     if out is not None:
-        outputs.check_out(out, force, inputs=[anchor, *parents], log=log)
+        outputs.check_out(out, force, inputs=outputs.input_paths(anchor, *parents, r["data"]), log=log)
     parents = list(parents)
     given = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
     anchor_cfg = given.anchor_config
@@ -128,7 +128,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                     metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference, progress))
     model.fusion_report = report
     if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
-        with outputs.staged_dir(out, force, inputs=[anchor, *parents]) as tmp:
+        with outputs.staged_dir(out, force, inputs=outputs.input_paths(anchor, *parents, r["data"])) as tmp:
             write(model, report, source, tmp, r)
     return model, report
 

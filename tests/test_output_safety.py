@@ -72,11 +72,28 @@ def test_force_replaces_an_earlier_output_and_says_so(z, tmp_path, capsys):
     assert fuse(capsys, z, out, "-q")[0] == 0
     assert (out / outputs.MARKER).is_file()
     refused(*fuse(capsys, z, out)[::2], "already exists (pass --force to replace it)")
-    (out / "stale.txt").write_text("from the first run")
+    (out / "README.md").write_text("edited")  # a file otcompress wrote: replaced
     code, _, err = fuse(capsys, z, out, "--force")
     assert code == 0, err
     assert f"--force: replacing {out}, an earlier otcompress output" in err
-    assert not (out / "stale.txt").exists() and (out / outputs.MARKER).is_file()
+    assert (out / "README.md").read_text() != "edited" and (out / outputs.MARKER).is_file()
+
+
+def test_force_never_deletes_a_file_a_user_put_into_an_earlier_output(z, tmp_path, capsys):
+    """The marker lists what otcompress wrote: a user's notes, or the --data
+    file of this very command, saved into an earlier output stop --force."""
+    out = tmp_path / "fused"
+    assert fuse(capsys, z, out, "-q")[0] == 0
+    (out / "notes").mkdir()
+    (out / "notes" / "NOTES.md").write_text("mine")
+    refused(*fuse(capsys, z, out, "--force")[::2], "holds files otcompress did not write (notes, notes/NOTES.md)")
+    assert (out / "notes" / "NOTES.md").read_text() == "mine"
+    (out / "notes" / "NOTES.md").unlink()
+    (out / "notes").rmdir()
+    data = out / "texts.jsonl"  # the command's own --data file
+    data.write_text("")
+    refused(*fuse(capsys, z, out, "--force", "--data", data)[::2], "is an input of this command")
+    assert data.is_file()
 
 
 def test_force_never_replaces_an_input(z, tmp_path, capsys):
