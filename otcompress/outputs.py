@@ -324,7 +324,8 @@ def model_card(report: dict) -> str:
     o = {k: None for k in ("alignment", "solver", "reg", "residual", "qk")} | report.get("options", {})
     from_parents = o["alignment"] in FROM_PARENTS  # built from the parents alone: no anchor weights
     target = str(report["anchor"]).startswith("target ")  # folded into widths given, no anchor model
-    used = report.get("parents_used") or list(range(1, len(report["parents"]) + 1))  # 1-based
+    anchor_won = o["alignment"] == "anchor"  # the race kept the anchor's own weights (`pipeline.Race`)
+    used = [] if anchor_won else report.get("parents_used") or list(range(1, len(report["parents"]) + 1))
     front = {
         "base_model": [*([] if target or from_parents else [report["anchor"]]),
                        *(report["parents"][k - 1] for k in used)],
@@ -332,20 +333,21 @@ def model_card(report: dict) -> str:
         "tags": ["otcompress", "model-fusion", "optimal-transport"],
     }
     how = _how_made(o) if from_parents else (
-        "The parents were aligned to the anchor with transport maps through every block and "
-        "averaged into the anchor's architecture and width.")
+        "The anchor itself was the best start (see below): no parent's weights were used." if anchor_won
+        else "The parents were aligned to the anchor with transport maps through every block and "
+             "averaged into the anchor's architecture and width.")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        "# OT-fused model", "",
+        "# The anchor, finetuned by otcompress" if anchor_won else "# OT-fused model", "",
         "Made by [otcompress](https://arxiv.org/abs/2310.05719): heterogeneous Optimal-Transport "
         f"fusion (Imfeld et al., ICLR 2024). {how}", "",
         "## Recipe", "",
         f"- {'target' if target else 'anchor (its shape only)' if from_parents else 'anchor'}: `{report['anchor']}`",
         f"- parents: {', '.join(f'`{p}`' for p in report['parents'])}" + _used_line(report, used),
-        f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
-        f"residual: {o['residual']}, Q/K maps: {o['qk']}",
-        _weights_line(o, from_parents),
     ]
+    if not anchor_won:
+        lines += [f"- alignment: {o['alignment']}, solver: {o['solver']}, reg: {o['reg']}, "
+                  f"residual: {o['residual']}, Q/K maps: {o['qk']}", _weights_line(o, from_parents)]
     if report.get("calibration_samples"):  # tokens the transport statistics read (depth maps and refits say theirs)
         lines.append(f"- calibration tokens: {report['calibration_samples']}")
     lines += _depth_lines(report.get("depth_maps") or [], used)

@@ -93,6 +93,10 @@ def test_a_parents_start_far_behind_parents_no_better_than_the_anchor_is_not_rac
     assert len(steps) == 40 and all(m is model for m in steps) and report["steps_spent"] == 40
     card = (tmp_path / "out" / "README.md").read_text()
     assert "while the best parent itself was no better than it" in card and "trained all 40 steps" in card
+    # Parents no better than the start are no teachers: distilling would pull it towards them.
+    assert report["finetune"]["teachers"] == 0 and "without distilling from them" in report["warnings"][-1]
+    assert card.count("# The anchor, finetuned by otcompress") == 1 and "solver: None" not in card
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == [report["anchor"]]
 
 
 def test_too_far_behind_weighs_the_start_s_deficit_against_the_parents_lead():
