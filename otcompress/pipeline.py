@@ -47,7 +47,7 @@ import torch
 
 from otcompress import finetune as ft, inputs, modelio, outputs, recipes
 from otcompress.architectures import is_headless
-from otcompress.errors import DataError, DivergedError, InvalidOptionError, ModelLoadError
+from otcompress.errors import DataError, DivergedError, IncompatibleModelsError, InvalidOptionError, ModelLoadError
 from otcompress.options import FUSE_OPTIONS, PASSED, FuseOptions
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
@@ -493,6 +493,7 @@ class Race:
         self.reference = reference  # headless models: scored against these models' embeddings
         self.progress = progress
         self.rows = []
+        self.skipped = []  # starts that cannot be built for these shapes
 
     def _loss(self, model, name):
         # The probe set is no held-out loss: it never chooses, so it is not scored here.
@@ -505,7 +506,14 @@ class Race:
         for name, make, group, *lead in entries:
             log(f"race: {name}" if len(entries) > 1 else f"start: {name} (the only one possible)")
             t0 = time.perf_counter()
-            model = make()
+            try:
+                model = make()
+            except IncompatibleModelsError as e:  # e.g. a grouped-query shape pruning cannot keep whole heads
+                if len(entries) == 1 or (not built and len(self.skipped) == len(entries) - 1):
+                    raise
+                log(f"[yellow]warning:[/yellow] race: {name} cannot be built ({e}); skipped")
+                self.skipped.append({"candidate": name, "why": str(e)})
+                continue
             # A single start is chosen by nothing: no held-out scoring.
             row = {"candidate": name, "group": group, "lead": lead[0] if lead else 1.0,
                    "one_shot_holdout_loss": self._loss(model, name) if len(entries) > 1 else None,
@@ -606,6 +614,8 @@ class Race:
                           "candidates": self.rows}
         if self.parent_losses is not None:
             report["race"]["parents_holdout_loss"] = self.parent_losses
+        if self.skipped:
+            report["race"]["skipped"] = self.skipped
         if steps == 0 and key != GIVEN_UP and (key == "only candidate" or self.kw["steps"]):
             why = why or ("the only start possible" if key == "only candidate" else
                           "the only kind of start (chosen one-shot on the held-out examples)")

@@ -162,6 +162,28 @@ def test_the_fold_of_all_parents_must_lead_the_single_parent_starts(monkeypatch)
     assert winner(10) == "fold: all parents"
 
 
+def test_a_start_that_cannot_be_built_for_these_shapes_is_skipped(monkeypatch):
+    """Pruning keeps whole key/value groups: 4 heads in 2 groups cannot become
+    3 in 1. The race goes on without that start (folding can build it) and
+    says so; with no start left the error stands."""
+    from otcompress.errors import IncompatibleModelsError
+
+    def cannot():
+        raise IncompatibleModelsError("cannot prune 4 heads in 2 key/value groups to 3 in 1")
+    losses = {"fold": 1.0, "OT fusion, anchor weight 0.8": 1.2, "anchor": 1.1}
+    monkeypatch.setattr(pipeline.Race, "_loss", lambda self, model, name: losses[name])
+    entries = [("fold", lambda: torch.nn.Linear(1, 1), "fold"), ("prune", cannot, "fold"),
+               ("OT fusion, anchor weight 0.8", lambda: torch.nn.Linear(1, 1), "anchor-side"),
+               ("anchor", lambda: torch.nn.Linear(1, 1), "anchor-side")]
+    race = pipeline.Race(None, None, {"steps": 0, "device": "cpu"}, 0)
+    report = race.run(entries)[2]["race"]
+    assert report["winner"] == "fold" and [c["candidate"] for c in report["candidates"]] == [e[0] for e in
+                                                                                             entries if e[0] != "prune"]
+    assert report["skipped"] == [{"candidate": "prune", "why": "cannot prune 4 heads in 2 key/value groups to 3 in 1"}]
+    with pytest.raises(IncompatibleModelsError, match="cannot prune"):
+        pipeline.Race(None, None, {"steps": 0, "device": "cpu"}, 0).run([("prune", cannot, "fold")] * 2)
+
+
 def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
