@@ -458,17 +458,19 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
         lead = ALL_PARENTS_LEAD if several and alone and r["finetune_steps"] and fuse_kw.get("pooling") is None \
             else 1.0
         out.append(("fold: all parents" if several else "fold",
-                    lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress, holdout=holdout),
-                    "fold", lead))
+                    lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress, weights=r["weights"],
+                                  holdout=holdout), "fold", lead))
         for alignment in (("fold", "prune") if several else ("prune",)) if alone else ():
             for k, p in enumerate(parent_ms, 1):
                 out.append((f"{alignment}: parent {k}" if several else alignment,
                             lambda p=p, a=alignment, k=k: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,
                                                                 holdout=holdout, used=[k]), "fold"))
-    if anchor_m is not None:
-        out.append((f"OT fusion, anchor weight {ANCHOR_WEIGHT}",
-                    lambda: _fuse(anchor_m, parent_ms, "weights", calib, fuse_kw, r, progress,
-                                  weights=anchor_weighted(len(parent_ms)), holdout=holdout), "anchor-side"))
+    if anchor_m is not None:  # the user's --weights (anchor first) where given
+        w = inputs.mixing_weights(r["weights"], len(parent_ms)) if r["weights"] else anchor_weighted(len(parent_ms))
+        name = f"OT fusion, weights {', '.join(f'{x:.3g}' for x in w)}" if r["weights"] else \
+            f"OT fusion, anchor weight {ANCHOR_WEIGHT}"
+        out.append((name, lambda: _fuse(anchor_m, parent_ms, "weights", calib, fuse_kw, r, progress, weights=w,
+                                        holdout=holdout), "anchor-side"))
         out.append(("anchor", lambda: _anchor_copy(anchor_m), "anchor-side"))
     return out
 

@@ -184,6 +184,20 @@ def test_a_start_that_cannot_be_built_for_these_shapes_is_skipped(monkeypatch):
         pipeline.Race(None, None, {"steps": 0, "device": "cpu"}, 0).run([("prune", cannot, "fold")] * 2)
 
 
+def test_the_race_uses_the_users_mixing_weights(digits, monkeypatch):
+    """--weights (anchor first) with the default race: the OT start mixes with
+    them and the fold of all parents with the parents' share, not defaults."""
+    anchor, parents = _race_models()
+    seen = {}
+    fuse = pipeline._fuse
+    monkeypatch.setattr(pipeline, "_fuse", lambda a, ps, alignment, *args, **kw: (
+        seen.setdefault(alignment if len(ps) > 1 else None, kw.get("weights")), fuse(a, ps, alignment, *args, **kw))[1])
+    _, report = pipeline.run(anchor, parents, {"finetune_steps": 0, "samples": 64, "weights": [0.2, 0.4, 0.4]},
+                             data=digits)
+    assert seen["weights"] == pytest.approx([0.2, 0.4, 0.4]) and seen["fold"] == [0.2, 0.4, 0.4]
+    assert "OT fusion, weights 0.2, 0.4, 0.4" in [c["candidate"] for c in report["race"]["candidates"]]
+
+
 def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
