@@ -77,9 +77,12 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     parents = list(parents)
     given = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
     anchor_cfg = given.anchor_config
-    # The caller's settings that differ from the defaults must all count (flags are checked by the CLI).
+    # The caller's settings that differ from the defaults must all count (flags are checked by the CLI);
+    # a named profile's are defaults too: a flag may make one of them moot (--steps 0 and its lr).
+    profile = recipes.load_recipe(r["profile"]) if r["profile"] else {}
     unused = recipes.ineffective(r, [k for k, v in recipe.items() if k in recipes.RECIPE_KEYS
-                                     and v != recipes.RECIPE_KEYS[k][1]], has_data=bool(r["data"] or data))
+                                     and v != profile.get(k, recipes.RECIPE_KEYS[k][1])],
+                                 has_data=bool(r["data"] or data))
     if unused:
         raise InvalidOptionError(f"recipe option '{unused[0]}' {unused[1]}")
     notes = _width_notes(given) if anchor is not None else []

@@ -85,6 +85,13 @@ def test_profile_recipe_and_flag_override(zoo, tmp_path, capsys):
     assert code == 0, err
     rep = json.loads((tmp_path / "o2" / "fusion_report.json").read_text())
     assert rep["options"]["solver"] == "sinkhorn" and rep["options"]["reg"] == 0.2
+    # A flag may make a profile's own option moot: --steps 0 under a profile that sets an lr.
+    trained = tmp_path / "trained.yaml"
+    trained.write_text("finetune_steps: 3\nlr: 0.01\n")
+    code, _, err = run(capsys, "fuse", "--anchor", zoo / "anchor", "--parents", zoo / "wide1", "--out",
+                       tmp_path / "o3", "--profile", trained, "--steps", 0, "--alignment", "weights", "-q")
+    assert code == 0, err
+    assert "finetune" not in json.loads((tmp_path / "o3" / "fusion_report.json").read_text())
 
 
 def test_named_profiles_parse():
