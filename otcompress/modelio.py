@@ -45,7 +45,8 @@ def load_model(source, *, trust_remote_code: bool = False, device="cpu", config=
         model, info = cls.from_pretrained(path, trust_remote_code=trust_remote_code,
                                           local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - corrupt/truncated weights surface here
-        raise ModelLoadError(f"{source}: cannot load weights ({_first_line(e)})") from None
+        raise ModelLoadError(f"{source}: {_wrong_shape(path, cls, config) or 'cannot load weights'} "
+                             f"({_first_line(e)})") from None
     check_complete(source, cls.__name__, info)
     check_finite(source, model.state_dict())
     return model.to(device).eval()
@@ -391,6 +392,26 @@ def lazy_model(source, *, trust_remote_code: bool = False, config=None):
     if any(n not in found or stored.shape(found[n]) != tuple(t.shape) for n, t in meta.items()):
         return None
     return LazyModel(path, config, cls, LazyStateDict(path, keys=list(meta), aliases=found))
+
+
+def _wrong_shape(path, cls, config) -> str | None:
+    """'tensor NAME has shape S, the config asks for T' for the first stored
+    tensor whose header shape differs from its model's (transformers names
+    none); None when none is found or the headers cannot be read."""
+    import torch
+    try:
+        stored = LazyStateDict(path)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        meta = skeleton.state_dict()
+        found = _stored_names(skeleton, meta, list(stored)) or {}
+    except Exception:  # noqa: BLE001 - a best-effort explanation only
+        return None
+    for model_name, name in found.items():
+        if tuple(stored.shape(name)) != tuple(meta[model_name].shape):
+            return (f"tensor {name} has shape {list(stored.shape(name))}, the config asks for "
+                    f"{list(meta[model_name].shape)}")
+    return None
 
 
 def _stored_names(skeleton, meta, stored) -> dict | None:

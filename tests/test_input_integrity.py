@@ -58,6 +58,17 @@ def test_a_parent_with_an_unexpected_tensor_is_refused_naming_it(z, tmp_path, ca
     refused(*fuse(capsys, z, tmp_path / "out", z / "unexpected", *extra)[::2], "unexpected", "vit.extra.weight")
 
 
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path, capsys):
+    model = edit(_saved(tmp_path), lambda sd: sd.__setitem__("classifier.weight", torch.zeros(5, 32)))
+    refused(*run(capsys, "profile", model, "--no-onnx", "--repeats", 1)[::2],
+            "tensor classifier.weight has shape [5, 32], the config asks for [10, 32]")
+
+
+def _saved(tmp_path):
+    M.vit(seed=1).save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
 def test_an_incomplete_anchor_or_teacher_is_refused(z, tmp_path, capsys):
     code, _, err = run(capsys, "fuse", "--anchor", z / "missing", "--parents", z / "wide", "--out", tmp_path / "o",
                        "--alignment", "weights")
