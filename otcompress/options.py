@@ -89,7 +89,8 @@ OPTIONS = (
          help="Calibration examples for activation statistics."),
     Option("weights", list, None, report=True,
            check=lambda v: all(_finite(w) and w >= 0 for w in v), wanted="finite numbers >= 0",
-           help="Mixing weights, anchor first [default: uniform]."),
+           help="Mixing weights, anchor first [default: uniform; the race's OT start: anchor 0.8]; "
+                "folding and pruning use the parents' share."),
     Option("qk", str, "auto", choices=("auto", "separate", "shared"), passed=True, report=True,
            help="Q/K transport maps (auto: shared with emd, else separate)."),
     Option("token_filter", str, None, passed=True, report=True,
