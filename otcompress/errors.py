@@ -12,6 +12,11 @@ class IncompatibleModelsError(OTCompressError):
     """Anchor and parents cannot be fused (depth, type, vocabulary, image size...)."""
 
 
+class UnreachableShapeError(IncompatibleModelsError):
+    """One alignment cannot map these parents onto these widths (pruning keeps
+    whole key/value groups); another may (folding): the race skips that start."""
+
+
 class UnsupportedArchitectureError(OTCompressError):
     """No architecture description for this model type/class."""
 

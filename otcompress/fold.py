@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from otcompress.errors import IncompatibleModelsError
+from otcompress.errors import IncompatibleModelsError, UnreachableShapeError
 
 
 def kmeans(x: torch.Tensor | None, k: int, *, seed: int = 0, restarts: int = 4, max_iter: int = 100,
@@ -393,7 +393,7 @@ def select(scores: torch.Tensor, k: int) -> torch.Tensor:
     lower index)."""
     m = scores.shape[0]
     if k > m:
-        raise IncompatibleModelsError(f"cannot prune {m} units to {k}: the target is wider")
+        raise UnreachableShapeError(f"cannot prune {m} units to {k}: the target is wider")
     order = torch.sort(-scores.double(), stable=True).indices
     return order[:k].sort().values
 
@@ -434,12 +434,12 @@ def prune_head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, targ
     (Q/K, V/O) importances measured on data instead of these magnitudes.
     Returns (T_qk, T_v)."""
     if target_heads > parent_heads:
-        raise IncompatibleModelsError(
+        raise UnreachableShapeError(
             f"cannot prune {parent_heads} attention heads to {target_heads}: the target has more")
     m = q.shape[0]
     d = m // parent_heads
     if target_dim > d:
-        raise IncompatibleModelsError(f"cannot prune heads of {d} units to {target_dim}")
+        raise UnreachableShapeError(f"cannot prune heads of {d} units to {target_dim}")
     s_qk, s_vo = (_unit_products(q, k), _unit_products(v, o_cols)) if scores is None else scores
     heads = select(_head_shares(s_qk, s_vo, parent_heads, d), target_heads).tolist()
     kept_qk = torch.cat([h * d + select(s_qk[h * d:(h + 1) * d], target_dim) for h in heads])
@@ -459,7 +459,7 @@ def prune_rotary_plans(q, k, v, o_cols, parent_heads: int, kv_heads: tuple, targ
     (gp, ga), rp = kv_heads, parent_heads // kv_heads[0]
     ra = target_heads // ga
     if ga > gp or ra > rp:
-        raise IncompatibleModelsError(f"cannot prune {parent_heads} heads in {gp} key/value groups to "
+        raise UnreachableShapeError(f"cannot prune {parent_heads} heads in {gp} key/value groups to "
                                       f"{target_heads} in {ga}")
     group_of = torch.arange(parent_heads, device=q.device) // rp
     unit = lambda heads: (heads[:, None] * d + torch.arange(d, device=q.device)).flatten()  # noqa: E731

@@ -228,8 +228,12 @@ def apply_umask(root: Path) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     if os.path.lexists(out):
-        if out.is_symlink() or not _ours_dir(out) or _foreign_files(out):  # since check_out: never clobber it
+        if out.is_symlink() or not _ours_dir(out):  # appeared since check_out: never clobber it
             raise InvalidOptionError(f"--out {out} appeared while writing and otcompress did not write it")
+        foreign = _foreign_files(out)
+        if foreign:  # put there while this run wrote: kept, and this result is not moved in
+            raise InvalidOptionError(f"--out {out} got files otcompress did not write while it ran "
+                                     f"({', '.join(foreign[:3])}); nothing was replaced: run again")
         old = out.with_name(f".{out.name}.old")
         out.rename(old)
         tmp.rename(out)

@@ -47,7 +47,8 @@ import torch
 
 from otcompress import finetune as ft, inputs, modelio, outputs, recipes
 from otcompress.architectures import is_headless
-from otcompress.errors import DataError, DivergedError, IncompatibleModelsError, InvalidOptionError, ModelLoadError
+from otcompress.errors import (DataError, DivergedError, InvalidOptionError, ModelLoadError, OTCompressError,
+                               UnreachableShapeError)
 from otcompress.options import FUSE_OPTIONS, PASSED, FuseOptions
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
@@ -79,7 +80,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     anchor_cfg = given.anchor_config
     # The caller's settings that differ from the defaults must all count (flags are checked by the CLI);
     # a named profile's are defaults too: a flag may make one of them moot (--steps 0 and its lr).
-    profile = recipes.load_recipe(r["profile"]) if r["profile"] else {}
+    profile = _profile_values(r["profile"])
     unused = recipes.ineffective(r, [k for k, v in recipe.items() if k in recipes.RECIPE_KEYS
                                      and v != profile.get(k, recipes.RECIPE_KEYS[k][1])],
                                  has_data=bool(r["data"] or data))
@@ -134,6 +135,15 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         with outputs.staged_dir(out, force, inputs=outputs.input_paths(anchor, *parents, r["data"])) as tmp:
             write(model, report, source, tmp, r)
     return model, report
+
+
+def _profile_values(name) -> dict:
+    """A named profile's values (the recipe's defaults there); {} where the
+    name is only a label that no longer resolves (a reused report's recipe)."""
+    try:
+        return recipes.load_recipe(name) if name else {}
+    except OTCompressError:
+        return {}
 
 
 def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest, finish, alignment,
@@ -416,12 +426,23 @@ def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=Non
     held = None if holdout is None else list(holdout.batches("eval", r["batch_size"]))
     kw = dict(alignment=alignment, data=calib, weights=weights, seed=r["seed"], holdout=held,
               progress=progress, **fuse_kw)
+    if used is not None and kw.get("depth_merge") == "parallel" and not _deeper(anchor, parent_ms):
+        kw["depth_merge"] = "select"  # this start's parent has no blocks to merge (another parent has)
     if out is not None:
         return fusion.fuse_to_disk(anchor, parent_ms, out, force=force, finish=finish, **kw)
     model = fusion.fuse(anchor, parent_ms, **kw)
     if used is not None:
         model.fusion_report["parents_used"] = used
     return model
+
+
+def _deeper(anchor, parent_ms) -> bool:
+    """Whether a parent has more blocks than the anchor or fold target."""
+    from otcompress.depth import depth
+
+    def cfg(m):
+        return modelio.load_config(m) if isinstance(m, (str, os.PathLike)) else getattr(m, "config", m)
+    return any(depth(cfg(p)) > depth(cfg(anchor)) for p in parent_ms)
 
 
 def anchor_weighted(n_parents: int) -> list:
@@ -460,11 +481,13 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
         alone = fuse_kw.get("reconstruct") or not r["finetune_steps"]
         lead = ALL_PARENTS_LEAD if several and alone and r["finetune_steps"] and fuse_kw.get("pooling") is None \
             else 1.0
-        out.append(("fold: all parents" if several else "fold",
-                    lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress, weights=r["weights"],
-                                  holdout=holdout), "fold", lead))
+        share = r["weights"][1:] if r["weights"] else [1.0] * len(parent_ms)  # anchor first
+        if any(share):  # --weights giving the parents no share: no start is made from them
+            out.append(("fold: all parents" if several else "fold",
+                        lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress,
+                                      weights=r["weights"], holdout=holdout), "fold", lead))
         for alignment in (("fold", "prune") if several else ("prune",)) if alone else ():
-            for k, p in enumerate(parent_ms, 1):
+            for k, p in [(k, p) for k, p in enumerate(parent_ms, 1) if share[k - 1] > 0]:
                 out.append((f"{alignment}: parent {k}" if several else alignment,
                             lambda p=p, a=alignment, k=k: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,
                                                                 holdout=holdout, used=[k]), "fold"))
@@ -513,7 +536,7 @@ class Race:
             t0 = time.perf_counter()
             try:
                 model = make()
-            except IncompatibleModelsError as e:  # e.g. a grouped-query shape pruning cannot keep whole heads
+            except UnreachableShapeError as e:  # e.g. a grouped-query shape pruning cannot keep whole heads
                 if len(entries) == 1 or (not built and len(self.skipped) == len(entries) - 1):
                     raise
                 log(f"[yellow]warning:[/yellow] race: {name} cannot be built ({e}); skipped")

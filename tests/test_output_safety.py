@@ -125,3 +125,15 @@ def test_replace_rechecks_what_appeared_meanwhile(tmp_path):
             precious(tmp_path).rename(out)  # a user's directory arrives at --out mid-run
     assert (out / "thesis.txt").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".late")]
+
+
+def test_replace_keeps_files_put_into_an_earlier_output_while_writing(tmp_path):
+    out = tmp_path / "earlier"
+    with outputs.staged_dir(out) as tmp:
+        (tmp / "x").write_text("first")
+    with pytest.raises(outputs.InvalidOptionError, match="got files otcompress did not write while it ran"):
+        with outputs.staged_dir(out, force=True) as tmp:
+            (tmp / "x").write_text("second")
+            (out / "mine.txt").write_text("a user's")  # arrives mid-run
+    assert (out / "mine.txt").is_file() and (out / "x").read_text() == "first"
+

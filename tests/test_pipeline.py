@@ -166,10 +166,10 @@ def test_a_start_that_cannot_be_built_for_these_shapes_is_skipped(monkeypatch):
     """Pruning keeps whole key/value groups: 4 heads in 2 groups cannot become
     3 in 1. The race goes on without that start (folding can build it) and
     says so; with no start left the error stands."""
-    from otcompress.errors import IncompatibleModelsError
+    from otcompress.errors import IncompatibleModelsError, UnreachableShapeError
 
     def cannot():
-        raise IncompatibleModelsError("cannot prune 4 heads in 2 key/value groups to 3 in 1")
+        raise UnreachableShapeError("cannot prune 4 heads in 2 key/value groups to 3 in 1")
     losses = {"fold": 1.0, "OT fusion, anchor weight 0.8": 1.2, "anchor": 1.1}
     monkeypatch.setattr(pipeline.Race, "_loss", lambda self, model, name: losses[name])
     entries = [("fold", lambda: torch.nn.Linear(1, 1), "fold"), ("prune", cannot, "fold"),
@@ -182,6 +182,27 @@ def test_a_start_that_cannot_be_built_for_these_shapes_is_skipped(monkeypatch):
     assert report["skipped"] == [{"candidate": "prune", "why": "cannot prune 4 heads in 2 key/value groups to 3 in 1"}]
     with pytest.raises(IncompatibleModelsError, match="cannot prune"):
         pipeline.Race(None, None, {"steps": 0, "device": "cpu"}, 0).run([("prune", cannot, "fold")] * 2)
+
+    def untied():  # a genuine mismatch of the user's models stops the run, whatever the start
+        raise IncompatibleModelsError("the anchor ties its output head to the input embeddings but parent 1 does not")
+    with pytest.raises(IncompatibleModelsError, match="ties its output head"):
+        pipeline.Race(None, None, {"steps": 0, "device": "cpu"}, 0).run([("fold", untied, "fold"), *entries[2:]])
+
+
+def test_the_race_with_parallel_merge_and_a_parent_as_shallow_as_the_target(digits):
+    parents = [M.vit(layers=4, seed=2), M.vit(layers=2, seed=3)]
+    _, report = pipeline.run(None, parents, {"finetune_steps": 0, "samples": 64, "reconstruct": "off",
+                                             "depth_merge": "parallel"}, target={"layers": 2}, data=digits)
+    assert "fold: parent 2" in [c["candidate"] for c in report["race"]["candidates"]]
+
+
+def test_weights_that_give_a_parent_no_share_make_no_start_from_it(digits):
+    anchor, parents = _race_models()
+    names = lambda w: [c["candidate"] for c in pipeline.run(  # noqa: E731
+        anchor, parents, {"finetune_steps": 0, "samples": 64, "reconstruct": "off", "weights": w},
+        data=digits)[1]["race"]["candidates"]]
+    assert names([1, 0, 0]) == ["OT fusion, weights 1, 0, 0", "anchor"]
+    assert not any("parent 1" in n for n in names([0, 0, 1]))
 
 
 def test_the_race_uses_the_users_mixing_weights(digits, monkeypatch):
