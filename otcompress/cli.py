@@ -165,7 +165,9 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     from otcompress.pipeline import relabelled
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
-    outputs.check_out(out, force, inputs=outputs.input_paths(model, *teachers, data), log=ui.log)
+    from otcompress.data import spec_path
+    mine = outputs.input_paths(model, *teachers, spec_path(data))  # --out may neither be nor hold one
+    outputs.check_out(out, force, inputs=mine, log=ui.log)
     device = resolve_device(device)
     if teachers:  # configs only: wrong teachers fail before weights are read or training starts
         modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
@@ -195,7 +197,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
               "metrics": {"before": before, "after": after}}
     section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
                "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model}
-    with outputs.staged_dir(out, force, inputs=outputs.input_paths(model, *teachers, data)) as tmp:
+    with outputs.staged_dir(out, force, inputs=mine) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
         result["sentence_transformers"] = outputs.copy_sentence_transformers(model, tmp, m.config.hidden_size)

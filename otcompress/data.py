@@ -484,6 +484,14 @@ def _encode_labels(raw: list, spec: str) -> tuple[np.ndarray, list[str] | None]:
     raise DataError(f"data spec '{spec}': labels must be all integers or all strings")
 
 
+def spec_path(spec) -> str | None:
+    """The file or folder a data spec reads (`~` expanded); None for a
+    built-in data set or no spec."""
+    if not spec or spec in BUILT_IN:
+        return None
+    return str(Path(spec).expanduser())
+
+
 def _read_spec(spec: str) -> _Source:
     if spec == "digits":
         return _digits_source()

@@ -73,8 +73,10 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     log = log or (lambda msg: None)
     r = {**recipes.defaults(), **recipes.check_recipe(
         {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
+    from otcompress.data import spec_path
+    mine = outputs.input_paths(anchor, *parents, spec_path(r["data"]))  # --out may neither be nor hold one
     if out is not None:
-        outputs.check_out(out, force, inputs=outputs.input_paths(anchor, *parents, r["data"]), log=log)
+        outputs.check_out(out, force, inputs=mine, log=log)
     parents = list(parents)
     given = _check_inputs(anchor, parents, r, target, trust_remote_code, data is not None)
     anchor_cfg = given.anchor_config
@@ -132,7 +134,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
                     metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference, progress))
     model.fusion_report = report
     if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
-        with outputs.staged_dir(out, force, inputs=outputs.input_paths(anchor, *parents, r["data"])) as tmp:
+        with outputs.staged_dir(out, force, inputs=mine) as tmp:
             write(model, report, source, tmp, r)
     return model, report
 

@@ -137,3 +137,9 @@ def test_replace_keeps_files_put_into_an_earlier_output_while_writing(tmp_path):
             (out / "mine.txt").write_text("a user's")  # arrives mid-run
     assert (out / "mine.txt").is_file() and (out / "x").read_text() == "first"
 
+
+
+def test_the_data_input_is_the_path_a_spec_reads():
+    from otcompress.data import spec_path
+    assert spec_path("digits") is None and spec_path("pydoc") is None and spec_path(None) is None
+    assert spec_path("~/texts.jsonl") == os.path.expanduser("~/texts.jsonl")  # protected as read
