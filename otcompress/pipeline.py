@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -435,6 +436,9 @@ def _fuse(anchor, parent_ms, alignment, calib, fuse_kw, r, progress, weights=Non
     model = fusion.fuse(anchor, parent_ms, **kw)
     if used is not None:
         model.fusion_report["parents_used"] = used
+        # The fusion numbered the maps of its own parent list: the recipe's numbers (`fusion._flagged_maps`).
+        model.fusion_report["warnings"] = [re.sub(r"^parent (\d+) ", lambda m: f"parent {used[int(m[1]) - 1]} ", w)
+                                           for w in model.fusion_report.get("warnings", [])]
     return model
 
 

@@ -219,6 +219,18 @@ def test_the_race_uses_the_users_mixing_weights(digits, monkeypatch):
     assert "OT fusion, weights 0.2, 0.4, 0.4" in [c["candidate"] for c in report["race"]["candidates"]]
 
 
+def test_a_one_parent_start_numbers_its_warnings_by_the_recipe_s_parents(monkeypatch):
+    from otcompress import fusion
+    model = torch.nn.Linear(1, 1)
+    model.fusion_report = {"warnings": ["parent 1 map res is nearly uniform (relative entropy 0.99): lower reg",
+                                        "the merge of the folds: map res did not converge"]}
+    monkeypatch.setattr(fusion, "fuse", lambda *a, **kw: model)
+    r = {**pipeline.recipes.defaults(), "alignment": "auto"}
+    out = pipeline._fuse(None, ["p2"], "fold", None, {}, r, None, used=[2])
+    assert out.fusion_report["warnings"][0].startswith("parent 2 map res")
+    assert out.fusion_report["warnings"][1].startswith("the merge of the folds")
+
+
 def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
