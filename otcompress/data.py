@@ -64,7 +64,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -711,6 +711,34 @@ def _family(config):
     return fam
 
 
+def _as_model_ids(src: _Source, config, spec: str) -> _Source:
+    """`src` with named classes (string labels, image folders) numbered as
+    the model numbers them: by its own label names (config.label2id), or, where
+    its labels are unnamed (LABEL_k), by names that are class indices ("3",
+    "7"); otherwise in sorted order, as read. A folder holding only some
+    classes, or labels spelled as the model's names, then score as they should
+    (they were renumbered 0, 1, ... by order: a digits ViT scored 0% on
+    folders "3" and "7")."""
+    names = src.class_names
+    if not names:
+        return src
+    label2id = getattr(config, "label2id", None) or {}
+    if label2id and not all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id):
+        unknown = [n for n in names if n not in label2id]
+        if unknown:
+            raise DataError(f"data spec '{spec}': class '{unknown[0]}' is not one of the model's labels "
+                            f"({', '.join(map(str, list(label2id)[:8]))}{', ...' if len(label2id) > 8 else ''})")
+        ids = [int(label2id[n]) for n in names]
+    elif all(n.isdigit() and int(n) < config.num_labels for n in names):
+        ids = [int(n) for n in names]
+    else:
+        return src
+    named = dict(zip(ids, names))
+    id2label = getattr(config, "id2label", None) or {}
+    return replace(src, labels=np.asarray(ids, dtype=np.int64)[src.labels],
+                   class_names=[named.get(i, str(id2label.get(i, f"LABEL_{i}"))) for i in range(max(ids) + 1)])
+
+
 def _check_labels(num_labels: int, config, spec: str) -> None:
     if num_labels > config.num_labels:
         raise DataError(f"data spec '{spec}': {num_labels} classes but the model has "
@@ -743,6 +771,7 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     use_labels = src.labels is not None and task not in (*LM_TASKS, "feature-extraction")
     num_labels = None
     if use_labels:
+        src = _as_model_ids(src, config, spec)
         num_labels = max(len(src.class_names or ()), int(src.labels.max()) + 1)
     if use_labels:
         _check_labels(num_labels, config, spec)

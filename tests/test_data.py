@@ -189,6 +189,33 @@ def test_jsonl_sequence_classification(tmp_path, tokenizer):
     assert "labels" not in mlm.splits["eval"]
 
 
+def test_named_classes_take_the_model_s_own_ids(tmp_path, tokenizer):
+    """Labels spelled as the model's label names get its ids, not sorted
+    ones; a class it does not know is an error; unnamed (LABEL_k) models take
+    class-index names as ids: a folder of classes "3" and "7" is 3 and 7."""
+    tok, _ = tokenizer
+    names = ["pos"] * 15 + ["neg"] * 10 + ["neu"] * 5  # counts tell the ids apart (sorted: neg 0, neu 1, pos 2)
+    rows = [{"text": p, "label": n} for n, p in zip(names, pydoc_paragraphs()[:30])]
+    path = tmp_path / "named.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = bert_config(len(tok), labels=3)
+    cfg.id2label, cfg.label2id = {0: "pos", 1: "neg", 2: "neu"}, {"pos": 0, "neg": 1, "neu": 2}
+    data = load_data(str(path), BertForSequenceClassification(cfg), tokenizer=tok, max_length=16)
+    labels = torch.cat([data.splits[s]["labels"] for s in ("train", "eval")])
+    assert data.class_names == ["pos", "neg", "neu"] and torch.bincount(labels).tolist() == [15, 10, 5]
+    cfg.id2label, cfg.label2id = {0: "pos", 1: "neg", 2: "other"}, {"pos": 0, "neg": 1, "other": 2}
+    with pytest.raises(DataError, match="class 'neu' is not one of the model's labels"):
+        load_data(str(path), BertForSequenceClassification(cfg), tokenizer=tok)
+    root = tmp_path / "digits"
+    for name in ("3", "7"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            np.save(root / name / f"{i}.npy", np.full((8, 8), float(name) / 10, dtype=np.float32))
+    folder = load_data(str(root), vit_config())
+    assert sorted(set(torch.cat([folder.splits[s]["labels"] for s in ("train", "eval")]).tolist())) == [3, 7]
+    assert folder.class_names[3] == "3" and folder.class_names[7] == "7"
+
+
 def test_unlabelled_text_for_classifier_calibrates_but_cannot_train(tmp_path, tokenizer):
     tok, _ = tokenizer
     path = tmp_path / "plain.txt"
