@@ -162,7 +162,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     """Brief recovery training of MODEL (optionally distilled from --teachers)."""
     from otcompress import finetune as ft
     from otcompress import modelio, outputs
-    from otcompress.pipeline import relabelled
+    from otcompress.pipeline import check_tokenizers, relabelled
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
     from otcompress.data import spec_path
@@ -173,6 +173,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         modelio.check_teachers(modelio.load_config(model, trust_remote_code=trust_remote_code),
                                [modelio.load_config(t, trust_remote_code=trust_remote_code)
                                 for t in teachers])
+        check_tokenizers(model, teachers, "the model", "teacher")
     _check_pooling(pooling, model, trust_remote_code)
     if _headless(model, trust_remote_code) and not teachers:
         raise InvalidOptionError(f"{model} has no task head: finetune trains it by distilling the "
@@ -263,9 +264,11 @@ def eval_cmd(model, data, split, batch_size, reference, pooling, device, trust_r
     for a headless model, how its embedding similarities agree with --reference models'."""
     from otcompress import finetune as ft
     from otcompress import modelio
+    from otcompress.pipeline import check_tokenizers
     ui = UI(quiet, as_json)
     device = resolve_device(device)
     _check_reference(model, list(reference), trust_remote_code)
+    check_tokenizers(model, list(reference), "the model", "reference model")
     _check_pooling(pooling, model, trust_remote_code)
     m = modelio.load_model(model, trust_remote_code=trust_remote_code)
     task = _load_data(data, m, model, 0, pooling)

@@ -355,7 +355,7 @@ def _check_inputs(anchor, parents, r, target, trust_remote_code, given_data=Fals
     o.trust_remote_code = trust_remote_code
     given = inputs.check(anchor, parents, o, target=target)
     if isinstance(anchor, (str, os.PathLike)):
-        _check_tokenizers(anchor, parents)
+        check_tokenizers(anchor, parents)
     headless = is_headless(anchor if hasattr(anchor, "config") else given.anchor_config)
     if r["pooling"] and not headless:
         raise InvalidOptionError(f"pooling '{r['pooling']}' applies to headless (embedding) models; this one "
@@ -374,9 +374,11 @@ def _width_notes(given) -> list[str]:
             for k, what, parent, target in given.wider_widths()]
 
 
-def _check_tokenizers(anchor, parents) -> None:
-    """Parents whose tokenizer maps tokens to other ids than the anchor's have
-    other embedding rows for the same text: fusing them mixes unrelated rows.
+def check_tokenizers(anchor, parents, mine_is="the anchor", theirs_are="parent") -> None:
+    """Parents (or teachers, reference models: `theirs_are`) whose tokenizer
+    maps tokens to other ids than the anchor's (the model's: `mine_is`) read
+    other embedding rows for the same text: fusing them mixes unrelated rows,
+    distilling from them or scoring against them compares unrelated outputs.
     The vocabulary size alone does not show it (a shuffled vocabulary)."""
     from otcompress.errors import IncompatibleModelsError
     mine = _vocabulary(anchor)
@@ -387,9 +389,9 @@ def _check_tokenizers(anchor, parents) -> None:
         if theirs is None or theirs == mine:
             continue
         moved = sorted(t for t in mine.keys() & theirs.keys() if mine[t] != theirs[t])
-        detail = (f"'{moved[0]}' is id {mine[moved[0]]} in the anchor's, {theirs[moved[0]]} in the parent's"
+        detail = (f"'{moved[0]}' is id {mine[moved[0]]} in {mine_is}'s, {theirs[moved[0]]} in the {theirs_are}'s"
                   if moved else f"{len(mine.keys() ^ theirs.keys())} tokens are in only one of them")
-        raise IncompatibleModelsError(f"tokenizer mismatch: parent {k}'s tokenizer is not the anchor's "
+        raise IncompatibleModelsError(f"tokenizer mismatch: {theirs_are} {k}'s tokenizer is not {mine_is}'s "
                                       f"({detail})")
 
 

@@ -389,17 +389,24 @@ def _bert_dir(path, model, vocab):
     return path
 
 
-def test_a_shuffled_tokenizer_of_the_same_size_is_refused_before_any_work(tmp_path, monkeypatch):
+def test_a_shuffled_tokenizer_of_the_same_size_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     from otcompress.errors import IncompatibleModelsError
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
     shuffled = vocab[:5] + vocab[5:][::-1]
     anchor = _bert_dir(tmp_path / "a", M.bert(seed=1), vocab)
     same = _bert_dir(tmp_path / "p", M.bert(hidden=48, heads=6, inter=96, seed=2), vocab)
     other = _bert_dir(tmp_path / "q", M.bert(hidden=48, heads=6, inter=96, seed=3), shuffled)
-    pipeline._check_tokenizers(anchor, [same])  # the same vocabulary passes
+    pipeline.check_tokenizers(anchor, [same])  # the same vocabulary passes
     monkeypatch.setattr(pipeline.modelio, "load_model", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(IncompatibleModelsError, match=r"tokenizer mismatch: parent 2's .*'w0' is id 5"):
         pipeline.run(anchor, [same, other], {"alignment": "weights"})
+    # Teachers and reference models are held to the student's tokenizer too (finetune, eval).
+    code, _, err = run(capsys, "finetune", anchor, "--data", "pydoc", "--steps", 1, "--out", tmp_path / "o",
+                       "--teachers", other)
+    assert code == 2 and "tokenizer mismatch: teacher 1's tokenizer is not the model's" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(IncompatibleModelsError, match=r"reference model 1's tokenizer is not the model's"):
+        pipeline.check_tokenizers(anchor, [other], "the model", "reference model")
 
 
 def test_an_anchor_wider_than_a_parent_is_warned_about():
@@ -423,11 +430,11 @@ def test_tokenizer_check_skips_model_objects_and_names_a_broken_tokenizer(tmp_pa
     from otcompress.errors import ModelLoadError
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
     anchor = _bert_dir(tmp_path / "a", M.bert(seed=1), vocab)
-    pipeline._check_tokenizers(anchor, [M.bert(hidden=48, heads=6, inter=96, seed=2)])  # a model: nothing to compare
+    pipeline.check_tokenizers(anchor, [M.bert(hidden=48, heads=6, inter=96, seed=2)])  # a model: nothing to compare
     broken = _bert_dir(tmp_path / "b", M.bert(hidden=48, heads=6, inter=96, seed=2), vocab)
     (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"b: cannot load its tokenizer"):
-        pipeline._check_tokenizers(anchor, [broken])
+        pipeline.check_tokenizers(anchor, [broken])
 
 
 def test_an_embedding_run_whose_loss_climbs_restarts_from_the_start_at_a_tenth_of_the_lr(tmp_path):
