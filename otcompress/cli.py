@@ -197,11 +197,13 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
               "split": "eval", "examples": task.num_examples("eval"),
               "metrics": {"before": before, "after": after}}
     section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
-               "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model}
+               "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model,
+               "pooling": task.pooling}
     with outputs.staged_dir(out, force, inputs=mine) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)
-        result["sentence_transformers"] = outputs.copy_sentence_transformers(model, tmp, m.config.hidden_size)
+        result["sentence_transformers"] = outputs.copy_sentence_transformers(model, tmp, m.config.hidden_size,
+                                                                              pooling)
         # The model card and fusion report (how the model was made) come along, with this run added.
         result["carried"] = outputs.carry_lineage(model, tmp, section, {
             f"before finetune ({data})": before, f"finetuned {summary['steps']} steps ({data})": after})

@@ -31,9 +31,8 @@ def resolve_device(device):
     import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidOptionError("--device cuda: no CUDA device available")
-    return device
+    from otcompress.modelio import checked_device
+    return checked_device(device)
 
 
 FORCE_HELP = ("Replace --out if otcompress wrote it (never a file or directory it did not write, "

@@ -170,6 +170,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
     o.data, o.holdout = activations.reiterable(o.data), activations.reiterable(o.holdout)
+    modelio.checked_device(o.device)
     given = inputs.check(anchor, parents, o)  # options and configs, before any weights are read
     opts = {"qk": given.qk, "weights": list(given.weights)}
     anchor_m, parent_ms = _load_all(given, device=o.device,

@@ -12,6 +12,7 @@ this again. What only the loaded tensors can tell (complete, finite) is
 checked as they load (`modelio.load_model`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +170,12 @@ def mixing_weights(weights, n_parents) -> list:
     """The mixing weights [anchor, parent 1, ...] normalised to sum 1; uniform for None."""
     if weights is None:
         return [1.0 / (n_parents + 1)] * (n_parents + 1)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"weights must be numbers, got {weights!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise InvalidOptionError(f"weights must be finite, got {weights}")
     if len(weights) != n_parents + 1:
         raise InvalidOptionError(
             f"weights: need {n_parents + 1} values (anchor first, then each parent), got {len(weights)}")

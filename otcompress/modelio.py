@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from otcompress.errors import IncompatibleModelsError, ModelLoadError
+from otcompress.errors import IncompatibleModelsError, InvalidOptionError, ModelLoadError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -26,6 +26,22 @@ def load_config(source, *, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad model dir
         raise ModelLoadError(f"{source}: cannot read config.json ({_first_line(e)})") from None
+
+
+def checked_device(device):
+    """`device` if this machine has it (None passes: where the models are),
+    else the one-line error: torch's own is an AssertionError or RuntimeError
+    deep in a model's `.to`."""
+    import torch
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidOptionError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError(f"device {device}: no CUDA device available")
+    return device
 
 
 def load_model(source, *, trust_remote_code: bool = False, device="cpu", config=None):

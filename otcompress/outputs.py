@@ -262,11 +262,12 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "con
 _WEIGHTLESS_MODULES = ("Pooling", "Normalize")
 
 
-def copy_sentence_transformers(source, dest: Path, hidden_size: int) -> dict:
+def copy_sentence_transformers(source, dest: Path, hidden_size: int, pooling: str | None = None) -> dict:
     """Carry a sentence-transformers checkpoint's pipeline files, with the
-    pooling dimension rewritten to the fused model's width. Modules with
-    weights of their own (a Dense projection) cannot be carried: they read
-    the parent's width. Returns {"copied": [...], "skipped": [...]}."""
+    pooling dimension rewritten to the fused model's width, and its mode to
+    `pooling` where the run was told one (--pooling: the model was trained and
+    scored so). Modules with weights of their own (a Dense projection) cannot
+    be carried: they read the parent's width. Returns {"copied": [...], "skipped": [...]}."""
     src = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if src is None or not (src / "modules.json").is_file():
         return {"copied": [], "skipped": []}
@@ -288,6 +289,9 @@ def copy_sentence_transformers(source, dest: Path, hidden_size: int) -> dict:
             settings = json.loads(cfg.read_text())
             if "word_embedding_dimension" in settings:
                 settings["word_embedding_dimension"] = hidden_size
+                if pooling:
+                    from otcompress.embedding import _ST_POOLING_KEYS
+                    settings.update({k: mode == pooling for k, mode in _ST_POOLING_KEYS.items()})
             cfg.write_text(json.dumps(settings, indent=2) + "\n")
         copied.append(folder)
     return {"copied": copied, "skipped": skipped}

@@ -72,6 +72,7 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     data spec. `progress(stage, done, total)` and `log(message)` are optional
     callbacks."""
     log = log or (lambda msg: None)
+    device = modelio.checked_device(device)
     r = {**recipes.defaults(), **recipes.check_recipe(
         {k: v for k, v in recipe.items() if k != "profile"}, "recipe"), "profile": recipe.get("profile")}
     from otcompress.data import spec_path
@@ -94,8 +95,8 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         log(f"[yellow]warning:[/yellow] {note}")
     started = time.time()
     # Fusion computes where the anchor lives: load everything on `device` (the configs the checks read).
-    load = lambda m, cfg: modelio.load_model(m, trust_remote_code=trust_remote_code,  # noqa: E731
-                                             config=cfg).to(device)
+    load = lambda m, cfg: _on(modelio.load_model(m, trust_remote_code=trust_remote_code, config=cfg),  # noqa: E731
+                              device, given=m)
     anchor_m = None if anchor is None else load(anchor, anchor_cfg)
     fuse_anchor = anchor_m if anchor_m is not None else anchor_cfg
     source = anchor if anchor is not None else parents[0]  # its preprocessor files come along
@@ -163,6 +164,14 @@ def _fuse_to_disk(fuse_anchor, parents, r, out, force, progress, log, write_rest
                                                   "reconstruct": False}, r, progress,
           weights=r["weights"], out=out, force=force, finish=add_files)
     return done["report"]
+
+
+def _on(model, device, given):
+    """`model` on `device`; a caller's model object elsewhere is copied first
+    (`.to` moves a module in place: the caller's would be left moved)."""
+    if model is given and any(p.device != torch.device(device) for p in model.parameters()):
+        model = copy.deepcopy(model)
+    return model.to(device)
 
 
 def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress, log, reference, foldable):
@@ -810,7 +819,7 @@ def write_files(report, source, tmp: Path, r, hidden_size: int):
     """Beside the weights: the anchor's preprocessor (and sentence-transformers)
     files, the resolved recipe, the report and a model card."""
     report["copied_preprocessor_files"] = outputs.copy_preprocessor(source, tmp)
-    report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, hidden_size)
+    report["sentence_transformers"] = outputs.copy_sentence_transformers(source, tmp, hidden_size, r["pooling"])
     recipe = {k: v for k, v in r.items() if k != "profile"}
     if recipe["alignment"] == "auto" and (report.get("options") or {}).get("alignment") == "fold" \
             and not report.get("race"):  # "auto" without an anchor folded: say so (same result when rerun)

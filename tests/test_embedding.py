@@ -190,6 +190,22 @@ def test_cli_embedding_models_end_to_end(st_models, tmp_path, capsys):
     assert (ft_out / "modules.json").is_file() and (ft_out / "1_Pooling" / "config.json").is_file()
 
 
+def test_the_pooling_a_run_was_told_is_written_with_the_model(st_models, tmp_path, capsys):
+    """--pooling cls on mean-pooled checkpoints: the written 1_Pooling says cls
+    (as it was trained and scored), for fuse and finetune alike."""
+    d = st_models
+    code, _, err = _cli(capsys, "fuse", "--anchor", d / "small", "--parents", d / "big1", "--out", tmp_path / "f",
+                        "--alignment", "weights", "--data", d / "texts.txt", "--samples", 32, "--pooling", "cls", "-q")
+    assert code == 0, err
+    modes = lambda out: {k for k, v in json.loads((out / "1_Pooling" / "config.json").read_text()).items()  # noqa: E731
+                         if k.startswith("pooling_mode_") and v}
+    assert modes(tmp_path / "f") == {"pooling_mode_cls_token"}
+    code, _, err = _cli(capsys, "finetune", d / "small", "--data", d / "texts.txt", "--steps", 1, "--teachers",
+                        d / "big1", "--pooling", "max", "--out", tmp_path / "t", "-q")
+    assert code == 0, err
+    assert modes(tmp_path / "t") == {"pooling_mode_max_tokens"}
+
+
 def test_pooling_option_reaches_scoring_and_is_refused_for_models_with_a_head(st_models, tmp_path, capsys):
     d = st_models
     run = lambda *args: _cli(capsys, *args)  # noqa: E731

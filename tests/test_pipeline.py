@@ -552,3 +552,20 @@ def test_a_start_built_from_one_parent_names_it_and_its_depth_map(digits, tmp_pa
     assert "- depth map of parent 2 (3 -> 2 blocks" in card and "depth map of parent 1" not in card
     assert "built from parent 2 (`" in card
     assert yaml.safe_load(card.split("---")[1])["base_model"] == [report["parents"][1]]
+
+
+def test_a_device_the_machine_lacks_is_one_line_and_the_caller_s_models_stay_put():
+    import otcompress
+    anchor, parents = _race_models()
+    with pytest.raises(InvalidOptionError, match="'tpu' is not a torch device"):
+        pipeline.run(anchor, parents, {"alignment": "weights"}, device="tpu")
+    with pytest.raises(InvalidOptionError, match="is not a torch device"):
+        otcompress.fuse(anchor, parents, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidOptionError, match="no CUDA device available"):
+            pipeline.run(anchor, parents, {"alignment": "weights"}, device="cuda")
+    with pytest.raises(Exception):  # a device no model can compute on: whatever fails, fails on copies
+        pipeline.run(anchor, parents, {"alignment": "weights"}, device="meta")
+    assert all(p.device.type == "cpu" for m in (anchor, *parents) for p in m.parameters())
+    with pytest.raises(InvalidOptionError, match="weights must be finite"):
+        otcompress.fuse(anchor, parents, weights=[float("nan"), 1, 1])
