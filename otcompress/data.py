@@ -363,7 +363,7 @@ def _jsonl_source(path: Path, spec: str) -> _Source:
 
 def _read_text(path: Path, spec: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is no text
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"data spec '{spec}': cannot read ({e})") from None
 

@@ -216,6 +216,15 @@ def test_named_classes_take_the_model_s_own_ids(tmp_path, tokenizer):
     assert folder.class_names[3] == "3" and folder.class_names[7] == "7"
 
 
+def test_a_jsonl_file_with_a_byte_order_mark_reads(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    path = tmp_path / "bom.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p, "label": i % 2}) for i, p in enumerate(pydoc_paragraphs()[:20])),
+                    encoding="utf-8-sig")
+    data = load_data(str(path), BertForSequenceClassification(bert_config(len(tok))), tokenizer=tok, max_length=16)
+    assert data.num_examples("train") + data.num_examples("eval") == 20
+
+
 def test_unlabelled_text_for_classifier_calibrates_but_cannot_train(tmp_path, tokenizer):
     tok, _ = tokenizer
     path = tmp_path / "plain.txt"
