@@ -165,6 +165,7 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     from otcompress.pipeline import check_tokenizers, relabelled
     main_process = ft.is_main_process()  # under accelerate launch / torchrun only rank 0 writes and prints
     ui = UI(quiet or not main_process, as_json and main_process)
+    _distill_options_need_teachers(teachers)
     from otcompress.data import spec_path
     mine = outputs.input_paths(model, *teachers, spec_path(data))  # --out may neither be nor hold one
     outputs.check_out(out, force, inputs=mine, log=ui.log)
@@ -290,6 +291,16 @@ def _headless(path, trust_remote_code) -> bool:
     from otcompress import modelio
     from otcompress.architectures import is_headless
     return is_headless(modelio.load_config(path, trust_remote_code=trust_remote_code))
+
+
+def _distill_options_need_teachers(teachers) -> None:
+    """--distill-alpha and --temperature shape the distillation: without
+    --teachers there is none, and options are never silently ignored."""
+    ctx = click.get_current_context()
+    for name in ("distill_alpha", "temperature"):
+        if not teachers and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise InvalidOptionError(f"--{name.replace('_', '-')} applies to distillation: give --teachers, "
+                                     "or drop it")
 
 
 def _check_reference(model, reference, trust_remote_code):

@@ -128,6 +128,8 @@ def test_fuse_refuses_bad_values_before_any_work(z, tmp_path, capsys, no_work, e
     (["--steps", "2", "--lr", "inf"], "'--lr': inf"),
     (["--steps", "2", "--distill-alpha", "2"], "'--distill-alpha'"),
     (["--steps", "2", "--temperature", "0"], "'--temperature'"),
+    (["--steps", "2", "--distill-alpha", "0.3"], "--distill-alpha applies to distillation: give --teachers"),
+    (["--steps", "2", "--temperature", "4"], "--temperature applies to distillation: give --teachers"),
 ])
 def test_finetune_refuses_bad_values_before_any_work(z, tmp_path, capsys, no_work, extra, message):
     out = tmp_path / "ft"
