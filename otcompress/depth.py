@@ -300,7 +300,8 @@ def apply(parent, dmap: DepthMap):
             return modelio.LazyModel(parent.path, cfg, parent.model_class, parent.tensors.renamed(names))
         # Blocks whose tensors change with their position: this parent is loaded whole.
         parent = modelio.load_model(parent.path, config=parent.config).eval()
-    sd = {**parent.state_dict(), **moved(parent.config, parent.state_dict(), dmap)}
+    sd = parent.state_dict()
+    sd = {**sd, **moved(parent.config, sd, dmap)}
     if dmap.merge != "select":
         sd = parallel_state(parent, dmap, sd)
     names = renamed_keys(parent.config, list(sd), dmap.kept)

@@ -31,7 +31,7 @@ from otcompress.options import CHOICES
 
 POOLINGS = CHOICES["pooling"]
 # sentence-transformers' Pooling config keys, in the order it applies them.
-_ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                     "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
 EVAL_BLOCK = 512  # rows of the pairwise similarity matrix computed at once
 
@@ -52,7 +52,7 @@ def checkpoint_pooling(model_dir) -> str | None:
         if module.get("type", "").endswith("Pooling"):
             cfg = root / module.get("path", "") / "config.json"
             settings = json.loads(cfg.read_text()) if cfg.is_file() else {}
-            chosen = [mode for key, mode in _ST_POOLING_KEYS.items() if settings.get(key)]
+            chosen = [mode for key, mode in ST_POOLING_KEYS.items() if settings.get(key)]
             return chosen[0] if chosen else "mean"
     return None
 

@@ -375,7 +375,6 @@ def lazy_model(source, *, trust_remote_code: bool = False, config=None):
     base-model prefix, and tied parameters stored once under a partner's name."""
     if not isinstance(source, (str, os.PathLike)) or trust_remote_code:
         return None
-    import torch
     config = config or load_config(source, trust_remote_code=False)
     path = _local_dir(source)
     cls = _recorded_class(config)
@@ -386,9 +385,7 @@ def lazy_model(source, *, trust_remote_code: bool = False, config=None):
     except ModelLoadError:  # no or unreadable safetensors: load_model reports what is wrong
         return None
     try:
-        with torch.device("meta"):  # the class's names, shapes and ties, no memory
-            skeleton = cls(config)
-        meta = skeleton.state_dict()
+        skeleton, meta = _skeleton(cls, config)
         found = _stored_names(skeleton, meta, list(stored))
     except Exception as e:  # noqa: BLE001 - not a documented reason: say why it is not streamed
         warnings.warn(f"otcompress: {path} is loaded whole, not streamed: its {cls.__name__} could not be laid out "
@@ -414,12 +411,9 @@ def _wrong_shape(path, cls, config) -> str | None:
     """'tensor NAME has shape S, the config asks for T' for the first stored
     tensor whose header shape differs from its model's (transformers names
     none); None when none is found or the headers cannot be read."""
-    import torch
     try:
         stored = LazyStateDict(path)
-        with torch.device("meta"):
-            skeleton = cls(config)
-        meta = skeleton.state_dict()
+        skeleton, meta = _skeleton(cls, config)
         found = _stored_names(skeleton, meta, list(stored)) or {}
     except Exception:  # noqa: BLE001 - a best-effort explanation only
         return None
@@ -428,6 +422,15 @@ def _wrong_shape(path, cls, config) -> str | None:
             return (f"tensor {name} has shape {list(stored.shape(name))}, the config asks for "
                     f"{list(meta[model_name].shape)}")
     return None
+
+
+def _skeleton(cls, config):
+    """(model, its state dict) of `cls` at `config` on the meta device: the
+    class's names, shapes and ties, no memory."""
+    import torch
+    with torch.device("meta"):
+        skeleton = cls(config)
+    return skeleton, skeleton.state_dict()
 
 
 def _stored_names(skeleton, meta, stored) -> dict | None:

@@ -290,8 +290,8 @@ def copy_sentence_transformers(source, dest: Path, hidden_size: int, pooling: st
             if "word_embedding_dimension" in settings:
                 settings["word_embedding_dimension"] = hidden_size
                 if pooling:
-                    from otcompress.embedding import _ST_POOLING_KEYS
-                    settings.update({k: mode == pooling for k, mode in _ST_POOLING_KEYS.items()})
+                    from otcompress.embedding import ST_POOLING_KEYS
+                    settings.update({k: mode == pooling for k, mode in ST_POOLING_KEYS.items()})
             cfg.write_text(json.dumps(settings, indent=2) + "\n")
         copied.append(folder)
     return {"copied": copied, "skipped": skipped}
