@@ -19,7 +19,7 @@ from otcompress import activations, architectures, depth, embedding, importance,
 from otcompress import reconstruct as reconstruct_mod, repair as repair_mod
 from otcompress.align import AlignOptions, HeadShapes, align_parent
 from otcompress.errors import DataError, IncompatibleModelsError, InvalidOptionError, SolverError
-from otcompress.options import BY_NAME, FUSE_OPTIONS, REPORTED, FuseOptions
+from otcompress.options import BY_NAME, FUSE_OPTIONS, REPORTED, FuseOptions, check_api
 
 # The options are declared once, in `options` (`fuse`'s signature is tested against it),
 # and checked once, with the models, at the entry (`inputs.check`).
@@ -154,6 +154,7 @@ def fuse_to_disk(anchor, parents, out, *, max_shard_size="5GB", force=False, fin
     bound = inspect.signature(fuse).bind(anchor, parents, **options)  # TypeError on an unknown option
     bound.apply_defaults()
     options = {k: v for k, v in bound.arguments.items() if k not in ("anchor", "parents")}
+    modelio.shard_limit(max_shard_size)  # a wrong size fails now, not once the maps are computed
     with outputs.staged_dir(out, force) as stage:
         _, report = _fuse(anchor, parents, options, out=stage, max_shard_size=max_shard_size)
         if finish is not None:
@@ -165,6 +166,7 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
     t_start = time.perf_counter()
+    check_api({k: options[k] for k in _OPTIONS})  # each value's type and range, before any work
     o = FuseOptions(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
     parents = _as_list(parents)
     o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))

@@ -106,8 +106,9 @@ def _is_config(x) -> bool:
 
 def _check_classes(anchor, anchor_cfg, parents, parent_cfgs, trust_remote_code) -> None:
     """The anchor and every parent load as one model class (a fold target
-    takes the first parent's); where only loading can tell (remote code),
-    the family's class list decides later (`architectures.build_spec`)."""
+    takes the first parent's), a classifier with their label count; where
+    only loading can tell (remote code), the family's class list decides
+    later (`architectures.build_spec`)."""
     classes = [modelio.model_class(p, cfg, trust_remote_code=trust_remote_code)
                for p, cfg in zip(parents, parent_cfgs)]
     if anchor is None or _is_config(anchor):
@@ -118,6 +119,9 @@ def _check_classes(anchor, anchor_cfg, parents, parent_cfgs, trust_remote_code) 
         if mine is not None and cls is not None and cls is not mine:
             raise IncompatibleModelsError(
                 f"class mismatch: anchor is {mine.__name__}, parent {k} is {cls.__name__}")
+    me = "the fold target" if start == 2 else "anchor"
+    for k, cfg in enumerate(parent_cfgs, 1):  # the classes' own names: a config built in memory records none
+        modelio.check_labels(anchor_cfg, cfg, k, roles=(me, "parent"), head=mine.__name__ if mine else None)
 
 
 def check_options(alignment, solver, reg, residual, qk, token_filter, data, weights, parents, *,

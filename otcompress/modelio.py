@@ -164,15 +164,18 @@ def check_compatible(anchor_cfg, parent_cfgs, must_match, *, roles=("anchor", "p
                         "image_size": "image-size"}.get(key, key)
                 raise IncompatibleModelsError(
                     f"{what} mismatch: {me} has {key}={a}, {them} {k} has {key}={b}")
-        _check_labels(anchor_cfg, cfg, k, roles)
+        check_labels(anchor_cfg, cfg, k, roles)
 
 
-def _check_labels(anchor_cfg, cfg, k, roles=("anchor", "parent")):
+def check_labels(anchor_cfg, cfg, k, roles=("anchor", "parent"), head=None):
+    """A classifier's label count must match. `head`: the model class's name
+    where it is known from elsewhere than the config (a model built in memory
+    records none)."""
     from otcompress.architectures import head_of  # imports torch: this module does not
 
     a = getattr(anchor_cfg, "num_labels", None)
     b = getattr(cfg, "num_labels", None)
-    if "Classification" in (head_of(anchor_cfg) or "") and a != b:
+    if "Classification" in (head or head_of(anchor_cfg) or "") and a != b:
         raise IncompatibleModelsError(f"label mismatch: {roles[0]} has {a} labels, {roles[1]} {k} has {b}")
 
 
@@ -458,6 +461,20 @@ def _stored_names(skeleton, meta, stored) -> dict | None:
 
 # ----------------------------------------------------------------------------- writing shard by shard
 
+def shard_limit(max_shard_size) -> int:
+    """A shard's size limit in bytes, from bytes or a size string ("5GB",
+    "500MiB"), as `save_pretrained` reads it; InvalidOptionError otherwise."""
+    from transformers.utils.hub import convert_file_size_to_int
+    try:
+        limit = convert_file_size_to_int(max_shard_size) if not isinstance(max_shard_size, bool) else 0
+    except (TypeError, ValueError):
+        limit = 0
+    if not isinstance(limit, int) or limit <= 0:
+        raise InvalidOptionError(f"max_shard_size must be a size > 0 in bytes or such as '5GB' or '500MiB', "
+                                 f"got {max_shard_size!r}")
+    return limit
+
+
 class ShardWriter:
     """Safetensors shards written one tensor at a time, in any order, as
     `save_pretrained` lays them out (`model.safetensors`, or numbered shards
@@ -474,8 +491,7 @@ class ShardWriter:
 
     def __init__(self, directory, layout: dict, max_shard_size="5GB"):
         import torch
-        from transformers.utils.hub import convert_file_size_to_int
-        limit = convert_file_size_to_int(max_shard_size)
+        limit = shard_limit(max_shard_size)
         codes = {getattr(torch, name): code for code, name in _SAFETENSORS_DTYPES.items()}
         groups, size = [[]], 0
         for name, (shape, dtype) in layout.items():

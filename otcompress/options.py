@@ -8,6 +8,8 @@ module (no YAML, no torch): the engine's tensor code may import it."""
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, make_dataclass
 from typing import Callable
 
@@ -17,7 +19,27 @@ _SAME = object()  # Option.fuse_default: as the recipe's default
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _batches(v) -> bool:
+    """One batch (a mapping of input tensors) or an iterable of them (not a string)."""
+    return isinstance(v, Mapping) or (isinstance(v, Iterable) and not isinstance(v, (str, bytes)))
+
+
+def _numbers(v, low: float, empty: bool = True) -> bool:
+    """A list (tuple, array: not a one-shot iterator, which a check would use up) of finite numbers > `low`."""
+    if not isinstance(v, Iterable) or isinstance(v, (str, bytes, Iterator, Mapping)):
+        return False
+    v = list(v)
+    return (empty or len(v) > 0) and all(_finite(x) and x > low for x in v)
+
+
+BATCHES = "one batch (a dict of input tensors) or an iterable of batches"
 
 
 @dataclass(frozen=True)
@@ -28,7 +50,8 @@ class Option:
     recipe key; `fuse`: a keyword of `fusion.fuse`; `passed`: the workflow
     hands the recipe's value to `fuse` unchanged; `report`: listed in the
     fusion report's options. `flags`: a recipe key's `otcompress fuse`
-    flags (empty: `--name-with-dashes`; None: no flag)."""
+    flags (empty: `--name-with-dashes`; None: no flag). `api`: (test,
+    wanted) of `fuse`'s value where it differs from the recipe's (`api_problem`)."""
     name: str
     type: object = object
     default: object = None
@@ -42,6 +65,7 @@ class Option:
     report: bool = False
     fuse_default: object = _SAME
     flags: tuple | None = ()
+    api: tuple = ()  # (test, wanted) of `fuse`'s value where its type or check says nothing of it
 
     @property
     def cli_flags(self) -> tuple:
@@ -66,6 +90,7 @@ def _run(name, typ, default, **kw):
     return Option(name, typ, default, fuse=False, **kw)
 
 
+POOLINGS = ("mean", "cls", "max", "last")
 POOLING_HELP = ("Headless (embedding) models: how embeddings are pooled [default: the checkpoint's "
                 "sentence-transformers pooling, else mean (cls for ViT)].")
 
@@ -79,16 +104,18 @@ OPTIONS = (
            help="sinkhorn: soft maps (--reg); emd: exact OT (takes no --reg)."),
     Option("reg", (float, str), 0.02, fuse_default=None, passed=True, report=True,
            check=lambda v: v == "auto" or (_finite(v) and v > 0), wanted="a finite number > 0 or 'auto'",
+           api=(lambda v: v == "auto" or _finite(v), "a number or 'auto'"),  # its range: `inputs.check_options`
            help="Sinkhorn regulariser: a finite number > 0, or 'auto' (held-out sweep)."),
     Option("residual", str, "average", choices=("average", "scalar", "matrix"), passed=True, report=True,
            help="Residual joins: how the skip path's and the branch's transport maps combine: "
                 "average them, or weight them by activation norms, one weight per join (scalar) or "
                 "per unit (matrix); these two need --data."),
-    Option("data", str, None, help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir."),
+    Option("data", str, None, api=(_batches, BATCHES), help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir."),
     _run("samples", int, 200, check=lambda v: v >= 1, wanted="an integer >= 1",
          help="Calibration examples for activation statistics."),
     Option("weights", list, None, report=True,
            check=lambda v: all(_finite(w) and w >= 0 for w in v), wanted="finite numbers >= 0",
+           api=(lambda v: _numbers(v, -math.inf), "finite numbers (a list)"),
            help="Mixing weights, anchor first [default: uniform; the race's OT start: anchor 0.8]; "
                 "folding and pruning use the parents' share."),
     Option("qk", str, "auto", choices=("auto", "separate", "shared"), passed=True, report=True,
@@ -99,15 +126,16 @@ OPTIONS = (
            help="Cost normalisation: gap (reg relative to a unit's best-match gap) or max."),
     Option("max_iter", int, 5000, check=lambda v: v >= 1, wanted="an integer >= 1", passed=True, report=True,
            help="Sinkhorn sweeps per transport map before it counts as unconverged."),
-    _api("tol", 1e-6, report=True),
-    _api("reg_grid"),
-    _api("holdout"),
+    _api("tol", 1e-6, report=True, api=(lambda v: _finite(v) and v > 0, "a finite number > 0")),
+    _api("reg_grid", api=(lambda v: _numbers(v, 0, empty=False), "a non-empty list of finite numbers > 0")),
+    _api("holdout", api=(_batches, BATCHES)),
     Option("activation_dtype", str, "float32", choices=("float32", "bfloat16"), passed=True, report=True,
            help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs)."),
     Option("repair", bool, False, passed=True, report=True, help="Restore unit statistics (REPAIR) after fusing."),
     # The workflow's "auto" (pipeline.reconstructs): on wherever it has data; `fuse` takes a bool
     # and keeps the paper's fusion unless asked.
     Option("reconstruct", str, "auto", choices=("auto", "on", "off"), fuse_default=False, report=True,
+           api=(lambda v: isinstance(v, bool), "True or False"),
            help="With --data: refit every linear layer by least squares to the parents' outputs, "
                 "carried through the same maps (auto: on)."),
     Option("seed", int, 0, report=True),
@@ -120,9 +148,10 @@ OPTIONS = (
            help="A Sinkhorn map that misses its tolerance: fail, or keep it, flagged."),
     Option("on_uniform", str, "warn", choices=("warn", "raise"), passed=True, report=True,
            help="A map that went nearly uniform (reg too large)."),
-    Option("pooling", str, None, choices=("mean", "cls", "max", "last"), help=POOLING_HELP),
-    _api("trust_remote_code", False),
-    _api("progress"),
+    Option("pooling", str, None, choices=POOLINGS, help=POOLING_HELP,
+           api=(lambda v: v in POOLINGS, "one of " + ", ".join(POOLINGS))),  # no other check reads fuse's
+    _api("trust_remote_code", False, api=(lambda v: isinstance(v, bool), "True or False")),
+    _api("progress", api=(callable, "a callable (stage, done, total)")),
     _api("device"),
     _run("finetune_steps", int, 0, flags=("--steps", "--finetune-steps"), check=lambda v: v >= 0, wanted="an integer >= 0",
          help="Brief recovery training steps (0 = none; --finetune-steps is an old name)."),
@@ -168,6 +197,45 @@ def problem(key: str, value) -> str | None:
     if test is not None and not test(value):
         return f"must be {wanted}"
     return None
+
+
+def api_problem(name: str, value) -> str | None:
+    """What is wrong with the value of one `fusion.fuse` keyword as a Python
+    caller gives it (None: nothing), by its `api` test, else its choices,
+    type and range: a wrong value is a one-line error before any work, not a
+    TypeError deep in the engine. Whether it fits the other options and the
+    models is `inputs.check`'s."""
+    opt = BY_NAME[name]
+    if value is None:
+        return None
+    test, wanted = opt.api or _typed(opt)
+    try:
+        ok = test is None or bool(test(value))
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else f"{name} must be {wanted}, got {value!r}"
+
+
+def check_api(values: dict) -> None:
+    """InvalidOptionError for the first `fusion.fuse` keyword whose value is
+    wrong (`api_problem`)."""
+    for name, value in values.items():
+        wrong = api_problem(name, value)
+        if wrong:
+            raise InvalidOptionError(wrong)
+
+
+def _typed(opt) -> tuple:
+    if opt.choices:  # which one: `inputs.check_options` says, in its own words
+        return (lambda v: isinstance(v, str)), "one of " + ", ".join(opt.choices)
+    kind = {int: (_integer, "an integer"), float: (_finite, "a finite number"),
+            bool: (lambda v: isinstance(v, bool), "True or False"),
+            str: (lambda v: isinstance(v, str), "a string")}.get(opt.type)
+    if kind is None:
+        return opt.check, opt.wanted
+    if opt.check is None:
+        return kind
+    return (lambda v: kind[0](v) and opt.check(v)), opt.wanted
 
 
 def check_recipe(recipe: dict, where: str = "recipe") -> dict:

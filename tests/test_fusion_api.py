@@ -109,6 +109,50 @@ def test_bad_options(kwargs, error, match):
         otcompress.fuse(M.vit(), [M.vit(seed=2)], **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(data=5, alignment="activations"), "data must be one batch"),
+    (dict(holdout=3, reg="auto", data={"pixel_values": torch.zeros(2, 1, 8, 8)}), "holdout must be one batch"),
+    (dict(progress=3), "progress must be a callable"),
+    (dict(max_iter=2.5), "max_iter must be an integer >= 1, got 2.5"),
+    (dict(tol=-1), "tol must be a finite number > 0"),
+    (dict(tol="x"), "tol must be"),
+    (dict(reg_grid=[], reg="auto", data={"pixel_values": torch.zeros(2, 1, 8, 8)}), "reg_grid must be a non-empty"),
+    (dict(reg_grid=iter([0.1])), "reg_grid must be"),  # a one-shot iterator a check would use up
+    (dict(seed="a", alignment="fold"), "seed must be an integer"),
+    (dict(repair="yes"), "repair must be True or False"),
+    (dict(reconstruct="on"), "reconstruct must be True or False"),
+    (dict(trust_remote_code="yes"), "trust_remote_code must be True or False"),
+    (dict(pooling="x"), "pooling must be one of mean, cls, max, last"),
+    (dict(token_filter=5), "token_filter must be a string"),
+    (dict(weights=5), "weights must be finite numbers"),
+    (dict(reg="big"), "reg must be a number or 'auto'"),
+])
+def test_a_wrong_api_value_is_one_line_before_any_work(kwargs, match):
+    """Python callers' values of the wrong type or range: a one-line error
+    naming the option, not a TypeError from deep in the engine (each of these
+    raised one, or was accepted, before `options.check_api`)."""
+    with pytest.raises(InvalidOptionError, match=match):
+        otcompress.fuse(M.vit(), [M.vit(seed=2)], **kwargs)
+
+
+@pytest.mark.parametrize("size", ["lots", -1, 0, True])
+def test_a_wrong_shard_size_fails_before_fusing_and_writes_nothing(tmp_path, size):
+    with pytest.raises(InvalidOptionError, match="max_shard_size must be a size > 0"):
+        otcompress.fuse_to_disk(M.vit(), [M.vit(seed=2)], tmp_path / "out", max_shard_size=size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fold_target_with_other_labels_than_its_parents_is_refused():
+    """A config built in memory records no class, so the label check takes
+    the class the target is built as (it was a RuntimeError from the head)."""
+    from otcompress.architectures import target_config
+    p = M.vit(hidden=32)
+    cfg = target_config(p.config, hidden=16, heads=2)
+    cfg.num_labels = 3
+    with pytest.raises(IncompatibleModelsError, match="label mismatch: the fold target has 3 labels, parent 1 has"):
+        otcompress.fuse(cfg, [p], alignment="fold")
+
+
 def test_incompatible_models():
     with pytest.raises(IncompatibleModelsError, match="depth mismatch: the anchor has 3 blocks, parent 1 only 2"):
         otcompress.fuse(M.vit(layers=3), [M.vit()])  # (deeper parents are depth-mapped)
