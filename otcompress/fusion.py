@@ -166,8 +166,8 @@ def _fuse(anchor, parents, options, *, out=None, max_shard_size=None):
     """`fuse` and `fuse_to_disk`: (fused model, or None when written to the
     directory `out`; the fusion report)."""
     t_start = time.perf_counter()
-    check_api({k: options[k] for k in _OPTIONS})  # each value's type and range, before any work
-    o = FuseOptions(**{k: options[k] for k in _OPTIONS})  # o.reg, o.data, ...: as given
+    # Each value's type and range, before any work; NumPy numbers as Python's.
+    o = FuseOptions(**check_api({k: options[k] for k in _OPTIONS}))  # o.reg, o.data, ...: as given
     parents = _as_list(parents)
     o.reg = default_reg(o.reg, o.data, o.solver, o.alignment, len(parents))
     # Statistics, repair and the reg sweep each iterate the data: a generator is read once, here.
@@ -380,7 +380,7 @@ def _fuse_or_sweep(o, fuse_at, parent_ms):
     (None for EMD), or reg "auto"'s sweep over the grid."""
     reg = None if o.solver == "emd" else o.reg
     if reg == "auto":
-        return reg_sweep(fuse_at, o.reg_grid or REG_GRID, o.holdout if o.holdout is not None else o.data,
+        return reg_sweep(fuse_at, o.reg_grid if o.reg_grid is not None else REG_GRID, o.holdout if o.holdout is not None else o.data,
                           parent_ms, o.pooling)
     model, map_stats = fuse_at(None if reg is None else float(reg))
     return model, map_stats, reg, None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -465,9 +466,12 @@ def shard_limit(max_shard_size) -> int:
     """A shard's size limit in bytes, from bytes or a size string ("5GB",
     "500MiB"), as `save_pretrained` reads it; InvalidOptionError otherwise."""
     from transformers.utils.hub import convert_file_size_to_int
+    size = max_shard_size
+    if isinstance(size, numbers.Real) and not isinstance(size, bool) and float(size).is_integer():
+        size = int(size)  # 1e9, a NumPy integer: bytes
     try:
-        limit = convert_file_size_to_int(max_shard_size) if not isinstance(max_shard_size, bool) else 0
-    except (TypeError, ValueError):
+        limit = convert_file_size_to_int(size) if not isinstance(size, bool) else 0
+    except (TypeError, ValueError, AttributeError):  # it calls .upper() on what is no int
         limit = 0
     if not isinstance(limit, int) or limit <= 0:
         raise InvalidOptionError(f"max_shard_size must be a size > 0 in bytes or such as '5GB' or '500MiB', "

@@ -216,13 +216,30 @@ def api_problem(name: str, value) -> str | None:
     return None if ok else f"{name} must be {wanted}, got {value!r}"
 
 
-def check_api(values: dict) -> None:
-    """InvalidOptionError for the first `fusion.fuse` keyword whose value is
-    wrong (`api_problem`)."""
+def check_api(values: dict) -> dict:
+    """`values` ({`fusion.fuse` keyword: value}) as plain Python numbers and
+    lists (a NumPy integer seed, an array of regs: the engine and the JSON
+    report take Python's); InvalidOptionError for the first wrong one
+    (`api_problem`)."""
+    out = {}
     for name, value in values.items():
         wrong = api_problem(name, value)
         if wrong:
             raise InvalidOptionError(wrong)
+        out[name] = _plain(BY_NAME[name], value)
+    return out
+
+
+def _plain(opt, value):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if opt.name in ("weights", "reg_grid"):
+        return [float(x) for x in value]
+    if opt.type is int and _integer(value):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _typed(opt) -> tuple:

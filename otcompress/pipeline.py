@@ -17,7 +17,9 @@ refitted to the parents' outputs). All are scored one-shot on held-out
 training examples (a tenth of the train split, never the eval split); the
 lowest of each group (parents' starts, anchor-side starts) is its group's
 start. With N = 0 the lowest one-shot held-out loss wins. With N finetuning
-steps, a parents' start already below every anchor-side start one-shot wins
+steps, the two parents' starts ranked first one-shot each train the first
+tenth of the run, and the lower held-out loss then is the parents' start
+(`Race._probe`: one-shot loss ranks them unlike training does); a parents' start already below every anchor-side start one-shot wins
 without a race (it has nothing left to overtake; reconstruction puts the weak
 digits anchor's fold there); else the parents' start trains the first
 `race_fraction * N` steps (0.5) of its N-step run, and continues alone if it is
@@ -197,6 +199,8 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
         model, trainer, report, one_shot = race.run(
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout, foldable), log)
         if trainer is not None:  # the winner continues on every training example
+            if _teachers_worth_it(trainer_kw, report, log) is not trainer_kw:
+                trainer.teachers = []  # (probed, or raced: its first steps were distilled)
             trainer.use_data(data).run(r["finetune_steps"])
         elif r["finetune_steps"]:  # nothing was raced: the one start trains all N steps, on every example
             trainer = _train(model, data, _teachers_worth_it(trainer_kw, report, log), log)
@@ -525,12 +529,14 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
 
 class Race:
     """Every candidate start is built and scored one-shot on the held-out
-    examples (task loss); with finetuning, the best of each group trains the
-    first `steps` steps of its N-step run and is scored again. The lowest
+    examples (task loss); with finetuning, the best of each group (of the
+    parents' starts: the one `_probe` keeps) trains the first `steps` steps of
+    its N-step run and is scored again. The lowest
     held-out loss wins. With only one start to train (a fold target without an
     anchor, or only the anchor-side starts), or a parents' start already ahead
     of every anchor-side start one-shot, there is nothing to race: it is
-    returned untrained (trainer None) and the caller trains it all N steps.
+    returned untrained (trainer None; a probed start: with its trainer) and
+    the caller trains it all N steps.
     So is the anchor side's start when the parents' start is too far behind
     it to race (`_too_far_behind`) or given up (`_cannot_reach`)."""
 
@@ -637,30 +643,33 @@ class Race:
         kept start was the prune of parent 1 on 2 seeds (5.306 / 5.322 after
         100 steps, against 5.337 / 5.367 for the one-shot choice) and on the
         third a fold within 0.005 of the best."""
-        rows = group[:PROBE_TOP]
-        steps = probe_steps(self.kw["steps"])
-        tried = []
-        for row, model in rows:
+        steps = min(probe_steps(self.kw["steps"]), self.steps)  # never past the race's own steps
+        tried, spent, diverged = [], {}, None
+        for row, model in group[:PROBE_TOP]:
             log(f"race: probing {row['candidate']} ({steps} steps)")
             t0 = time.perf_counter()
-            try:  # a task head: no climb check (`_started`)
-                trainer = ft.Trainer(model, self.train, **self.kw).run(steps)
+            trainer = ft.Trainer(model, self.train, **self.kw)  # a task head: no climb check (`_started`)
+            try:
+                trainer.run(steps)
                 row["probe_holdout_loss"] = self._loss(model, row["candidate"])
-            except DivergedError:  # this start loses the probe; the run fails only if every one diverges
-                trainer, row["probe_holdout_loss"] = None, math.inf
+                spent[row["candidate"]] = trainer.done
+            except DivergedError as e:  # this start loses the probe (the step that met NaN counts)
+                row["probe_holdout_loss"], diverged = math.inf, e
+                spent[row["candidate"]], trainer = trainer.done + 1, None
             row["seconds"] += time.perf_counter() - t0
             tried.append((row, model, trainer))
         kept = min(tried, key=lambda b: b[0]["probe_holdout_loss"])
-        others = [r["candidate"] for r, _, _ in tried if r is not kept[0]]
-        self.probe = {"steps": steps, "candidates": [r["candidate"] for r, _, _ in tried],
-                      "kept": kept[0]["candidate"],
-                      "extra_steps": sum(t.done if t else steps for r, _, t in tried if r is not kept[0]),
-                      "note": f"the parents' starts {', '.join(r['candidate'] for r, _, _ in tried)} (the lowest "
-                              f"one-shot losses) each trained the first {steps} steps of the run; "
-                              f"{kept[0]['candidate']} had the lowest held-out loss then and went on (the "
-                              f"{steps} steps of {', '.join(others)} count in the steps spent)"}
-        if kept[2] is None:  # every one diverged: the first trains from its start, and fails as any run does
-            return (*rows[0], None)
+        if kept[2] is None:  # every one diverged: the run fails as any run that diverges does
+            raise diverged
+        names = [r["candidate"] for r, _, _ in tried]
+        others = [n for n in names if n != kept[0]["candidate"]]
+        lost = [f"{r['candidate']} diverged" for r, _, t in tried if t is None]
+        self.probe = {"steps": steps, "candidates": names, "kept": kept[0]["candidate"],
+                      "extra_steps": sum(spent[n] for n in others),
+                      "note": f"the parents' starts ranked first one-shot ({', '.join(names)}) each trained the "
+                              f"first {steps} steps of the run{' (' + ', '.join(lost) + ')' if lost else ''}; "
+                              f"{kept[0]['candidate']} had the lowest held-out loss then and was the parents' "
+                              f"start from there (the steps of {', '.join(others)} count in the steps spent)"}
         return kept
 
     def _group_key(self) -> str:

@@ -135,7 +135,29 @@ def test_a_wrong_api_value_is_one_line_before_any_work(kwargs, match):
         otcompress.fuse(M.vit(), [M.vit(seed=2)], **kwargs)
 
 
-@pytest.mark.parametrize("size", ["lots", -1, 0, True])
+def test_numpy_values_are_taken_as_python_s(tmp_path):
+    """A NumPy integer seed, an array of regs and NumPy scalars fuse as the
+    Python values would, and the report stays JSON (each raised deep in the
+    engine, or in json.dumps)."""
+    import json
+
+    import numpy as np
+    from otcompress.architectures import target_config
+    p = M.vit(hidden=32, seed=2)
+    cfg = target_config(p.config, hidden=16, heads=2)
+    a = otcompress.fuse(cfg, [p], alignment="fold", seed=np.int64(1))
+    b = otcompress.fuse(cfg, [p], alignment="fold", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    batch = M.inputs(M.vit())
+    m = otcompress.fuse(M.vit(), [M.vit(seed=2)], reg="auto", reg_grid=np.array([0.01, 0.05]), data=batch,
+                        tol=np.float32(1e-6), max_iter=np.int64(4000), weights=np.array([1, 1]))
+    json.dumps(m.fusion_report)
+    assert m.fusion_report["options"]["max_iter"] == 4000
+    otcompress.fuse_to_disk(M.vit(), [M.vit(seed=2)], tmp_path / "out", max_shard_size=1e9)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", ["lots", -1, 0, True, 2.5, None, [1]])
 def test_a_wrong_shard_size_fails_before_fusing_and_writes_nothing(tmp_path, size):
     with pytest.raises(InvalidOptionError, match="max_shard_size must be a size > 0"):
         otcompress.fuse_to_disk(M.vit(), [M.vit(seed=2)], tmp_path / "out", max_shard_size=size)

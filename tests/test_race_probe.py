@@ -55,7 +55,7 @@ def test_the_probe_trains_the_two_best_one_shot_starts_and_keeps_the_lower_after
     assert len(trained) == 22 and report["finetune"]["steps"] == 20
     assert race["extra_steps"] == 2 and report["steps_spent"] == 22
     assert sum(m is model for m in trained) == 20 and all(m is model for m in trained[-18:])
-    assert "the lowest held-out loss then and went on" in probe["note"] and "chosen by the probe" in race["note"]
+    assert "the lowest held-out loss then and was the parents" in probe["note"] and "chosen by the probe" in race["note"]
 
 
 def test_the_probe_keeps_the_start_that_trained_lower_not_the_one_shot_best(digits, parents, monkeypatch):
@@ -87,7 +87,7 @@ def test_the_probe_is_in_the_card_and_the_cli_summary(digits, parents, tmp_path)
                              tmp_path / "out", target=TARGET, data=digits)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "each trained the first 1 steps of the run" in card
-    assert f"{report['race']['probe']['kept']} had the lowest held-out loss then and went on" in card
+    assert f"{report['race']['probe']['kept']} had the lowest held-out loss then and was the parents" in card
 
 
 def test_no_probe_without_finetuning_or_with_one_parents_start(digits, parents):
@@ -99,21 +99,52 @@ def test_no_probe_without_finetuning_or_with_one_parents_start(digits, parents):
     assert "probe" not in report["race"] and report["steps_spent"] == 4  # the fold of all parents alone
 
 
-def test_a_start_that_diverges_in_its_probe_loses_it(digits, parents, monkeypatch):
-    """A NaN in a probed start's steps is its loss, not the run's failure."""
-    run = ft.Trainer.run
-    first = {}
+def _diverging(monkeypatch, which):
+    """Trainer steps raise DivergedError (as a NaN loss does) for the models `which(model)` picks."""
+    step = ft.Trainer._step
 
-    def diverging(self, n):
-        first.setdefault("model", self.model)
-        if self.model is first["model"]:
-            raise ft.DivergedError("loss NaN")
-        return run(self, n)
-    monkeypatch.setattr(ft.Trainer, "run", diverging)
+    def diverging(self):
+        if which(self.model):
+            raise ft.DivergedError("finetune: loss is not finite")
+        return step(self)
+    monkeypatch.setattr(ft.Trainer, "_step", diverging)
+
+
+def test_a_start_that_diverges_in_its_probe_loses_it(digits, parents, monkeypatch):
+    """A NaN in a probed start's steps is its loss, not the run's failure;
+    the step that met it counts (as `_started` counts a restarted run's)."""
+    first = []
+
+    def the_first(model):  # the first model trained: the first probed start
+        first[:] = first or [model]
+        return model is first[0]
+    _diverging(monkeypatch, the_first)
     model, report = pipeline.run(None, parents, {"finetune_steps": 10, "batch_size": 32, "samples": 64},
                                  target=TARGET, data=digits)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
     assert rows[race["probe"]["candidates"][0]]["probe_holdout_loss"] == float("inf")
-    assert race["winner"] == race["probe"]["candidates"][1] and torch.isfinite(
-        torch.cat([p.flatten() for p in model.parameters()])).all()
+    assert race["winner"] == race["probe"]["candidates"][1]
+    assert race["extra_steps"] == 1 and report["steps_spent"] == 11 and "diverged" in race["probe"]["note"]
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+
+
+def test_every_probed_start_diverging_fails_the_run_in_one_line(digits, parents, monkeypatch):
+    _diverging(monkeypatch, lambda m: True)
+    with pytest.raises(ft.DivergedError, match="not finite"):
+        pipeline.run(None, parents, {"finetune_steps": 10, "batch_size": 32, "samples": 64},
+                     target=TARGET, data=digits)
+
+
+def test_the_probe_never_trains_past_the_race_steps(digits, parents, race_random_parents):
+    """race_fraction 0.05 of 20 steps: the race trains 1 step per side, so
+    the probe trains 1 (a probe of 2 raced the parents' start 2 steps against
+    the anchor side's 1)."""
+    anchor = M.vit(hidden=16, heads=2, inter=32, seed=1)
+    _, report = pipeline.run(anchor, parents, {"finetune_steps": 20, "batch_size": 32, "samples": 64,
+                                               "race_fraction": 0.05}, data=digits)
+    race = report["race"]
+    assert race["probe"]["steps"] == 1 and race["steps_each"] in (0, 1)
+    trained = [c for c in race["candidates"] if "holdout_loss" in c]
+    assert report["steps_spent"] == 20 + race["extra_steps"]
+    assert race["extra_steps"] == 1 + (1 if len(trained) == 2 else 0)
