@@ -393,6 +393,9 @@ def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, 
     if quantize:  # every file written, the int8 copy too
         report["files"] = [*report["files"], report["quantized"]["path"]]
     ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
+    if report.get("exported_as"):
+        ui.log(f"the model's weights are {report['exported_as']['model_dtype']}: exported in float32 "
+               "(ONNX Runtime's CPU kernels lack most half-precision operators)")
     if quantize:
         q = report["quantized"]
         ui.log(f"[green]wrote[/green] {q['path']}  ({q['size_bytes'] / 1e6:.2f} MB, "
