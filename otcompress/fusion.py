@@ -760,6 +760,9 @@ def _load_all(given, *, stream=False, device=None):
     parent_ms = [(stream and modelio.lazy_model(p, trust_remote_code=trc, config=cfg))
                  or modelio.load_model(p, trust_remote_code=trc, config=cfg)
                  for p, cfg in zip(given.parents, given.parent_configs)]
+    for p, m in zip(given.parents, parent_ms):  # a loaded model was checked as it loaded
+        if isinstance(m, modelio.LazyModel):
+            modelio.check_finite(p, m.state_dict())
     if given.target:
         anchor_m = _fold_target(given.anchor_config, parent_ms[0], device)
     else:

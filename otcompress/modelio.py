@@ -248,14 +248,14 @@ class LazyStateDict(Mapping):
         from safetensors import safe_open
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
+        if (self.path / "model.safetensors").is_file():  # first, as `from_pretrained` takes it over an index
+            shards = ["model.safetensors"]
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise ModelLoadError(f"{path}: unreadable {index.name} ({_first_line(e)})") from None
             shards = sorted(set(weight_map.values()))
-        elif (self.path / "model.safetensors").is_file():
-            shards = ["model.safetensors"]
         else:
             raise ModelLoadError(f"{path}: no safetensors weights (model.safetensors or its index)")
         self._file, self._meta = {}, {}

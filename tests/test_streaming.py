@@ -300,3 +300,33 @@ def test_the_fuse_workflow_loads_parents_it_distils_from(tmp_path, load_calls):
                             data=data)
     assert sorted(c for c in load_calls if isinstance(c, str)) == parents  # the teachers
     assert model is not None
+
+
+@pytest.mark.parametrize("alignment", ["weights", "fold"])
+def test_a_streamed_parent_with_a_nan_is_refused_naming_the_tensor(tmp_path, load_calls, alignment):
+    """The API streams parent directories; their values were not checked
+    there (the CLI checked them): a NaN layer-norm bias fused into a NaN
+    model, and folding raised an AttributeError."""
+    from safetensors.torch import load_file, save_file
+    anchor = _save(M.bert(seed=1), tmp_path / "a")
+    parent = _save(M.bert(hidden=48, heads=6, inter=96, seed=2), tmp_path / "p")
+    tensors = load_file(f"{parent}/model.safetensors")
+    name = "bert.encoder.layer.1.output.LayerNorm.bias"
+    tensors[name][0] = float("nan")
+    save_file(tensors, f"{parent}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=f"tensor {name} is not finite"):
+        otcompress.fuse(anchor, [parent], alignment=alignment)
+    assert parent not in load_calls  # refused as it streamed, not by loading it
+
+
+def test_a_directory_with_a_single_file_and_an_index_streams_what_from_pretrained_loads(tmp_path):
+    """`from_pretrained` takes model.safetensors over a sharded index beside
+    it; streaming read the shards, so the same directory fused one model
+    in `fuse` and another wherever it was loaded."""
+    import shutil
+    single, sharded = M.bert(hidden=48, heads=6, inter=96, seed=2), M.bert(hidden=48, heads=6, inter=96, seed=3)
+    both = _save(sharded, tmp_path / "both", "30KB")
+    shutil.copy(_save(single, tmp_path / "single") + "/model.safetensors", f"{both}/model.safetensors")
+    assert _same(T.BertForMaskedLM.from_pretrained(both), single)
+    lazy = modelio.LazyStateDict(both)
+    assert all(torch.equal(lazy[k], v) for k, v in single.state_dict().items() if k in lazy)
