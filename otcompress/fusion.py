@@ -762,7 +762,7 @@ def _load_all(given, *, stream=False, device=None):
                  for p, cfg in zip(given.parents, given.parent_configs)]
     for p, m in zip(given.parents, parent_ms):  # a loaded model was checked as it loaded
         if isinstance(m, modelio.LazyModel):
-            modelio.check_finite(p, m.state_dict())
+            modelio.check_streamed(p, m)
     if given.target:
         anchor_m = _fold_target(given.anchor_config, parent_ms[0], device)
     else:

@@ -119,6 +119,21 @@ def check_finite(source, tensors) -> None:
                                  f"{int((~torch.isfinite(t)).sum()) - nan} infinite of {t.numel()} values)")
 
 
+_FINITE_FILES = set()  # weight files (path, size, mtime) whose every tensor `check_streamed` found finite
+
+
+def check_streamed(source, model) -> None:
+    """`check_finite` of a streamed parent (a `LazyModel`), reading every
+    tensor once per unchanged set of files: the workflow checks its parents
+    before any work, and the fusion it calls checks what it streams again."""
+    sd = model.state_dict()
+    files = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in set(sd.files())))
+    if files in _FINITE_FILES:
+        return
+    check_finite(source, sd)
+    _FINITE_FILES.add(files)
+
+
 def _names(keys, shown=3) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
@@ -282,6 +297,10 @@ class LazyStateDict(Mapping):
         self._keys = names
         self._key_set = set(names)
         self.reads = 0  # tensors read so far (for tests and benchmarks)
+
+    def files(self) -> list:
+        """The weight files the tensors are read from."""
+        return list(self._file.values())
 
     def renamed(self, names: dict) -> "LazyStateDict":
         """The same files under other names: {new name: current name}."""

@@ -113,7 +113,9 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
     # file) is loaded, which says what is wrong before any work.
     lazy = [modelio.lazy_model(p, trust_remote_code=trust_remote_code, config=cfg)
             for p, cfg in zip(parents, given.parent_configs)] if _streamed(parents, r, data) else [None]
-    streamed = all(m is not None for m in lazy)  # (their values are checked as fusion reads them: `fusion._load_all`)
+    streamed = all(m is not None for m in lazy)
+    for p, m in zip(parents, lazy if streamed else []):  # before any work (a loaded model was checked as it loaded)
+        modelio.check_streamed(p, m)
     parent_ms = list(parents) if streamed else [load(p, c) for p, c in zip(parents, given.parent_configs)]
     if streamed:
         log("parents are read tensor by tensor from their directories (never loaded whole)")
