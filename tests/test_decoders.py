@@ -150,6 +150,30 @@ def test_rotary_refuses_other_head_widths():
         otcompress.fuse(a, [b])
 
 
+@pytest.mark.parametrize("cfg_cls,cls", [(T.LlamaConfig, T.LlamaForCausalLM), (T.Qwen2Config, T.Qwen2ForCausalLM)],
+                         ids=["llama", "qwen2"])
+def test_a_fold_target_keeps_the_rotary_head_width_in_both_families(tmp_path, cfg_cls, cls):
+    """LLaMA's config always holds head_dim, Qwen2's leaves it implicit
+    (hidden / heads): --heads 2 --kv-heads 1 on a 4-head model folded LLaMA at
+    head width 8 and refused Qwen2 ("rotary attention needs equal head
+    widths (parent 8, target 16)"). Both keep it now, and the written model
+    reloads as the one folded."""
+    from otcompress.architectures import target_config
+    torch.manual_seed(0)
+    parent = cls(cfg_cls(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)).eval()
+    assert (getattr(parent.config, "head_dim", None) is None) == (cls is T.Qwen2ForCausalLM)
+    for widths in ({"heads": 2, "kv_heads": 1}, {"hidden": 16}):
+        cfg = target_config(parent.config, **widths)
+        assert cfg.head_dim == 8
+        model = otcompress.fuse(cfg, [parent], alignment="fold")
+        model.save_pretrained(tmp_path / "m")
+        again = cls.from_pretrained(tmp_path / "m").eval()
+        x = torch.randint(0, 60, (2, 7))
+        assert torch.allclose(again(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
+        assert again.model.layers[0].self_attn.q_proj.out_features == cfg.num_attention_heads * 8
+
+
 # --------------------------------------------------------------------------- tied LM heads
 TIED = [(T.LlamaConfig, T.LlamaForCausalLM), (T.Qwen2Config, T.Qwen2ForCausalLM)]
 

@@ -159,8 +159,9 @@ def target_config(parent_config, **widths):
     target (the parent is depth-mapped onto it, see otcompress/depth.py);
     per-block config lists (Qwen2's layer_types) are guessed here and set by
     the fusion to those of the blocks kept (`fusion._retyped_target`). Heads must be a
-    multiple of key/value heads; an explicit head width (rotary families'
-    head_dim) is kept, so hidden need not divide by heads there."""
+    multiple of key/value heads; rotary families keep the parent's head
+    width (their HEAD_WIDTH, set where the parent's config leaves it
+    implicit), so hidden need not divide by heads there."""
     keys = _width_keys(parent_config)
     extra = ("kv_heads", "layers")
     cfg = type(parent_config).from_dict(parent_config.to_dict())
@@ -175,8 +176,11 @@ def target_config(parent_config, **widths):
     _set_kv_heads(parent_config, cfg, widths.get("kv_heads"), widths.get("heads") is not None)
     if widths.get("layers") is not None:
         _set_depth(parent_config, cfg, widths["layers"])
+    width = getattr(family_or_none(parent_config), "HEAD_WIDTH", None)
+    if width and getattr(parent_config, width, None) is None:  # implicit in the parent: hidden / heads
+        setattr(cfg, width, getattr(parent_config, keys["hidden"]) // getattr(parent_config, keys["heads"]))
     hidden, heads = getattr(cfg, keys["hidden"]), getattr(cfg, keys["heads"])
-    if getattr(parent_config, "head_dim", None) is None and hidden % heads:
+    if getattr(cfg, "head_dim", None) is None and hidden % heads:
         raise InvalidOptionError(f"hidden size {hidden} is not divisible by {heads} heads")
     return cfg
 

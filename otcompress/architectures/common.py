@@ -25,6 +25,9 @@ and may define
   WIDTHS          {"hidden", "heads", "intermediate": config key}, where the
                   config names its widths otherwise than hidden_size /
                   num_attention_heads / intermediate_size (fold targets)
+  HEAD_WIDTH      the config key of a head's width that a fold target keeps
+                  (rotary families: units pair up inside a head), set on the
+                  target where the parent's config leaves it implicit
   UNSET_WIDTHS    {config key: config -> value} for a width key whose value may
                   be None (GPT-2's n_inner: None means 4 x n_embd)
   MASKED_LM_HEAD  {masked-LM class name: attribute}: the model's vocabulary

@@ -24,6 +24,8 @@ MUST_MATCH = ("vocab_size", "hidden_act", "rope_parameters", "max_position_embed
 TEACHER_MUST_MATCH = ("vocab_size", "rope_parameters", "max_position_embeddings")
 INPUTS = ("input_ids", "attention_mask")
 INPUT_AXES = common.TEXT_AXES
+# Rotary embeddings pair units inside a head: a fold target keeps the parent's head width (this config key).
+HEAD_WIDTH = "head_dim"
 
 
 def example_inputs(config, batch_size, seq_len, generator):

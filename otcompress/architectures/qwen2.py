@@ -8,6 +8,7 @@ from otcompress.flowgraph import ArchSpec
 MODEL_TYPE = "qwen2"
 MODEL_CLASSES = ("Qwen2ForCausalLM", "Qwen2Model")
 MUST_MATCH, TEACHER_MUST_MATCH, BLOCKS = llama.MUST_MATCH, llama.TEACHER_MUST_MATCH, llama.BLOCKS
+HEAD_WIDTH = llama.HEAD_WIDTH  # Qwen2Config leaves it unset (hidden / heads); Qwen2Attention reads it if set
 
 
 def build(config, keys, *, qk="separate") -> ArchSpec:
