@@ -186,15 +186,18 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     teacher_ms = [modelio.load_model(t, trust_remote_code=trust_remote_code) for t in teachers]
     reference = teacher_ms if task.task == "feature-extraction" else None
     with ui.progress() as prog:
-        before = flag_non_finite(ui, f"{model} before finetuning", ft.evaluate(
-            m, task, device=device, reference=reference, progress=relabelled(prog, "scoring before (eval split)")))
+        scored = ft.evaluate(m, task, device=device, reference=reference,
+                             progress=relabelled(prog, "scoring before (eval split)"))
+        before = flag_non_finite(ui, f"{model} before finetuning", scored)
         summary = ft.finetune(m, task, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                               teachers=teacher_ms, distill_alpha=distill_alpha, temperature=temperature,
                               device=device, progress=prog.finetune)
         if not main_process:
             return
-        after = flag_non_finite(ui, f"{model} after finetuning", ft.evaluate(
-            m, task, device=device, reference=reference, progress=relabelled(prog, "scoring after (eval split)")))
+        trained = ft.evaluate(m, task, device=device, reference=reference,
+                              progress=relabelled(prog, "scoring after (eval split)"))
+        ft.check_trained(scored, trained, lr)
+        after = flag_non_finite(ui, f"{model} after finetuning", trained)
     summary.pop("losses", None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
@@ -202,6 +205,9 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
     section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
                "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model,
                "pooling": task.pooling}
+    from otcompress.data import record_class_names
+    if record_class_names(m.config, task):  # what it learnt the classes as, for every later eval
+        result["class_names"] = list(m.config.id2label.values())
     with outputs.staged_dir(out, force, inputs=mine) as tmp:
         m.to("cpu").save_pretrained(tmp)
         outputs.copy_preprocessor(model, tmp)

@@ -731,12 +731,31 @@ def _as_model_ids(src: _Source, config, spec: str) -> _Source:
         ids = [int(label2id[n]) for n in names]
     elif all(n.isdigit() and int(n) < config.num_labels for n in names):
         ids = [int(n) for n in names]
+    elif all(re.fullmatch(r"LABEL_\d+", n) and int(n[6:]) < config.num_labels for n in names):
+        ids = [int(n[6:]) for n in names]  # the model's own unnamed labels, spelled out
     else:
         return src
     named = dict(zip(ids, names))
     id2label = getattr(config, "id2label", None) or {}
     return replace(src, labels=np.asarray(ids, dtype=np.int64)[src.labels],
                    class_names=[named.get(i, str(id2label.get(i, f"LABEL_{i}"))) for i in range(max(ids) + 1)])
+
+
+def record_class_names(config, task: "TaskData") -> bool:
+    """Write the class names a model with unnamed labels (LABEL_k) was trained
+    on into its config (id2label / label2id), numbered as they were read
+    (sorted): without them a file holding only "pos" scores as class 0 when
+    the model learnt it as 1 (a finetuned model at 100% scored 0%). Names
+    that are class indices ("3", "LABEL_3") need none. True where written."""
+    names = task.class_names
+    label2id = getattr(config, "label2id", None) or {}
+    if not names or (label2id and not all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id)):
+        return False
+    if all(re.fullmatch(r"\d+|LABEL_\d+", str(n)) for n in names):
+        return False
+    config.id2label = {i: str(names[i]) if i < len(names) else f"LABEL_{i}" for i in range(config.num_labels)}
+    config.label2id = {name: i for i, name in config.id2label.items()}
+    return True
 
 
 def _check_labels(num_labels: int, config, spec: str) -> None:

@@ -584,6 +584,17 @@ def evaluate(model, data: TaskData, *, split: str = "eval", batch_size: int = 25
     return _metrics(data.task, total_loss, correct, count)
 
 
+def check_trained(before: dict, after: dict, lr: float) -> None:
+    """DivergedError where finetuning left the model's outputs NaN/Inf on the
+    data (`after`'s loss not finite) though they were finite before: the
+    weights grew past what float32 holds through the logits (lr 1e4: every
+    weight ~1e7 after 3 steps, each training loss still finite). Nothing is
+    written then, as for a loss that went NaN while training."""
+    if math.isfinite(before.get("loss", 0.0)) and not math.isfinite(after.get("loss", 0.0)):
+        raise DivergedError(f"finetune: the model's outputs are not finite after training (lr={lr:g}); "
+                            "nothing written; try a lower lr")
+
+
 def _metrics(task: str, total_loss: float, correct: int, count: int) -> dict:
     """`evaluate`'s figures from the summed cross-entropy, the hits and the
     number of scored examples (or tokens)."""

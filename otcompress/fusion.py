@@ -380,8 +380,8 @@ def _fuse_or_sweep(o, fuse_at, parent_ms):
     (None for EMD), or reg "auto"'s sweep over the grid."""
     reg = None if o.solver == "emd" else o.reg
     if reg == "auto":
-        return reg_sweep(fuse_at, o.reg_grid if o.reg_grid is not None else REG_GRID, o.holdout if o.holdout is not None else o.data,
-                          parent_ms, o.pooling)
+        grid = o.reg_grid if o.reg_grid is not None else REG_GRID
+        return reg_sweep(fuse_at, grid, o.holdout if o.holdout is not None else o.data, parent_ms, o.pooling)
     model, map_stats = fuse_at(None if reg is None else float(reg))
     return model, map_stats, reg, None
 

@@ -110,7 +110,8 @@ OPTIONS = (
            help="Residual joins: how the skip path's and the branch's transport maps combine: "
                 "average them, or weight them by activation norms, one weight per join (scalar) or "
                 "per unit (matrix); these two need --data."),
-    Option("data", str, None, api=(_batches, BATCHES), help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir."),
+    Option("data", str, None, api=(_batches, BATCHES),
+           help="digits | pydoc | image folder | .txt/.jsonl | saved dataset dir."),
     _run("samples", int, 200, check=lambda v: v >= 1, wanted="an integer >= 1",
          help="Calibration examples for activation statistics."),
     Option("weights", list, None, report=True,

@@ -19,7 +19,8 @@ lowest of each group (parents' starts, anchor-side starts) is its group's
 start. With N = 0 the lowest one-shot held-out loss wins. With N finetuning
 steps, the two parents' starts ranked first one-shot each train the first
 tenth of the run, and the lower held-out loss then is the parents' start
-(`Race._probe`: one-shot loss ranks them unlike training does); a parents' start already below every anchor-side start one-shot wins
+(`Race._probe`: one-shot loss ranks them unlike training does); a parents'
+start already below every anchor-side start one-shot wins
 without a race (it has nothing left to overtake; reconstruction puts the weak
 digits anchor's fold there); else the parents' start trains the first
 `race_fraction * N` steps (0.5) of its N-step run, and continues alone if it is
@@ -136,6 +137,9 @@ def run(anchor, parents, recipe: dict, out=None, *, target=None, data=None, forc
         trained.pop("losses", None)
     report = finish(report, finetune=trained,
                     metrics=_metrics(anchor_m, model, one_shot, data, r, device, reference, progress))
+    from otcompress.data import record_class_names
+    if trained is not None and record_class_names(model.config, data):  # what it was trained to call them
+        report["class_names"] = list(model.config.id2label.values())
     model.fusion_report = report
     if out is not None and ft.is_main_process():  # under accelerate launch only rank 0 writes
         with outputs.staged_dir(out, force, inputs=mine) as tmp:
@@ -894,6 +898,8 @@ def _metrics(anchor_m, model, one_shot, data, r, device, reference=None, progres
     if r["finetune_steps"]:
         name = f"fused + {r['finetune_steps']} steps"
         metrics[name] = score(model, name)
+        if one_shot is not None:
+            ft.check_trained(one_shot, metrics[name], r["lr"])
     return metrics
 
 

@@ -393,3 +393,57 @@ def test_bad_split_name():
     data = load_data("digits", vit_config(), samples=50)
     with pytest.raises(InvalidOptionError, match="split must be one of train, eval, all"):
         data.num_examples("test")
+
+
+def _unnamed_classifier(tmp_path, tok, tok_dir):
+    """A saved 2-label BERT classifier with unnamed labels (LABEL_0, LABEL_1) and its tokenizer."""
+    import shutil
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(len(tok)))
+    model.save_pretrained(tmp_path / "cls")
+    for f in tok_dir.iterdir():
+        shutil.copy(f, tmp_path / "cls" / f.name)
+    return tmp_path / "cls"
+
+
+def _rows(path, labels):
+    path.write_text("\n".join(json.dumps({"text": p, "label": n})
+                              for n, p in zip(labels, pydoc_paragraphs()[:len(labels)])) + "\n")
+    return str(path)
+
+
+def test_finetuning_an_unnamed_classifier_records_the_class_names_it_learnt(tmp_path, tokenizer, capsys):
+    """"neg"/"pos" are read as 0/1 (sorted); a file holding only "pos" read
+    them as 0 alone, so the finetuned model scored a "pos" it knew as 1 as
+    class 0 (100% became 0%). The names go into the output's config."""
+    from clirun import run
+    tok, tok_dir = tokenizer
+    model = _unnamed_classifier(tmp_path, tok, tok_dir)
+    both = _rows(tmp_path / "both.jsonl", ["neg", "pos"] * 12)
+    code, out, _ = run(capsys, "finetune", model, "--data", both, "--steps", "2", "--out", tmp_path / "ft", "--json")
+    assert code == 0 and json.loads(out)["class_names"] == ["neg", "pos"]
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
+    pos = load_data(_rows(tmp_path / "pos.jsonl", ["pos"] * 6),
+                    BertForSequenceClassification.from_pretrained(tmp_path / "ft"), tokenizer=tok)
+    assert set(torch.cat([pos.splits[s]["labels"] for s in ("train", "eval")]).tolist()) == {1}
+
+
+def test_labels_spelled_as_an_unnamed_model_s_own_take_its_ids(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    model = BertForSequenceClassification(bert_config(len(tok)))
+    data = load_data(_rows(tmp_path / "l1.jsonl", ["LABEL_1"] * 6), model, tokenizer=tok)
+    assert set(torch.cat([data.splits[s]["labels"] for s in ("train", "eval")]).tolist()) == {1}
+
+
+def test_finetuning_to_outputs_that_are_not_finite_writes_nothing(tmp_path, tokenizer, capsys):
+    """lr 1e4: every training loss stays finite, the weights reach ~1e7 and
+    the outputs NaN; the model was written and the command exited 0."""
+    from clirun import refused, run
+    tok, tok_dir = tokenizer
+    model = _unnamed_classifier(tmp_path, tok, tok_dir)
+    data = _rows(tmp_path / "both.jsonl", ["neg", "pos"] * 12)
+    code, _, err = run(capsys, "finetune", model, "--data", data, "--steps", "3", "--lr", "1e4",
+                       "--out", tmp_path / "ft")
+    refused(code, err, "outputs are not finite after training", "nothing written")
+    assert not (tmp_path / "ft").exists()
