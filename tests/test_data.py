@@ -447,3 +447,38 @@ def test_finetuning_to_outputs_that_are_not_finite_writes_nothing(tmp_path, toke
                        "--out", tmp_path / "ft")
     refused(code, err, "outputs are not finite after training", "nothing written")
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_saved_pixel_values_column_is_taken_as_already_processed(tmp_path):
+    """A processor's output saved as "pixel_values" scores as the images it
+    came from (it was normalised a second time: 12% against 90%)."""
+    import datasets
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(20)]
+    labels = [i % 2 for i in range(20)]
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in arrays], "label": labels}).save_to_disk(
+        str(tmp_path / "img"))
+    images = load_data(str(tmp_path / "img"), vit_config(labels=2))
+    processed = torch.cat([images.splits[s]["pixel_values"] for s in ("train", "eval")])
+    idx = torch.cat([images.splits[s]["labels"] for s in ("train", "eval")])
+    datasets.Dataset.from_dict({"pixel_values": processed.numpy().tolist(), "label": idx.tolist()}).save_to_disk(
+        str(tmp_path / "pv"))
+    pv = load_data(str(tmp_path / "pv"), vit_config(labels=2))
+    again = torch.cat([pv.splits[s]["pixel_values"] for s in ("train", "eval")])
+    assert sorted(map(tuple, again.flatten(1).tolist())) == sorted(map(tuple, processed.flatten(1).tolist()))
+
+
+def test_text_lines_end_at_newlines_only(tmp_path, tokenizer):
+    """Form feeds and U+2028 inside a line are text (splitlines() cut there:
+    30 lines became 60 examples, and a valid JSONL row was 'not valid JSON')."""
+    tok, _ = tokenizer
+    model = BertForMaskedLM(bert_config(len(tok)))
+    (tmp_path / "ff.txt").write_text("".join(f"line {i} one\x0cline {i} two\n" for i in range(30)))
+    data = load_data(str(tmp_path / "ff.txt"), model, tokenizer=tok)
+    assert data.num_examples("train") + data.num_examples("eval") == 30
+    rows = [json.dumps({"text": f"a\u2028b {i}"}, ensure_ascii=False) for i in range(10)]
+    (tmp_path / "u.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = load_data(str(tmp_path / "u.jsonl"), model, tokenizer=tok)
+    assert data.num_examples("train") + data.num_examples("eval") == 10
