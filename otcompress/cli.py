@@ -115,8 +115,6 @@ def fuse(ctx, anchor, parents, out, profile_name, hidden, heads, intermediate, k
         ui.table(f"starting-point race ({race['steps_each']} steps each, {race['holdout_examples']} "
                  "held-out examples)", ["candidate", "held-out loss, one-shot", "after the race steps"],
                  [[c["candidate"], c["one_shot_holdout_loss"], c.get("holdout_loss")] for c in race["candidates"]])
-    if race and race.get("probe"):
-        ui.log(race["probe"]["note"])
     metrics = report.get("metrics") or {}
     first = next(iter(metrics.values()), {})
     metrics_table(ui, metrics, first.get("split"), first.get("examples"))

@@ -380,7 +380,7 @@ def model_card(report: dict) -> str:
                       "short everyday English sentences, unlike the training text."]
     race = report.get("race")
     if race and race.get("note"):  # nothing was raced: one start possible, or one settled one-shot
-        lines += ["", "## Starting point", "", _sentence(race["note"])]
+        lines += ["", "## Starting point", "", race["note"][0].upper() + race["note"][1:] + "."]
     elif race:
         lines += ["", "## Starting-point race", "",
                   f"Every candidate was scored one-shot on {race['holdout_examples']} held-out training "
@@ -388,8 +388,6 @@ def model_card(report: dict) -> str:
                   "| candidate | held-out loss, one-shot | after the race steps |", "|---|---|---|"]
         lines += [f"| {c['candidate']} | {_fmt(c['one_shot_holdout_loss'])} | "
                   f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]
-    if race and race.get("probe"):  # how the parents' start was chosen among them (`pipeline.Race._probe`)
-        lines += ["", _sentence(race["probe"]["note"])]
     t = report.get("timings")
     if t:
         lines += ["", "## Cost", "", f"Fusion took {t['total']:.1f} s (activations {t['activations']:.1f} s, "
@@ -423,10 +421,6 @@ def _weights_line(o, from_parents: bool) -> str:
     w = _parent_weights(o)
     return (f"- the parents' mixing weights: {', '.join(f'{x:.3g}' for x in w)}" if len(w) > 1 else
             "- built from one parent (its weight 1)")
-
-
-def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:] + "."
 
 
 def _race_outcome(race: dict) -> str:

@@ -17,10 +17,7 @@ refitted to the parents' outputs). All are scored one-shot on held-out
 training examples (a tenth of the train split, never the eval split); the
 lowest of each group (parents' starts, anchor-side starts) is its group's
 start. With N = 0 the lowest one-shot held-out loss wins. With N finetuning
-steps, the two parents' starts ranked first one-shot each train the first
-tenth of the run, and the lower held-out loss then is the parents' start
-(`Race._probe`: one-shot loss ranks them unlike training does); a parents'
-start already below every anchor-side start one-shot wins
+steps, a parents' start already below every anchor-side start one-shot wins
 without a race (it has nothing left to overtake; reconstruction puts the weak
 digits anchor's fold there); else the parents' start trains the first
 `race_fraction * N` steps (0.5) of its N-step run, and continues alone if it is
@@ -204,7 +201,7 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout, foldable), log)
         if trainer is not None:  # the winner continues on every training example
             if _teachers_worth_it(trainer_kw, report, log) is not trainer_kw:
-                trainer.teachers = []  # (probed, or raced: its first steps were distilled)
+                trainer.teachers = []  # (its race steps were distilled)
             trainer.use_data(data).run(r["finetune_steps"])
         elif r["finetune_steps"]:  # nothing was raced: the one start trains all N steps, on every example
             trainer = _train(model, data, _teachers_worth_it(trainer_kw, report, log), log)
@@ -245,11 +242,9 @@ def _train(model, data, trainer_kw, log):
     return _started(model, data, trainer_kw, log).run(trainer_kw["steps"])
 
 
-def _started(model, data, trainer_kw, log, upto=None, trainer=None):
+def _started(model, data, trainer_kw, log, upto=None):
     """A Trainer of `model` that has trained the first steps of its N-step
-    run, to the climb check (`finetune.climb_check`, at most `upto`);
-    `trainer`, one already some steps into that run (`Race._probe`), is
-    taken on to that point. An
+    run, to the climb check (`finetune.climb_check`, at most `upto`). An
     embedding model's run whose loss climbs by then (`finetune.climb`) is
     collapsing a start better than the lr allows for, and does not recover
     (all-MiniLM-L6-v2 reconstructed to 192 wide, lr 1e-3: the similarity loss
@@ -261,9 +256,6 @@ def _started(model, data, trainer_kw, log, upto=None, trainer=None):
     head's climb is a transient that training recovers from, and restarting
     it measured worse (digits 4 -> 2 blocks x 32, lr tuned: 96.81 against
     97.33): it is left alone."""
-    if trainer is not None:  # already some steps in (`Race._probe`: task heads only, never restarted)
-        check = ft.climb_check(trainer_kw["steps"], trainer.warmup)
-        return trainer.run(min(check, upto if upto is not None else check) - trainer.done)
     trainer = ft.Trainer(model, data, **trainer_kw)
     check = ft.climb_check(trainer_kw["steps"], trainer.warmup)
     if upto is not None and upto < check:  # a race too short to show a climb: not judged in it
@@ -533,14 +525,12 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
 
 class Race:
     """Every candidate start is built and scored one-shot on the held-out
-    examples (task loss); with finetuning, the best of each group (of the
-    parents' starts: the one `_probe` keeps) trains the first `steps` steps of
-    its N-step run and is scored again. The lowest
+    examples (task loss); with finetuning, the best of each group trains the
+    first `steps` steps of its N-step run and is scored again. The lowest
     held-out loss wins. With only one start to train (a fold target without an
     anchor, or only the anchor-side starts), or a parents' start already ahead
     of every anchor-side start one-shot, there is nothing to race: it is
-    returned untrained (trainer None; a probed start: with its trainer) and
-    the caller trains it all N steps.
+    returned untrained (trainer None) and the caller trains it all N steps.
     So is the anchor side's start when the parents' start is too far behind
     it to race (`_too_far_behind`) or given up (`_cannot_reach`)."""
 
@@ -554,7 +544,6 @@ class Race:
         self.progress = progress
         self.rows = []
         self.skipped = []  # starts that cannot be built for these shapes
-        self.probe = None  # the parents' starts trained a few steps to choose among them (`_probe`)
 
     def _loss(self, model, name):
         # The probe set is no held-out loss: it never chooses, so it is not scored here.
@@ -587,26 +576,21 @@ class Race:
         if self.kw["steps"] == 0:
             row, model = min(built, key=lambda b: b[0]["one_shot_holdout_loss"])
             return self._result(row, model, None, "one_shot_holdout_loss")
-        groups = {}
-        for row, model in built:  # each group's starts, the lowest one-shot loss first
-            groups.setdefault(row["group"], []).append((row, model))
-        for g in groups:
-            groups[g].sort(key=lambda b: _ranked(b[0]))
-        best = {g: b[0] for g, b in groups.items()}
+        best = {}
+        for row, model in built:  # one per group: the lowest one-shot loss
+            g = row["group"]
+            if g not in best or _ranked(row) < _ranked(best[g][0]):
+                best[g] = (row, model)
+        if len(best) == 1:  # one group: the one-shot loss chose; racing it alone would choose nothing
+            return self._result(*next(iter(best.values())), None, "one_shot_holdout_loss", steps=0)
+        if _leads(best.get("fold"), [b for g, b in best.items() if g != "fold"]):
+            return self._result(*best["fold"], None, "one_shot_holdout_loss", steps=0,
+                                why="ahead of every anchor-side start already one-shot (held out)")
         anchor_side = [b for h, b in best.items() if h != "fold"]
-        if "fold" in best and not _leads(best["fold"], anchor_side) and self._far_behind(best["fold"][0], anchor_side):
+        if "fold" in best and self._far_behind(best["fold"][0], anchor_side):
             side = min(anchor_side, key=lambda b: _ranked(b[0]))
             return self._result(*side, None, FAR_BEHIND_KEY, steps=0,
                                 why=self._far_behind_why(best["fold"][0], side[0]))
-        started = None  # the parents' start chosen by the probe, already PROBE steps into its run
-        if _worth_probing(groups.get("fold", ())) and self.reference is None:
-            row, model, started = self._probe(groups["fold"], log)
-            best["fold"] = (row, model)
-        if len(best) == 1:  # one group: the one-shot loss (or the probe) chose; racing it alone would choose nothing
-            return self._result(*next(iter(best.values())), started, self._group_key(), steps=0)
-        if _leads(best.get("fold"), anchor_side):
-            return self._result(*best["fold"], started, self._group_key(), steps=0,
-                                why="ahead of every anchor-side start already one-shot (held out)")
         trained = []
         # The parents' start trains first: one that its race steps take below every
         # anchor-side start's one-shot loss has overtaken what the anchor side starts
@@ -615,8 +599,7 @@ class Race:
         for g in sorted(best, key=lambda g: g != "fold"):
             row, model = best[g]
             t0 = time.perf_counter()
-            trainer = _started(model, self.train, self.kw, log, upto=self.steps,
-                               trainer=started if g == "fold" else None)
+            trainer = _started(model, self.train, self.kw, log, upto=self.steps)
             if trainer.restart:
                 row["restart"] = trainer.restart
             if g == "fold" and self._given_up(row, trainer, anchor_side):
@@ -634,51 +617,6 @@ class Race:
         # are counted with its run's).
         extra = sum(t.done + _wasted(t) for r, _, t in trained if r is not row)
         return self._result(row, model, trainer, "holdout_loss", extra=extra)
-
-    def _probe(self, group, log):
-        """(row, model, trainer) of the parents' start to keep: the PROBE_TOP
-        with the lowest one-shot loss each train the first `probe_steps` of
-        their run (`finetune.Trainer`, distilled as the run is), and the lowest
-        held-out loss then is kept, its trainer continuing; the others' steps
-        count as the race's extra steps. One-shot loss ranks these starts
-        unlike training does: on pydoc BERT 4 x 64 -> 2 x 32 (3 seeds, 100
-        steps) the prunes of the parents trained best on every seed, while the
-        one-shot loss put a fold first on every seed; after 10 steps the
-        kept start was the prune of parent 1 on 2 seeds (5.306 / 5.322 after
-        100 steps, against 5.337 / 5.367 for the one-shot choice) and on the
-        third a fold within 0.005 of the best."""
-        steps = min(probe_steps(self.kw["steps"]), self.steps)  # never past the race's own steps
-        tried, spent, diverged = [], {}, None
-        for row, model in group[:PROBE_TOP]:
-            log(f"race: probing {row['candidate']} ({steps} steps)")
-            t0 = time.perf_counter()
-            trainer = ft.Trainer(model, self.train, **self.kw)  # a task head: no climb check (`_started`)
-            try:
-                trainer.run(steps)
-                row["probe_holdout_loss"] = self._loss(model, row["candidate"])
-                spent[row["candidate"]] = trainer.done
-            except DivergedError as e:  # this start loses the probe (the step that met NaN counts)
-                row["probe_holdout_loss"], diverged = math.inf, e
-                spent[row["candidate"]], trainer = trainer.done + 1, None
-            row["seconds"] += time.perf_counter() - t0
-            tried.append((row, model, trainer))
-        kept = min(tried, key=lambda b: b[0]["probe_holdout_loss"])
-        if kept[2] is None:  # every one diverged: the run fails as any run that diverges does
-            raise diverged
-        names = [r["candidate"] for r, _, _ in tried]
-        others = [n for n in names if n != kept[0]["candidate"]]
-        lost = [f"{r['candidate']} diverged" for r, _, t in tried if t is None]
-        self.probe = {"steps": steps, "candidates": names, "kept": kept[0]["candidate"],
-                      "extra_steps": sum(spent[n] for n in others),
-                      "note": f"the parents' starts ranked first one-shot ({', '.join(names)}) each trained the "
-                              f"first {steps} steps of the run{' (' + ', '.join(lost) + ')' if lost else ''}; "
-                              f"{kept[0]['candidate']} had the lowest held-out loss then and was the parents' "
-                              f"start from there (the steps of {', '.join(others)} count in the steps spent)"}
-        return kept
-
-    def _group_key(self) -> str:
-        """What chose the start that was not raced: the probe, else its one-shot loss."""
-        return "probe_holdout_loss" if self.probe else "one_shot_holdout_loss"
 
     def _far_behind(self, row, anchor_side) -> bool:
         """Whether the parents' best start trails the anchor side one-shot by
@@ -722,34 +660,18 @@ class Race:
         report = dict(fusion) if fusion else {"schema": _schema(), "options": {"alignment": "anchor"}}
         report["race"] = {"winner": row["candidate"], "chosen_by": key,
                           "steps_each": self.steps if steps is None else steps,
-                          "holdout_examples": _n(self.holdout),
-                          "extra_steps": extra + (self.probe or {}).get("extra_steps", 0),
+                          "holdout_examples": _n(self.holdout), "extra_steps": extra,
                           "candidates": self.rows}
-        if self.probe:
-            report["race"]["probe"] = self.probe
         if self.parent_losses is not None:
             report["race"]["parents_holdout_loss"] = self.parent_losses
         if self.skipped:
             report["race"]["skipped"] = self.skipped
         if steps == 0 and key != GIVEN_UP and (key == "only candidate" or self.kw["steps"]):
             why = why or ("the only start possible" if key == "only candidate" else
-                          "the only kind of start (chosen " +
-                          ("by the probe" if key == "probe_holdout_loss" else "one-shot") +
-                          " on the held-out examples)")
+                          "the only kind of start (chosen one-shot on the held-out examples)")
             trained = f"; it trained all {self.kw['steps']} steps" if self.kw["steps"] else ""
             report["race"]["note"] = f"no race: {row['candidate']} is {why}{trained}"
         return model, trainer, report, row["one_shot"]
-
-
-def _worth_probing(group) -> bool:
-    """Whether the parents' starts are worth the probe (`Race._probe`): two or
-    more whose first two one-shot losses differ. Equal losses are starts that
-    compute the same (each parent folded or pruned where the parents are
-    widened copies of one model): training would rank them alike too."""
-    if len(group) < 2:
-        return False
-    a, b = (r["one_shot_holdout_loss"] for r, _ in group[:2])
-    return not math.isclose(a, b, rel_tol=1e-6)
 
 
 def _ranked(row) -> float:
@@ -797,15 +719,6 @@ def _cannot_reach(one_shot: float, loss: float, done: int, steps: int, anchor_si
     20, the anchor's one-shot 5.32) its rate so far is many times what it needs."""
     rate = max(0.0, one_shot - loss) / done
     return not _below_anchor_side(loss - REACH * rate * (steps - done), anchor_side)
-
-
-PROBE_TOP = 2  # the parents' starts with the lowest one-shot losses that the probe trains (`Race._probe`)
-PROBE_FRACTION = 0.1  # of the N steps, each probed start's
-
-
-def probe_steps(n: int) -> int:
-    """The steps each probed parents' start trains (`Race._probe`)."""
-    return max(1, math.ceil(PROBE_FRACTION * n))
 
 
 FAR_BEHIND = 3  # a parents' start this many times the parents' lead behind the anchor side is not raced

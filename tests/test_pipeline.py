@@ -152,17 +152,11 @@ def test_the_fold_of_all_parents_must_lead_the_single_parent_starts(monkeypatch)
     monkeypatch.setattr(pipeline.Race, "_loss", lambda self, model, name: losses[name])
 
     def winner(steps):
-        """The start ranked first (with finetuning: the first the probe is given)."""
         lead = pipeline.ALL_PARENTS_LEAD
         entries = [(n, lambda: torch.nn.Linear(1, 1), "fold", lead if n == "fold: all parents" else 1.0)
                    for n in losses]
         race = pipeline.Race(None, None, {"steps": steps, "device": "cpu"}, steps // 2)
-        probed = []
-        monkeypatch.setattr(pipeline.Race, "_probe",
-                            lambda self, group, log: (probed.extend(group), (*group[0], None))[1])
-        won = race.run(entries)[2]["race"]["winner"]
-        assert not probed or won == probed[0][0]["candidate"]
-        return won
+        return race.run(entries)[2]["race"]["winner"]
     assert winner(10) == "fold: parent 1" and winner(0) == "fold: all parents"
     losses["fold: all parents"] = 1.05 * pipeline.ALL_PARENTS_LEAD - 1e-6  # a lead as large as asked
     assert winner(10) == "fold: all parents"
@@ -532,7 +526,6 @@ def test_a_task_heads_climbing_run_is_not_restarted(digits):
     ft.finetune(parent, digits, steps=60, lr=3e-3, batch_size=32)
     _, report = pipeline.run(None, [parent], {"finetune_steps": 40, "batch_size": 16, "samples": 64, "lr": 0.03},
                              data=digits, target={"hidden": 32})
-    # (the one parent folded and pruned at its own widths: the same start, not probed)
     assert report["finetune"]["restart"] is None and report["steps_spent"] == 40
     # (an embedding model's run at such an lr restarts: the test above)
 
