@@ -283,6 +283,7 @@ class _Source:
     split: tuple[np.ndarray, np.ndarray] | None = None  # given (train, eval) indices
     default_mean_std: tuple[float, float] = (DEFAULT_MEAN, DEFAULT_STD)
     processed: bool = False  # images already normalised (a saved dataset's "pixel_values")
+    label_error: str | None = None  # why the labels cannot be read: an error only where a task trains on them
 
 
 def _digits_source() -> _Source:
@@ -330,11 +331,23 @@ def _probe_inputs(tokenizer, max_length: int, keep: Sequence[str]) -> Tensors | 
     return probe
 
 
-def _text_source(texts: list[str], labels: list | None, spec: str) -> _Source:
+def _text_source(texts: list[str], labels: list | None, spec: str, label_error: str | None = None) -> _Source:
     if not texts:
         raise DataError(f"data spec '{spec}': no text examples")
-    ids, names = _encode_labels(labels, spec) if labels is not None else (None, None)
-    return _Source("text", len(texts), lambda idx: [texts[i] for i in idx], ids, names)
+    ids, names, label_error = _labels_or_why(labels, spec, label_error)
+    return _Source("text", len(texts), lambda idx: [texts[i] for i in idx], ids, names, label_error=label_error)
+
+
+def _labels_or_why(labels: list | None, spec: str, why: str | None = None) -> tuple:
+    """(ids, class names, None), or (None, None, why they cannot be read): a
+    language model's data ignores its labels, so they fail only a task that
+    trains on them (`load_data`)."""
+    if labels is None or why:
+        return None, None, why
+    try:
+        return (*_encode_labels(labels, spec), None)
+    except DataError as e:
+        return None, None, str(e)
 
 
 def _txt_source(path: Path, spec: str) -> _Source:
@@ -344,10 +357,11 @@ def _txt_source(path: Path, spec: str) -> _Source:
 
 
 def _jsonl_source(path: Path, spec: str) -> _Source:
-    texts, labels = [], []
+    texts, labels, lines = [], [], []
     for n, line in enumerate(_read_text(path, spec).split("\n"), 1):  # (as .txt: "\n" only)
         if not line.strip():
             continue
+        lines.append(n)  # the file's line number of each example, for errors
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -357,10 +371,9 @@ def _jsonl_source(path: Path, spec: str) -> _Source:
         texts.append(row["text"])
         labels.append(row.get("label"))
     has = [lab is not None for lab in labels]
-    if any(has) and not all(has):
-        raise DataError(f"data spec '{spec}': line {has.index(False) + 1} has no 'label' "
-                        "while others do")
-    return _text_source(texts, labels if any(has) else None, spec)
+    why = f"data spec '{spec}': line {lines[has.index(False)]} has no 'label' while others do" \
+        if any(has) and not all(has) else None
+    return _text_source(texts, labels if any(has) else None, spec, why)
 
 
 def _read_text(path: Path, spec: str) -> str:
@@ -453,18 +466,18 @@ def _dataset_source(ds, spec: str) -> _Source:
     if image_col is None and "text" not in cols:
         raise DataError(f"data spec '{spec}': saved dataset has no 'image', 'pixel_values' or "
                         f"'text' column (has {', '.join(cols)})")
-    labels, names = None, None
+    labels, names, why = None, None, None
     if label_col is not None:
         feature = ds.features[label_col]
-        labels, names = _encode_labels(list(ds[label_col]), spec)
-        names = list(getattr(feature, "names", None) or []) or names
+        labels, names, why = _labels_or_why(list(ds[label_col]), spec)
+        names = (list(getattr(feature, "names", None) or []) or names) if why is None else None
     if len(ds) == 0:
         raise DataError(f"data spec '{spec}': saved dataset is empty")
     kind = "image" if image_col is not None else "text"
     # "pixel_values" is what an image processor made: already normalised (normalised again,
     # a digits ViT's own processor output scored 12% against 90% as an "image" column).
     return _Source(kind, len(ds), _column_loader(ds, image_col or "text"), labels, names,
-                   processed=image_col == "pixel_values")
+                   processed=image_col == "pixel_values", label_error=why)
 
 
 def _column_loader(ds, column: str):
@@ -533,9 +546,9 @@ def _split_indices(src: _Source, spec: str) -> tuple[np.ndarray, np.ndarray]:
         # sklearn's split, as the measured digits baselines used.
         train, ev = train_test_split(np.arange(src.count), test_size=EVAL_FRACTION_LABELLED,
                                      stratify=src.labels, random_state=SPLIT_SEED)
-    except ValueError as e:
-        raise DataError(f"data spec '{spec}': cannot split {src.count} examples 75/25 "
-                        f"stratified ({e})") from None
+    except ValueError:  # a class too rare to stratify (one example): split it as it falls
+        train, ev = train_test_split(np.arange(src.count), test_size=EVAL_FRACTION_LABELLED,
+                                     random_state=SPLIT_SEED)
     return train, ev
 
 
@@ -788,11 +801,15 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     if src.kind != kind:
         raise DataError(f"data spec '{spec}': {src.kind} data does not fit a "
                         f"{config.model_type} model ({task})")
+    ignored = task in (*LM_TASKS, "feature-extraction")  # no classifier: labels are neither checked nor used
+    if src.label_error and not ignored:
+        raise DataError(src.label_error)
+    if src.label_error:  # labels a language model would ignore cannot fail it
+        src = replace(src, labels=None, class_names=None, label_error=None)
     train_idx, eval_idx = _split_indices(src, spec)
     if samples is not None:
         train_idx = _subsample(train_idx, src.labels, samples, seed)
-    # A headless model has no classifier: labels are neither checked nor used.
-    use_labels = src.labels is not None and task not in (*LM_TASKS, "feature-extraction")
+    use_labels = src.labels is not None and not ignored
     num_labels = None
     if use_labels:
         src = _as_model_ids(src, config, spec)

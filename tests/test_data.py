@@ -301,7 +301,8 @@ def test_bad_specs_raise_data_error(tmp_path, tokenizer):
     bert = BertForMaskedLM(bert_config(len(tok)))
     cases = [
         (str(tmp_path / "bad.jsonl"), bert, {"tokenizer": tok}, "line 2 is not valid JSON"),
-        (str(tmp_path / "mixed.jsonl"), bert, {"tokenizer": tok}, "line 2 has no 'label'"),
+        (str(tmp_path / "mixed.jsonl"), BertForSequenceClassification(bert_config(len(tok))), {"tokenizer": tok},
+         "line 2 has no 'label'"),
         (str(tmp_path / "ok.txt"), bert, {}, "needs a tokenizer"),
         (str(tmp_path / "ok.txt"), vit_config(), {}, "text data does not fit a vit model"),
         ("digits", bert, {"tokenizer": tok}, "image data does not fit a bert model"),
@@ -482,3 +483,33 @@ def test_text_lines_end_at_newlines_only(tmp_path, tokenizer):
     (tmp_path / "u.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     data = load_data(str(tmp_path / "u.jsonl"), model, tokenizer=tok)
     assert data.num_examples("train") + data.num_examples("eval") == 10
+
+
+def test_a_language_model_ignores_labels_it_could_not_read(tmp_path, tokenizer):
+    """Labels on some lines only, or of mixed types: a classifier's error, but
+    a masked-LM (or causal-LM, headless) model never reads them ("line 2 has
+    no 'label'" failed an MLM's eval)."""
+    tok, _ = tokenizer
+    texts = pydoc_paragraphs()[:12]
+    rows = [{"text": t, **({"label": i % 2} if i % 3 else {})} for i, t in enumerate(texts)]
+    (tmp_path / "partial.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    mixed = [{"text": t, "label": i if i % 2 else str(i)} for i, t in enumerate(texts)]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in mixed) + "\n")
+    for name, message in (("partial", "has no 'label'"), ("mixed", "all integers or all strings")):
+        data = load_data(str(tmp_path / f"{name}.jsonl"), BertForMaskedLM(bert_config(len(tok))), tokenizer=tok)
+        assert data.num_examples("train") + data.num_examples("eval") == 12
+        with pytest.raises(DataError, match=message):
+            load_data(str(tmp_path / f"{name}.jsonl"), BertForSequenceClassification(bert_config(len(tok))),
+                      tokenizer=tok)
+
+
+def test_a_class_too_rare_to_stratify_still_splits(tmp_path, tokenizer):
+    """One example of a class: the stratified 75/25 split cannot be made, and
+    eval of the whole file ("all") failed on it; it splits unstratified."""
+    tok, _ = tokenizer
+    labels = [0] * 10 + [1] * 9 + [2]
+    (tmp_path / "rare.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab})
+                                                    for t, lab in zip(pydoc_paragraphs(), labels)) + "\n")
+    data = load_data(str(tmp_path / "rare.jsonl"), BertForSequenceClassification(bert_config(len(tok), labels=3)),
+                     tokenizer=tok)
+    assert data.num_examples("all") == 20 and data.num_examples("eval") == 5
