@@ -181,7 +181,9 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
     """The race of starting points (alignment auto, held-out data) or one
     fusion, then the finetuning: (model, fusion report, trainer or None,
     held-out data or None, one-shot metrics or None)."""
-    train, holdout = split_holdout(data, r["seed"]) if _trainable(data) else (data, None)
+    # Held-out examples choose the race's start and reg "auto"; nothing else reads them.
+    chooses = r["alignment"] == "auto" or r["reg"] == "auto"
+    train, holdout = split_holdout(data, r["seed"]) if _trainable(data) and chooses else (data, None)
     calib = None if data is None else list(data.calibration_batches(r["samples"], r["batch_size"],
                                                                     seed=r["seed"]))
     teachers = parent_ms if r["distill"] or reference else []
@@ -772,8 +774,9 @@ def split_holdout(data, seed: int):
     n = len(next(iter(tensors.values())))
     k = max(HOLDOUT_MIN, int(HOLDOUT_FRACTION * n))
     if n < 2 * k:
-        raise InvalidOptionError(f"--data has {n} training examples; the race holds out {k} and "
-                                 f"needs at least {2 * k}")
+        raise InvalidOptionError(f"--data has {n} training examples; the race of starting points (and reg "
+                                 f"auto) holds out {k} and needs at least {2 * k}: give more, or a fixed "
+                                 "--alignment (and --reg)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
     take = lambda idx: {f: v[idx] for f, v in tensors.items()}  # noqa: E731
     train = dataclasses.replace(data, splits={**data.splits, "train": take(order[k:])})

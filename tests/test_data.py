@@ -513,3 +513,20 @@ def test_a_class_too_rare_to_stratify_still_splits(tmp_path, tokenizer):
     data = load_data(str(tmp_path / "rare.jsonl"), BertForSequenceClassification(bert_config(len(tok), labels=3)),
                      tokenizer=tok)
     assert data.num_examples("all") == 20 and data.num_examples("eval") == 5
+
+
+def test_a_dataset_dict_whose_test_labels_are_hidden_evaluates_on_validation(tmp_path, tokenizer):
+    """GLUE-style: test labels are -1 (hidden); it failed with "negative
+    label -1" whatever split was asked for."""
+    import datasets
+    tok, _ = tokenizer
+    texts = pydoc_paragraphs()[:36]
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": texts[:24], "label": [0, 1] * 12}),
+        "validation": datasets.Dataset.from_dict({"text": texts[24:30], "label": [1, 0] * 3}),
+        "test": datasets.Dataset.from_dict({"text": texts[30:], "label": [-1] * 6}),
+    })
+    datasets.disable_progress_bars()
+    dd.save_to_disk(str(tmp_path / "glue"))
+    data = load_data(str(tmp_path / "glue"), BertForSequenceClassification(bert_config(len(tok))), tokenizer=tok)
+    assert data.splits["eval"]["labels"].tolist() == [1, 0] * 3 and data.num_examples("train") == 24

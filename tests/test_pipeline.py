@@ -571,3 +571,19 @@ def test_a_device_the_machine_lacks_is_one_line_and_the_caller_s_models_stay_put
     assert all(p.device.type == "cpu" for m in (anchor, *parents) for p in m.parameters())
     with pytest.raises(InvalidOptionError, match="weights must be finite"):
         otcompress.fuse(anchor, parents, weights=[float("nan"), 1, 1])
+
+
+def test_a_fixed_alignment_needs_no_held_out_examples(tmp_path):
+    """Only the race and reg "auto" choose on held-out examples: a fixed
+    alignment with 60 training examples fuses and trains (it was refused:
+    "the race holds out 64 and needs at least 128"); the race still refuses
+    them, saying how to do without it."""
+    from otcompress.data import load_data
+    from otcompress.errors import InvalidOptionError
+    small = load_data("digits", M.vit(), samples=60)
+    anchor, parents = M.vit(seed=1), [M.vit(hidden=48, heads=4, inter=96, seed=2)]
+    _, report = pipeline.run(anchor, parents, {"alignment": "weights", "finetune_steps": 2, "batch_size": 16},
+                             data=small)
+    assert report["finetune"]["steps"] == 2 and report["finetune"]["holdout_examples"] is None
+    with pytest.raises(InvalidOptionError, match="give more, or a fixed --alignment"):
+        pipeline.run(anchor, parents, {"finetune_steps": 2, "batch_size": 16}, data=small)
