@@ -143,8 +143,10 @@ class TaskData:
     pooling: str | None = None  # feature-extraction: how embeddings are pooled
     probe: Tensors | None = field(default=None, repr=False)  # headless text: the probe set's inputs
     _eval_mlm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _train_mlm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # drawn when scored
 
     def __post_init__(self):
+        self._train_mlm = None  # (`dataclasses.replace` would carry another train split's masks)
         if self.masker is not None:
             # Masks for eval are drawn once with a fixed seed: eval loss is
             # deterministic and comparable across models and runs.
@@ -186,7 +188,7 @@ class TaskData:
                                        group_by_length):
             batch = self._take(split, idx)
             if self.masker is not None:
-                batch["input_ids"], batch["labels"] = self._mlm(split, idx, batch, gen)
+                batch["input_ids"], batch["labels"] = self._mlm(split, idx, batch, gen, fixed=not shuffle)
             yield batch
 
     def probe_data(self) -> "TaskData | None":
@@ -259,12 +261,22 @@ class TaskData:
             batch = {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
         return batch
 
-    def _mlm(self, split, idx, batch, gen):
+    def _mlm(self, split, idx, batch, gen, fixed=False):
+        """Masks: drawn anew for each training pass (shuffled); fixed per
+        example for the eval split and for any pass in order (scoring: a
+        model's loss on "all" or "train" was different at every batch size)."""
         length = batch["input_ids"].shape[1]
-        if split == "eval":
-            ids, labels = self._eval_mlm
+        if split == "eval" or fixed:
+            ids, labels = self._eval_mlm if split == "eval" else self._fixed_train_mlm()
             return ids[idx, :length], labels[idx, :length]
         return self.masker(batch["input_ids"], batch["attention_mask"], gen)
+
+    def _fixed_train_mlm(self):
+        if self._train_mlm is None:
+            tr = self.splits["train"]
+            self._train_mlm = self.masker(tr["input_ids"], tr["attention_mask"],
+                                          torch.Generator().manual_seed(SPLIT_SEED + 1))
+        return self._train_mlm
 
 
 # --------------------------------------------------------------------------- sources

@@ -530,3 +530,17 @@ def test_a_dataset_dict_whose_test_labels_are_hidden_evaluates_on_validation(tmp
     dd.save_to_disk(str(tmp_path / "glue"))
     data = load_data(str(tmp_path / "glue"), BertForSequenceClassification(bert_config(len(tok))), tokenizer=tok)
     assert data.splits["eval"]["labels"].tolist() == [1, 0] * 3 and data.num_examples("train") == 24
+
+
+def test_masked_lm_scores_of_any_split_do_not_depend_on_the_batch_size(tmp_path, tokenizer):
+    """Masks are fixed per example wherever a split is read in order (eval of
+    "all", a user file's default, drew new train masks per batch: 5.609 /
+    5.627 at batch 1 / 256); training passes still draw new ones."""
+    tok, _ = tokenizer
+    model = BertForMaskedLM(bert_config(len(tok))).eval()
+    data = load_data("pydoc", model, tokenizer=tok, max_length=32)
+    from otcompress.finetune import evaluate
+    scores = [evaluate(model, data, split="all", batch_size=b) for b in (3, 64)]
+    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["loss"] == pytest.approx(scores[1]["loss"])
+    one, two = (next(data.batches("train", 8, shuffle=True, seed=s))["labels"] for s in (1, 2))
+    assert not torch.equal(one, two)
