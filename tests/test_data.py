@@ -161,11 +161,12 @@ def test_txt_masked_lm(tmp_path, tokenizer):
     original = data.splits["train"]["input_ids"][:32, :batch["input_ids"].shape[1]]
     assert torch.equal(batch["labels"][masked], original[masked])
     assert torch.equal(batch["input_ids"][~masked], original[~masked])  # only targets change
-    # Eval masks are fixed; train masks follow the seed.
+    # Eval masks are fixed, and so are train masks read in order (scoring); a training pass's follow the seed.
     ev = [next(data.batches("eval", 8, seed=s)) for s in (0, 9)]
     assert all(torch.equal(ev[0][k], ev[1][k]) for k in ev[0])
-    tr = next(data.batches("train", 32, seed=1))
-    assert not torch.equal(tr["labels"], batch["labels"])
+    assert torch.equal(next(data.batches("train", 32, seed=1))["labels"], batch["labels"])
+    shuffled = [next(data.batches("train", 32, shuffle=True, seed=s))["labels"] for s in (1, 2)]
+    assert not torch.equal(*shuffled)
     calib = next(data.calibration_batches(5, 8))
     assert set(calib) == {"input_ids", "attention_mask", "token_type_ids"}
     assert (calib["input_ids"] != tok.mask_token_id).all()
