@@ -197,12 +197,13 @@ def finetune(model, data, steps, out, teachers, distill_alpha, temperature, lr, 
         ft.check_trained(scored, trained, lr)
         after = flag_non_finite(ui, f"{model} after finetuning", trained)
     summary.pop("losses", None)
+    # The run's settings, in its own report too (a model without a fusion report carried none).
+    summary.update(lr=lr, batch_size=batch_size, seed=seed, distill_alpha=distill_alpha if teachers else None,
+                   temperature=temperature if teachers else None)
     result = {"path": str(out), "model": model, "data": data, "teachers": list(teachers), "finetune": summary,
               "split": "eval", "examples": task.num_examples("eval"),
               "metrics": {"before": before, "after": after}}
-    section = {**summary, "lr": lr, "batch_size": batch_size, "seed": seed, "data": data,
-               "teachers": list(teachers), "distill_alpha": distill_alpha if teachers else None, "from": model,
-               "pooling": task.pooling}
+    section = {**summary, "data": data, "teachers": list(teachers), "from": model, "pooling": task.pooling}
     from otcompress.data import record_class_names
     if record_class_names(m.config, task):  # what it learnt the classes as, for every later eval
         result["class_names"] = list(m.config.id2label.values())

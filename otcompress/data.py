@@ -10,7 +10,7 @@ Specs:
   DIR           an image folder: one sub-folder per class (names sorted) of
                 .png/.jpg/... images (Pillow) or .npy arrays.
   FILE.txt      one text example per non-empty line.
-  FILE.jsonl    one JSON object per line: "text", optional "label".
+  FILE.jsonl    one JSON object per line: "text", optional "label" (or "labels").
   DIR           a `datasets` Dataset or DatasetDict saved with
                 `save_to_disk`: an "image"/"pixel_values" or "text" column,
                 optional "label"/"labels".
@@ -381,7 +381,7 @@ def _jsonl_source(path: Path, spec: str) -> _Source:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise DataError(f"data spec '{spec}': line {n} has no string field 'text'")
         texts.append(row["text"])
-        labels.append(row.get("label"))
+        labels.append(row.get("label", row.get("labels")))  # "labels" too, as saved datasets name it
     has = [lab is not None for lab in labels]
     why = f"data spec '{spec}': line {lines[has.index(False)]} has no 'label' while others do" \
         if any(has) and not all(has) else None
@@ -544,7 +544,8 @@ def _read_spec(spec: str) -> _Source:
         return _saved_dataset_source(path, spec)
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         return _folder_source(path, spec)
-    raise DataError(f"data spec '{spec}': not 'digits', 'pydoc', an existing image folder, "
+    missing = "no such file or folder; it is " if not path.exists() else ""
+    raise DataError(f"data spec '{spec}': {missing}not 'digits', 'pydoc', an existing image folder, "
                     ".txt/.jsonl file, or saved dataset")
 
 

@@ -424,6 +424,8 @@ def test_finetuning_an_unnamed_classifier_records_the_class_names_it_learnt(tmp_
     both = _rows(tmp_path / "both.jsonl", ["neg", "pos"] * 12)
     code, out, _ = run(capsys, "finetune", model, "--data", both, "--steps", "2", "--out", tmp_path / "ft", "--json")
     assert code == 0 and json.loads(out)["class_names"] == ["neg", "pos"]
+    settings = json.loads((tmp_path / "ft" / "finetune_report.json").read_text())["finetune"]
+    assert settings["lr"] == 1e-3 and settings["seed"] == 0 and settings["batch_size"] > 0  # no lineage needed
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
     pos = load_data(_rows(tmp_path / "pos.jsonl", ["pos"] * 6),
@@ -545,3 +547,13 @@ def test_masked_lm_scores_of_any_split_do_not_depend_on_the_batch_size(tmp_path,
     assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["loss"] == pytest.approx(scores[1]["loss"])
     one, two = (next(data.batches("train", 8, shuffle=True, seed=s))["labels"] for s in (1, 2))
     assert not torch.equal(one, two)
+
+
+def test_a_missing_data_path_says_so_and_jsonl_takes_labels_too(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    with pytest.raises(DataError, match="nope.txt': no such file or folder"):
+        load_data(str(tmp_path / "nope.txt"), vit_config())
+    rows = [json.dumps({"text": t, "labels": i % 2}) for i, t in enumerate(pydoc_paragraphs()[:12])]
+    (tmp_path / "l.jsonl").write_text("\n".join(rows) + "\n")
+    data = load_data(str(tmp_path / "l.jsonl"), BertForSequenceClassification(bert_config(len(tok))), tokenizer=tok)
+    assert sorted(torch.cat([data.splits[s]["labels"] for s in ("train", "eval")]).tolist()) == [0] * 6 + [1] * 6
