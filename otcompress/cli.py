@@ -398,6 +398,10 @@ def export(model, out, quantize, atol, data, pooling, force, trust_remote_code, 
     if quantize:  # every file written, the int8 copy too
         report["files"] = [*report["files"], report["quantized"]["path"]]
     ui.log(f"[green]wrote[/green] {out}  (max abs diff vs PyTorch {report['max_abs_diff']:.2e}, atol {atol})")
+    stale = ex.int8_path(out)
+    if not quantize and stale.exists():  # left as it was (never deleted unasked), but it is no copy of this model
+        ui.log(f"[yellow]warning:[/yellow] {stale} is from an earlier export, not of this model: "
+               "remove it, or export again with --quantize int8")
     if report.get("exported_as"):
         ui.log(f"the model's weights are {report['exported_as']['model_dtype']}: exported in float32 "
                "(ONNX Runtime's CPU kernels lack most half-precision operators)")

@@ -664,6 +664,9 @@ def _image_tensor(items: Sequence, size, channels, mean, std, spec: str) -> torc
     else:
         x = torch.stack([_fit_channels(_resize(_to_chw(it, spec)[None], size)[0], channels, spec)
                          for it in items])
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):  # a .npy or array column holding NaN/Inf
+        raise DataError(f"data spec '{spec}': {int((~torch.isfinite(x).flatten(1).all(1)).sum())} image(s) "
+                        "hold values that are not finite (NaN/Inf)")
     return ((x - mean) / std).contiguous()
 
 

@@ -557,3 +557,16 @@ def test_a_missing_data_path_says_so_and_jsonl_takes_labels_too(tmp_path, tokeni
     (tmp_path / "l.jsonl").write_text("\n".join(rows) + "\n")
     data = load_data(str(tmp_path / "l.jsonl"), BertForSequenceClassification(bert_config(len(tok))), tokenizer=tok)
     assert sorted(torch.cat([data.splits[s]["labels"] for s in ("train", "eval")]).tolist()) == [0] * 6 + [1] * 6
+
+
+def test_an_image_holding_nan_is_a_data_error(tmp_path):
+    """A .npy image with NaN evaluated to accuracy null, exit 0."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            np.save(tmp_path / name / f"{i}.npy", np.full((8, 8), 0.5, dtype=np.float32))
+    bad = np.full((8, 8), 0.5, dtype=np.float32)
+    bad[2, 3] = np.nan
+    np.save(tmp_path / "a" / "0.npy", bad)
+    with pytest.raises(DataError, match="1 image\\(s\\) hold values that are not finite"):
+        load_data(str(tmp_path), vit_config(labels=2))

@@ -74,6 +74,10 @@ def test_force_replaces_only_an_onnx_file_otcompress_wrote(classifier, tmp_path,
     assert run(capsys, "export", model, "--out", out, "--quantize", "int8")[0] == 0
     code, _, err = run(capsys, "export", model, "--out", out, "--quantize", "int8", "--force")
     assert code == 0 and f"--force: replacing {out}, an earlier otcompress output" in err
+    # Replaced without --quantize: the earlier int8 copy stays (never deleted unasked), and is named as stale.
+    code, _, err = run(capsys, "export", model, "--out", out, "--force")
+    assert code == 0 and "m.int8.onnx is from an earlier export, not of this model" in err
+    assert (tmp_path / "m.int8.onnx").exists()
 
 
 def test_parity_gate_fails_on_nan_outputs(tmp_path):
