@@ -238,9 +238,9 @@ def _plain(opt, value):
         return [float(x) for x in value]
     if opt.type is int and _integer(value):
         return int(value)
-    if isinstance(value, numbers.Real):
+    if (opt.type is float or opt.name in ("reg", "tol")) and isinstance(value, numbers.Real):
         return float(value)
-    return value
+    return value  # anything else as given (device=0 is cuda:0, not 0.0)
 
 
 def _typed(opt) -> tuple:

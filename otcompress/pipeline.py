@@ -202,8 +202,9 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
         model, trainer, report, one_shot = race.run(
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout, foldable), log)
         if trainer is not None:  # the winner continues on every training example
-            if _teachers_worth_it(trainer_kw, report, log) is not trainer_kw:
-                trainer.teachers = []  # (its race steps were distilled)
+            # (its race steps were distilled; a headless model's teachers are its only loss: kept)
+            if reference is None and _teachers_worth_it(trainer_kw, report, log) is not trainer_kw:
+                trainer.teachers = []
             trainer.use_data(data).run(r["finetune_steps"])
         elif r["finetune_steps"]:  # nothing was raced: the one start trains all N steps, on every example
             trainer = _train(model, data, _teachers_worth_it(trainer_kw, report, log), log)

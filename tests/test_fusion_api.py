@@ -153,6 +153,8 @@ def test_numpy_values_are_taken_as_python_s(tmp_path):
                         tol=np.float32(1e-6), max_iter=np.int64(4000), weights=np.array([1, 1]))
     json.dumps(m.fusion_report)
     assert m.fusion_report["options"]["max_iter"] == 4000
+    from otcompress.options import check_api
+    assert check_api({"device": 0, "reg": 1, "seed": np.int64(2)}) == {"device": 0, "reg": 1.0, "seed": 2}
     otcompress.fuse_to_disk(M.vit(), [M.vit(seed=2)], tmp_path / "out", max_shard_size=1e9)
     assert (tmp_path / "out" / "model.safetensors").exists()
 
