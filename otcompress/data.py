@@ -475,7 +475,7 @@ def _dataset_dict_source(dd, spec: str) -> _Source:
 
 def _dataset_source(ds, spec: str) -> _Source:
     cols = ds.column_names
-    label_col = next((c for c in ("label", "labels") if c in cols), None)
+    label_col = _label_column(cols)
     image_col = next((c for c in ("image", "pixel_values") if c in cols), None)
     if image_col is None and "text" not in cols:
         raise DataError(f"data spec '{spec}': saved dataset has no 'image', 'pixel_values' or "
@@ -494,9 +494,13 @@ def _dataset_source(ds, spec: str) -> _Source:
                    processed=image_col == "pixel_values", label_error=why)
 
 
+def _label_column(cols) -> str | None:
+    return next((c for c in ("label", "labels") if c in cols), None)
+
+
 def _labelled(ds) -> bool:
     """No label column, or no negative (hidden) label in it."""
-    col = next((c for c in ("label", "labels") if c in ds.column_names), None)
+    col = _label_column(ds.column_names)
     return col is None or not any(isinstance(v, (int, np.integer)) and v < 0 for v in ds[col])
 
 
@@ -765,7 +769,7 @@ def _as_model_ids(src: _Source, config, spec: str) -> _Source:
     if not names:
         return src
     label2id = getattr(config, "label2id", None) or {}
-    if label2id and not all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id):
+    if not _unnamed_labels(config):
         unknown = [n for n in names if n not in label2id]
         if unknown:
             raise DataError(f"data spec '{spec}': class '{unknown[0]}' is not one of the model's labels "
@@ -783,6 +787,12 @@ def _as_model_ids(src: _Source, config, spec: str) -> _Source:
                    class_names=[named.get(i, str(id2label.get(i, f"LABEL_{i}"))) for i in range(max(ids) + 1)])
 
 
+def _unnamed_labels(config) -> bool:
+    """No label names of the model's own: none, or transformers' LABEL_k."""
+    label2id = getattr(config, "label2id", None) or {}
+    return all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id)
+
+
 def record_class_names(config, task: "TaskData") -> bool:
     """Write the class names a model with unnamed labels (LABEL_k) was trained
     on into its config (id2label / label2id), numbered as they were read
@@ -790,8 +800,7 @@ def record_class_names(config, task: "TaskData") -> bool:
     the model learnt it as 1 (a finetuned model at 100% scored 0%). Names
     that are class indices ("3", "LABEL_3") need none. True where written."""
     names = task.class_names
-    label2id = getattr(config, "label2id", None) or {}
-    if not names or (label2id and not all(re.fullmatch(r"LABEL_\d+", str(k)) for k in label2id)):
+    if not names or not _unnamed_labels(config):
         return False
     if all(re.fullmatch(r"\d+|LABEL_\d+", str(n)) for n in names):
         return False
@@ -838,7 +847,6 @@ def load_data(spec: str, model, *, tokenizer=None, image_processor=None,
     if use_labels:
         src = _as_model_ids(src, config, spec)
         num_labels = max(len(src.class_names or ()), int(src.labels.max()) + 1)
-    if use_labels:
         _check_labels(num_labels, config, spec)
 
     if kind == "image":

@@ -32,7 +32,7 @@ from otcompress.options import CHOICES
 POOLINGS = CHOICES["pooling"]
 # sentence-transformers' Pooling config keys, in the order it applies them.
 ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                    "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
+                   "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
 EVAL_BLOCK = 512  # rows of the pairwise similarity matrix computed at once
 
 

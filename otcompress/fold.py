@@ -460,7 +460,7 @@ def prune_rotary_plans(q, k, v, o_cols, parent_heads: int, kv_heads: tuple, targ
     ra = target_heads // ga
     if ga > gp or ra > rp:
         raise UnreachableShapeError(f"cannot prune {parent_heads} heads in {gp} key/value groups to "
-                                      f"{target_heads} in {ga}")
+                                    f"{target_heads} in {ga}")
     group_of = torch.arange(parent_heads, device=q.device) // rp
     unit = lambda heads: (heads[:, None] * d + torch.arange(d, device=q.device)).flatten()  # noqa: E731
     if scores is None:

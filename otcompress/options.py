@@ -127,8 +127,8 @@ OPTIONS = (
            help="Cost normalisation: gap (reg relative to a unit's best-match gap) or max."),
     Option("max_iter", int, 5000, check=lambda v: v >= 1, wanted="an integer >= 1", passed=True, report=True,
            help="Sinkhorn sweeps per transport map before it counts as unconverged."),
-    _api("tol", 1e-6, report=True, api=(lambda v: _finite(v) and v > 0, "a finite number > 0")),
-    _api("reg_grid", api=(lambda v: _numbers(v, 0, empty=False), "a non-empty list of finite numbers > 0")),
+    _api("tol", 1e-6, type=float, report=True, api=(lambda v: _finite(v) and v > 0, "a finite number > 0")),
+    _api("reg_grid", type=list, api=(lambda v: _numbers(v, 0, empty=False), "a non-empty list of finite numbers > 0")),
     _api("holdout", api=(_batches, BATCHES)),
     Option("activation_dtype", str, "float32", choices=("float32", "bfloat16"), passed=True, report=True,
            help="Forward passes for activation statistics (bfloat16: faster on BF16 CPUs)."),
@@ -234,11 +234,12 @@ def check_api(values: dict) -> dict:
 def _plain(opt, value):
     if value is None or isinstance(value, (bool, str)):
         return value
-    if opt.name in ("weights", "reg_grid"):
+    numeric = opt.type if isinstance(opt.type, tuple) else (opt.type,)  # reg: a number or "auto"
+    if opt.type is list:  # weights, reg_grid
         return [float(x) for x in value]
     if opt.type is int and _integer(value):
         return int(value)
-    if (opt.type is float or opt.name in ("reg", "tol")) and isinstance(value, numbers.Real):
+    if float in numeric and isinstance(value, numbers.Real):
         return float(value)
     return value  # anything else as given (device=0 is cuda:0, not 0.0)
 

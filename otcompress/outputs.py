@@ -88,10 +88,10 @@ def _foreign_files(out: Path) -> list[str]:
     marker = out / MARKER
     if not out.is_dir() or out.is_symlink() or not marker.is_file():
         return []
-    listed = marker.read_text().splitlines()[1:]
+    listed = set(marker.read_text().splitlines()[1:])
     if not listed:
         return []
-    return [p for p in _written(out) if p not in set(listed)]
+    return [p for p in _written(out) if p not in listed]
 
 
 def input_paths(*given) -> list:

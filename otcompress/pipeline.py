@@ -203,11 +203,12 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
             candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, holdout, foldable), log)
         if trainer is not None:  # the winner continues on every training example
             # (its race steps were distilled; a headless model's teachers are its only loss: kept)
-            if reference is None and _teachers_worth_it(trainer_kw, report, log) is not trainer_kw:
+            if reference is None and not _parents_teach(trainer_kw, report, log):
                 trainer.teachers = []
             trainer.use_data(data).run(r["finetune_steps"])
         elif r["finetune_steps"]:  # nothing was raced: the one start trains all N steps, on every example
-            trainer = _train(model, data, _teachers_worth_it(trainer_kw, report, log), log)
+            kw = trainer_kw if _parents_teach(trainer_kw, report, log) else {**trainer_kw, "teachers": []}
+            trainer = _train(model, data, kw, log)
         return model, report, trainer, holdout, one_shot
     alignment = _resolve_alignment(r["alignment"], anchor_m)
     log(f"fusing {len(parent_ms)} parent(s) ({alignment})")
@@ -221,23 +222,23 @@ def _fuse_and_train(fuse_anchor, anchor_m, parent_ms, data, r, device, progress,
     return model, model.fusion_report, trainer, holdout, one_shot
 
 
-def _teachers_worth_it(trainer_kw, report, log) -> dict:
-    """`trainer_kw` without teachers where the race scored the parents no
-    better than the start it chose on the held-out examples (`Race._far_behind`):
-    distilling would pull the start towards worse models (a trained anchor
-    with weaker parents: accuracy 48.4% -> 47.6% distilled 20 steps, 50.0%
-    without)."""
+def _parents_teach(trainer_kw, report, log) -> bool:
+    """Whether the parents stay the start's teachers: not where the race
+    scored them no better than the start it chose on the held-out examples
+    (`Race._far_behind`; a warning says so): distilling would pull the start
+    towards worse models (a trained anchor with weaker parents: accuracy
+    48.4% -> 47.6% distilled 20 steps, 50.0% without)."""
     race = report.get("race") or {}
     parents = race.get("parents_holdout_loss")
     chosen = next((c for c in race.get("candidates", []) if c["candidate"] == race.get("winner")), None)
     if not parents or not trainer_kw["teachers"] or chosen is None or min(parents) < chosen["one_shot_holdout_loss"]:
-        return trainer_kw
+        return True
     note = (f"the parents scored no better than the start ({race['winner']}) on the held-out examples "
             f"({min(parents):.4g} against {chosen['one_shot_holdout_loss']:.4g}): it was finetuned without "
             "distilling from them")
     log(f"[yellow]warning:[/yellow] {note}")
     report.setdefault("warnings", []).append(note)
-    return {**trainer_kw, "teachers": []}
+    return False
 
 
 def _train(model, data, trainer_kw, log):

@@ -287,7 +287,7 @@ def test_default_recipe_races_the_starting_points(digits, tmp_path, race_random_
     assert race["chosen_by"] == "holdout_loss"
     assert rows["fold: all parents"]["holdout_loss"] >= min(c["one_shot_holdout_loss"] for c in trained[1:])
     assert race["steps_each"] == 5 and race["extra_steps"] == 5
-    # Random parents no better than the start kept are no teachers after the race (`_teachers_worth_it`).
+    # Random parents no better than the start kept are no teachers after the race (`_parents_teach`).
     worth = min(race["parents_holdout_loss"]) < rows[race["winner"]]["one_shot_holdout_loss"]
     assert report["finetune"]["steps"] == 10 and report["finetune"]["teachers"] == (2 if worth else 0)
     assert report["steps_spent"] == 15  # the losing start's race steps count
