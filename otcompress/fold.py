@@ -57,6 +57,42 @@ def kmeans(x: torch.Tensor | None, k: int, *, seed: int = 0, restarts: int = 4, 
     return best
 
 
+def sized_kmeans(x: torch.Tensor, k: int, min_size: int, *, seed: int = 0, max_iter: int = 50) -> torch.Tensor:
+    """`kmeans` labels of the rows of x (m, d) with every cluster holding at
+    least `min_size` rows: a target head folded from whole parent heads needs
+    enough of them to fill its width (2 heads of 8 units for one of 12), and
+    plain k-means can leave it one. Where k-means already meets the sizes its
+    labels stand; else Lloyd's steps alternate with an assignment that fills
+    `min_size` slots of every cluster before any further one (size-constrained
+    k-means, Bradley, Bennett and Demiriz 2000; solved by scipy's
+    linear_sum_assignment, which POT already brings)."""
+    m = x.shape[0]
+    if k * min_size > m:
+        raise UnreachableShapeError(f"cannot make {k} groups of at least {min_size} from {m}")
+    labels = kmeans(x, k, seed=seed)
+    if min_size <= 1 or int(torch.bincount(labels, minlength=k).min()) >= min_size:
+        return labels
+    from scipy.optimize import linear_sum_assignment
+
+    x = x.double().cpu()
+    x = x - x.mean(0, keepdim=True)
+    slots = torch.arange(k).repeat_interleave(min_size)  # the slots every cluster must fill, then the free ones
+    slots = torch.cat([slots, torch.arange(k).repeat_interleave(m - k * min_size)])
+    labels = labels.cpu()
+    for _ in range(max_iter):
+        centres = torch.stack([x[labels == g].mean(0) for g in range(k)])
+        cost = _sq_dist(x, centres)[:, slots]
+        # Filling a required slot is worth more than any difference of distances.
+        cost[:, :k * min_size] -= cost.max() - cost.min() + 1
+        rows, cols = linear_sum_assignment(cost.numpy())
+        new = torch.empty(m, dtype=torch.long)
+        new[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels.to(x.device)
+
+
 def _compress(x):
     """Rows with the same pairwise distances in at most m columns (through the
     Gram matrix): k-means then costs O(m^2 k) per sweep, not O(m d k)."""
@@ -486,7 +522,7 @@ def head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, target_dim
     weighted by `weights_v` (`outgoing_weights`; None: alike). Returns (T_qk, T_v)."""
     m = q.shape[0]
     d = m // parent_heads
-    groups = _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, seed)
+    groups = _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, target_dim, seed)
     qk, vo = torch.cat([q, k], 1), torch.cat([v, o_cols], 1)
     labels_qk = torch.empty(m, dtype=torch.long, device=q.device)
     labels_v = torch.empty(m, dtype=torch.long, device=q.device)
@@ -502,7 +538,7 @@ def head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, target_dim
     return plan(labels_qk, n), plan(labels_v, n, weights=weights_v)
 
 
-def _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, seed):
+def _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, target_dim, seed):
     if target_heads > parent_heads:
         raise IncompatibleModelsError(
             f"cannot fold {parent_heads} attention heads into {target_heads}: the target has more")
@@ -512,7 +548,11 @@ def _group_heads(q, k, v, o_cols, parent_heads, target_heads, d, seed):
     for h in range(parent_heads):
         s = slice(h * d, (h + 1) * d)
         feats.append(torch.cat([(q[s].T @ k[s]).flatten(), (o_cols[s].T @ v[s]).flatten()]))
-    labels = kmeans(torch.stack(feats), target_heads, seed=seed)
+    need = -(-target_dim // d)  # whole parent heads to fill a target head's units
+    if target_heads * need > parent_heads:
+        raise UnreachableShapeError(f"cannot fold {parent_heads} attention heads of {d} units into {target_heads} "
+                                    f"heads of {target_dim}: each needs {need} parent heads")
+    labels = sized_kmeans(torch.stack(feats), target_heads, need, seed=seed)
     return [(labels == g).nonzero().flatten().tolist() for g in range(target_heads)]
 
 
@@ -525,7 +565,11 @@ def rotary_head_plans(q, k, v, parent_heads: int, kv_heads: tuple, target_heads:
     (gp, ga) = kv_heads
     rp, ra = parent_heads // gp, target_heads // ga
     per_head = lambda x, n: x.reshape(n, -1)  # noqa: E731 (head, d * features)
-    g_labels = kmeans(blocks([per_head(k, gp), per_head(v, gp)]), ga, seed=seed)
+    need = -(-ra // rp)  # parent groups whose query heads fill a target group's
+    if ga * need > gp:
+        raise UnreachableShapeError(f"cannot fold {parent_heads} query heads in {gp} key/value groups into "
+                                    f"{target_heads} in {ga}: each target group needs {need} parent groups")
+    g_labels = sized_kmeans(blocks([per_head(k, gp), per_head(v, gp)]), ga, need, seed=seed)
     q_heads = per_head(q, parent_heads)
     h_labels = torch.empty(parent_heads, dtype=torch.long, device=q.device)
     for c in range(ga):

@@ -263,3 +263,20 @@ def test_tied_anchor_refuses_untied_parents():
     for anchor, parent in ((tied, untied), (untied, tied)):
         with pytest.raises(IncompatibleModelsError, match="tie_word_embeddings"):
             otcompress.fuse(anchor, [parent])
+
+
+@pytest.mark.parametrize("cfg_cls,cls", [(T.LlamaConfig, T.LlamaForCausalLM), (T.Qwen2Config, T.Qwen2ForCausalLM)],
+                         ids=["llama", "qwen2"])
+def test_a_fold_into_fewer_key_value_groups_fills_each_group(cfg_cls, cls):
+    """8 query heads in 4 key/value groups into 8 in 2: each target group
+    needs two parent groups' query heads, and plain k-means on the groups
+    could put three in one ("cannot fold 2 query heads into 4", seeds 1-3 of
+    a user's LLaMA). Every seed folds, to the target's shape, finite."""
+    from otcompress.architectures import target_config
+    for seed in range(6):
+        parent = decoder(cfg_cls, cls, hidden=64, heads=8, kv=4, inter=64, seed=seed, layers=3)
+        cfg = target_config(parent.config, kv_heads=2, layers=2)
+        model = otcompress.fuse(cfg, [parent], alignment="fold", seed=seed)
+        attn = model.model.layers[0].self_attn
+        assert (attn.k_proj.out_features, attn.q_proj.out_features) == (2 * 8, 8 * 8)
+        assert torch.isfinite(M.outputs(model, _inputs(model))).all()

@@ -360,3 +360,44 @@ def test_fold_widened_copy_padded_with_dead_units_recovers_the_original(make, cl
     assert _err(otcompress.fuse(anchor, [parent], alignment="fold"), x, base) < TOL
     monkeypatch.setattr(fold, "outgoing_weights", lambda out_rows: None)
     assert _err(otcompress.fuse(anchor, [parent], alignment="fold"), x, base) > 1e-3
+
+
+# --------------------------------------------------------------------------- fewer, wider heads
+def test_sized_kmeans_fills_every_cluster_to_its_minimum():
+    # five rows near 0 and one far away: plain k-means leaves the far one alone
+    x = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4], [10.0]])
+    assert sorted(torch.bincount(fold.kmeans(x, 2)).tolist()) == [1, 5]
+    labels = fold.sized_kmeans(x, 2, 3)
+    assert sorted(torch.bincount(labels).tolist()) == [3, 3]
+    # the lone row takes the rows nearest to it
+    assert labels[5] == labels[4] == labels[3] != labels[0]
+
+
+def test_sized_kmeans_keeps_kmeans_where_it_meets_the_sizes_and_refuses_the_impossible():
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fold.sized_kmeans(x, 3, 1, seed=2), fold.kmeans(x, 3, seed=2))
+    with pytest.raises(IncompatibleModelsError, match="at least 5"):
+        fold.sized_kmeans(x, 3, 5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_into_fewer_wider_heads(seed):
+    """4 heads of 8 into 2 heads of 12: each target head needs two parent
+    heads' units, and plain k-means on the heads could give one of them a
+    single head ("cannot fold 8 attention units into a head of 12"). The
+    result has the target's shape, computes finite outputs, and its report
+    says so."""
+    parent = M.bert(hidden=32, heads=4, inter=64, layers=2, seed=seed, cls=T.BertForMaskedLM)
+    cfg = architectures.target_config(parent.config, hidden=24, heads=2, intermediate=32)
+    model = otcompress.fuse(cfg, [parent], alignment="fold", seed=seed)
+    attn = model.bert.encoder.layer[0].attention.self
+    assert (attn.num_attention_heads, attn.attention_head_size, attn.query.out_features) == (2, 12, 24)
+    assert torch.isfinite(model(input_ids=torch.randint(0, 50, (2, 7))).logits).all()
+
+
+def test_a_head_fold_that_cannot_fill_its_heads_is_refused_in_one_line():
+    # 8 heads of 4 into 3 heads of 10: each would need 3 parent heads, 9 in all
+    parent = M.bert(hidden=32, heads=8, inter=64, layers=2, seed=0, cls=T.BertForMaskedLM)
+    cfg = architectures.target_config(parent.config, hidden=30, heads=3, intermediate=32)
+    with pytest.raises(IncompatibleModelsError, match="each needs 3 parent heads"):
+        otcompress.fuse(cfg, [parent], alignment="fold")
