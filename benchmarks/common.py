@@ -158,17 +158,52 @@ def _best_lr(lrs, trained_at, holdout, score, reference=None, spent=lambda extra
     lr / 10 trains the model the lower lr trains (all-MiniLM-L6-v2 -> 3 x 192:
     lr 1e-3 restarted at 1e-4, held-out loss equal to the 1e-4 run's but for
     float noise) and spent 30 steps more, which its controls would then be given.
-    A NaN/Inf loss (a diverged run) is never the best."""
+    A NaN/Inf loss (a diverged run) is never the best.
+    An lr at an edge of the grid is not tuned (every arm of the pydoc BERT and
+    LLaMA depth benchmarks chose the top of (1e-3, 3e-3), all-MiniLM's the
+    bottom of (1e-4, 1e-3)): the grid is extended by its own ratio past the
+    edge the best lr sits on, up to EDGE_STEPS more lrs, until it is interior."""
     from otcompress.finetune import evaluate
 
-    best = None
-    for lr in lrs:
+    best, tried = None, []
+
+    def trial(lr):
+        nonlocal best
+        tried.append(lr)
         m, extra = trained_at(lr)
         loss = evaluate(m, holdout, reference=reference)["loss"]
         key = (float(f"{loss:.{TIE_DIGITS}g}") if math.isfinite(loss) else math.inf, spent(extra))
         if best is None or key < best[0]:
             best = (key, score(m), lr, extra)
+
+    for lr in lrs:
+        trial(lr)
+    for _ in range(EDGE_STEPS if len(lrs) > 1 else 0):
+        nxt = edge_extension(tried, best[2])
+        if nxt is None:
+            break
+        trial(nxt)
     return best[1:]
+
+
+EDGE_STEPS = 2
+LR_GRID_NOTE = f"(extended by its own ratio past the edge the best lr sat on, up to {EDGE_STEPS} more lrs)"
+
+
+def edge_extension(tried, best_lr):
+    """The next lr to try when `best_lr` is the largest or smallest of
+    `tried` (one grid ratio beyond it), else None: the best is interior.
+    A run whose best is its largest lr never diverged there, so going up is
+    safe to try; a diverged larger lr is never `best_lr`."""
+    lo, hi = min(tried), max(tried)
+    ratio = min(b / a for a, b in zip(sorted(tried), sorted(tried)[1:]))
+    if ratio <= 1:
+        return None
+    if best_lr == hi:
+        return float(f"{hi * ratio:.3g}")
+    if best_lr == lo:
+        return float(f"{lo / ratio:.3g}")
+    return None
 
 
 TIE_DIGITS = 6

@@ -20,9 +20,10 @@ split):
   tool: fold         the parents folded into the target (depth-mapped by block
                      influence on calibration data), no anchor, no
                      reconstruction, then B steps
-  every-other + TP   DistilBERT-style: every other block of parent A, then
+  every-other + TP   DistilBERT-style: every other block of the better parent
+                     (lower held-out train loss), then
                      Torch-Pruning (L2 magnitude) to the target widths, B steps
-  ShortGPT + TP      the blocks of parent A with the highest block influence,
+  ShortGPT + TP      the blocks of the better parent with the highest block influence,
                      then Torch-Pruning (L2, or Taylor on 256 labelled images)
   small + distil     the small model trained from scratch (the anchor), B steps
   random + distil    a random initialisation of the target, B steps
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[300])
     ap.add_argument("--targets", nargs="+", default=list(TARGETS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stem", default=None, help="results file name (default compress_depth[.quick])")
     return ap.parse_args(argv)
 
 
@@ -71,20 +73,30 @@ def models(target, quick):
     return parents, small, target_config(parents[0].config, layers=2, **w)
 
 
-def starts(parents, small, cfg, train, seed):
+def starts(parents, small, cfg, train, seed, source=0):
     """{arm: () -> a model to distil for the whole budget}: the controls and
     the tool's anchor-free fold."""
     calib = list(train.calibration_batches(256, 64, seed=seed))
     labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
-    return depth_arms(parents, small, cfg, calib, labelled, seed)
+    return depth_arms(parents, small, cfg, calib, labelled, seed, source=source)
+
+
+def best_parent(parents, holdout) -> int:
+    """Index of the parent with the lowest loss on the held-out *training*
+    examples: the one a user compressing with a pruning tool would prune
+    (the pruning controls once always took parent A; a parent A trained on
+    another machine came out 0.14 worse than B and made them look weak)."""
+    from otcompress.finetune import evaluate
+    losses = [evaluate(p, holdout)["loss"] for p in parents]
+    return losses.index(min(losses))
 
 
 def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="TP", engine_prune=False,
-               reports=None):
+               reports=None, source=0):
     """The arms every depth case shares, any family: the tool's fold (and,
-    with `engine_prune`, its alignment="prune" of parent A, plain and
+    with `engine_prune`, its alignment="prune" of the pruned parent, plain and
     reconstructed on the calibration batches as the recipe's starts are), every-other and
-    ShortGPT block dropping of parent A then width pruning (`prune`, Torch-
+    ShortGPT block dropping of the pruned parent (`parents[source]`, `best_parent`) then width pruning (`prune`, Torch-
     Pruning by default; `tag` names it), the small model, a random init.
     `reports`, a dict, receives the depth maps the tool's starts chose
     ({alignment: [fusion_report depth map per parent]}) and ShortGPT's kept blocks."""
@@ -100,7 +112,7 @@ def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="T
             return type(parents[0])(copy.deepcopy(cfg)).eval()
 
     def dropped(kept, importance):
-        return lambda: prune(pc.drop_blocks(parents[0], kept), cfg, importance=importance, batches=labelled)
+        return lambda: prune(pc.drop_blocks(parents[source], kept), cfg, importance=importance, batches=labelled)
 
     def tool(alignment, ps, reconstruct=False):
         def make():
@@ -110,11 +122,12 @@ def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="T
             return m
         return make
     n = parents[0].config.num_hidden_layers
-    shortgpt = pc.lowest_influence(parents[0], calib, cfg.num_hidden_layers)
+    shortgpt = pc.lowest_influence(parents[source], calib, cfg.num_hidden_layers)
     arms = {"tool: fold (no anchor)": tool("fold", parents)}
     if engine_prune:
-        arms["tool: prune parent A (no anchor)"] = tool("prune", parents[:1])
-        arms["tool: prune parent A, reconstructed (no anchor)"] = tool("prune", parents[:1], reconstruct=True)
+        one = parents[source:source + 1]
+        arms["tool: prune the pruned parent (no anchor)"] = tool("prune", one)
+        arms["tool: prune the pruned parent, reconstructed (no anchor)"] = tool("prune", one, reconstruct=True)
     arms.update({
         f"every-other + {tag} L2": dropped(pc.every_other(n, cfg.num_hidden_layers), "l2"),
         f"ShortGPT + {tag} L2": dropped(shortgpt, "l2"),
@@ -151,7 +164,7 @@ def default_recipe(small, parents, train, holdout, data, n, seed, score=None, lr
 def run_target(target, args, data):
     from otcompress import pipeline
     parents, small, cfg = models(target, args.quick)
-    rows, notes = {}, {"lr": {}, "winner": [], "depth_maps": [], "steps_spent": []}
+    rows, notes = {}, {"lr": {}, "winner": [], "depth_maps": [], "steps_spent": [], "pruned parent": []}
     for n in args.steps:
         for seed in args.seeds:
             t0 = time.time()
@@ -167,7 +180,9 @@ def run_target(target, args, data):
                                                        target={"layers": 2, **TARGETS[target]})
             rows.setdefault(("recipe, no anchor", n), []).append(acc)
             notes["lr"].setdefault("recipe, no anchor", []).append(f"{lr} ({winner})")
-            for arm, make in starts(parents, small, cfg, train, seed).items():
+            source = best_parent(parents, holdout)
+            notes["pruned parent"].append("AB"[source])
+            for arm, make in starts(parents, small, cfg, train, seed, source).items():
                 acc, lr = tuned(make, train, holdout, data, budget, seed, parents)
                 rows.setdefault((arm, n), []).append(acc)
                 notes["lr"].setdefault(arm, []).append(lr)
@@ -181,7 +196,8 @@ def markdown(results, args, env, seconds):
              f"{args.threads} thread(s), seeds {args.seeds}; accuracy % on the 450 eval images, mean ± std "
              "[min–max]. Budget: the default recipe N steps plus its race's losing start where it ran one; "
              "every other arm the steps it spent on that seed. Learning rates chosen per arm and seed from "
-             f"{list(LRS)} on held-out train examples.", "", f"Machine: {env.get('cpu')}, torch {env.get('torch')}.",
+             f"{list(LRS)} {common.LR_GRID_NOTE} on held-out train examples.", "",
+             f"Machine: {env.get('cpu')}, torch {env.get('torch')}.",
              ""]
     for target, (rows, notes) in results.items():
         lines += [f"## target {target}: {TARGETS[target]}, 2 blocks", ""]
@@ -189,7 +205,8 @@ def markdown(results, args, env, seconds):
         arms = list(dict.fromkeys(a for a, _ in rows))
         table = [[a] + [common.fmt(common.summarize(rows.get((a, n), [])), 100, 2) for n in steps] for a in arms]
         lines += common.md_table(["arm", *[f"N = {n}" for n in steps]], table)
-        lines += ["", f"Race winners: {', '.join(notes['winner'])}; steps the default recipe spent: "
+        lines += ["", f"The pruned parent (lowest held-out train loss, per seed): {notes['pruned parent']}.",
+                  f"Race winners: {', '.join(notes['winner'])}; steps the default recipe spent: "
                   f"{notes['steps_spent']}.", f"Depth maps (kept blocks of each parent): {notes['depth_maps']}.",
                   "Learning rates chosen: " + "; ".join(f"{a}: {v}" for a, v in notes["lr"].items()), ""]
     return "\n".join(lines) + "\n"
@@ -207,7 +224,7 @@ def main(argv=None):
     data = load_data("digits", digits_vit_config(hidden=16))
     t0 = time.time()
     results = {t: run_target(t, args, data) for t in args.targets}
-    stem = "compress_depth.quick" if args.quick else "compress_depth"
+    stem = args.stem or ("compress_depth.quick" if args.quick else "compress_depth")
     md = markdown(results, args, env, time.time() - t0)
     payload = {"environment": env, "results": {t: {"rows": {f"{a} | N={n}": v for (a, n), v in r.items()},
                                                    "notes": notes} for t, (r, notes) in results.items()}}

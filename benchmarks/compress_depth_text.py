@@ -25,9 +25,10 @@ split.
 
   default recipe     `pipeline.run` with the small model as anchor
   tool: fold         the parents folded into the target (depth-mapped), B steps
-  tool: prune        the engine's alignment="prune" of parent A, B steps
-  every-other + W    blocks 0, 2, ... of parent A, width-pruned (L2), B steps
-  ShortGPT + W       parent A's most influential blocks, width-pruned (L2 or
+  tool: prune        the engine's alignment="prune" of the better parent
+                     (lower held-out train loss), B steps
+  every-other + W    blocks 0, 2, ... of that parent, width-pruned (L2), B steps
+  ShortGPT + W       that parent's most influential blocks, width-pruned (L2 or
                      Taylor on 128 labelled paragraphs), B steps
   small + distil     the small model trained from scratch, B steps
   random + distil    a random initialisation of the target, B steps
@@ -129,7 +130,7 @@ def run_case(args, after_seed=lambda rows, notes: None):
     tag = "L2-group" if family(args.case) == "llama" else "TP"
     n = args.steps
     rows, notes = {}, {"lr": {}, "winner": [], "steps_spent": [], "winner_depth_maps": [], "tool_depth_maps": [],
-                       "shortgpt_kept": [], "seconds": [], "reference": {}}
+                       "shortgpt_kept": [], "seconds": [], "reference": {}, "pruned parent": []}
     for name, m in [("parent A", parents[0]), ("parent B", parents[1]), ("small model (no steps)", small)]:
         notes["reference"][name] = {k: float(evaluate(m, data)[k]) for k in metrics}
 
@@ -151,8 +152,10 @@ def run_case(args, after_seed=lambda rows, notes: None):
         calib = list(train.calibration_batches(256, BATCH, seed=seed))
         labelled = list(train.batches("train", BATCH, shuffle=True, seed=seed, limit=128))
         reports = {}
+        source = compress_depth.best_parent(parents, holdout)
+        notes["pruned parent"].append("AB"[source])
         arms = compress_depth.depth_arms(parents, small, cfg, calib, labelled, seed, prune=prune, tag=tag,
-                                         engine_prune=True, reports=reports)
+                                         engine_prune=True, reports=reports, source=source)
         for arm, make in arms.items():
             s, lr = common.lr_tuned(make, train, holdout, LRS, score, steps=budget, batch_size=BATCH, seed=seed,
                                     teachers=parents)
@@ -190,7 +193,7 @@ def markdown(args, rows, notes, env, seconds) -> str:
          f"{args.threads} thread(s) on a shared 2-core machine (load average {env['loadavg_start'][0]:.1f} at "
          f"start, {env['loadavg_end'][0]:.1f} at end), seeds {args.seeds}; N = {n}, every arm the steps the default recipe spent on "
          f"that seed ({notes['steps_spent']}: N plus its race's losing start where it ran one), batch {BATCH}, lr per arm and seed from "
-         f"{list(LRS)} on held-out train paragraphs. {what}, mean ± std [min–max].", "",
+         f"{list(LRS)} {common.LR_GRID_NOTE} on held-out train paragraphs. {what}, mean ± std [min–max].", "",
          f"Parents {c['parents']} (seeds {list(c['parent_seeds'])}), small model {c['target']} (seed "
          f"{c['small_seed']}), trained {c['train_steps']} and {c.get('small_steps', c['train_steps'])} steps. Machine: {env.get('cpu')}, torch "
          f"{env.get('torch')}, transformers {env.get('transformers')}.", "",
@@ -224,7 +227,9 @@ def markdown(args, rows, notes, env, seconds) -> str:
                     "worse by more than the spread" if imp["mean"] < -r["spread"] else "within the spread")
             L.append(f"- {tool} vs {arm}: {imp['mean']:+.3f} (per seed "
                      f"{', '.join(f'{v:+.3f}' for v in imp['values'])}; spread {r['spread']:.3f}) -> **{word}**")
-    L += ["", f"Race winners: {notes['winner']}; steps the default recipe spent: {notes['steps_spent']}.", ""]
+    L += ["", f"Race winners: {notes['winner']}; steps the default recipe spent: {notes['steps_spent']}.", "",
+          f"The parent the controls and the tool's prune arms start from (lowest held-out train loss, per seed): "
+          f"{notes.get('pruned parent', ['A'] * len(notes['winner']))}.", ""]
     L += ["Depth maps (target block j <- parent blocks groups[j], of which kept[j] is used):", ""]
     for seed, w, t, sg in zip(args.seeds, notes["winner_depth_maps"], notes["tool_depth_maps"],
                               notes["shortgpt_kept"]):

@@ -190,7 +190,7 @@ def main(argv=None):
         f"{'' if args.layers == TARGET['layers'] else f' --layers {args.layers}'} --steps {args.steps}` — "
         f"{time.time() - t0:.0f} s, {args.threads} thread(s), seeds {args.seeds}, {budget} steps per arm "
         f"(N = {args.steps} and the race's half; every arm the default recipe's steps where it spent more: "
-        f"a restarted run's), lr from {args.lrs} on held-out train paragraphs. "
+        f"a restarted run's), lr from {args.lrs} {common.LR_GRID_NOTE} on held-out train paragraphs. "
         f"Text: {data.num_examples('train')} train / {data.num_examples('eval')} eval paragraphs of "
         f"scikit-learn docstrings (max {args.max_length} tokens, batch {args.batch_size}). Pearson r of pairwise cosine similarities with "
         "the original's on the eval paragraphs, mean ± std [min–max].", "",
