@@ -124,15 +124,14 @@ def renamed_keys(config, keys, kept) -> dict:
 
 
 def shallower_config(config, kept):
-    """The config of the parent with only the `kept` blocks: depth and the
-    per-block lists (Qwen2's layer_types) follow the blocks."""
+    """The config of the parent with only the `kept` blocks: depth and a
+    family's per-block settings (its `keep_blocks`: Qwen2's attention types)
+    follow the blocks."""
     cfg = type(config).from_dict(config.to_dict())
     cfg.num_hidden_layers = len(kept)
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)):
-        cfg.layer_types = [types[k] for k in kept]
-    if getattr(config, "max_window_layers", None) is not None:
-        cfg.max_window_layers = min(config.max_window_layers, len(kept))
+    hook = getattr(architectures.family_or_none(config), "keep_blocks", None)
+    if hook is not None:
+        hook(config, cfg, list(kept))
     return cfg
 
 

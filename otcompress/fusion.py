@@ -771,14 +771,15 @@ def _load_all(given, *, stream=False, device=None):
 
 
 def _retyped_target(target, mapped, parent, device):
-    """The fold target with the per-block attention types (Qwen2's
-    layer_types) of the blocks the first parent's depth map kept
+    """The fold target with the per-block settings (a family's BLOCK_KEYS:
+    Qwen2's attention types) of the blocks the first parent's depth map kept
     (`depth.shallower_config`), which `target_config` could not know: a block
     keeps the type it was trained with. Rebuilt (weightless) where they differ."""
-    types = getattr(mapped.config, "layer_types", None)
-    if not isinstance(types, (list, tuple)) or list(types) == list(target.config.layer_types):
+    keys = getattr(architectures.family_or_none(mapped.config), "BLOCK_KEYS", ())
+    kept = {k: getattr(mapped.config, k) for k in keys}
+    if all(getattr(target.config, k, None) == v for k, v in kept.items()):
         return target
-    cfg = type(target.config).from_dict({**target.config.to_dict(), "layer_types": list(types)})
+    cfg = type(target.config).from_dict({**target.config.to_dict(), **kept})
     return _fold_target(cfg, parent, device)
 
 

@@ -454,6 +454,8 @@ def _depth_lines(depth_maps: list, used: list) -> list[str]:
     return [f"- depth map of parent {k} ({m['parent_depth']} -> {m['target_depth']} blocks, {m['merge']}, "
             f"scored from {m['scored_from']}): "
             + ", ".join(f"block {j} <- {g} (kept {kept})" for j, (g, kept) in enumerate(zip(m["groups"], m["kept"])))
+            + "; block influence of its blocks " + ", ".join(f"{x:.4g}" for x in m["influence"])
+            + ("; block similarities to the anchor's in fusion_report.json" if m.get("similarity") else "")
             for k, m in zip(used, depth_maps) if m]
 
 

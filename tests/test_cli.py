@@ -380,7 +380,10 @@ def test_the_mission_command_with_deeper_parents(zoo, tmp_path, capsys):
     report = json.loads((folded / "fusion_report.json").read_text())
     assert len(_depth_maps(report)[0]["kept"]) == 1
     assert len(_depth_maps(report)[0]["influence"]) == 3
-    assert "depth map of parent 1 (3 -> 1 blocks, select" in (folded / "README.md").read_text()
+    card = (folded / "README.md").read_text()
+    assert "depth map of parent 1 (3 -> 1 blocks, select" in card
+    # the scores the blocks were chosen by, as the report has them
+    assert "block influence of its blocks " + ", ".join(f"{x:.4g}" for x in _depth_maps(report)[0]["influence"]) in card
     merged = tmp_path / "merged"
     code, stdout, err = run(capsys, "fuse", "--parents", zoo / "deep", "--layers", 1, "--hidden", 16, "--heads", 2,
                             "--depth-merge", "parallel", "--out", merged, "--json")

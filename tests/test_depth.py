@@ -323,6 +323,11 @@ def test_a_qwen2_fold_target_keeps_the_attention_types_of_the_kept_blocks():
     mapped = otcompress.fuse(target_config(parent.config, layers=2), [parent], alignment="fold", solver="emd")
     kept = mapped.fusion_report["depth_maps"][0]["kept"]
     assert mapped.config.layer_types == [parent.config.layer_types[k] for k in kept]
+    # max_window_layers says the same (readers older than layer_types derive the
+    # types from it): it was min(2, depth) whichever blocks were kept
+    for model in (fused, mapped, depth.apply(parent, dmap)):
+        again = type(model.config).from_dict({**model.config.to_dict(), "layer_types": None})
+        assert again.layer_types == model.config.layer_types
 
 
 def test_depth_merge_parallel_without_a_deeper_parent_is_refused_and_targets_name_their_depth():
@@ -343,3 +348,13 @@ def test_the_merge_of_folds_is_not_named_a_parent():
     assert _flagged_maps([{}, {}, uniform], 2) == ["the merge of the folds: map res is nearly uniform "
                                                    "(relative entropy 0.99): lower reg"]
     assert _flagged_maps([uniform], 1)[0].startswith("parent 1 map res")
+
+
+def test_target_config_takes_numpy_integers_as_python_ones():
+    import json
+
+    import numpy as np
+    cfg = target_config(T.BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4),
+                        layers=np.int64(2), heads=np.int32(2))
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads) == (2, 2)
+    json.loads(cfg.to_json_string())  # a NumPy value would not serialise

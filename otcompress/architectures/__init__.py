@@ -1,5 +1,7 @@
 """One small data file per model family; the engine, profiling, export and
 data look them up by model type (what a family file defines: see `common`)."""
+import numbers
+
 from otcompress.architectures import bert, common, distilbert, gpt2, llama, qwen2, roberta, vit
 from otcompress.errors import InvalidOptionError, UnsupportedArchitectureError
 
@@ -168,8 +170,9 @@ def target_config(parent_config, **widths):
     for what, value in widths.items():
         if what not in keys and what not in extra:
             raise InvalidOptionError(f"unknown width '{what}' (use {', '.join((*keys, *extra))})")
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
             raise InvalidOptionError(f"--{what.replace('_', '-')} must be a positive integer, got {value!r}")
+    widths = {k: None if v is None else int(v) for k, v in widths.items()}  # NumPy integers as Python's
     for what, value in widths.items():
         if value is not None and what in keys:
             setattr(cfg, keys[what], value)
@@ -204,20 +207,12 @@ def _set_kv_heads(parent_config, cfg, kv, heads_given: bool) -> None:
 
 
 def _set_depth(parent_config, cfg, layers: int) -> None:
-    """A target of `layers` blocks; per-block lists shortened alike: Qwen2's
-    layer_types recomputed from its sliding-window settings for the new depth."""
+    """A target of `layers` blocks; a family's per-block settings follow
+    (its `set_depth`: Qwen2's attention types)."""
     cfg.num_hidden_layers = layers
-    if getattr(parent_config, "max_window_layers", None) is not None:
-        cfg.max_window_layers = min(parent_config.max_window_layers, layers)
-    types = getattr(parent_config, "layer_types", None)
-    if isinstance(types, (list, tuple)):
-        window = getattr(cfg, "sliding_window", None)
-        mwl = getattr(cfg, "max_window_layers", None)
-        if window is not None and mwl is not None:
-            cfg.layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(layers)]
-        else:  # relative depth: block i of the target takes the type at its place in the parent
-            n = len(types)
-            cfg.layer_types = [types[min(n - 1, (2 * i + 1) * n // (2 * layers))] for i in range(layers)]
+    hook = getattr(family_or_none(parent_config), "set_depth", None)
+    if hook is not None:
+        hook(parent_config, cfg, layers)
 
 
 def describe_widths(config) -> str:

@@ -37,6 +37,11 @@ and may define
   class_head(class_name) -> the task-head part of a class name, where the
                   family's names break Hugging Face's convention (`class_head`
                   below)
+  BLOCK_KEYS      config keys that describe each block (Qwen2's attention
+                  types), with keep_blocks(parent_config, cfg, kept) (a
+                  shallower model keeps its blocks' settings) and
+                  set_depth(parent_config, cfg, layers) (a fold target's
+                  guess before a depth map chose its blocks)
 """
 from __future__ import annotations
 
