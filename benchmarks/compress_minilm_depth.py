@@ -122,6 +122,9 @@ def starts(parent, cfg, train, seed):
     from otcompress.fusion import ALIGNMENTS
     if "prune" in ALIGNMENTS:
         arms["tool: prune"] = lambda: otcompress.fuse(cfg, [parent], alignment="prune", data=calib, seed=seed)
+    for alignment in ("fold", "prune"):  # as the default recipe's race builds its starts
+        arms[f"tool: {alignment}, reconstructed"] = lambda a=alignment: otcompress.fuse(
+            cfg, [parent], alignment=a, data=calib, seed=seed, reconstruct=True)
     arms["every-other + TP L2"] = pruned(pc.every_other(n, cfg.num_hidden_layers))
     arms["ShortGPT + TP L2"] = pruned(pc.lowest_influence(parent, calib, cfg.num_hidden_layers))
     if cfg.num_hidden_layers == n:  # width only: no blocks to drop

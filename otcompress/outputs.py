@@ -388,6 +388,11 @@ def model_card(report: dict) -> str:
                   "| candidate | held-out loss, one-shot | after the race steps |", "|---|---|---|"]
         lines += [f"| {c['candidate']} | {_fmt(c['one_shot_holdout_loss'])} | "
                   f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]
+    if race and race.get("single_parent_starts_from"):
+        lines += ["", f"Starts made from one parent were made from parent {race['single_parent_starts_from']}, "
+                  "the one with the lowest held-out loss (" + ", ".join(
+                      f"{x:.4g}" for x in race["parents_holdout_loss"]) + "): training regains at best "
+                  "about what a start's parent knows."]
     t = report.get("timings")
     if t:
         lines += ["", "## Cost", "", f"Fusion took {t['total']:.1f} s (activations {t['activations']:.1f} s, "

@@ -114,6 +114,7 @@ def test_too_far_behind_weighs_the_start_s_deficit_against_the_parents_lead():
     assert not race._far_behind({"one_shot_holdout_loss": 2.2}, side)  # the best parent leads by 0.1
     assert race.parent_losses == [1.9, 2.5]
     losses["A"] = 2.05  # now no parent leads
+    race.parent_losses = None  # scored once per race
     assert race._far_behind({"one_shot_holdout_loss": 2.2}, side)
     race.reference = ["A", "B"]  # headless models: scored against the parents themselves, not judged
     assert not race._far_behind({"one_shot_holdout_loss": 2.2}, side)
@@ -587,3 +588,25 @@ def test_a_fixed_alignment_needs_no_held_out_examples(tmp_path):
     assert report["finetune"]["steps"] == 2 and report["finetune"]["holdout_examples"] is None
     with pytest.raises(InvalidOptionError, match="give more, or a fixed --alignment"):
         pipeline.run(anchor, parents, {"finetune_steps": 2, "batch_size": 16}, data=small)
+
+
+@pytest.mark.parametrize("good", [0, 1])
+def test_single_parent_starts_are_made_from_the_parent_with_the_lowest_held_out_loss(digits, tmp_path, good):
+    """A parent trained on digits beside a random one: with finetuning, the
+    starts made from one parent are made from the trained parent only, in
+    either order (the fold of all parents still competes); without
+    finetuning every parent's starts compete on their one-shot loss."""
+    parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
+    ft.finetune(parents[good], digits, steps=60, lr=3e-3, batch_size=32)
+    recipe = {"finetune_steps": 4, "batch_size": 32, "samples": 64}
+    _, report = pipeline.run(None, parents, recipe, tmp_path / "out", data=digits, target={"hidden": 16, "heads": 2})
+    race = report["race"]
+    assert f"made from parent {good + 1}, the one with the lowest held-out loss" in \
+        (tmp_path / "out" / "README.md").read_text()
+    names = [c["candidate"] for c in race["candidates"]]
+    assert race["single_parent_starts_from"] == good + 1
+    assert race["parents_holdout_loss"][good] < race["parents_holdout_loss"][1 - good]
+    assert names == ["fold: all parents", f"fold: parent {good + 1}", f"prune: parent {good + 1}"]
+    _, report = pipeline.run(None, parents, {**recipe, "finetune_steps": 0}, data=digits,
+                             target={"hidden": 16, "heads": 2})
+    assert "single_parent_starts_from" not in report["race"] and len(report["race"]["candidates"]) == 5
