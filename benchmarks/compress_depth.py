@@ -78,7 +78,7 @@ def starts(parents, small, cfg, train, seed, source=0):
     the tool's anchor-free fold."""
     calib = list(train.calibration_batches(256, 64, seed=seed))
     labelled = list(train.batches("train", 64, shuffle=True, seed=seed, limit=256))
-    return depth_arms(parents, small, cfg, calib, labelled, seed, source=source)
+    return depth_arms(parents, small, cfg, calib, labelled, seed, source=source, engine_prune=True)
 
 
 def best_parent(parents, holdout) -> int:
@@ -128,6 +128,7 @@ def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="T
         one = parents[source:source + 1]
         arms["tool: prune the pruned parent (no anchor)"] = tool("prune", one)
         arms["tool: prune the pruned parent, reconstructed (no anchor)"] = tool("prune", one, reconstruct=True)
+        arms["tool: fold the pruned parent, reconstructed (no anchor)"] = tool("fold", one, reconstruct=True)
     arms.update({
         f"every-other + {tag} L2": dropped(pc.every_other(n, cfg.num_hidden_layers), "l2"),
         f"ShortGPT + {tag} L2": dropped(shortgpt, "l2"),

@@ -54,7 +54,7 @@ from otcompress.options import FUSE_OPTIONS, PASSED, FuseOptions
 
 HOLDOUT_FRACTION, HOLDOUT_MIN = 0.1, 64
 ANCHOR_WEIGHT = 0.8  # the OT candidate's mixing weight of the anchor (benchmarks: 0.8 ties, uniform loses)
-ALL_PARENTS_LEAD = 2 / 3  # the fold of all parents must reach 2/3 of the best single-parent start's loss (`candidates`)
+ALL_PARENTS_LEAD = 2 / 3  # a fold must reach 2/3 of the best parent's prune's one-shot loss (`candidates`)
 FUSE_KEYS = PASSED  # recipe values handed to `fusion.fuse` as they are (declared in `options`)
 
 
@@ -495,26 +495,30 @@ def candidates(fuse_anchor, anchor_m, parent_ms, calib, fuse_kw, r, progress, ho
         # its own competes too, and folding several parents must earn its place.
         # Each parent is pruned on its own: averaging independently pruned
         # parents is plain averaging of unaligned models.
-        # Where a task loss trains after it, the reconstructed fold of several parents
-        # is chosen over the best single-parent start only with a one-shot loss under
-        # ALL_PARENTS_LEAD times its (`Race`). With a small lead it trained worse: pydoc BERT
-        # 4 x 64 -> 2 x 32 (its loss 0.99x and 1.0x the best single start's) 5.387 / 5.395
-        # after 100 steps against 5.322-5.368 for each parent folded or pruned; digits
-        # 4 -> 2 x 16 (0.85x) 95.78% against 96.22%. Where the parents know different
-        # things its lead is large and it trains far better: digits parents on classes 0-4
-        # and 5-9 (0.31-0.45x) 80.7% after 300 steps against 65.9%. The embedding objective, whose
-        # target is the parents' similarities together, takes it on one-shot loss alone
-        # (pydoc encoders: the seed it won trained to 98.63 against 98.15 folding parent 1).
+        # Where a task loss trains after it, a parent's reconstructed *prune* is its start:
+        # its units are the parent's own, and it trained better than the parent's fold, which
+        # led it one-shot (pydoc BERT 4 x 64 -> 2 x 32, best parent, 100 steps: 5.327 / 5.317
+        # against 5.349 / 5.357; digits 4 -> 2 x 16, 300 steps: 96.89 +- 0.22% against 96.22
+        # +- 0.97%). A fold (of all parents, or of a lone parent) is chosen over it only with
+        # a one-shot loss under ALL_PARENTS_LEAD times its (`Race`). With a small lead the fold
+        # of several parents trained worse too: pydoc BERT (0.99x and 1.0x) 5.387 / 5.395
+        # against 5.322-5.368; digits 4 -> 2 x 16 (0.85x) 95.78% against 96.22%. Where the
+        # parents know different things its lead is large and it trains far better: digits
+        # parents on classes 0-4 and 5-9 (0.31-0.45x) 80.7% after 300 steps against 65.9%.
+        # The embedding objective, whose target is the parents' similarities together, ranks
+        # every start on its one-shot loss (pydoc encoders: the seed the fold of all parents
+        # won trained to 98.63 against 98.15 folding parent 1; all-MiniLM-L6-v2 -> 3 x 192,
+        # 150 steps: fold 0.581 +- 0.012, prune 0.579 +- 0.013).
         several = len(parent_ms) > 1
         alone = fuse_kw.get("reconstruct") or not r["finetune_steps"]
-        lead = ALL_PARENTS_LEAD if several and alone and r["finetune_steps"] and fuse_kw.get("pooling") is None \
-            else 1.0
+        prune_first = alone and bool(r["finetune_steps"]) and fuse_kw.get("pooling") is None
+        lead = ALL_PARENTS_LEAD if prune_first else 1.0
         share = r["weights"][1:] if r["weights"] else [1.0] * len(parent_ms)  # anchor first
         if any(share):  # --weights giving the parents no share: no start is made from them
             out.append(("fold: all parents" if several else "fold",
                         lambda: _fuse(fuse_anchor, parent_ms, "fold", calib, fuse_kw, r, progress,
                                       weights=r["weights"], holdout=holdout), "fold", lead))
-        for alignment in (("fold", "prune") if several else ("prune",)) if alone else ():
+        for alignment in (("prune",) if prune_first or not several else ("fold", "prune")) if alone else ():
             for k, p in [(k, p) for k, p in enumerate(parent_ms, 1) if share[k - 1] > 0]:
                 out.append((f"{alignment}: parent {k}" if several else alignment,
                             lambda p=p, a=alignment, k=k: _fuse(fuse_anchor, [p], a, calib, fuse_kw, r, progress,

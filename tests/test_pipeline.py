@@ -593,9 +593,10 @@ def test_a_fixed_alignment_needs_no_held_out_examples(tmp_path):
 @pytest.mark.parametrize("good", [0, 1])
 def test_single_parent_starts_are_made_from_the_parent_with_the_lowest_held_out_loss(digits, tmp_path, good):
     """A parent trained on digits beside a random one: with finetuning, the
-    starts made from one parent are made from the trained parent only, in
-    either order (the fold of all parents still competes); without
-    finetuning every parent's starts compete on their one-shot loss."""
+    start made from one parent is the trained parent's prune, in either
+    order (the fold of all parents still competes, with the lead it must
+    have over it); without finetuning every parent's fold and prune compete
+    on their one-shot loss."""
     parents = [M.vit(hidden=32, heads=4, inter=64, seed=s) for s in (2, 3)]
     ft.finetune(parents[good], digits, steps=60, lr=3e-3, batch_size=32)
     recipe = {"finetune_steps": 4, "batch_size": 32, "samples": 64}
@@ -606,7 +607,20 @@ def test_single_parent_starts_are_made_from_the_parent_with_the_lowest_held_out_
     names = [c["candidate"] for c in race["candidates"]]
     assert race["single_parent_starts_from"] == good + 1
     assert race["parents_holdout_loss"][good] < race["parents_holdout_loss"][1 - good]
-    assert names == ["fold: all parents", f"fold: parent {good + 1}", f"prune: parent {good + 1}"]
+    assert names == ["fold: all parents", f"prune: parent {good + 1}"]
+    assert race["candidates"][0]["lead"] == pipeline.ALL_PARENTS_LEAD
     _, report = pipeline.run(None, parents, {**recipe, "finetune_steps": 0}, data=digits,
                              target={"hidden": 16, "heads": 2})
     assert "single_parent_starts_from" not in report["race"] and len(report["race"]["candidates"]) == 5
+
+
+def test_a_lone_parent_s_fold_must_lead_its_prune_where_a_task_loss_trains(digits):
+    """One parent, a task loss: its prune is the start, its fold chosen only
+    with the lead ALL_PARENTS_LEAD asks (no finetuning: both on their plain
+    one-shot loss)."""
+    parent = M.vit(hidden=32, heads=4, inter=64, seed=2)
+    for steps, lead in ((4, pipeline.ALL_PARENTS_LEAD), (0, 1.0)):
+        _, report = pipeline.run(None, [parent], {"finetune_steps": steps, "batch_size": 32, "samples": 64},
+                                 data=digits, target={"hidden": 16, "heads": 2})
+        rows = {c["candidate"]: c for c in report["race"]["candidates"]}
+        assert list(rows) == ["fold", "prune"] and rows["fold"]["lead"] == lead and rows["prune"]["lead"] == 1.0

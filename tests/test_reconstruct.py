@@ -130,9 +130,10 @@ def test_reconstruct_needs_data():
 
 
 def test_a_fold_that_leads_one_shot_is_not_raced():
-    """Each parent folded (or pruned) of dead-copy widenings of a trained base is that base: far
+    """Each parent pruned (or folded) of dead-copy widenings of a trained base is that base: far
     ahead of an untrained anchor one-shot, so it trains all N steps and no
-    race step is spent."""
+    race step is spent. With finetuning, a parent's start is its prune
+    (`pipeline.candidates`), made from the parent with the lower held-out loss."""
     from test_prune import widen_dead
     digits = load_data("digits", M.vit(hidden=16, heads=2, inter=32))
     base = M.vit(hidden=16, heads=2, inter=32, seed=4)
@@ -144,7 +145,9 @@ def test_a_fold_that_leads_one_shot_is_not_raced():
     model, report = pipeline.run(anchor, parents, recipe, data=digits)
     race = report["race"]
     rows = {c["candidate"]: c for c in race["candidates"]}
-    assert rows["fold: parent 1"]["one_shot_holdout_loss"] < rows["anchor"]["one_shot_holdout_loss"]
+    best = race["single_parent_starts_from"]
+    assert not any(name.startswith("fold: parent") for name in rows)
+    assert rows[f"prune: parent {best}"]["one_shot_holdout_loss"] < rows["anchor"]["one_shot_holdout_loss"]
     assert rows[race["winner"]]["group"] == "fold" and race["extra_steps"] == 0 and race["steps_each"] == 0
     assert "ahead of every anchor-side start" in race["note"]
     assert not any("holdout_loss" in c for c in race["candidates"])  # nothing trained in a race
