@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def best_parent(parents, holdout) -> int:
     another machine came out 0.14 worse than B and made them look weak)."""
     from otcompress.finetune import evaluate
     losses = [evaluate(p, holdout)["loss"] for p in parents]
-    return losses.index(min(losses))
+    return min(range(len(parents)), key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
 
 
 def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="TP", engine_prune=False,
@@ -121,7 +122,7 @@ def depth_arms(parents, small, cfg, calib, labelled, seed, *, prune=None, tag="T
                 reports.setdefault(alignment, [d for d in m.fusion_report.get("depth_maps") or [] if d])
             return m
         return make
-    n = parents[0].config.num_hidden_layers
+    n = parents[source].config.num_hidden_layers
     shortgpt = pc.lowest_influence(parents[source], calib, cfg.num_hidden_layers)
     arms = {"tool: fold (no anchor)": tool("fold", parents)}
     if engine_prune:

@@ -74,7 +74,8 @@ def sized_kmeans(x: torch.Tensor, k: int, min_size: int, *, seed: int = 0, max_i
         return labels
     from scipy.optimize import linear_sum_assignment
 
-    x = x.double().cpu()
+    device = x.device  # the assignment runs on the CPU (scipy); the labels go back where x was
+    x = x.detach().cpu().double()
     x = x - x.mean(0, keepdim=True)
     slots = torch.arange(k).repeat_interleave(min_size)  # the slots every cluster must fill, then the free ones
     slots = torch.cat([slots, torch.arange(k).repeat_interleave(m - k * min_size)])
@@ -90,7 +91,7 @@ def sized_kmeans(x: torch.Tensor, k: int, min_size: int, *, seed: int = 0, max_i
         if torch.equal(new, labels):
             break
         labels = new
-    return labels.to(x.device)
+    return labels.to(device)
 
 
 def _compress(x):

@@ -389,9 +389,10 @@ def model_card(report: dict) -> str:
         lines += [f"| {c['candidate']} | {_fmt(c['one_shot_holdout_loss'])} | "
                   f"{_fmt(c.get('holdout_loss'))} |" for c in race["candidates"]]
     if race and race.get("single_parent_starts_from"):
+        losses = race.get("single_parent_holdout_loss") or {}
         lines += ["", f"Starts made from one parent were made from parent {race['single_parent_starts_from']}, "
-                  "the one with the lowest held-out loss (" + ", ".join(
-                      f"{x:.4g}" for x in race["parents_holdout_loss"]) + "): training regains at best "
+                  "the one with the lowest held-out loss of those they could be made from ("
+                  + ", ".join(f"parent {k} {v:.4g}" for k, v in losses.items()) + "): training regains at best "
                   "about what a start's parent knows."]
     t = report.get("timings")
     if t:

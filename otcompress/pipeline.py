@@ -548,8 +548,10 @@ class Race:
                  parents=None):
         self.train, self.holdout, self.kw, self.steps = train, holdout, trainer_kw, steps
         self.parents = parents  # loaded parent models (`_far_behind`); None: not judged
-        self.parent_losses = None  # their held-out losses, where scored
-        self.best_parent = None  # the one single-parent starts are made from, where chosen
+        self.parent_losses = None  # their held-out losses, where `_far_behind` judged (`_parents_teach` reads them)
+        self.ranked = None  # {parent number: held-out loss} of the parents single-parent starts may come from
+        self.best_parent = None  # the one they were made from, where ranked
+        self.parent_loss_cache = {}
         self.one_shot = one_shot  # reported only (on the eval split), never used to choose
         self.reference = reference  # headless models: scored against these models' embeddings
         self.progress = progress
@@ -562,19 +564,27 @@ class Race:
                            progress=relabelled(self.progress, f"race: scoring {name} (held out)"))["loss"]
 
     def run(self, entries, log=lambda msg: None):
-        entries = self._from_best_parent(list(entries), log)
-        built = []
+        entries = self._best_parent_first(list(entries))
+        built, unbuilt = [], None
         for name, make, group, *rest in entries:  # rest: (lead, number of the one parent made from)
+            parent = rest[1] if len(rest) > 1 else None
+            if parent is not None and self.best_parent not in (None, parent):
+                continue  # a better parent's start is built (`_best_parent_first`)
             log(f"race: {name}" if len(entries) > 1 else f"start: {name} (the only one possible)")
             t0 = time.perf_counter()
             try:
                 model = make()
             except UnreachableShapeError as e:  # e.g. a grouped-query shape pruning cannot keep whole heads
-                if len(entries) == 1 or (not built and len(self.skipped) == len(entries) - 1):
+                if len(entries) == 1:
                     raise
                 log(f"[yellow]warning:[/yellow] race: {name} cannot be built ({e}); skipped")
                 self.skipped.append({"candidate": name, "why": str(e)})
+                unbuilt = e
                 continue
+            if parent is not None and self.ranked and self.best_parent is None:
+                self.best_parent = parent
+                log(f"race: starts made from one parent are made from parent {parent}, the lowest held-out loss "
+                    f"of those they could be made from ({_losses(self.ranked)})")
             # A single start is chosen by nothing: no held-out scoring.
             row = {"candidate": name, "group": group, "lead": rest[0] if rest else 1.0,
                    "one_shot_holdout_loss": self._loss(model, name) if len(entries) > 1 else None,
@@ -582,6 +592,8 @@ class Race:
                    "seconds": time.perf_counter() - t0}
             self.rows.append(row)
             built.append((row, model))
+        if not built:
+            raise unbuilt
         if len(built) == 1:
             return self._result(*built[0], None, "only candidate", steps=0)
         if self.kw["steps"] == 0:
@@ -629,28 +641,33 @@ class Race:
         extra = sum(t.done + _wasted(t) for r, _, t in trained if r is not row)
         return self._result(row, model, trainer, "holdout_loss", extra=extra)
 
-    def _from_best_parent(self, entries, log):
+    def _best_parent_first(self, entries):
         """`entries` with the starts made from one parent (each entry's fifth
-        field: its number) kept only for the parent with the lowest held-out
-        loss. Training regains at best about what the start's parent knows, so
-        a start's parent predicts where it trains better than its one-shot
-        loss does: pydoc BERT 4 x 64 -> 2 x 32, parent A 0.14 behind B, the
-        fold of A led one-shot on one seed of three and lost the race to the
-        anchor (5.397 after 150 steps), while the prune of B reached 5.286 in
-        100. Every other race measured here was won by a start of the better
+        field: its number) ordered by their parent's held-out loss, lowest
+        first; `run` builds only the first parent's whose start can be built.
+        Training regains at best about what the start's parent knows, so a
+        start's parent predicts where it trains better than its one-shot loss
+        does: pydoc BERT 4 x 64 -> 2 x 32, parent A 0.14 behind B, the fold of
+        A led one-shot on one seed of three and lost the race to the anchor
+        (5.397 after 150 steps), while the prune of B reached 5.286 in 100.
+        Every other race measured here was won by a start of the better
         parent. A pruning tool's user prunes the best parent too. Not without
         finetuning (the one-shot loss is then the result), nor for headless
         models (scored against the parents themselves) or streamed parents
         (not loaded)."""
-        made_from = {e[4] for e in entries if len(e) > 4}
+        made_from = sorted({e[4] for e in entries if len(e) > 4})
         if len(made_from) < 2 or self.parents is None or self.reference is not None or not self.kw["steps"]:
             return entries
-        self.parent_losses = [self._loss(p, f"parent {k}") for k, p in enumerate(self.parents, 1)]
-        best = 1 + min((loss, k) for k, loss in enumerate(self.parent_losses) if k + 1 in made_from)[1]
-        self.best_parent = best
-        log(f"race: starts made from one parent are made from parent {best}, the lowest held-out loss "
-            f"({', '.join(f'{x:.4g}' for x in self.parent_losses)})")
-        return [e for e in entries if len(e) < 5 or e[4] == best]
+        self.ranked = {k: self._parent_loss(k) for k in made_from}
+        order = sorted(made_from, key=lambda k: _finite_or_inf(self.ranked[k]))
+        singles = iter(sorted((e for e in entries if len(e) > 4), key=lambda e: order.index(e[4])))
+        return [next(singles) if len(e) > 4 else e for e in entries]
+
+    def _parent_loss(self, k):
+        """Parent k's held-out loss (1-based), scored once per race."""
+        if k not in self.parent_loss_cache:
+            self.parent_loss_cache[k] = self._loss(self.parents[k - 1], f"parent {k}")
+        return self.parent_loss_cache[k]
 
     def _far_behind(self, row, anchor_side) -> bool:
         """Whether the parents' best start trails the anchor side one-shot by
@@ -660,8 +677,7 @@ class Race:
             # Headless models are scored against the parents themselves: the target
             # training distils towards, not a loss a parent has and a start regains.
             return False
-        if self.parent_losses is None:
-            self.parent_losses = [self._loss(p, f"parent {k}") for k, p in enumerate(self.parents, 1)]
+        self.parent_losses = [self._parent_loss(k) for k in range(1, len(self.parents) + 1)]
         side = min(r["one_shot_holdout_loss"] for r, _ in anchor_side)
         return _too_far_behind(row["one_shot_holdout_loss"], side, min(self.parent_losses))
 
@@ -701,6 +717,7 @@ class Race:
             report["race"]["parents_holdout_loss"] = self.parent_losses
         if self.best_parent is not None:
             report["race"]["single_parent_starts_from"] = self.best_parent
+            report["race"]["single_parent_holdout_loss"] = {str(k): v for k, v in self.ranked.items()}
         if self.skipped:
             report["race"]["skipped"] = self.skipped
         if steps == 0 and key != GIVEN_UP and (key == "only candidate" or self.kw["steps"]):
@@ -709,6 +726,14 @@ class Race:
             trained = f"; it trained all {self.kw['steps']} steps" if self.kw["steps"] else ""
             report["race"]["note"] = f"no race: {row['candidate']} is {why}{trained}"
         return model, trainer, report, row["one_shot"]
+
+
+def _losses(losses: dict) -> str:
+    return ", ".join(f"parent {k} {v:.4g}" for k, v in losses.items())
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def _ranked(row) -> float:

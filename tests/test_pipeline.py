@@ -114,7 +114,7 @@ def test_too_far_behind_weighs_the_start_s_deficit_against_the_parents_lead():
     assert not race._far_behind({"one_shot_holdout_loss": 2.2}, side)  # the best parent leads by 0.1
     assert race.parent_losses == [1.9, 2.5]
     losses["A"] = 2.05  # now no parent leads
-    race.parent_losses = None  # scored once per race
+    race.parent_loss_cache.clear()  # scored once per race
     assert race._far_behind({"one_shot_holdout_loss": 2.2}, side)
     race.reference = ["A", "B"]  # headless models: scored against the parents themselves, not judged
     assert not race._far_behind({"one_shot_holdout_loss": 2.2}, side)
@@ -606,7 +606,9 @@ def test_single_parent_starts_are_made_from_the_parent_with_the_lowest_held_out_
         (tmp_path / "out" / "README.md").read_text()
     names = [c["candidate"] for c in race["candidates"]]
     assert race["single_parent_starts_from"] == good + 1
-    assert race["parents_holdout_loss"][good] < race["parents_holdout_loss"][1 - good]
+    losses = race["single_parent_holdout_loss"]
+    assert losses[str(good + 1)] < losses[str(2 - good)]
+    assert "parents_holdout_loss" not in race  # only where `_far_behind` judged: `_parents_teach` reads it
     assert names == ["fold: all parents", f"prune: parent {good + 1}"]
     assert race["candidates"][0]["lead"] == pipeline.ALL_PARENTS_LEAD
     _, report = pipeline.run(None, parents, {**recipe, "finetune_steps": 0}, data=digits,
@@ -624,3 +626,25 @@ def test_a_lone_parent_s_fold_must_lead_its_prune_where_a_task_loss_trains(digit
                                  data=digits, target={"hidden": 16, "heads": 2})
         rows = {c["candidate"]: c for c in report["race"]["candidates"]}
         assert list(rows) == ["fold", "prune"] and rows["fold"]["lead"] == lead and rows["prune"]["lead"] == 1.0
+
+
+def test_the_next_best_parent_s_start_is_made_where_the_best_one_s_cannot_be(monkeypatch):
+    """Parents ranked by held-out loss (a NaN last): parent 2 is best, but
+    its prune cannot be built for this shape, so parent 1's is made and
+    competes (before, it was dropped and the fold won as 'the only start')."""
+    from otcompress.errors import UnreachableShapeError
+
+    def cannot():
+        raise UnreachableShapeError("cannot prune 8 heads in 8 key/value groups to 4 in 1")
+    parent_losses = {"parent 1": 2.3, "parent 2": 2.0, "parent 3": float("nan")}
+    losses = {"fold: all parents": 3.0, "prune: parent 1": 2.4, **parent_losses}
+    monkeypatch.setattr(pipeline.Race, "_loss", lambda self, model, name: losses[name])
+    built = lambda: torch.nn.Linear(1, 1)  # noqa: E731
+    entries = [("fold: all parents", built, "fold", pipeline.ALL_PARENTS_LEAD),
+               ("prune: parent 3", built, "fold", 1.0, 3), ("prune: parent 1", built, "fold", 1.0, 1),
+               ("prune: parent 2", cannot, "fold", 1.0, 2)]
+    race = pipeline.Race(None, None, {"steps": 10, "device": "cpu"}, 5, parents=["p1", "p2", "p3"])
+    report = race.run(entries)[2]["race"]
+    assert [c["candidate"] for c in report["candidates"]] == ["fold: all parents", "prune: parent 1"]
+    assert report["skipped"][0]["candidate"] == "prune: parent 2"
+    assert report["winner"] == "prune: parent 1" and report["single_parent_starts_from"] == 1
