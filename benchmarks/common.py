@@ -195,8 +195,9 @@ def edge_extension(tried, best_lr):
     `tried` (one grid ratio beyond it), else None: the best is interior.
     A run whose best is its largest lr never diverged there, so going up is
     safe to try; a diverged larger lr is never `best_lr`."""
-    lo, hi = min(tried), max(tried)
-    ratio = min(b / a for a, b in zip(sorted(tried), sorted(tried)[1:]))
+    grid = sorted(tried)
+    lo, hi = grid[0], grid[-1]
+    ratio = min(b / a for a, b in zip(grid, grid[1:]))
     if ratio <= 1:
         return None
     if best_lr == hi:

@@ -529,9 +529,6 @@ def head_plans(q, k, v, o_cols, parent_heads: int, target_heads: int, target_dim
     labels_v = torch.empty(m, dtype=torch.long, device=q.device)
     for g in range(target_heads):
         units = torch.cat([torch.arange(h * d, (h + 1) * d, device=q.device) for h in groups[g]])
-        if units.numel() < target_dim:
-            raise IncompatibleModelsError(
-                f"cannot fold {units.numel()} attention units into a head of {target_dim}")
         labels_qk[units] = g * target_dim + kmeans(blocks([qk[units]]), target_dim, seed=seed)
         w = None if weights_v is None else weights_v[units]
         labels_v[units] = g * target_dim + kmeans(blocks([vo[units]]), target_dim, seed=seed, weights=w)
@@ -576,8 +573,6 @@ def rotary_head_plans(q, k, v, parent_heads: int, kv_heads: tuple, target_heads:
     for c in range(ga):
         members = torch.cat([torch.arange(g * rp, (g + 1) * rp, device=q.device)
                              for g in (g_labels == c).nonzero().flatten().tolist()])
-        if members.numel() < ra:
-            raise IncompatibleModelsError(f"cannot fold {members.numel()} query heads into {ra}")
         h_labels[members] = c * ra + kmeans(blocks([q_heads[members]]), ra, seed=seed)
     unit = lambda labels: (labels[:, None] * d + torch.arange(d, device=q.device)).flatten()  # noqa: E731
     return plan(unit(h_labels), target_heads * d), plan(unit(g_labels), ga * d)

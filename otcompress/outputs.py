@@ -392,7 +392,7 @@ def model_card(report: dict) -> str:
         losses = race.get("single_parent_holdout_loss") or {}
         lines += ["", f"Starts made from one parent were made from parent {race['single_parent_starts_from']}, "
                   "the one with the lowest held-out loss of those they could be made from ("
-                  + ", ".join(f"parent {k} {v:.4g}" for k, v in losses.items()) + "): training regains at best "
+                  + parent_losses(losses) + "): training regains at best "
                   "about what a start's parent knows."]
     t = report.get("timings")
     if t:
@@ -427,6 +427,11 @@ def _weights_line(o, from_parents: bool) -> str:
     w = _parent_weights(o)
     return (f"- the parents' mixing weights: {', '.join(f'{x:.3g}' for x in w)}" if len(w) > 1 else
             "- built from one parent (its weight 1)")
+
+
+def parent_losses(losses: dict) -> str:
+    """{parent number: held-out loss} as the card and the race's log give them."""
+    return ", ".join(f"parent {k} {v:.4g}" for k, v in losses.items())
 
 
 def _race_outcome(race: dict) -> str:

@@ -584,7 +584,7 @@ class Race:
             if parent is not None and self.ranked and self.best_parent is None:
                 self.best_parent = parent
                 log(f"race: starts made from one parent are made from parent {parent}, the lowest held-out loss "
-                    f"of those they could be made from ({_losses(self.ranked)})")
+                    f"of those they could be made from ({outputs.parent_losses(self.ranked)})")
             # A single start is chosen by nothing: no held-out scoring.
             row = {"candidate": name, "group": group, "lead": rest[0] if rest else 1.0,
                    "one_shot_holdout_loss": self._loss(model, name) if len(entries) > 1 else None,
@@ -726,10 +726,6 @@ class Race:
             trained = f"; it trained all {self.kw['steps']} steps" if self.kw["steps"] else ""
             report["race"]["note"] = f"no race: {row['candidate']} is {why}{trained}"
         return model, trainer, report, row["one_shot"]
-
-
-def _losses(losses: dict) -> str:
-    return ", ".join(f"parent {k} {v:.4g}" for k, v in losses.items())
 
 
 def _finite_or_inf(x: float) -> float:

@@ -385,8 +385,9 @@ def test_fold_into_fewer_wider_heads(seed):
     """4 heads of 8 into 2 heads of 12: each target head needs two parent
     heads' units, and plain k-means on the heads could give one of them a
     single head ("cannot fold 8 attention units into a head of 12"). The
-    result has the target's shape, computes finite outputs, and its report
-    says so."""
+    result has the target's shape and computes finite outputs (merging heads
+    has no exact answer to compare with: random parents keep little of their
+    function at 3/4 width, so closeness is not asserted)."""
     parent = M.bert(hidden=32, heads=4, inter=64, layers=2, seed=seed, cls=T.BertForMaskedLM)
     cfg = architectures.target_config(parent.config, hidden=24, heads=2, intermediate=32)
     model = otcompress.fuse(cfg, [parent], alignment="fold", seed=seed)

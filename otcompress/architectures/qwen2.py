@@ -34,12 +34,11 @@ def set_depth(parent_config, cfg, layers: int) -> None:
     """A fold target of `layers` blocks before any block is chosen: types from
     the sliding-window settings for the new depth, else by relative depth
     (block i takes the type at its place in the parent)."""
-    types = parent_config.layer_types
     if getattr(cfg, "sliding_window", None) is not None and cfg.max_window_layers is not None:
         mwl = min(parent_config.max_window_layers, layers)
         cfg.layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(layers)]
     else:
-        n = len(types)
+        types, n = parent_config.layer_types, len(parent_config.layer_types)
         cfg.layer_types = [types[min(n - 1, (2 * i + 1) * n // (2 * layers))] for i in range(layers)]
     _window_layers(cfg)
 
